@@ -1,0 +1,99 @@
+"""The Attack interface: an attack owns its trigger and everything secret about it.
+
+The trainer calls, in order: ``prepare`` once (static attacks poison a fixed seeded index set of
+the uint8 training set there), then ``train_batch`` for every batch (dynamic attacks poison there,
+before or after the augmentation they are handed). The evaluator calls ``apply_trigger`` on uint8
+test images. ``state_dict`` holds the trigger artifacts saved beside the poisoned model.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, Callable
+
+import torch
+
+from bench.data import ImageSet
+from bench.registry import Registry
+
+ATTACKS: Registry["Attack"] = Registry("attack", group="bdbench.attacks", builtins="attacks")
+register_attack = ATTACKS.register
+
+
+def create_attack(name: str, **kwargs) -> "Attack":
+    return ATTACKS.create(name, **kwargs)
+
+
+def list_attacks() -> list[str]:
+    return ATTACKS.names()
+
+
+Augmenter = Callable[[torch.Tensor], torch.Tensor]
+
+
+class Attack(ABC):
+    """Base class. ``target`` is None for clean training; ASR and RA are then undefined."""
+
+    name: str = "attack"
+    target: int | None = None
+    poison_rate: float = 0.0
+
+    def __init__(self) -> None:
+        self.poison_indices = torch.empty(0, dtype=torch.long)
+
+    def prepare(self, train: ImageSet, candidates: torch.Tensor, gen: torch.Generator) -> ImageSet:
+        """The training set to train on; ``candidates`` are the indices the attack may poison."""
+        return train
+
+    def train_batch(self, x: torch.Tensor, y: torch.Tensor, augment: Augmenter) -> tuple[torch.Tensor, torch.Tensor]:
+        """One training batch (float images in [0, 1]) -> the batch the model trains on."""
+        return augment(x), y
+
+    @abstractmethod
+    def apply_trigger(self, x: torch.Tensor) -> torch.Tensor:
+        """The test-time trigger on uint8 images [N, C, H, W] -> uint8 images."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"poison_indices": self.poison_indices.cpu()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.poison_indices = state["poison_indices"]
+
+    def to(self, device: torch.device | str) -> "Attack":
+        """Move trigger tensors to ``device``."""
+        return self
+
+    def report(self) -> dict[str, Any]:
+        """What the record says about the attack beyond its config (e.g. deviations from a paper)."""
+        return {"poisoned": int(self.poison_indices.numel())}
+
+
+class StaticPoisonAttack(Attack):
+    """An all-to-one attack that poisons a fixed seeded index set once, before augmentation.
+
+    BackdoorBench's rule (attacks.md §1.5): ``round(poison_rate * N)`` indices, drawn over every
+    class (target class included), triggered on uint8 and relabelled to the target.
+    """
+
+    def __init__(self, target: int = 0, poison_rate: float = 0.1) -> None:
+        super().__init__()
+        self.target = target
+        self.poison_rate = poison_rate
+
+    def prepare(self, train: ImageSet, candidates: torch.Tensor, gen: torch.Generator) -> ImageSet:
+        n = round(self.poison_rate * len(train))
+        order = torch.randperm(len(candidates), generator=gen).to(candidates.device)
+        self.poison_indices = candidates[order[:n]].sort().values
+        self.build(tuple(train.x.shape[1:]))
+        x, y = train.x.clone(), train.y.clone()
+        x[self.poison_indices] = self.poison(x[self.poison_indices])
+        y[self.poison_indices] = self.target
+        return ImageSet(x, y)
+
+    def poison(self, x: torch.Tensor) -> torch.Tensor:
+        """The trigger as stamped on training images (uint8); the test trigger unless overridden."""
+        return self.apply_trigger(x)
+
+    @abstractmethod
+    def build(self, shape: tuple[int, int, int]) -> None:
+        """Make the trigger for images of ``shape`` (C, H, W)."""
