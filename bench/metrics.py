@@ -1,0 +1,61 @@
+"""ACC, ASR, RA and DER as BackdoorBench defines them (attacks.md §7)."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from bench.data import ImageSet
+from bench.device import autocast
+
+
+def backdoor_test_set(test: ImageSet, target: int) -> ImageSet:
+    """The images ASR and RA are measured on: every test image whose true label is not the target.
+
+    The one place that builds it (BackdoorBox #90 counted 10,000 where 9,000 were due).
+    """
+    return test.subset((test.y != target).nonzero().squeeze(1))
+
+
+@torch.no_grad()
+def predict(model: nn.Module, x: torch.Tensor, transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+            batch_size: int = 1024, precision: str = "fp32") -> torch.Tensor:
+    """Predicted labels of uint8 images ``x``, optionally through ``transform`` (a trigger) first."""
+    was_training = model.training
+    model.eval()
+    out = []
+    for i in range(0, len(x), batch_size):
+        xb = x[i : i + batch_size]
+        if transform is not None:
+            xb = transform(xb)
+        with autocast(xb.device, precision):
+            out.append(model(xb.float().div_(255)).argmax(1))
+    model.train(was_training)
+    return torch.cat(out) if out else torch.empty(0, dtype=torch.long, device=x.device)
+
+
+def accuracy(model: nn.Module, data: ImageSet, **kwargs) -> float:
+    return (predict(model, data.x, **kwargs) == data.y).float().mean().item()
+
+
+def evaluate(model: nn.Module, test: ImageSet, attack, batch_size: int = 1024, precision: str = "fp32") -> dict:
+    """ACC over the whole test set; ASR and RA over triggered non-target images (None without a target)."""
+    kw = {"batch_size": batch_size, "precision": precision}
+    result = {"acc": accuracy(model, test, **kw), "asr": None, "ra": None}
+    if attack.target is not None:
+        bd = backdoor_test_set(test, attack.target)
+        pred = predict(model, bd.x, transform=attack.apply_trigger, **kw)
+        result["asr"] = (pred == attack.target).float().mean().item()
+        result["ra"] = (pred == bd.y).float().mean().item()
+    return result
+
+
+def der(before: dict, after: dict) -> float | None:
+    """Defense effectiveness rating, the subtracting form: [max(0, dASR) - max(0, dACC) + 1] / 2."""
+    if before.get("asr") is None or after.get("asr") is None:
+        return None
+    d_acc = before["acc"] - after["acc"]
+    d_asr = before["asr"] - after["asr"]
+    return (max(0.0, d_asr) - max(0.0, d_acc) + 1) / 2

@@ -1,0 +1,82 @@
+"""One JSON record per cell, written atomically; a record that is unreadable, failed or of another
+schema is not a finished cell and is run again."""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import subprocess
+import sys
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench.fsutil import atomic_write_json
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+PACKAGES = ("torch", "torchvision", "hydra-core", "omegaconf", "numpy", "pandas", "bdbench")
+
+
+def record_path(records_dir: str | Path, names: dict[str, Any], digest: str) -> Path:
+    """``<dataset>-<model>-<attack>-<defense>-k<budget>-s<seed>-<hash>.json``: readable and unique."""
+    stem = "-".join([names["dataset"], names["model"], names["attack"], names["defense"],
+                     f"k{names['budget']}", f"s{names['seed']}", digest[:10]])
+    return Path(records_dir) / f"{stem}.json"
+
+
+def read_record(path: Path) -> dict | None:
+    """The finished record at ``path``, or None if there is none to trust."""
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        log.warning("record %s is unreadable; running the cell again", path)
+        return None
+    if record.get("schema_version") != SCHEMA_VERSION:
+        log.warning("record %s has schema %s (now %s); running the cell again", path,
+                    record.get("schema_version"), SCHEMA_VERSION)
+        return None
+    if record.get("status") != "ok":
+        log.info("record %s is a failed cell; running it again", path)
+        return None
+    return record
+
+
+def write_record(path: Path, record: dict) -> None:
+    atomic_write_json(path, {"schema_version": SCHEMA_VERSION, **record})
+
+
+def _git() -> dict[str, Any]:
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                                timeout=5, check=True).stdout.strip()
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                                    capture_output=True, text=True, timeout=5).stdout.strip())
+        return {"commit": commit, "dirty": dirty}
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    versions = {}
+    for pkg in PACKAGES:
+        try:
+            versions[pkg] = version(pkg)
+        except PackageNotFoundError:
+            versions[pkg] = None
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
+    return {
+        "python": sys.version.split()[0],
+        "packages": versions,
+        "platform": platform.platform(),
+        "device": {"type": device.type, "name": name, "threads": torch.get_num_threads(),
+                   "cuda": torch.version.cuda if device.type == "cuda" else None},
+        "git": _git(),
+    }

@@ -1,0 +1,85 @@
+"""Training a (poisoned) model: one loop over device-resident uint8 tensors.
+
+Per step: gather a batch of uint8 images, scale to [0, 1], hand it to the attack's ``train_batch``
+hook together with the data set's augmentation (so each attack decides whether it poisons before or
+after augmenting), forward, cross-entropy, step. The scheduler steps once per epoch (BackdoorBench).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from functools import partial
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from bench.augment import Augment
+from bench.data import ImageSet
+from bench.device import autocast, memory_format
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Recipe:
+    """A training recipe (``conf/recipe``): results always name the recipe they used."""
+
+    epochs: int
+    batch_size: int
+    optimizer: Callable[..., torch.optim.Optimizer]
+    scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler] | None = None
+    precision: str = "fp32"
+    channels_last: bool = False
+    drop_last: bool = True
+    eval_batch_size: int = 1024
+
+
+def train(model: nn.Module, data: ImageSet, attack, recipe: Recipe, augment: Augment,
+          gen: torch.Generator, desc: str = "train") -> list[dict]:
+    """Train ``model`` in place on ``data`` through ``attack.train_batch``; return per-epoch metrics."""
+    device = data.x.device
+    fmt = memory_format(device, recipe.channels_last)
+    model.to(device=device, memory_format=fmt)
+    optimizer = recipe.optimizer(model.parameters())
+    scheduler = recipe.scheduler(optimizer) if recipe.scheduler is not None else None
+    n = len(data)
+    steps = n // recipe.batch_size if recipe.drop_last else -(-n // recipe.batch_size)
+    history = []
+    for epoch in range(recipe.epochs):
+        start = time.perf_counter()
+        model.train()
+        order = torch.randperm(n, generator=gen, device=gen.device).to(device)
+        loss_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), device=device)
+        seen = 0
+        bar = tqdm(range(steps), desc=f"{desc} {epoch + 1}/{recipe.epochs}", leave=False, disable=None)
+        for step in bar:
+            idx = order[step * recipe.batch_size : (step + 1) * recipe.batch_size]
+            x = data.x[idx].float().div_(255)
+            y = data.y[idx]
+            x, y = attack.train_batch(x, y, partial(augment, gen=gen))
+            x = x.contiguous(memory_format=fmt)
+            with autocast(device, recipe.precision):
+                logits = model(x)
+                loss = F.cross_entropy(logits, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_sum += loss.detach() * len(y)
+            correct += (logits.argmax(1) == y).sum()
+            seen += len(y)
+            if step % 50 == 0:
+                bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", acc=f"{correct.item() / seen:.3f}")
+        if scheduler is not None:
+            scheduler.step()
+        row = {"epoch": epoch + 1, "loss": loss_sum.item() / seen, "acc": correct.item() / seen,
+               "lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - start}
+        history.append(row)
+        log.info("%s epoch %d/%d  loss %.4f  acc %.4f  (%.1f s)", desc, row["epoch"], recipe.epochs,
+                 row["loss"], row["acc"], row["seconds"])
+    return history
