@@ -1,0 +1,75 @@
+"""The Defense interface: what a real defender has, and nothing more.
+
+A defense gets the suspect model, ``k`` clean labelled images per class (``CleanData``, possibly
+empty or synthetic) and a ``DefenseContext``: number of classes, input shape, device, seed, precision
+and a progress reporter. It never sees the test set, the trigger, the target label or the poisoned
+indices: the runner holds those and a test checks that none of them reaches ``apply``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Iterable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from bench.registry import Registry
+from bench.seeding import generator
+
+DEFENSES: Registry["Defense"] = Registry("defense", group="bdbench.defenses", builtins="defenses")
+register_defense = DEFENSES.register
+
+
+def create_defense(name: str, **kwargs) -> "Defense":
+    return DEFENSES.create(name, **kwargs)
+
+
+def list_defenses() -> list[str]:
+    return DEFENSES.names()
+
+
+def tqdm_progress(iterable: Iterable, desc: str = "", total: int | None = None) -> Iterable:
+    return tqdm(iterable, desc=desc, total=total, leave=False, disable=None)
+
+
+@dataclass(frozen=True)
+class CleanData:
+    """The defender's images as floats in [0, 1], [n, C, H, W], with labels; ``source`` says where from."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    source: str  # "real", "synthetic", or "none" (k = 0 and a data-free defense)
+
+    def __len__(self) -> int:
+        return self.y.shape[0]
+
+
+@dataclass(frozen=True)
+class DefenseContext:
+    num_classes: int
+    input_shape: tuple[int, int, int]
+    device: torch.device
+    seed: int
+    precision: str = "fp32"
+    progress: Callable[..., Iterable] = field(default=tqdm_progress, compare=False)
+
+    def generator(self, purpose: str) -> torch.Generator:
+        return generator(self.seed, f"defense:{purpose}", self.device)
+
+
+class Defense(ABC):
+    """Base class. ``apply`` returns the repaired model and never modifies the one it was given."""
+
+    name: str = "defense"
+    data_free: ClassVar[bool] = False  # True: needs no images, so budget 0 gets no synthetic set
+
+    @abstractmethod
+    def apply(self, model: nn.Module, clean: CleanData, ctx: DefenseContext) -> nn.Module:
+        """The repaired model, same interface (pruned channels are zeroed or masked, not removed)."""
+
+    def report(self) -> dict[str, Any]:
+        """What the defense did (channels pruned, steps, detected target, ...), stored in the record."""
+        return {}

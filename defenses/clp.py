@@ -1,0 +1,48 @@
+"""CLP: data-free channel-Lipschitz pruning (Zheng et al., ECCV 2022; defenses.md §7.6)."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from defenses.base import CleanData, Defense, DefenseContext, register_defense
+
+
+@register_defense("clp")
+class CLP(Defense):
+    """Zero the BN scale and shift of channels whose upper Lipschitz bound is an outlier in its layer.
+
+    Per conv->BN pair (declared by the model, by graph), channel k's bound is the largest singular
+    value of its kernel reshaped to [C_in, kh*kw] times |gamma_k / sigma_k|; channels above
+    ``mean + u * std`` of their layer are pruned. No data, no fine-tuning: it runs at every budget.
+    """
+
+    data_free = True
+
+    def __init__(self, u: float = 3.0) -> None:
+        self.u = u
+        self._report: dict = {}
+
+    @torch.no_grad()
+    def apply(self, model, clean: CleanData, ctx: DefenseContext):
+        model = copy.deepcopy(model)
+        if not hasattr(model, "conv_bn_pairs"):
+            raise TypeError(f"clp needs a model that declares conv_bn_pairs(); {type(model).__name__} does not")
+        per_layer, total, pruned = [], 0, 0
+        for conv, bn in model.conv_bn_pairs():
+            scale = (bn.weight / (bn.running_var + bn.eps).sqrt()).abs()
+            w = conv.weight * scale.view(-1, 1, 1, 1)
+            lips = torch.linalg.matrix_norm(w.reshape(w.shape[0], w.shape[1], -1), ord=2)
+            idx = (lips > lips.mean() + self.u * lips.std()).nonzero().squeeze(1)
+            bn.weight[idx] = 0
+            bn.bias[idx] = 0
+            per_layer.append(idx.tolist())
+            total += len(lips)
+            pruned += len(idx)
+        self._report = {"pruned": pruned, "channels": total, "pruned_fraction": pruned / max(total, 1),
+                        "pruned_per_layer": per_layer}
+        return model
+
+    def report(self):
+        return self._report

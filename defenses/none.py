@@ -1,0 +1,13 @@
+"""No defense: the undefended model, the reference row of every table."""
+
+from __future__ import annotations
+
+from defenses.base import CleanData, Defense, DefenseContext, register_defense
+
+
+@register_defense("none")
+class NoDefense(Defense):
+    data_free = True
+
+    def apply(self, model, clean: CleanData, ctx: DefenseContext):
+        return model
