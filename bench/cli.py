@@ -1,0 +1,86 @@
+"""``bdbench``: run a cell or a Hydra sweep of cells.
+
+    bdbench [overrides]        one cell (Hydra run)
+    bdbench -m [overrides]     a sweep (Hydra multirun); cells whose record exists are skipped
+
+Every job of a sweep is composed and validated before the first one starts: a bad value ends the
+command with one line that names it and the valid ones, exit code 2, no traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import hydra
+from hydra import compose, initialize_config_dir
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra._internal.utils import get_args_parser
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
+from omegaconf import DictConfig, OmegaConf
+
+from bench.errors import ConfigError
+from bench.runner import fail, run_cell, summary
+from bench.validate import CONF_DIR, GROUPS, check_choice, validate
+
+log = logging.getLogger("bdbench")
+
+
+def expand_jobs(overrides: list[str], multirun: bool) -> list[list[str]]:
+    """The override list of every job Hydra will launch, sweeper params of the config included."""
+    parser = OverridesParser.create()
+    parsed = parser.parse_overrides(overrides)
+    for o in parsed:  # unknown config names first: the clearest message
+        if o.key_or_group in GROUPS:
+            values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.get_value_element_as_str()]
+            for value in values:
+                check_choice(o.key_or_group, value)
+    if not multirun:
+        return [overrides]
+    first = [o.input_line if not o.is_sweep_override()
+             else f"{o.get_key_element()}={next(iter(o.sweep_string_iterator()))}" for o in parsed]
+    base = compose("config", overrides=first, return_hydra_config=True)
+    params = [f"{k}={v}" for k, v in (OmegaConf.select(base, "hydra.sweeper.params") or {}).items()]
+    return BasicSweeper.split_arguments(parser.parse_overrides(params + overrides), None)[0]
+
+
+def prevalidate(argv: list[str]) -> None:
+    """Compose and validate every job before any compute; raises ConfigError."""
+    args = get_args_parser().parse_args(argv)
+    if args.help or args.hydra_help or args.cfg or args.info or args.shell_completion:
+        return
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        try:
+            jobs = expand_jobs(args.overrides, args.multirun)
+            checked_data: set[tuple] = set()
+            for job in jobs:
+                cfg = compose("config", overrides=list(job), return_hydra_config=True)
+                data_key = (cfg.hydra.runtime.choices.dataset, cfg.paths.data)
+                validate(cfg, cfg.hydra.runtime.choices, check_data=data_key not in checked_data)
+                checked_data.add(data_key)
+        except HydraException as exc:
+            raise ConfigError(str(exc).strip().splitlines()[0]) from None
+
+
+@hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
+def run(cfg: DictConfig) -> None:
+    try:
+        record = run_cell(cfg, dict(HydraConfig.get().runtime.choices))
+    except ConfigError as exc:
+        fail(str(exc))
+    print(summary(record), flush=True)
+
+
+def main() -> None:
+    argv = sys.argv[1:]
+    try:
+        prevalidate(argv)
+    except ConfigError as exc:
+        fail(str(exc))
+    run()
+
+
+if __name__ == "__main__":
+    main()

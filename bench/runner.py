@@ -1,0 +1,203 @@
+"""One cell: a Hydra config in, a trustworthy record out (DESIGN.md, "One cell").
+
+data -> poisoned model (cache hit, or train and store) -> the defender's clean images (or a
+synthetic set at k = 0) -> defense on a copy -> ACC / ASR / RA / DER -> one atomic JSON record.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import logging
+import resource
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from bench import records
+from bench.augment import Augment
+from bench.cache import ModelCache
+from bench.data import DataBundle
+from bench.device import resolve_device
+from bench.fsutil import sha256_json
+from bench.metrics import der, evaluate, predict
+from bench.seeding import derive, generator
+from bench.train import train
+from bench.validate import validate
+
+log = logging.getLogger(__name__)
+
+# The engine's own code that shapes a trained model; an edit to any of these invalidates the cache.
+ENGINE_SOURCES = ("bench/train.py", "bench/data.py", "bench/augment.py", "bench/models/base.py", "attacks/base.py")
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _plain(node: DictConfig) -> dict:
+    return OmegaConf.to_container(node, resolve=True)  # type: ignore[return-value]
+
+
+def code_version(*objects: Any) -> str:
+    """Hash of the engine's training code and the source files defining ``objects``."""
+    files = sorted({str(ROOT / f) for f in ENGINE_SOURCES} | {inspect.getsourcefile(type(o)) for o in objects})
+    return sha256_json({Path(f).name: Path(f).read_text() for f in files})
+
+
+def cell_names(cfg: DictConfig, choices: dict[str, Any]) -> dict[str, Any]:
+    names = {g: str(choices[g]) for g in ("dataset", "model", "attack", "defense", "recipe")}
+    return {**names, "budget": int(cfg.budget), "seed": int(cfg.seed)}
+
+
+def cell_config(cfg: DictConfig) -> dict:
+    """The resolved config of a cell, without where files live or which device runs it."""
+    return {key: _plain(cfg[key]) if OmegaConf.is_config(cfg[key]) else cfg[key]
+            for key in cfg if key not in ("paths", "device", "hydra")}
+
+
+def poisoned_model(cfg: DictConfig, data: DataBundle, device: torch.device) -> tuple[torch.nn.Module, Any, dict]:
+    """The poisoned model and its attack, from the cache or trained once under the key's lock."""
+    spec = data.spec
+    attack = instantiate(cfg.attack)
+    model = instantiate(cfg.model, num_classes=spec.num_classes, shape=spec.shape, mean=spec.mean, std=spec.std)
+    recipe = instantiate(cfg.recipe)
+    precision = recipe.precision if device.type == "cuda" else "fp32"
+    key_spec = {"dataset": _plain(cfg.dataset), "model": _plain(cfg.model), "attack": _plain(cfg.attack),
+                "recipe": _plain(cfg.recipe), "seed": int(cfg.seed), "precision": precision,
+                "code": code_version(attack, model)}
+    key_spec["dataset"].pop("download", None)
+    key = sha256_json(key_spec)[:32]
+    cache = ModelCache(cfg.paths.cache)
+    with cache.lock(key):
+        entry = cache.load(key)
+        hit = entry is not None
+        if entry is None:
+            log.info("cache miss %s: training %s on %s (%s)", key[:12], cfg.attack._target_, spec.name, recipe.epochs)
+            start = time.perf_counter()
+            train_set = attack.prepare(data.train, data.poisonable(), generator(cfg.seed, "poison"))
+            torch.manual_seed(derive(cfg.seed, "init"))
+            model = instantiate(cfg.model, num_classes=spec.num_classes, shape=spec.shape, mean=spec.mean, std=spec.std)
+            history = train(model, train_set, attack, recipe, spec.augment, generator(cfg.seed, "train", device))
+            seconds = time.perf_counter() - start
+            undefended = {**evaluate(model, data.test, attack, recipe.eval_batch_size, precision)}
+            entry = cache.store(key, {k: v.cpu() for k, v in model.state_dict().items()}, attack.state_dict(),
+                                {"spec": key_spec, "history": history, "train_seconds": seconds,
+                                 "undefended": undefended, "attack_report": attack.report()})
+        else:
+            log.info("cache hit %s", key[:12])
+    model.load_state_dict(entry.weights)
+    model.to(device).eval()
+    attack.load_state_dict(entry.attack_state)
+    attack.to(device)
+    info = {"key": key, "hit": hit, "train_seconds": entry.manifest["train_seconds"],
+            "undefended": entry.manifest["undefended"], "history": entry.manifest["history"]}
+    return model, attack, info
+
+
+def run_cell(cfg: DictConfig, choices: dict[str, Any]) -> dict:
+    """Run one cell (or return its existing record) and write its record atomically."""
+    validate(cfg, choices)
+    device = resolve_device(cfg.device)
+    names = cell_names(cfg, choices)
+    config = cell_config(cfg)
+    path = records.record_path(cfg.paths.records, names, sha256_json(config))
+    existing = records.read_record(path)
+    if existing is not None:
+        log.info("record exists, skipping: %s", path)
+        return existing
+
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    data = instantiate(cfg.dataset).load(cfg.paths.data, device, cfg.paths.cache)
+    timings["data"] = time.perf_counter() - start
+
+    t = time.perf_counter()
+    model, attack, cache_info = poisoned_model(cfg, data, device)
+    timings["train"] = time.perf_counter() - t
+    undefended = cache_info["undefended"]
+
+    spec = data.spec
+    defense = instantiate(cfg.defense)
+    precision = cfg.recipe.precision if device.type == "cuda" else "fp32"
+    ctx_args = dict(num_classes=spec.num_classes, input_shape=spec.shape, device=device, seed=int(cfg.seed),
+                    precision=precision)
+    from defenses.base import CleanData, DefenseContext  # the interface, not a concrete defense
+
+    ctx = DefenseContext(**ctx_args)
+    k = int(cfg.budget)
+    real = data.budget(k, int(cfg.seed))
+    clean = CleanData(real.x.float().div(255), real.y.clone(), source="real" if k > 0 else "none")
+    synthesis: dict | None = None
+    if k == 0 and not defense.data_free:
+        t = time.perf_counter()
+        synthesizer = instantiate(cfg.synthesis)
+        clean = synthesizer(copy.deepcopy(model), ctx)
+        timings["synthesis"] = time.perf_counter() - t
+        synthesis = {**synthesizer.stats, **_synthesis_diagnostics(model, clean, attack, spec.defense_augment, ctx)}
+
+    record: dict[str, Any] = {"cell": {**names, "id": path.stem}, "config": config, "seed": int(cfg.seed),
+                              "data_source": clean.source, "defense_images": len(clean),
+                              "undefended": undefended, "attack": attack.report(), "synthesis": synthesis,
+                              "cache": {k_: cache_info[k_] for k_ in ("key", "hit", "train_seconds")}}
+    try:
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        torch.manual_seed(derive(int(cfg.seed), "defense"))
+        t = time.perf_counter()
+        repaired = defense.apply(copy.deepcopy(model), clean, ctx)
+        timings["defense"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        metrics = evaluate(repaired, data.test, attack, cfg.recipe.eval_batch_size, precision)
+        metrics["der"] = der(undefended, metrics)
+        timings["eval"] = time.perf_counter() - t
+    except Exception:
+        record.update(status="failed", error=traceback.format_exc(limit=5), timings=timings)
+        records.write_record(path, record)
+        raise
+    timings["total"] = time.perf_counter() - start
+    record.update(
+        status="ok",
+        metrics=metrics,
+        defense=defense.report(),
+        timings=timings,
+        peak_memory={"rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                     "cuda_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None},
+        env=records.environment(device),
+    )
+    records.write_record(path, record)
+    log.info("record written: %s", path)
+    return record
+
+
+def _synthesis_diagnostics(model, clean, attack, augment: Augment, ctx) -> dict:
+    """``syn_to_target`` (defenses.md §1.4): the evaluator's warning that the synthetic set carries the
+    trigger: non-target syntheses that the backdoored model puts in the target class after a crop."""
+    if attack.target is None:
+        return {"syn_to_target": None}
+    keep = clean.y != attack.target
+    x = Augment(crop_padding=augment.crop_padding)(clean.x[keep], ctx.generator("syn_to_target"))
+    pred = predict(model, (x * 255).round().to(torch.uint8))
+    rate = (pred == attack.target).float().mean().item()
+    if rate > 0.2:
+        log.warning("syn_to_target = %.2f > 0.2: the synthetic set may carry the trigger", rate)
+    return {"syn_to_target": rate}
+
+
+def summary(record: dict) -> str:
+    """One line for the terminal: ACC / ASR before and after."""
+    fmt = lambda v: "  -  " if v is None else f"{100 * v:5.1f}"
+    u, m, c = record["undefended"], record["metrics"], record["cell"]
+    der_ = m.get("der")
+    return (f"{c['dataset']} {c['model']} {c['attack']} + {c['defense']} k={c['budget']} seed={c['seed']}: "
+            f"ACC {fmt(u['acc'])} -> {fmt(m['acc'])}  ASR {fmt(u['asr'])} -> {fmt(m['asr'])}  "
+            f"RA {fmt(u['ra'])} -> {fmt(m['ra'])}  DER {fmt(der_)}  ({record['data_source']} data)")
+
+
+def fail(message: str) -> None:
+    print(f"bdbench: error: {message}", file=sys.stderr)
+    sys.exit(2)
