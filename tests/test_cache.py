@@ -1,0 +1,63 @@
+"""The poisoned-model cache: trained once per key, verified on load, rebuilt when corrupt."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from bench import runner
+from bench.runner import run_cell
+
+
+def count_trainings(monkeypatch) -> list:
+    calls = []
+    real = runner.train
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "train", counting)
+    return calls
+
+
+def test_second_cell_reuses_the_poisoned_model(tiny_cfg, choices, monkeypatch):
+    calls = count_trainings(monkeypatch)
+    first = run_cell(cfg := tiny_cfg("attack=badnets", "defense=none"), choices(cfg))
+    second = run_cell(cfg := tiny_cfg("attack=badnets", "defense=clp", "budget=0"), choices(cfg))
+    assert len(calls) == 1
+    assert first["cache"]["hit"] is False and second["cache"]["hit"] is True
+    assert first["cache"]["key"] == second["cache"]["key"]
+    assert second["undefended"] == first["undefended"]
+
+
+def test_key_changes_with_what_shapes_the_model(tiny_cfg, choices, monkeypatch):
+    calls = count_trainings(monkeypatch)
+    a = run_cell(cfg := tiny_cfg("defense=none"), choices(cfg))
+    b = run_cell(cfg := tiny_cfg("defense=none", "attack.poison_rate=0.2"), choices(cfg))
+    c = run_cell(cfg := tiny_cfg("defense=none", "seed=1"), choices(cfg))
+    assert len({a["cache"]["key"], b["cache"]["key"], c["cache"]["key"]}) == 3 and len(calls) == 3
+
+
+def test_corrupt_entry_is_detected_and_rebuilt(tiny_cfg, choices, monkeypatch, tmp_path, caplog):
+    calls = count_trainings(monkeypatch)
+    record = run_cell(cfg := tiny_cfg("defense=none"), choices(cfg))
+    weights = tmp_path / "cache" / "models" / record["cache"]["key"] / "weights.pt"
+    blob = bytearray(weights.read_bytes())
+    blob[len(blob) // 2] ^= 0xFF  # one flipped byte
+    weights.write_bytes(bytes(blob))
+    again = run_cell(cfg := tiny_cfg("defense=clp"), choices(cfg))
+    assert "is corrupt" in caplog.text and len(calls) == 2 and again["cache"]["hit"] is False
+    manifest = json.loads((weights.parent / "manifest.json").read_text())
+    assert set(manifest["files"]) == {"weights.pt", "attack.pt"}
+
+
+def test_trigger_artifacts_round_trip_through_the_cache(tiny_cfg, choices):
+    """A reloaded attack reproduces the undefended ASR exactly (same trigger, same poisoned indices)."""
+    first = run_cell(cfg := tiny_cfg("attack=blended", "defense=none"), choices(cfg))
+    second = run_cell(cfg := tiny_cfg("attack=blended", "defense=none", "budget=1"), choices(cfg))
+    assert second["cache"]["hit"] and second["metrics"]["asr"] == first["metrics"]["asr"]
+    state = torch.load(next(Path(cfg.paths.cache).glob("models/*/attack.pt")), weights_only=True)
+    assert state["pattern"].dtype == torch.uint8 and len(state["poison_indices"]) > 0

@@ -1,0 +1,89 @@
+"""The ``bdbench`` command as users run it: bad input ends in one line and exit code 2 before any
+compute; a sweep writes one record per cell and a second run trains and writes nothing."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import DATA, fashion_mnist_available
+
+needs_fmnist = pytest.mark.skipif(not fashion_mnist_available(), reason=f"Fashion-MNIST IDX files not under {DATA}")
+
+
+def bdbench(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    paths = [f"paths.data={DATA}", f"paths.cache={tmp_path / 'cache'}", f"paths.records={tmp_path / 'records'}",
+             f"paths.output={tmp_path / 'outputs'}"]
+    return subprocess.run([sys.executable, "-m", "bench.cli", *args, *paths], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["attack=badnet"], "attack=badnet: no such attack; valid: badnets, blended, none"),
+        (["defense=nad"], "defense=nad: no such defense; valid: clp, ft, none"),
+        (["dataset=mnist"], "dataset=mnist: no such dataset; valid: cifar10, cifar10_jpeg, fashion_mnist, synthetic"),
+        (["budget=101"], "budget=101 is larger than the defender pool"),
+        (["budget=-1"], "budget=-1: clean images per class must be an integer >= 0"),
+        (["attack.poison_rate=1.5"], "attack.poison_rate=1.5: must lie in (0, 1)"),
+        (["attack.target=10"], "attack.target=10: out of range for 10 classes; valid: 0..9"),
+        (["device=tpu"], "device='tpu'; valid: auto, cpu, cuda"),
+        (["-m", "budget=1,500"], "budget=500 is larger than the defender pool"),  # a later job of a sweep
+        (["dataset=cifar10_jpeg", "paths.data=/nonexistent"], "no train/test folder under /nonexistent/cifar10-jpeg"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_code_2(tmp_path, args, message):
+    result = bdbench(tmp_path, *args) if "paths.data=/nonexistent" not in args else subprocess.run(
+        [sys.executable, "-m", "bench.cli", *args], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("bdbench: error: ") and message in lines[0], result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "records").exists() and not (tmp_path / "cache").exists()  # nothing computed
+
+
+def test_cuda_asked_for_but_absent(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    result = bdbench(tmp_path, "device=cuda")
+    assert result.returncode == 2 and "device=cuda but CUDA is not available" in result.stderr
+
+
+def test_missing_fashion_mnist_says_where_to_put_it(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "bench.cli", f"paths.data={tmp_path}/nowhere", "dataset.download=false"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 2
+    assert "Fashion-MNIST not found under paths.data=" in result.stderr and "fashion-mnist" in result.stderr
+
+
+@needs_fmnist
+def test_smoke_sweep_writes_18_records_and_resumes_without_work(tmp_path):
+    grid = ["-m", "experiment=smoke", "attack=badnets,blended", "defense=none,ft,clp", "budget=0,1,10"]
+    first = bdbench(tmp_path, *grid)
+    assert first.returncode == 0, first.stderr[-3000:]
+    files = sorted((tmp_path / "records").glob("*.json"))
+    assert len(files) == 18
+    records = [json.loads(f.read_text()) for f in files]
+    assert {(r["cell"]["attack"], r["cell"]["defense"], r["cell"]["budget"]) for r in records} == {
+        (a, d, k) for a in ("badnets", "blended") for d in ("none", "ft", "clp") for k in (0, 1, 10)}
+    assert sum(not r["cache"]["hit"] for r in records) == 2  # one poisoned model per attack
+    sources = {(r["cell"]["defense"], r["cell"]["budget"]): r["data_source"] for r in records}
+    assert sources[("ft", 0)] == "synthetic" and sources[("clp", 0)] == "none" and sources[("ft", 10)] == "real"
+    # The backdoor took, and FT with 10 clean images per class lowers it.
+    bd = {(r["cell"]["attack"], r["cell"]["defense"], r["cell"]["budget"]): r for r in records}
+    assert bd[("badnets", "none", 10)]["metrics"]["asr"] > 0.8
+    assert bd[("badnets", "ft", 10)]["metrics"]["asr"] < bd[("badnets", "none", 10)]["metrics"]["asr"]
+
+    mtimes = {f: f.stat().st_mtime_ns for f in files}
+    second = bdbench(tmp_path, *grid)
+    log = second.stdout + second.stderr  # Hydra logs to the console (stdout)
+    assert second.returncode == 0 and log.count("record exists, skipping") == 18
+    assert "cache miss" not in log and "cache miss" in first.stdout + first.stderr
+    assert {f: f.stat().st_mtime_ns for f in files} == mtimes

@@ -1,0 +1,120 @@
+"""Data: IDX parsing, class folders, the defender pool and the clean budget, batch augmentation."""
+
+from __future__ import annotations
+
+import gzip
+
+import numpy as np
+import pytest
+import torch
+from torchvision.io import encode_png
+
+from bench.augment import Augment, random_crop
+from bench.data import FashionMNIST, ImageFolder, Synthetic, read_idx
+from bench.errors import DataNotFoundError
+
+META = dict(mean=[0.5], std=[0.5], augment={"crop_padding": 1}, defense_augment={"crop_padding": 1})
+
+
+@pytest.fixture(scope="module")
+def bundle():
+    ds = Synthetic(name="synthetic", num_classes=10, shape=[1, 16, 16], n_train=1000, n_test=200,
+                   pool_per_class=20, **META)
+    return ds.load("unused")
+
+
+def test_pool_is_stratified_and_fixed(bundle):
+    counts = torch.bincount(bundle.train.y[bundle.pool], minlength=10)
+    assert (counts == 20).all()
+    again = Synthetic(name="synthetic", num_classes=10, shape=[1, 16, 16], n_train=1000, n_test=200,
+                      pool_per_class=20, **META).load("unused")
+    assert torch.equal(again.pool, bundle.pool)
+
+
+def test_poisonable_is_the_complement_of_the_pool(bundle):
+    poisonable = bundle.poisonable()
+    assert len(poisonable) + len(bundle.pool) == len(bundle.train)
+    assert not set(poisonable.tolist()) & set(bundle.pool.tolist())
+
+
+@pytest.mark.parametrize("k", [0, 1, 10, 20])
+def test_budget_is_k_per_class_from_the_pool(bundle, k):
+    idx = bundle.budget_indices(k, seed=3)
+    assert len(idx) == 10 * k
+    assert set(idx.tolist()) <= set(bundle.pool.tolist())
+    if k:
+        assert (torch.bincount(bundle.train.y[idx], minlength=10) == k).all()
+    assert bundle.budget(k, seed=3).x.shape == (10 * k, 1, 16, 16)
+
+
+def test_budgets_are_nested_and_seeded(bundle):
+    one, ten = bundle.budget_indices(1, seed=0), bundle.budget_indices(10, seed=0)
+    assert set(one.tolist()) <= set(ten.tolist())
+    assert not torch.equal(bundle.budget_indices(10, seed=1), ten)
+    assert torch.equal(bundle.budget_indices(10, seed=0), ten)
+
+
+def test_pool_larger_than_a_class_is_an_error():
+    from bench.errors import ConfigError
+
+    ds = Synthetic(name="s", num_classes=10, shape=[1, 8, 8], n_train=100, n_test=10, pool_per_class=11, **META)
+    with pytest.raises(ConfigError, match="pool_per_class=11"):
+        ds.load("unused")
+
+
+def _write_idx(path, array: np.ndarray) -> None:
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(d.to_bytes(4, "big") for d in array.shape)
+    path.write_bytes(gzip.compress(header + array.astype(np.uint8).tobytes()))
+
+
+def test_read_idx_round_trip(tmp_path):
+    images = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+    _write_idx(tmp_path / "x.gz", images)
+    assert np.array_equal(read_idx(tmp_path / "x.gz"), images)
+
+
+def test_fashion_mnist_layouts_and_missing_files(tmp_path):
+    folder = tmp_path / "FashionMNIST" / "raw"  # torchvision's layout
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 30), ("t10k", 20)):
+        _write_idx(folder / f"{split}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
+        _write_idx(folder / f"{split}-labels-idx1-ubyte.gz", np.arange(n) % 10)
+    ds = FashionMNIST(name="fashion_mnist", num_classes=10, shape=[1, 28, 28], pool_per_class=2, download=False, **META)
+    data = ds.load(tmp_path)
+    assert data.train.x.shape == (30, 1, 28, 28) and data.test.x.dtype == torch.uint8
+    with pytest.raises(DataNotFoundError, match="put the four IDX files .* or set paths.data"):
+        ds.check(tmp_path / "elsewhere")
+
+
+def test_image_folder_decodes_and_caches(tmp_path):
+    root = tmp_path / "data"
+    for split in ("train", "test"):
+        for c, name in enumerate(("cat", "ant", "dog")):  # sorted: ant=0, cat=1, dog=2
+            (root / "imgs" / split / name).mkdir(parents=True)
+            for i in range(4):
+                img = torch.full((3, 8, 8), 40 * c + i, dtype=torch.uint8)
+                (root / "imgs" / split / name / f"{i}.png").write_bytes(encode_png(img).numpy().tobytes())
+    ds = ImageFolder(folder="imgs", name="tiny_folder", num_classes=3, shape=[3, 8, 8], pool_per_class=1,
+                     mean=[0.5] * 3, std=[0.5] * 3, augment={}, defense_augment={})
+    data = ds.load(root, cache_dir=tmp_path / "cache")
+    assert data.train.x.shape == (12, 3, 8, 8)
+    assert data.train.y.tolist() == [0] * 4 + [1] * 4 + [2] * 4
+    assert int(data.train.x[4, 0, 0, 0]) == 0 and int(data.train.x[0, 0, 0, 0]) == 40  # 'cat' images are class 1
+    assert list((tmp_path / "cache" / "datasets").glob("tiny_folder-*.pt"))
+
+
+def test_random_crop_is_a_per_sample_shift():
+    x = torch.arange(2 * 5 * 5, dtype=torch.float32).view(2, 1, 5, 5)
+    gen = torch.Generator().manual_seed(0)
+    out = random_crop(x, 2, gen)
+    padded = torch.nn.functional.pad(x, (2, 2, 2, 2))
+    for i in range(2):  # every output is some 5x5 window of its own padded image
+        windows = [padded[i, :, a : a + 5, b : b + 5] for a in range(5) for b in range(5)]
+        assert any(torch.equal(out[i], w) for w in windows)
+
+
+def test_augment_keeps_dtype_and_shape():
+    x = torch.randint(0, 256, (7, 3, 8, 8), dtype=torch.uint8)
+    out = Augment(crop_padding=2, hflip=True)(x, torch.Generator().manual_seed(1))
+    assert out.dtype == torch.uint8 and out.shape == x.shape

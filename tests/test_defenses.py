@@ -1,0 +1,79 @@
+"""FT's shared fine-tuning loop, CLP and the budget-0 synthesizer on hand-made cases."""
+
+from __future__ import annotations
+
+import torch
+
+from bench.augment import Augment
+from bench.models import create_model
+from defenses.base import CleanData, DefenseContext
+from defenses.clp import CLP
+from defenses.finetune import finetune, step_count
+from defenses.synthesis import DeepInversion, total_variation
+
+CTX = DefenseContext(num_classes=10, input_shape=(1, 16, 16), device=torch.device("cpu"), seed=0,
+                     progress=lambda it, **kw: it)
+
+
+def model():
+    torch.manual_seed(0)
+    return create_model("fmnist_cnn", num_classes=10, shape=(1, 16, 16), mean=[0.5], std=[0.5]).eval()
+
+
+def test_step_rule():
+    assert step_count(n=10, epochs=100, batch_size=256, min_steps=300) == (300, 10)      # k = 1
+    assert step_count(n=100, epochs=100, batch_size=256, min_steps=300) == (300, 100)    # k = 10
+    assert step_count(n=2500, epochs=100, batch_size=256, min_steps=300) == (1000, 256)  # BackdoorBench's 5 %
+
+
+def test_clp_prunes_exactly_the_planted_outlier():
+    m = model()
+    conv, bn = m.conv_bn_pairs()[0]
+    with torch.no_grad():
+        conv.weight[5] *= 50  # channel 5's Lipschitz bound is now far above its layer's mean + 3 std
+    repaired = CLP(u=3.0).apply(m, CleanData(torch.empty(0), torch.empty(0), "none"), CTX)
+    r_conv, r_bn = repaired.conv_bn_pairs()[0]
+    assert r_bn.weight[5] == 0 and r_bn.bias[5] == 0
+    keep = torch.arange(len(bn.weight)) != 5
+    assert torch.equal(r_bn.weight[keep], bn.weight[keep])
+    assert bn.weight[5] != 0  # the input model is untouched
+
+
+def test_clp_spares_a_model_without_outliers():
+    m = model()
+    with torch.no_grad():
+        for conv, _ in m.conv_bn_pairs():
+            conv.weight.copy_(torch.ones_like(conv.weight))  # every channel has the same bound
+    clp = CLP(u=3.0)
+    repaired = clp.apply(m, CleanData(torch.empty(0), torch.empty(0), "none"), CTX)
+    assert clp.report()["pruned"] == 0 and clp.report()["channels"] == 32 + 64
+    assert all(torch.equal(a, b) for a, b in zip(repaired.state_dict().values(), m.state_dict().values()))
+
+
+def test_finetune_learns_and_freezes_batchnorm_for_tiny_batches():
+    m = model()
+    x, y = torch.rand(10, 1, 16, 16), torch.arange(10)
+    bn = m.conv_bn_pairs()[0][1]
+    before = bn.running_mean.clone()
+    report = finetune(m, CleanData(x, y, "real"), CTX, epochs=1, batch_size=256, min_steps=60, lr=0.05,
+                      momentum=0.9, weight_decay=0.0, augment=Augment(), bn_min_batch=32)
+    assert report["steps"] == 60 and report["bn_frozen"] is True
+    assert torch.equal(bn.running_mean, before)  # statistics of 10 images never replaced the stored ones
+    assert (m(x).argmax(1) == y).float().mean() == 1.0  # it did fit the ten images
+
+
+def test_deepinversion_gives_labelled_images_in_range():
+    short, long = DeepInversion(per_class=2, iterations=3), DeepInversion(per_class=2, iterations=60)
+    short(model(), CTX)
+    clean = long(model(), CTX)
+    assert clean.x.shape == (20, 1, 16, 16) and clean.source == "synthetic"
+    assert clean.x.min() >= 0 and clean.x.max() <= 1
+    assert torch.equal(clean.y, torch.arange(10).repeat(2))
+    assert long.stats["method"] == "deepinversion" and long.stats["best_loss"] < short.stats["best_loss"]
+    assert all(p.requires_grad for p in model().parameters())  # the model is handed back trainable
+
+
+def test_total_variation_by_hand():
+    x = torch.zeros(1, 1, 2, 2)
+    x[0, 0, 0, 0] = 1.0  # right, down and diagonal neighbours each differ by 1 once
+    assert total_variation(x).item() == 3.0

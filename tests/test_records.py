@@ -1,0 +1,48 @@
+"""Records: one atomic JSON per cell with the agreed fields; finished cells are skipped, broken ones rerun."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from bench.records import SCHEMA_VERSION
+from bench.runner import run_cell
+
+
+def test_record_has_the_agreed_fields(tiny_cfg, choices):
+    record = run_cell(cfg := tiny_cfg("attack=badnets", "defense=ft", "budget=2"), choices(cfg))
+    files = list(Path(cfg.paths.records).glob("*.json"))
+    assert len(files) == 1 and files[0].stem == record["cell"]["id"]
+    on_disk = json.loads(files[0].read_text())
+    assert on_disk["schema_version"] == SCHEMA_VERSION and on_disk["status"] == "ok"
+    assert set(on_disk["metrics"]) == {"acc", "asr", "ra", "der"}
+    assert set(on_disk["undefended"]) >= {"acc", "asr", "ra"}
+    assert on_disk["data_source"] == "real" and on_disk["defense_images"] == 20
+    assert on_disk["defense"]["steps"] >= 300
+    assert set(on_disk["timings"]) >= {"train", "defense", "eval", "total"}
+    assert on_disk["peak_memory"]["rss_mb"] > 0
+    assert on_disk["env"]["packages"]["torch"] and "git" in on_disk["env"]
+    assert on_disk["config"]["defense"]["_target_"] == "defenses.ft.FineTuning" and "paths" not in on_disk["config"]
+    assert on_disk["cell"]["attack"] == "badnets" and on_disk["seed"] == 0
+    assert not list(Path(cfg.paths.records).glob(".*.tmp"))  # no temp file left behind
+
+
+def test_existing_record_is_skipped_and_broken_one_rerun(tiny_cfg, choices, caplog):
+    caplog.set_level(logging.INFO)
+    cfg = tiny_cfg("defense=clp", "budget=0")
+    first = run_cell(cfg, choices(cfg))
+    assert first["data_source"] == "none"  # CLP is data-free: no synthetic set at k = 0
+    path = Path(cfg.paths.records) / f"{first['cell']['id']}.json"
+    mtime = path.stat().st_mtime_ns
+    assert run_cell(cfg, choices(cfg)) == json.loads(path.read_text())
+    assert path.stat().st_mtime_ns == mtime and "record exists" in caplog.text
+    path.write_text('{"schema_version": 1, "metr')  # a half-written record from a killed process
+    assert run_cell(cfg, choices(cfg))["status"] == "ok"
+    assert json.loads(path.read_text())["metrics"] == first["metrics"]
+
+
+def test_budget_zero_uses_synthetic_images_for_data_hungry_defenses(tiny_cfg, choices):
+    record = run_cell(cfg := tiny_cfg("defense=ft", "budget=0"), choices(cfg))
+    assert record["data_source"] == "synthetic" and record["defense_images"] == 20  # per_class=2
+    assert record["synthesis"]["method"] == "deepinversion" and 0 <= record["synthesis"]["syn_to_target"] <= 1

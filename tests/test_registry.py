@@ -1,0 +1,98 @@
+"""Every registered attack, defense and model: found by name, configured in conf/, and runnable on a
+tiny model (the timm pattern: tests parametrized over the registry)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from hydra.utils import get_class, instantiate
+
+from attacks import list_attacks
+from attacks.base import ATTACKS
+from bench.data import ImageSet
+from bench.models import MODELS, create_model, list_models
+from bench.validate import CONF_DIR, options
+from defenses import list_defenses
+from defenses.base import DEFENSES, CleanData, DefenseContext
+
+
+@pytest.mark.parametrize("group, registry", [("attack", ATTACKS), ("defense", DEFENSES)])
+def test_config_names_are_registry_names(group, registry):
+    """Each config file is named after its module, and its _target_ is the registered class."""
+    assert options(group) == registry.names()
+    for name in registry.names():
+        target = OmegaConf.load(CONF_DIR / group / f"{name}.yaml")["_target_"]
+        assert get_class(target) is registry.get(name)
+        assert target.split(".")[-2] == name  # one module per attack/defense, named as the config
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_model_config_and_interface(name):
+    target = OmegaConf.load(CONF_DIR / "model" / f"{name}.yaml")["_target_"]
+    assert get_class(target) is MODELS.get(name)
+    shape = (3, 32, 32) if name != "fmnist_cnn" else (1, 28, 28)
+    model = create_model(name, num_classes=7, shape=shape, mean=[0.5] * shape[0], std=[0.5] * shape[0])
+    assert model(torch.rand(2, *shape)).shape == (2, 7)
+    assert model.groups and all(isinstance(m, torch.nn.Module) for m in model.group_modules())
+    for conv, bn in model.conv_bn_pairs():
+        assert isinstance(conv, torch.nn.Conv2d) and isinstance(bn, torch.nn.BatchNorm2d)
+        assert conv.out_channels == bn.num_features
+
+
+def test_unknown_name_lists_the_valid_ones():
+    with pytest.raises(KeyError, match="valid: .*badnets"):
+        ATTACKS.get("badnet")
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    torch.manual_seed(0)
+    return create_model("fmnist_cnn", num_classes=10, shape=(1, 16, 16), mean=[0.5], std=[0.5]).eval()
+
+
+@pytest.mark.parametrize("name", list_attacks())
+def test_every_attack_poisons_and_triggers(name):
+    attack = instantiate(OmegaConf.load(CONF_DIR / "attack" / f"{name}.yaml"))
+    train = ImageSet(torch.randint(0, 256, (200, 1, 16, 16), dtype=torch.uint8), torch.arange(200) % 10)
+    poisoned = attack.prepare(train, torch.arange(50, 200), torch.Generator().manual_seed(0))
+    assert poisoned.x.dtype == torch.uint8 and poisoned.x.shape == train.x.shape
+    assert attack.apply_trigger(train.x[:4]).dtype == torch.uint8
+    if attack.target is not None:
+        assert len(attack.poison_indices) == round(attack.poison_rate * 200)
+        assert (attack.poison_indices >= 50).all()  # only candidates are poisoned
+        assert (poisoned.y[attack.poison_indices] == attack.target).all()
+    clone = copy.deepcopy(attack)
+    clone.load_state_dict(attack.state_dict())
+    assert torch.equal(clone.apply_trigger(train.x[:8]), attack.apply_trigger(train.x[:8]))
+
+
+@pytest.mark.parametrize("name", list_defenses())
+@pytest.mark.parametrize("budget", [0, 2])
+def test_every_defense_runs_and_leaves_its_input_alone(name, budget, tiny_model):
+    cfg = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "defense" / f"{name}.yaml"))
+    if "augment" in cfg:
+        cfg["augment"] = {"crop_padding": 1, "hflip": False}
+    for key, small in {"epochs": 1, "min_steps": 3}.items():
+        if key in cfg:
+            cfg[key] = small
+    defense = instantiate(cfg)
+    n = 10 * budget
+    clean = CleanData(torch.rand(n, 1, 16, 16), torch.arange(n) % 10, "real")
+    if budget == 0 and not defense.data_free:
+        from defenses.synthesis import DeepInversion
+
+        clean = DeepInversion(per_class=1, iterations=2)(copy.deepcopy(tiny_model), _ctx())
+    before = copy.deepcopy(tiny_model.state_dict())
+    repaired = defense.apply(tiny_model, clean, _ctx())
+    assert repaired(torch.rand(3, 1, 16, 16)).shape == (3, 10)
+    for key, value in tiny_model.state_dict().items():
+        assert torch.equal(value, before[key]), f"{name} modified its input model ({key})"
+    assert isinstance(defense.report(), dict)
+
+
+def _ctx() -> DefenseContext:
+    return DefenseContext(num_classes=10, input_shape=(1, 16, 16), device=torch.device("cpu"), seed=0,
+                          progress=lambda it, **kw: it)
