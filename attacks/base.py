@@ -1,9 +1,12 @@
 """The Attack interface: an attack owns its trigger and everything secret about it.
 
 The trainer calls, in order: ``prepare`` once (static attacks poison a fixed seeded index set of
-the uint8 training set there), then ``train_batch`` for every batch (dynamic attacks poison there,
-before or after the augmentation they are handed). The evaluator calls ``apply_trigger`` on uint8
-test images. ``state_dict`` holds the trigger artifacts saved beside the poisoned model.
+the uint8 training set there), ``before_training`` once (an attack that trains networks of its own
+fits them there), then per batch ``train_batch`` (dynamic attacks poison there, before or after the
+augmentation they are handed), ``batch_loss`` (added to the cross-entropy) and ``after_step``, and
+``after_epoch`` per epoch. The evaluator calls ``apply_trigger`` on uint8 test images and adds
+``extra_metrics`` to the undefended model's metrics. ``state_dict`` holds the trigger artifacts
+saved beside the poisoned model.
 """
 
 from __future__ import annotations
@@ -49,9 +52,26 @@ class Attack(ABC):
         """One training batch (float images in [0, 1]) -> the batch the model trains on."""
         return augment(x), y
 
+    def before_training(self, train: ImageSet, augment: Augmenter, gen: torch.Generator, recipe) -> None:
+        """Fit the attack's own networks before the classifier trains (Input-aware's mask generator)."""
+
+    def batch_loss(self) -> torch.Tensor | float:
+        """An extra loss term for the current batch, added to the classifier's cross-entropy."""
+        return 0.0
+
+    def after_step(self) -> None:
+        """Step the attack's own optimizers after the classifier's step."""
+
+    def after_epoch(self) -> None:
+        """Step the attack's own schedulers."""
+
     @abstractmethod
     def apply_trigger(self, x: torch.Tensor) -> torch.Tensor:
         """The test-time trigger on uint8 images [N, C, H, W] -> uint8 images."""
+
+    def extra_metrics(self, model, test: ImageSet, batch_size: int = 1024, precision: str = "fp32") -> dict[str, float]:
+        """Attack-specific metrics of the undefended model (WaNet's noise accuracy, ...)."""
+        return {}
 
     def state_dict(self) -> dict[str, Any]:
         return {"poison_indices": self.poison_indices.cpu()}

@@ -1,7 +1,8 @@
 """``bdbench``: run a cell or a Hydra sweep of cells.
 
-    bdbench [overrides]        one cell (Hydra run)
-    bdbench -m [overrides]     a sweep (Hydra multirun); cells whose record exists are skipped
+    bdbench [overrides]           one cell (Hydra run)
+    bdbench -m [overrides]        a sweep (Hydra multirun); cells whose record exists are skipped
+    bdbench gallery [overrides]   the trigger gallery of one data set, every attack (cached models)
 
 Every job of a sweep is composed and validated before the first one starts: a bad value ends the
 command with one line that names it and the valid ones, exit code 2, no traceback.
@@ -73,9 +74,30 @@ def run(cfg: DictConfig) -> None:
     print(summary(record), flush=True)
 
 
+def gallery_command(overrides: list[str]) -> None:
+    """``bdbench gallery``: one PNG of clean and triggered test images for every configured attack."""
+    from bench.device import resolve_device
+    from bench.gallery import gallery
+    from bench.validate import options
+
+    names = [a for a in options("attack") if a != "none"]
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        try:
+            cfgs = {a: compose("config", overrides=[*overrides, f"attack={a}"], return_hydra_config=True) for a in names}
+            for cfg in cfgs.values():
+                validate(cfg, cfg.hydra.runtime.choices)
+        except HydraException as exc:
+            raise ConfigError(str(exc).strip().splitlines()[0]) from None
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+    print(gallery(cfgs, resolve_device(next(iter(cfgs.values())).device)))
+
+
 def main() -> None:
     argv = sys.argv[1:]
     try:
+        if argv[:1] == ["gallery"]:
+            gallery_command(argv[1:])
+            return
         prevalidate(argv)
     except ConfigError as exc:
         fail(str(exc))

@@ -63,6 +63,7 @@ def poisoned_model(cfg: DictConfig, data: DataBundle, device: torch.device) -> t
     """The poisoned model and its attack, from the cache or trained once under the key's lock."""
     spec = data.spec
     attack = instantiate(cfg.attack)
+    torch.manual_seed(derive(cfg.seed, "init"))
     model = instantiate(cfg.model, num_classes=spec.num_classes, shape=spec.shape, mean=spec.mean, std=spec.std)
     recipe = instantiate(cfg.recipe)
     precision = recipe.precision if device.type == "cuda" else "fp32"
@@ -76,22 +77,22 @@ def poisoned_model(cfg: DictConfig, data: DataBundle, device: torch.device) -> t
         entry = cache.load(key)
         hit = entry is not None
         if entry is None:
-            log.info("cache miss %s: training %s on %s (%s)", key[:12], cfg.attack._target_, spec.name, recipe.epochs)
+            log.info("cache miss %s: training %s on %s (%d epochs)", key[:12], cfg.attack._target_, spec.name,
+                     recipe.epochs)
             start = time.perf_counter()
             train_set = attack.prepare(data.train, data.poisonable(), generator(cfg.seed, "poison"))
-            torch.manual_seed(derive(cfg.seed, "init"))
-            model = instantiate(cfg.model, num_classes=spec.num_classes, shape=spec.shape, mean=spec.mean, std=spec.std)
             history = train(model, train_set, attack, recipe, spec.augment, generator(cfg.seed, "train", device))
             seconds = time.perf_counter() - start
-            undefended = {**evaluate(model, data.test, attack, recipe.eval_batch_size, precision)}
+            undefended = {**evaluate(model, data.test, attack, recipe.eval_batch_size, precision),
+                          **attack.extra_metrics(model, data.test, recipe.eval_batch_size, precision)}
             entry = cache.store(key, {k: v.cpu() for k, v in model.state_dict().items()}, attack.state_dict(),
                                 {"spec": key_spec, "history": history, "train_seconds": seconds,
                                  "undefended": undefended, "attack_report": attack.report()})
         else:
             log.info("cache hit %s", key[:12])
-    model.load_state_dict(entry.weights)
+            model.load_state_dict(entry.weights)
+            attack.load_state_dict(entry.attack_state)
     model.to(device).eval()
-    attack.load_state_dict(entry.attack_state)
     attack.to(device)
     info = {"key": key, "hit": hit, "train_seconds": entry.manifest["train_seconds"],
             "undefended": entry.manifest["undefended"], "history": entry.manifest["history"]}

@@ -2,7 +2,9 @@
 
 Per step: gather a batch of uint8 images, scale to [0, 1], hand it to the attack's ``train_batch``
 hook together with the data set's augmentation (so each attack decides whether it poisons before or
-after augmenting), forward, cross-entropy, step. The scheduler steps once per epoch (BackdoorBench).
+after augmenting), forward, cross-entropy plus the attack's ``batch_loss``, step, and let the attack
+step its own optimizers. The scheduler steps once per epoch (BackdoorBench). An attack with networks
+of its own fits them first in ``before_training``.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ def train(model: nn.Module, data: ImageSet, attack, recipe: Recipe, augment: Aug
     scheduler = recipe.scheduler(optimizer) if recipe.scheduler is not None else None
     n = len(data)
     steps = n // recipe.batch_size if recipe.drop_last else -(-n // recipe.batch_size)
+    attack.before_training(data, partial(augment, gen=gen), gen, recipe)
     history = []
     for epoch in range(recipe.epochs):
         start = time.perf_counter()
@@ -66,10 +69,11 @@ def train(model: nn.Module, data: ImageSet, attack, recipe: Recipe, augment: Aug
             x = x.contiguous(memory_format=fmt)
             with autocast(device, recipe.precision):
                 logits = model(x)
-                loss = F.cross_entropy(logits, y)
+                loss = F.cross_entropy(logits, y) + attack.batch_loss()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            attack.after_step()
             loss_sum += loss.detach() * len(y)
             correct += (logits.argmax(1) == y).sum()
             seen += len(y)
@@ -77,6 +81,9 @@ def train(model: nn.Module, data: ImageSet, attack, recipe: Recipe, augment: Aug
                 bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", acc=f"{correct.item() / seen:.3f}")
         if scheduler is not None:
             scheduler.step()
+        attack.after_epoch()
+        if not torch.isfinite(loss_sum):
+            raise FloatingPointError(f"{desc}: the loss became {loss_sum.item()} in epoch {epoch + 1}; training diverged")
         row = {"epoch": epoch + 1, "loss": loss_sum.item() / seen, "acc": correct.item() / seen,
                "lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - start}
         history.append(row)

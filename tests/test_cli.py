@@ -25,7 +25,7 @@ def bdbench(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["attack=badnet"], "attack=badnet: no such attack; valid: badnets, blended, none"),
+        (["attack=badnet"], "attack=badnet: no such attack; valid: badnets, blended, input_aware, none, wanet"),
         (["defense=nad"], "defense=nad: no such defense; valid: clp, ft, none"),
         (["dataset=mnist"], "dataset=mnist: no such dataset; valid: cifar10, cifar10_jpeg, fashion_mnist, synthetic"),
         (["budget=101"], "budget=101 is larger than the defender pool"),

@@ -12,7 +12,7 @@ from hydra.utils import get_class, instantiate
 
 from attacks import list_attacks
 from attacks.base import ATTACKS
-from bench.data import ImageSet
+from bench.train import train
 from bench.models import MODELS, create_model, list_models
 from bench.validate import CONF_DIR, options
 from defenses import list_defenses
@@ -54,19 +54,32 @@ def tiny_model():
 
 
 @pytest.mark.parametrize("name", list_attacks())
-def test_every_attack_poisons_and_triggers(name):
-    attack = instantiate(OmegaConf.load(CONF_DIR / "attack" / f"{name}.yaml"))
-    train = ImageSet(torch.randint(0, 256, (200, 1, 16, 16), dtype=torch.uint8), torch.arange(200) % 10)
-    poisoned = attack.prepare(train, torch.arange(50, 200), torch.Generator().manual_seed(0))
-    assert poisoned.x.dtype == torch.uint8 and poisoned.x.shape == train.x.shape
-    assert attack.apply_trigger(train.x[:4]).dtype == torch.uint8
+def test_every_attack_trains_triggers_and_round_trips(name, tiny_cfg):
+    """Through the real trainer for one short epoch: poisoning, hooks, trigger, artifacts."""
+    cfg = tiny_cfg(f"attack={name}")
+    if "mask_epochs" in cfg.attack:
+        cfg.attack.mask_epochs, cfg.attack.mask_steps_per_epoch = 1, 3
+    attack = instantiate(cfg.attack)
+    data = instantiate(cfg.dataset).load("unused")
+    train_set = attack.prepare(data.train, data.poisonable(), torch.Generator().manual_seed(0))
+    assert train_set.x.dtype == torch.uint8 and train_set.x.shape == data.train.x.shape
+    model = create_model("fmnist_cnn", num_classes=10, shape=(1, 16, 16), mean=[0.5], std=[0.5])
+    recipe = instantiate(cfg.recipe)
+    recipe.epochs = 1
+    history = train(model, train_set, attack, recipe, data.spec.augment, torch.Generator().manual_seed(0))
+    assert len(history) == 1 and history[0]["loss"] > 0
+    triggered = attack.apply_trigger(data.test.x[:8])
+    assert triggered.dtype == torch.uint8 and triggered.shape == data.test.x[:8].shape
     if attack.target is not None:
-        assert len(attack.poison_indices) == round(attack.poison_rate * 200)
-        assert (attack.poison_indices >= 50).all()  # only candidates are poisoned
-        assert (poisoned.y[attack.poison_indices] == attack.target).all()
-    clone = copy.deepcopy(attack)
+        assert not torch.equal(triggered, data.test.x[:8])
+    if len(attack.poison_indices):
+        assert len(attack.poison_indices) == round(attack.poison_rate * len(data.train))
+        assert not set(attack.poison_indices.tolist()) & set(data.pool.tolist())
+        assert (train_set.y[attack.poison_indices] == attack.target).all()
+    clone = instantiate(cfg.attack)
     clone.load_state_dict(attack.state_dict())
-    assert torch.equal(clone.apply_trigger(train.x[:8]), attack.apply_trigger(train.x[:8]))
+    assert torch.equal(clone.apply_trigger(data.test.x[:8]), triggered)
+    assert all(0 <= v <= 1 for v in attack.extra_metrics(model, data.test).values())
 
 
 @pytest.mark.parametrize("name", list_defenses())

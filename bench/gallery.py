@@ -1,0 +1,65 @@
+"""The trigger gallery: a few test images per data set, clean and triggered by every attack, with the
+trigger residual magnified to full range (WaNet's and Input-aware's are invisible otherwise)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from bench.data import DataBundle  # noqa: E402
+
+
+def pick_images(data: DataBundle, n: int) -> torch.Tensor:
+    """The first test image of each of the first ``n`` classes."""
+    idx = [int((data.test.y == c).nonzero()[0]) for c in range(min(n, data.spec.num_classes))]
+    return data.test.x[idx]
+
+
+def _show(ax, img: torch.Tensor) -> None:
+    img = img.cpu()
+    if img.shape[0] == 1:
+        ax.imshow(img[0].numpy(), cmap="gray", vmin=0, vmax=255)
+    else:
+        ax.imshow(img.permute(1, 2, 0).numpy())
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def write_gallery(data: DataBundle, attacks: dict[str, object], path: Path, n_images: int = 6) -> Path:
+    """One PNG: a clean row, then per attack a triggered row and a residual row."""
+    clean = pick_images(data, n_images)
+    rows: list[tuple[str, torch.Tensor]] = [("clean", clean)]
+    for name, attack in attacks.items():
+        triggered = attack.apply_trigger(clean)
+        residual = (triggered.float() - clean.float()).abs()
+        gain = 255.0 / max(float(residual.max()), 1.0)
+        rows += [(name, triggered), (f"|residual| x{gain:.0f}", (residual * gain).round().to(torch.uint8))]
+    fig, axes = plt.subplots(len(rows), len(clean), figsize=(1.3 * len(clean), 1.3 * len(rows)), squeeze=False)
+    for r, (label, images) in enumerate(rows):
+        for c in range(len(clean)):
+            _show(axes[r][c], images[c])
+        axes[r][0].set_ylabel(label, rotation=0, ha="right", va="center", fontsize=8)
+    fig.suptitle(f"{data.spec.name}: triggers", fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def gallery(cfgs: dict[str, DictConfig], device: torch.device) -> Path:
+    """Load (or train, if not cached) every attack's poisoned model for one data set and draw the gallery."""
+    from hydra.utils import instantiate
+
+    from bench.runner import poisoned_model
+
+    first = next(iter(cfgs.values()))
+    data = instantiate(first.dataset).load(first.paths.data, device, first.paths.cache)
+    attacks = {name: poisoned_model(cfg, data, device)[1] for name, cfg in cfgs.items()}
+    return write_gallery(data, attacks, Path(first.paths.output) / "gallery" / f"{data.spec.name}.png")

@@ -1,0 +1,100 @@
+"""WaNet and Input-aware on tiny synthetic data: the warp field, the batch shares, the mask generator,
+and artifacts that reproduce the ASR exactly after a trip through the cache."""
+
+from __future__ import annotations
+
+import torch
+
+from attacks.input_aware import Generator, InputAware
+from attacks.wanet import WaNet
+from bench.augment import Augment
+from bench.data import ImageSet
+from bench.runner import run_cell
+
+
+def test_wanet_field_is_identity_at_zero_strength_and_sub_pixel_at_default():
+    gen = torch.Generator().manual_seed(0)
+    identity = WaNet(s=0.0).make_grid(28, gen)
+    a = torch.linspace(-1, 1, 28)
+    assert torch.equal(identity[0, 5, 7], torch.stack([a[7], a[5]]))  # (x = column, y = row)
+    x = torch.rand(2, 1, 28, 28)
+    assert torch.allclose(WaNet().warp(x, identity), x, atol=1e-5)
+    grid = WaNet(s=0.5).make_grid(28, torch.Generator().manual_seed(0))
+    pixels = (grid - identity).abs().max() * (28 - 1) / 2  # grid units -> pixels
+    assert grid.shape == (1, 28, 28, 2) and grid.abs().max() <= 1
+    assert 0.1 < pixels < 1.0  # spec §4.3: about half a pixel at most
+
+
+def test_wanet_batch_shares_and_labels():
+    attack = WaNet(target=0, poison_rate=0.1, cross_ratio=2.0, crop_p=0.0, rotation_p=0.0, hflip=False)
+    train = ImageSet(torch.randint(0, 256, (300, 1, 16, 16), dtype=torch.uint8), torch.full((300,), 7))
+    attack.prepare(train, torch.arange(300), torch.Generator().manual_seed(0))
+    assert attack.counts(128) == (12, 24) and attack.counts(80) == (8, 16)
+    x = train.x[:128].float() / 255
+    out, y = attack.train_batch(x, train.y[:128], augment=lambda t: t)
+    assert (y[:12] == 0).all() and (y[12:] == 7).all()  # backdoor relabelled, noise mode keeps labels
+    assert torch.equal(out[36:], x[36:])  # the rest is clean
+    assert not torch.equal(out[:12], x[:12]) and not torch.equal(out[12:36], x[12:36])
+    assert torch.allclose(out[:12], attack.warp(x[:12], attack.grid))  # the fixed field
+    assert not torch.allclose(out[12:36], attack.warp(x[12:36], attack.grid))  # plus noise
+
+
+def test_wanet_low_rate_rule_poisons_one_sample_with_probability_rate_times_batch():
+    attack = WaNet(poison_rate=0.005)
+    attack.prepare(ImageSet(torch.zeros(10, 1, 8, 8, dtype=torch.uint8), torch.zeros(10, dtype=torch.long)),
+                   torch.arange(10), torch.Generator().manual_seed(0))
+    hits = sum(attack.counts(128)[0] for _ in range(2000)) / 2000
+    assert abs(hits - 0.64) < 0.05
+
+
+def test_generator_sizes_follow_the_spec():
+    mnist, cifar = Generator(1, 1, 16, 2), Generator(3, 3, 32, 3)
+    widths = lambda g: [m.out_channels for m in g.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert widths(mnist) == [16, 16, 32, 32, 32, 32, 16, 16, 1]
+    assert widths(cifar) == [32, 32, 64, 64, 128, 128, 128, 128, 64, 64, 32, 32, 3]
+    out = cifar(torch.rand(2, 3, 32, 32))
+    assert out.shape == (2, 3, 32, 32) and out.min() > 0 and out.max() < 1
+    assert mnist(torch.rand(2, 1, 28, 28)).shape == (2, 1, 28, 28)
+
+
+def test_mask_generator_learns_a_sparse_mask():
+    torch.manual_seed(0)
+    train = ImageSet(torch.randint(0, 256, (512, 1, 16, 16), dtype=torch.uint8), torch.arange(512) % 10)
+    attack = InputAware(mask_epochs=6, mask_steps_per_epoch=8, mask_density=0.032)
+
+    class Recipe:
+        batch_size = 64
+
+    augment = lambda x: Augment(crop_padding=1)(x, torch.Generator().manual_seed(0))
+    attack.before_training(train, augment, torch.Generator().manual_seed(0), Recipe)
+    densities = [row["density"] for row in attack.history["mask"]]
+    assert densities[-1] < 0.15 and densities[-1] < densities[0]  # pushed towards 3.2 % coverage
+    assert not any(p.requires_grad for p in attack.mask_gen.parameters())  # frozen for phase 2
+
+
+def test_input_aware_g_gradients_are_zeroed_unless_asked_to_accumulate(tiny_cfg):
+    for accumulate in (False, True):
+        attack = InputAware(mask_epochs=0, accumulate_G_grads=accumulate)
+        train = ImageSet(torch.randint(0, 256, (128, 1, 16, 16), dtype=torch.uint8), torch.arange(128) % 10)
+
+        class Recipe:
+            batch_size = 32
+
+        attack.before_training(train, lambda x: x, torch.Generator().manual_seed(0), Recipe)
+        x, _ = attack.train_batch(train.x[:32].float() / 255, train.y[:32], lambda t: t)
+        (x.sum() + attack.batch_loss()).backward()
+        attack.after_step()
+        grads = [p.grad for p in attack.pattern_gen.parameters()]
+        assert all(g is None for g in grads) != accumulate
+
+
+def test_artifacts_reproduce_the_asr_image_for_image(tiny_cfg, choices):
+    for name, extra in (("wanet", "noise_acc"), ("input_aware", "cross_acc")):
+        overrides = [f"attack={name}", "defense=none"]
+        if name == "input_aware":
+            overrides += ["attack.mask_epochs=2", "attack.mask_steps_per_epoch=5"]
+        first = run_cell(cfg := tiny_cfg(*overrides), choices(cfg))
+        second = run_cell(cfg := tiny_cfg(*overrides, "budget=1"), choices(cfg))  # reloads from the cache
+        assert second["cache"]["hit"] and extra in first["undefended"]
+        assert second["metrics"]["asr"] == first["undefended"]["asr"]  # recomputed with the reloaded trigger
+        assert second["attack"]["asr_images"] == "uint8, rounded"

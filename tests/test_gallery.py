@@ -1,0 +1,29 @@
+"""The trigger gallery draws every attack's trigger from its cached artifacts."""
+
+from __future__ import annotations
+
+import torch
+from hydra.utils import instantiate
+from PIL import Image
+
+from bench.gallery import gallery, pick_images
+
+
+def test_gallery_png_has_a_row_pair_per_attack(tiny_cfg):
+    names = ("badnets", "blended", "wanet", "input_aware")
+    cfgs = {}
+    for name in names:
+        cfg = tiny_cfg(f"attack={name}", "recipe.epochs=1")
+        if name == "input_aware":
+            cfg.attack.mask_epochs, cfg.attack.mask_steps_per_epoch = 1, 2
+        cfgs[name] = cfg
+    path = gallery(cfgs, torch.device("cpu"))
+    assert path.name == "synthetic.png" and path.is_file()
+    width, height = Image.open(path).size
+    assert height > width  # 1 clean + 2 rows per attack = 9 rows of 6 images
+
+
+def test_gallery_uses_one_image_per_class(tiny_cfg):
+    data = instantiate(tiny_cfg().dataset).load("unused")
+    images = pick_images(data, 6)
+    assert images.shape == (6, 1, 16, 16)
