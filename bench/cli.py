@@ -3,6 +3,7 @@
     bdbench [overrides]           one cell (Hydra run)
     bdbench -m [overrides]        a sweep (Hydra multirun); cells whose record exists are skipped
     bdbench gallery [overrides]   the trigger gallery of one data set, every attack (cached models)
+    bdbench report DIR [OUT]      tables (mean ± std over seeds) and figures from the records under DIR
 
 Every job of a sweep is composed and validated before the first one starts: a bad value ends the
 command with one line that names it and the valid ones, exit code 2, no traceback.
@@ -97,6 +98,16 @@ def main() -> None:
     try:
         if argv[:1] == ["gallery"]:
             gallery_command(argv[1:])
+            return
+        if argv[:1] == ["report"]:
+            if len(argv) not in (2, 3):
+                raise ConfigError("usage: bdbench report DIR [OUT]")
+            from bench.report import report
+
+            try:
+                print(report(*argv[1:]))
+            except FileNotFoundError as exc:
+                raise ConfigError(str(exc)) from None
             return
         prevalidate(argv)
     except ConfigError as exc:

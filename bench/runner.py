@@ -30,6 +30,7 @@ from bench.metrics import der, evaluate, predict
 from bench.seeding import derive, generator
 from bench.train import train
 from bench.validate import validate
+from defenses.base import CleanData, DefenseContext  # the interface, never a concrete defense
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,8 @@ def code_version(*objects: Any) -> str:
 
 def cell_names(cfg: DictConfig, choices: dict[str, Any]) -> dict[str, Any]:
     names = {g: str(choices[g]) for g in ("dataset", "model", "attack", "defense", "recipe")}
-    return {**names, "budget": int(cfg.budget), "seed": int(cfg.seed)}
+    return {**names, "experiment": str(choices.get("experiment") or "-"), "budget": int(cfg.budget),
+            "seed": int(cfg.seed)}
 
 
 def cell_config(cfg: DictConfig) -> dict:
@@ -126,8 +128,6 @@ def run_cell(cfg: DictConfig, choices: dict[str, Any]) -> dict:
     precision = cfg.recipe.precision if device.type == "cuda" else "fp32"
     ctx_args = dict(num_classes=spec.num_classes, input_shape=spec.shape, device=device, seed=int(cfg.seed),
                     precision=precision)
-    from defenses.base import CleanData, DefenseContext  # the interface, not a concrete defense
-
     ctx = DefenseContext(**ctx_args)
     k = int(cfg.budget)
     real = data.budget(k, int(cfg.seed))
@@ -140,7 +140,9 @@ def run_cell(cfg: DictConfig, choices: dict[str, Any]) -> dict:
         timings["synthesis"] = time.perf_counter() - t
         synthesis = {**synthesizer.stats, **_synthesis_diagnostics(model, clean, attack, spec.defense_augment, ctx)}
 
-    record: dict[str, Any] = {"cell": {**names, "id": path.stem}, "config": config, "seed": int(cfg.seed),
+    setting = sha256_json({k: v for k, v in config.items() if k not in ("seed", "budget")})[:12]
+    record: dict[str, Any] = {"cell": {**names, "id": path.stem, "setting": setting}, "config": config,
+                              "seed": int(cfg.seed),
                               "data_source": clean.source, "defense_images": len(clean),
                               "undefended": undefended, "attack": attack.report(), "synthesis": synthesis,
                               "cache": {k_: cache_info[k_] for k_ in ("key", "hit", "train_seconds")}}

@@ -109,3 +109,17 @@ def test_every_defense_runs_and_leaves_its_input_alone(name, budget, tiny_model)
 def _ctx() -> DefenseContext:
     return DefenseContext(num_classes=10, input_shape=(1, 16, 16), device=torch.device("cpu"), seed=0,
                           progress=lambda it, **kw: it)
+
+
+def test_engine_imports_no_concrete_attack_or_defense():
+    """bench/ knows the two interfaces and the registries; concrete classes arrive through config."""
+    import ast
+
+    engine = CONF_DIR.parent / "bench"
+    for path in engine.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [node.module] if isinstance(node, ast.ImportFrom) and node.module else (
+                [a.name for a in node.names] if isinstance(node, ast.Import) else [])
+            for name in names:
+                if name.split(".")[0] in ("attacks", "defenses"):
+                    assert name in ("attacks.base", "defenses.base"), f"{path.name} imports {name}"

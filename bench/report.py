@@ -1,0 +1,145 @@
+"""``bdbench report DIR``: records in, paper tables and figures out.
+
+Reads every record under DIR into pandas and writes, under DIR/report (or --out):
+  tables/<metric>.{md,csv,tex}  ACC, ASR, RA, DER as mean ± std over seeds with n, per data set x model x
+                                recipe x attack x defense (rows) and budget (columns)
+  tables/undefended.*           the poisoned models' own ACC / ASR / RA per attack
+  tables/cost.*                 defense wall time and peak memory
+  tables/cells.csv              one row per record (the long format everything above is built from)
+  problems.md                   records that are failed, unreadable or of another schema, and the cells
+                                that ran on synthetic data
+  figures/                      ASR heatmaps per budget, ACC-ASR scatter, ASR against budget
+Tables are sorted and formatted deterministically, so the same records give the same bytes.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+import seaborn as sns  # noqa: E402
+
+from bench.records import SCHEMA_VERSION  # noqa: E402
+
+KEYS = ["dataset", "model", "recipe", "experiment", "attack", "defense"]
+METRICS = ["acc", "asr", "ra", "der"]
+
+
+def load(root: Path) -> tuple[pd.DataFrame, list[dict]]:
+    """(one row per finished cell, one entry per record that is not a finished cell)."""
+    rows, problems = [], []
+    for path in sorted(root.rglob("*.json")):
+        if "report" in path.relative_to(root).parts:
+            continue
+        try:
+            rec = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            problems.append({"record": str(path.relative_to(root)), "problem": f"unreadable ({type(exc).__name__})"})
+            continue
+        if rec.get("schema_version") != SCHEMA_VERSION:
+            problems.append({"record": str(path.relative_to(root)),
+                             "problem": f"schema {rec.get('schema_version')} (this version reads {SCHEMA_VERSION})"})
+            continue
+        if rec.get("status") != "ok":
+            error = (rec.get("error") or "").strip().splitlines()
+            problems.append({"record": str(path.relative_to(root)), "problem": f"failed: {error[-1] if error else '?'}"})
+            continue
+        cell, m, u = rec["cell"], rec["metrics"], rec["undefended"]
+        rows.append({**{k: cell[k] for k in KEYS}, "budget": cell["budget"], "seed": cell["seed"],
+                     "setting": cell["setting"], "data_source": rec["data_source"], **{k: m.get(k) for k in METRICS},
+                     **{f"undefended_{k}": u.get(k) for k in ("acc", "asr", "ra")},
+                     "defense_seconds": rec["timings"].get("defense"), "peak_rss_mb": rec["peak_memory"]["rss_mb"],
+                     "cuda_mb": rec["peak_memory"].get("cuda_mb"), "record": str(path.relative_to(root))})
+    return pd.DataFrame(rows), problems
+
+
+def mean_std(values: pd.Series, scale: float = 100.0, digits: int = 1) -> str:
+    v = values.dropna() * scale
+    if v.empty:
+        return "–"
+    if len(v) == 1:
+        return f"{v.iloc[0]:.{digits}f} (n=1)"
+    return f"{v.mean():.{digits}f} ± {v.std():.{digits}f} (n={len(v)})"
+
+
+def pivot(df: pd.DataFrame, column: str, scale: float = 100.0, digits: int = 1) -> pd.DataFrame:
+    """Rows: data set, model, recipe, attack, defense; columns: budget; cells: mean ± std (n)."""
+    table = (df.groupby(KEYS + ["budget"])[column].apply(lambda s: mean_std(s, scale, digits))
+             .unstack("budget").sort_index())
+    table.columns = [f"k={k}" for k in table.columns]
+    return table.fillna("–").reset_index()
+
+
+def markdown(table: pd.DataFrame) -> str:
+    cols = [str(c) for c in table.columns]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in table.itertuples(index=False)]
+    return "\n".join(lines) + "\n"
+
+
+def write_table(table: pd.DataFrame, folder: Path, name: str) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{name}.md").write_text(markdown(table))
+    table.to_csv(folder / f"{name}.csv", index=False, lineterminator="\n")
+    (folder / f"{name}.tex").write_text(table.to_latex(index=False).replace("±", r"$\pm$"))
+
+
+def figures(df: pd.DataFrame, folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    attacked = df[df["asr"].notna()]
+    for (dataset, model), part in attacked.groupby(["dataset", "model"]):
+        for budget, sub in part.groupby("budget"):
+            heat = sub.groupby(["attack", "defense"])["asr"].mean().unstack("defense") * 100
+            heat = heat[sorted(heat.columns, key=lambda d: (d != "none", d))]  # undefended column first
+            fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * heat.shape[1] + 2), 0.6 * heat.shape[0] + 1.5))
+            sns.heatmap(heat, annot=True, fmt=".0f", vmin=0, vmax=100, cmap="rocket_r", ax=ax,
+                        cbar_kws={"label": "ASR (%)"})
+            ax.set_title(f"{dataset} / {model}: ASR (%), {budget} clean images per class", fontsize=9)
+            fig.tight_layout()
+            fig.savefig(folder / f"asr_heatmap_{dataset}_{model}_k{budget}.png", dpi=120)
+            plt.close(fig)
+        grid = sns.relplot(data=part.assign(ACC=part["acc"] * 100, ASR=part["asr"] * 100), x="ASR", y="ACC",
+                           hue="defense", style="attack", col="budget", height=3.2, facet_kws={"sharey": True})
+        grid.savefig(folder / f"acc_vs_asr_{dataset}_{model}.png", dpi=120)
+        plt.close(grid.figure)
+        grid = sns.relplot(data=part.assign(ASR=part["asr"] * 100), x="budget", y="ASR", hue="defense",
+                           col="attack", kind="line", marker="o", errorbar="sd", height=3.0)
+        grid.savefig(folder / f"asr_vs_budget_{dataset}_{model}.png", dpi=120)
+        plt.close(grid.figure)
+
+
+def report(root: str | Path, out: str | Path | None = None) -> Path:
+    root = Path(root)
+    out = Path(out) if out else root / "report"
+    df, problems = load(root)
+    if df.empty:
+        raise FileNotFoundError(f"no finished records under {root} ({len(problems)} records not used: failed, "
+                                f"unreadable or of another schema)")
+    tables = out / "tables"
+    for metric in METRICS:
+        write_table(pivot(df, metric), tables, metric)
+    undefended = (df.groupby(["dataset", "model", "recipe", "attack"])
+                  .agg(**{k: (f"undefended_{k}", lambda s: mean_std(s.drop_duplicates())) for k in ("acc", "asr", "ra")})
+                  .reset_index())
+    write_table(undefended, tables, "undefended")
+    cost = pivot(df, "defense_seconds", scale=1.0, digits=2).merge(
+        pivot(df, "peak_rss_mb", scale=1.0, digits=0), on=KEYS, suffixes=(" s", " MB"))
+    write_table(cost, tables, "cost")
+    df.sort_values(KEYS + ["budget", "seed"]).to_csv(tables / "cells.csv", index=False, lineterminator="\n")
+    synthetic = df[df["data_source"] == "synthetic"].sort_values(KEYS + ["budget", "seed"])
+    mixed = df.groupby(KEYS + ["budget"])["setting"].nunique()
+    for key in mixed[mixed > 1].index:  # same names, different configs (e.g. an override): never silently averaged
+        problems.append({"record": " / ".join(map(str, key)), "problem": "one row mixes cells of different settings"})
+    lines = [f"# Report of {root}", "", f"{len(df)} finished cells, {len(problems)} records not used.", ""]
+    if problems:
+        lines += ["## Records not used", "", markdown(pd.DataFrame(problems))]
+    lines += ["## Cells whose defense ran on synthetic data (budget 0)", ""]
+    lines += [markdown(synthetic[KEYS + ["budget", "seed"]])] if len(synthetic) else ["none", ""]
+    (out / "problems.md").write_text("\n".join(lines))
+    figures(df, out / "figures")
+    return out

@@ -1,0 +1,40 @@
+"""``bdbench report``: mean ± std over seeds with n, problems listed not dropped, same bytes twice."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from bench.report import report
+from bench.runner import run_cell
+
+
+def test_report_tables_figures_and_problems(tiny_cfg, choices, tmp_path):
+    for seed in (0, 1):
+        for defense, budget in (("none", 1), ("clp", 0), ("clp", 1)):
+            run_cell(cfg := tiny_cfg(f"seed={seed}", f"defense={defense}", f"budget={budget}", "recipe.epochs=2"),
+                     choices(cfg))
+    records = Path(cfg.paths.records)
+    (records / "old.json").write_text(json.dumps({"schema_version": 1, "status": "ok"}))
+    (records / "failed.json").write_text(json.dumps({"schema_version": 2, "status": "failed",
+                                                      "error": "Traceback\nFloatingPointError: diverged"}))
+    out = report(records, tmp_path / "report")
+    asr = (out / "tables" / "asr.md").read_text()
+    assert "| synthetic | fmnist_cnn | reference | - | badnets | clp |" in asr
+    assert "(n=2)" in asr and "±" in asr and "k=0" in asr and "k=1" in asr
+    cells = (out / "tables" / "cells.csv").read_text().splitlines()
+    assert len(cells) == 1 + 6
+    problems = (out / "problems.md").read_text()
+    assert "6 finished cells, 2 records not used" in problems
+    assert "schema 1" in problems and "failed: FloatingPointError: diverged" in problems
+    assert (out / "figures" / "asr_heatmap_synthetic_fmnist_cnn_k1.png").is_file()
+    before = {p.name: p.read_bytes() for p in (out / "tables").iterdir()}
+    report(records, tmp_path / "report")
+    assert {p.name: p.read_bytes() for p in (out / "tables").iterdir()} == before
+
+
+def test_report_flags_rows_that_mix_settings(tiny_cfg, choices, tmp_path):
+    for epochs in (1, 2):  # same names, different recipe: must not be averaged silently
+        run_cell(cfg := tiny_cfg("defense=none", "budget=1", f"recipe.epochs={epochs}"), choices(cfg))
+    out = report(Path(cfg.paths.records), tmp_path / "report")
+    assert "one row mixes cells of different settings" in (out / "problems.md").read_text()
