@@ -71,7 +71,8 @@ class InputAware(Attack):
                  mask_epochs: int = 25, mask_density: float = 0.032, lambda_div: float = 1.0,
                  lambda_norm: float = 100.0, lr_G: float = 0.01, lr_M: float = 0.01,
                  milestones_G: tuple = (200, 300, 400, 500), milestones_M: tuple = (10, 20),
-                 accumulate_G_grads: bool = False, mask_steps_per_epoch: int | None = None) -> None:
+                 accumulate_G_grads: bool = False, mask_steps_per_epoch: int | None = None,
+                 lr_schedule_G: str = "multistep") -> None:
         super().__init__()
         self.target, self.poison_rate, self.cross_rate = target, poison_rate, cross_rate
         self.mask_epochs, self.mask_density = mask_epochs, mask_density
@@ -80,6 +81,9 @@ class InputAware(Attack):
         self.milestones_G, self.milestones_M = list(milestones_G), list(milestones_M)
         self.accumulate_G_grads = accumulate_G_grads
         self.mask_steps_per_epoch = mask_steps_per_epoch
+        if lr_schedule_G not in ("multistep", "cosine"):
+            raise ValueError(f"attack.lr_schedule_G={lr_schedule_G!r}; valid: multistep, cosine")
+        self.lr_schedule_G = lr_schedule_G
         self.pattern_gen: Generator | None = None
         self.mask_gen: Generator | None = None
         self.shape: tuple[int, int, int] | None = None
@@ -140,7 +144,10 @@ class InputAware(Attack):
                      self.mask_epochs, row["norm"], row["div"], density, row["seconds"])
         self.mask_gen.eval().requires_grad_(False)
         self._optimizer = torch.optim.Adam(self.pattern_gen.parameters(), lr=self.lr_G, betas=(0.5, 0.9))
-        self._scheduler = torch.optim.lr_scheduler.MultiStepLR(self._optimizer, self.milestones_G, 0.1)
+        if self.lr_schedule_G == "cosine":  # G anneals with the classifier's cosine recipe
+            self._scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self._optimizer, T_max=recipe.epochs)
+        else:
+            self._scheduler = torch.optim.lr_scheduler.MultiStepLR(self._optimizer, self.milestones_G, 0.1)
 
     @torch.no_grad()
     def _mask_density(self) -> float:

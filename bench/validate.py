@@ -47,5 +47,11 @@ def validate(cfg: DictConfig, choices: dict[str, Any], check_data: bool = True) 
     if cfg.recipe.precision not in PRECISIONS:
         raise ConfigError(f"recipe.precision={cfg.recipe.precision}; valid: {', '.join(PRECISIONS)}")
     resolve_device(cfg.device)
+    for group in ("attack", "defense"):  # constructors check their own values and do no compute
+        try:
+            instantiate(cfg[group])
+        except Exception as exc:
+            cause = exc.__cause__ or exc
+            raise ConfigError(str(cause).strip().splitlines()[0]) from None
     if check_data:
         instantiate(cfg.dataset).check(Path(cfg.paths.data))

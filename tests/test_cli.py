@@ -33,6 +33,8 @@ def bdbench(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
         (["attack.poison_rate=1.5"], "attack.poison_rate=1.5: must lie in (0, 1)"),
         (["attack.target=10"], "attack.target=10: out of range for 10 classes; valid: 0..9"),
         (["device=tpu"], "device='tpu'; valid: auto, cpu, cuda"),
+        (["attack.corner=middle"], "attack.corner='middle'; valid: bottom_right, bottom_left, top_right, top_left"),
+        (["attack=input_aware", "attack.lr_schedule_G=linear"], "attack.lr_schedule_G='linear'; valid: multistep, cosine"),
         (["-m", "budget=1,500"], "budget=500 is larger than the defender pool"),  # a later job of a sweep
         (["dataset=cifar10_jpeg", "paths.data=/nonexistent"], "no train/test folder under /nonexistent/cifar10-jpeg"),
     ],
