@@ -136,7 +136,7 @@ class InputAware(Attack):
                 optimizer.step()
                 totals += torch.stack([loss_norm.detach(), loss_div.detach()])
             scheduler.step()
-            density = self._mask_density()
+            density = self._mask_density(train)
             row = {"epoch": epoch + 1, "norm": (totals[0] / steps).item(), "div": (totals[1] / steps).item(),
                    "density": density, "seconds": time.perf_counter() - start}
             self.history["mask"].append(row)
@@ -150,11 +150,11 @@ class InputAware(Attack):
             self._scheduler = torch.optim.lr_scheduler.MultiStepLR(self._optimizer, self.milestones_G, 0.1)
 
     @torch.no_grad()
-    def _mask_density(self) -> float:
+    def _mask_density(self, data: ImageSet) -> float:
+        """Mean mask value over the first 1,024 images of ``data``, with M in eval mode."""
         was = self.mask_gen.training
         self.mask_gen.eval()
-        x = self._train.x[: 4 * self._batch].float() / 255
-        density = self.mask(x).mean().item()
+        density = self.mask(data.x[:1024].float() / 255).mean().item()
         self.mask_gen.train(was)
         return density
 
@@ -214,11 +214,7 @@ class InputAware(Attack):
                             source=test.x[partner[i : i + batch_size]].float() / 255) * 255).round().clamp(0, 255)
                 for i in range(0, len(test), batch_size)]).to(torch.uint8)
         pred = predict(model, crossed, batch_size=batch_size, precision=precision)
-        return {"cross_acc": (pred == test.y).float().mean().item(), "mask_density": self._mask_density_on(test)}
-
-    @torch.no_grad()
-    def _mask_density_on(self, data: ImageSet) -> float:
-        return self.mask(data.x[:1024].float() / 255).mean().item()
+        return {"cross_acc": (pred == test.y).float().mean().item(), "mask_density": self._mask_density(test)}
 
     def to(self, device):
         for net in (self.pattern_gen, self.mask_gen):
