@@ -1,4 +1,4 @@
-"""Real-data checks (slow tier, ~10 min on 2 CPU cores): full Fashion-MNIST, fmnist_cnn, the reference
+"""Real-data checks (slow tier, ~6 min on 2 CPU cores): full Fashion-MNIST, fmnist_cnn, the reference
 recipe. Clean accuracy >= 90 %; BadNets and Blended reach ASR >= 95 % within 2 points of it; FT at
 10 images per class lowers BadNets ASR; a repeated cell trains nothing."""
 
