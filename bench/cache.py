@@ -106,3 +106,27 @@ class ModelCache:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         return CacheEntry(weights, attack_state, manifest)
+
+    def load_synthetic(self, key: str) -> dict[str, Any] | None:
+        """A cached synthetic clean set (tensors and stats), or None if absent or unreadable."""
+        path = self.root / "synthetic" / f"{key}.pt"
+        if not path.is_file():
+            return None
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            log.warning("synthetic set %s is unreadable (%s); synthesizing again", path, type(exc).__name__)
+            return None
+
+    def store_synthetic(self, key: str, entry: dict[str, Any]) -> None:
+        """Written to a temp file and renamed, so a killed process never leaves a half-written set."""
+        path = self.root / "synthetic" / f"{key}.pt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{key}.")
+        try:
+            with open(fd, "wb") as f:
+                torch.save(entry, f)
+            Path(tmp).rename(path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise

@@ -4,6 +4,7 @@
     bdbench -m [overrides]        a sweep (Hydra multirun); cells whose record exists are skipped
     bdbench gallery [overrides]   the trigger gallery of one data set, every attack (cached models)
     bdbench report DIR [OUT]      tables (mean ± std over seeds) and figures from the records under DIR
+    bdbench perf NAME [k=v ...]   a benchmark (conf/perf/NAME.yaml), written to results/perf/
 
 Every job of a sweep is composed and validated before the first one starts: a bad value ends the
 command with one line that names it and the valid ones, exit code 2, no traceback.
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from pathlib import Path
 
 import hydra
 from hydra import compose, initialize_config_dir
@@ -23,6 +25,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 
+from bench.device import resolve_device
 from bench.errors import ConfigError
 from bench.runner import fail, run_cell, summary
 from bench.validate import CONF_DIR, GROUPS, check_choice, validate
@@ -77,7 +80,6 @@ def run(cfg: DictConfig) -> None:
 
 def gallery_command(overrides: list[str]) -> None:
     """``bdbench gallery``: one PNG of clean and triggered test images for every configured attack."""
-    from bench.device import resolve_device
     from bench.gallery import gallery
     from bench.validate import options
 
@@ -93,11 +95,28 @@ def gallery_command(overrides: list[str]) -> None:
     print(gallery(cfgs, resolve_device(next(iter(cfgs.values())).device)))
 
 
+def perf_command(args: list[str]) -> None:
+    """``bdbench perf coalitions [key=value ...]``: a benchmark written to results/perf/."""
+    benchmarks = sorted(p.stem for p in (CONF_DIR / "perf").glob("*.yaml"))
+    if not args or args[0] not in benchmarks:
+        raise ConfigError(f"usage: bdbench perf NAME [key=value ...]; valid names: {', '.join(benchmarks)}")
+    cfg = OmegaConf.merge(OmegaConf.load(CONF_DIR / "perf" / f"{args[0]}.yaml"), OmegaConf.from_dotlist(args[1:]))
+    from bench import perf
+
+    device = resolve_device(cfg.device)
+    df = perf.coalitions(device, list(cfg.models), list(cfg.carriers), cfg.coalitions, list(cfg.passes),
+                         cfg.repeats, cfg.precision)
+    print(perf.write(df, Path(cfg.out), device))
+
+
 def main() -> None:
     argv = sys.argv[1:]
     try:
         if argv[:1] == ["gallery"]:
             gallery_command(argv[1:])
+            return
+        if argv[:1] == ["perf"]:
+            perf_command(argv[1:])
             return
         if argv[:1] == ["report"]:
             if len(argv) not in (2, 3):

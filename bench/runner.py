@@ -135,10 +135,8 @@ def run_cell(cfg: DictConfig, choices: dict[str, Any]) -> dict:
     synthesis: dict | None = None
     if k == 0 and not defense.data_free:
         t = time.perf_counter()
-        synthesizer = instantiate(cfg.synthesis)
-        clean = synthesizer(copy.deepcopy(model), ctx)
+        clean, synthesis = synthetic_set(cfg, model, attack, cache_info["key"], spec.defense_augment, ctx)
         timings["synthesis"] = time.perf_counter() - t
-        synthesis = {**synthesizer.stats, **_synthesis_diagnostics(model, clean, attack, spec.defense_augment, ctx)}
 
     setting = sha256_json({k: v for k, v in config.items() if k not in ("seed", "budget")})[:12]
     record: dict[str, Any] = {"cell": {**names, "id": path.stem, "setting": setting}, "config": config,
@@ -175,6 +173,27 @@ def run_cell(cfg: DictConfig, choices: dict[str, Any]) -> dict:
     records.write_record(path, record)
     log.info("record written: %s", path)
     return record
+
+
+def synthetic_set(cfg: DictConfig, model, attack, model_key: str, augment: Augment, ctx: DefenseContext
+                  ) -> tuple[CleanData, dict]:
+    """The budget-0 set of a poisoned model: synthesized once per (model, synthesis config, seed) and
+    shared by every defense of that model, like the model itself."""
+    synthesizer = instantiate(cfg.synthesis)
+    key = sha256_json({"model": model_key, "synthesis": _plain(cfg.synthesis), "seed": int(cfg.seed),
+                       "precision": ctx.precision, "code": code_version(synthesizer)})[:32]
+    cache = ModelCache(cfg.paths.cache)
+    with cache.lock(f"synthetic-{key}"):
+        entry = cache.load_synthetic(key)
+        if entry is None:
+            clean = synthesizer(copy.deepcopy(model), ctx)
+            stats = {**synthesizer.stats, **_synthesis_diagnostics(model, clean, attack, augment, ctx)}
+            entry = {"x": clean.x.cpu(), "y": clean.y.cpu(), "stats": stats}
+            cache.store_synthetic(key, entry)
+            return clean, {**stats, "cache_hit": False}
+    log.info("synthetic set from the cache (%s)", key[:12])
+    return (CleanData(entry["x"].to(ctx.device), entry["y"].to(ctx.device), source="synthetic"),
+            {**entry["stats"], "cache_hit": True})
 
 
 def _synthesis_diagnostics(model, clean, attack, augment: Augment, ctx) -> dict:

@@ -1,7 +1,11 @@
-"""Defenses: the interface in ``base.py``, one module per defense, and the parts several share
-(``finetune.py``: the fine-tuning loop; ``synthesis.py``: data-free inputs for budget 0)."""
+"""Defenses: the interface in ``base.py``, one module per defense, and the parts several share:
+``finetune.py`` (the fine-tuning loop), ``synthesis.py`` (data-free inputs for budget 0), ``masks.py``
+(channel masks and batched coalitions), ``guard.py`` (the accuracy guard), ``reversal.py`` (Neural
+Cleanse trigger reversal) and ``attention.py`` (attention maps of the model's feature groups)."""
 
 from defenses.base import DEFENSES, CleanData, Defense, DefenseContext, create_defense, list_defenses, register_defense
-from defenses import clp, ft, none  # noqa: F401  (registration)
+from defenses import (  # noqa: F401  (registration)
+    anp, ar_purification, argd, clp, fp, ft, linf_pruning, nad, nc, none, shap_pruning, suspiciousness,
+)
 
 __all__ = ["DEFENSES", "CleanData", "Defense", "DefenseContext", "create_defense", "list_defenses", "register_defense"]

@@ -32,14 +32,41 @@ def freeze_batchnorm(model: nn.Module) -> None:
             m.eval()
 
 
+def cutout(x: torch.Tensor, size: int, gen: torch.Generator) -> torch.Tensor:
+    """Cutout (DeVries & Taylor): one ``size`` x ``size`` square per image, centre uniform, clipped at the border."""
+    n, _, h, w = x.shape
+    cy = torch.randint(0, h, (n, 1, 1), generator=gen, device=gen.device).to(x.device)
+    cx = torch.randint(0, w, (n, 1, 1), generator=gen, device=gen.device).to(x.device)
+    rows, cols = torch.arange(h, device=x.device)[None, :, None], torch.arange(w, device=x.device)[None, None, :]
+    hole = ((rows - cy).abs() <= size // 2) & ((cols - cx).abs() <= size // 2)
+    return x * (~hole)[:, None].to(x.dtype)
+
+
+def piecewise_lr(piecewise: list[list[float]], steps: int) -> Callable[[int], float]:
+    """A step-indexed factor for LambdaLR from [[start fraction, lr factor], ...] (epochs rescaled to steps)."""
+    bounds = sorted((int(round(frac * steps)), factor) for frac, factor in piecewise)
+    return lambda step: next(f for b, f in reversed(bounds) if step >= b)
+
+
 def finetune(model: nn.Module, clean: CleanData, ctx: DefenseContext, *, epochs: int, batch_size: int,
              min_steps: int, lr: float, momentum: float, weight_decay: float, augment: Augment,
-             bn_min_batch: int, loss_fn: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+             bn_min_batch: int, nesterov: bool = False, schedule: str = "cosine",
+             piecewise: list[list[float]] | None = None, cutout_size: int = 0,
+             loss_fn: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+             params: list[torch.nn.Parameter] | None = None, after_step: Callable[[int, int], None] | None = None,
              desc: str = "finetune") -> dict:
-    """SGD with a per-step cosine schedule on augmented batches of ``clean``; returns what it ran."""
+    """SGD on augmented batches of ``clean`` with a per-step cosine or piecewise-constant schedule.
+
+    ``params`` defaults to the model's; ``after_step(step, steps)`` runs after each optimizer step
+    (e.g. a decoupled shrinkage). Returns what it ran.
+    """
+    if schedule not in ("cosine", "piecewise"):
+        raise ValueError(f"schedule={schedule!r}; valid: cosine, piecewise")
     steps, batch = step_count(len(clean), epochs, batch_size, min_steps)
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+    optimizer = torch.optim.SGD(params if params is not None else model.parameters(), lr=lr, momentum=momentum,
+                                weight_decay=weight_decay, nesterov=nesterov)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps) if schedule == "cosine" else \
+        torch.optim.lr_scheduler.LambdaLR(optimizer, piecewise_lr(piecewise or [[0.0, 1.0]], steps))
     gen = ctx.generator(desc)
     bn_frozen = batch < bn_min_batch
     loss_fn = loss_fn or (lambda m, x, y: F.cross_entropy(m(x), y))
@@ -47,16 +74,22 @@ def finetune(model: nn.Module, clean: CleanData, ctx: DefenseContext, *, epochs:
     if bn_frozen:
         freeze_batchnorm(model)
     order = torch.empty(0, dtype=torch.long, device=ctx.device)
-    for _ in ctx.progress(range(steps), desc=desc):
+    for step in ctx.progress(range(steps), desc=desc):
         if len(order) < batch:  # a fresh permutation whenever the current one runs out
             order = torch.cat([order, torch.randperm(len(clean), generator=gen, device=ctx.device)])
         idx, order = order[:batch], order[batch:]
         x = augment(clean.x[idx], gen)
+        if cutout_size:
+            x = cutout(x, cutout_size, gen)
         with autocast(ctx.device, ctx.precision):
             loss = loss_fn(model, x, clean.y[idx])
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"{desc} diverged: loss {float(loss)} at step {step} of {steps} (lr={lr})")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         scheduler.step()
+        if after_step is not None:
+            after_step(step, steps)
     model.eval()
     return {"steps": steps, "batch_size": batch, "bn_frozen": bn_frozen, "final_loss": float(loss.detach())}

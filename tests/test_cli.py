@@ -26,7 +26,9 @@ def bdbench(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     "args, message",
     [
         (["attack=badnet"], "attack=badnet: no such attack; valid: badnets, blended, input_aware, none, wanet"),
-        (["defense=nad"], "defense=nad: no such defense; valid: clp, ft, none"),
+        (["defense=shap"], "defense=shap: no such defense; valid: anp, ar_purification, argd, clp, fp, ft, "
+                           "linf_pruning, nad, nc, none, shap_pruning, suspiciousness"),
+        (["defense=shap_pruning", "defense.value=asr"], "shap_pruning value='asr'; valid: soft_asr, asr_minus_acc"),
         (["dataset=mnist"], "dataset=mnist: no such dataset; valid: cifar10, cifar10_jpeg, fashion_mnist, synthetic"),
         (["budget=101"], "budget=101 is larger than the defender pool"),
         (["budget=-1"], "budget=-1: clean images per class must be an integer >= 0"),

@@ -1,0 +1,167 @@
+"""ANP: Adversarial Neuron Pruning (Wu & Wang, NeurIPS 2021; ``csdongxian/ANP_backdoor``; defenses.md §7.4).
+
+Every BatchNorm channel gets a mask m in [0, 1] on its scale and, while perturbed, multiplicative noise
+on scale and shift bounded by ``eps``. Each step draws random noise, takes one signed-gradient step that
+makes the noise as harmful as possible, then moves the masks to keep the model right both with and
+without the noise. Channels that are sensitive to such perturbation (backdoor channels) end with small
+masks and are pruned: their BN scale is zeroed, as in the reference code. The masks and noise are
+``torch.nn.utils.parametrize`` parametrizations on a working copy; the pruned model is a fresh copy.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import parametrize
+
+from bench.augment import Augment
+from defenses.base import CleanData, Defense, DefenseContext, register_defense
+from defenses.finetune import freeze_batchnorm
+from defenses.reversal import carriers
+
+SELECT = ("threshold", "sweep")
+
+
+class _Scale(nn.Module):
+    """weight * (mask + noise) while perturbed, weight * mask otherwise."""
+
+    def __init__(self, n: int, device: torch.device) -> None:
+        super().__init__()
+        self.mask = nn.Parameter(torch.ones(n, device=device))
+        self.noise = nn.Parameter(torch.zeros(n, device=device))
+        self.perturbed = False
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return w * (self.mask + self.noise) if self.perturbed else w * self.mask
+
+
+class _Shift(nn.Module):
+    """bias * (1 + noise) while perturbed."""
+
+    def __init__(self, n: int, device: torch.device) -> None:
+        super().__init__()
+        self.noise = nn.Parameter(torch.zeros(n, device=device))
+        self.perturbed = False
+
+    def forward(self, b: torch.Tensor) -> torch.Tensor:
+        return b * (1 + self.noise) if self.perturbed else b
+
+
+def batchnorms(model: nn.Module) -> list[tuple[str, nn.modules.batchnorm._BatchNorm]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine]
+
+
+@register_defense("anp")
+class ANP(Defense):
+    def __init__(self, augment: dict, eps: float = 0.4, alpha: float = 0.2, steps: int = 2000, batch_size: int = 128,
+                 anp_steps: int = 1, mask_lr: float = 0.2, momentum: float = 0.9, threshold: float = 0.2,
+                 select: str = "threshold", sweep_thresholds: tuple[float, float, float] = (0.05, 0.9, 0.05),
+                 sweep_delta_acc: float = 0.05, copies: int = 4, bn_min_batch: int = 32) -> None:
+        if select not in SELECT:
+            raise ValueError(f"anp select={select!r}; valid: {', '.join(SELECT)}")
+        if not 0 <= alpha <= 1:
+            raise ValueError(f"anp alpha={alpha}; valid: a weight in [0, 1]")
+        self.augment, self.eps, self.alpha, self.steps, self.batch_size = Augment(**augment), eps, alpha, steps, batch_size
+        self.anp_steps, self.mask_lr, self.momentum, self.threshold = anp_steps, mask_lr, momentum, threshold
+        self.select, self.sweep_thresholds, self.sweep_delta_acc = select, tuple(sweep_thresholds), sweep_delta_acc
+        self.copies, self.bn_min_batch = copies, bn_min_batch
+        self._report: dict = {}
+
+    def apply(self, model, clean: CleanData, ctx: DefenseContext):
+        start = time.perf_counter()
+        masks = self._optimize(copy.deepcopy(model), clean, ctx)
+        threshold = self.threshold
+        sweep = None
+        if self.select == "sweep":
+            threshold, sweep = self._sweep(model, masks, clean, ctx)
+        pruned = self._prune(copy.deepcopy(model), masks, threshold)
+        flat = torch.cat(list(masks.values()))
+        self._report = {"threshold": threshold, "select": self.select, "sweep": sweep, "neurons": len(flat),
+                        "pruned": int((flat < threshold).sum()), "pruned_fraction": float((flat < threshold).float().mean()),
+                        "mask_quantiles": [round(float(q), 3) for q in flat.quantile(torch.tensor([0.0, 0.01, 0.05, 0.5], device=flat.device))],
+                        "steps": self.steps, "batch_size": min(self.batch_size, len(clean)),
+                        "seconds": time.perf_counter() - start}
+        return pruned
+
+    def _optimize(self, model: nn.Module, clean: CleanData, ctx) -> dict[str, torch.Tensor]:
+        """The reference loop: random noise, one signed ascent step, a mask step on the mixed loss."""
+        scales, shifts = {}, {}
+        for name, bn in batchnorms(model):
+            scales[name], shifts[name] = _Scale(bn.num_features, ctx.device), _Shift(bn.num_features, ctx.device)
+            parametrize.register_parametrization(bn, "weight", scales[name])
+            parametrize.register_parametrization(bn, "bias", shifts[name])
+        for p in model.parameters():
+            p.requires_grad_(False)
+        mask_params = [s.mask for s in scales.values()]
+        noise_params = [s.noise for s in scales.values()] + [s.noise for s in shifts.values()]
+        for p in mask_params + noise_params:
+            p.requires_grad_(True)
+        mask_opt = torch.optim.SGD(mask_params, lr=self.mask_lr, momentum=self.momentum)
+        noise_opt = torch.optim.SGD(noise_params, lr=self.eps / self.anp_steps)
+        batch = min(self.batch_size, len(clean))
+        gen = ctx.generator("anp")
+        model.train()
+        if batch < self.bn_min_batch:
+            freeze_batchnorm(model)
+        modules = list(scales.values()) + list(shifts.values())
+
+        def perturb(on: bool) -> None:
+            for m in modules:
+                m.perturbed = on
+
+        for _ in ctx.progress(range(self.steps), desc="anp"):
+            idx = torch.randint(0, len(clean), (batch,), generator=gen, device=ctx.device)
+            x, y = self.augment(clean.x[idx], gen), clean.y[idx]
+            with torch.no_grad():
+                for p in noise_params:
+                    p.uniform_(-self.eps, self.eps, generator=gen)
+            for _ in range(self.anp_steps):
+                perturb(True)
+                noise_opt.zero_grad(set_to_none=True)
+                (-F.cross_entropy(model(x), y)).backward()
+                with torch.no_grad():
+                    for p in noise_params:
+                        p.grad.sign_()
+                noise_opt.step()
+                with torch.no_grad():
+                    for p in noise_params:
+                        p.clamp_(-self.eps, self.eps)
+            mask_opt.zero_grad(set_to_none=True)
+            perturb(True)
+            loss_rob = F.cross_entropy(model(x), y)
+            perturb(False)
+            loss_nat = F.cross_entropy(model(x), y)
+            (self.alpha * loss_nat + (1 - self.alpha) * loss_rob).backward()
+            mask_opt.step()
+            with torch.no_grad():
+                for p in mask_params:
+                    p.clamp_(0, 1)
+        return {name: s.mask.detach().clone() for name, s in scales.items()}
+
+    @staticmethod
+    @torch.no_grad()
+    def _prune(model: nn.Module, masks: dict[str, torch.Tensor], threshold: float) -> nn.Module:
+        for name, bn in batchnorms(model):
+            bn.weight[masks[name] < threshold] = 0
+        return model.eval()
+
+    @torch.no_grad()
+    def _sweep(self, model, masks, clean, ctx) -> tuple[float, list]:
+        """The largest threshold whose accuracy on the augmented clean images stays within the delta."""
+        aug = carriers(clean, self.augment, self.copies, len(clean) * self.copies, ctx.generator("anp sweep"))
+        lo, hi, step = self.sweep_thresholds
+        accs, best = [], 0.0
+        acc0 = float((model.eval()(aug.x).argmax(1) == aug.y).float().mean())
+        for t in torch.arange(lo, hi + 1e-9, step).tolist():
+            acc = float((self._prune(copy.deepcopy(model), masks, t)(aug.x).argmax(1) == aug.y).float().mean())
+            accs.append((round(t, 3), round(acc, 4)))
+            if acc >= acc0 - self.sweep_delta_acc:
+                best = t
+        return best, accs
+
+    def report(self):
+        return self._report

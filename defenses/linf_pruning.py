@@ -1,0 +1,112 @@
+"""ℓ∞ neuron pruning (Cheng et al., arXiv 2002.12162; defenses.md §3).
+
+The backdoor shows as a bias in the ℓ∞ norm of last-layer activation maps. Reverse the trigger,
+score each channel of the last feature group by how much the reversed trigger raises the ℓ∞ norm
+of its map on clean images of other classes, and mask channels in that order until the reversed
+trigger's ASR is at most ``tau_asr``, under the accuracy guard. ℓ1 and ℓ2 scores are computed the same
+way and stored, for the comparison (``norm=l1, score=raw`` is Neural Cleanse's own neuron pruning).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+
+import torch
+
+from bench.augment import Augment
+from bench.device import autocast
+from defenses.base import CleanData, Defense, DefenseContext, register_defense
+from defenses.finetune import finetune
+from defenses.guard import Guard
+from defenses.masks import coalition_logits, group_neurons, prefix_masks, prune_channels
+from defenses.reversal import TriggerReversal, carriers
+from defenses.shap_pruning import carrier_copies
+
+NORMS = ("linf", "l1", "l2")
+SCORES = ("diff", "raw")
+
+
+def map_norms(a: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per image and channel norms of activation maps [N, C, H, W]: ℓ∞ = max|a|, ℓ1 = mean|a|, ℓ2 = rms."""
+    flat = a.flatten(2).abs()
+    return {"linf": flat.amax(2), "l1": flat.mean(2), "l2": flat.pow(2).mean(2).sqrt()}
+
+
+@register_defense("linf_pruning")
+class LinfPruning(Defense):
+    def __init__(self, reversal: dict, augment: dict, images_per_pass: dict, norm: str = "linf",
+                 score: str = "diff", last_k_groups: int = 1, tau_asr: float = 0.05, delta_acc: float = 0.05,
+                 min_agreement: float = 0.95, k_max_frac: float = 0.2, copies_single: int = 16, copies: int = 4,
+                 finetune: bool = False, finetune_args: dict | None = None) -> None:
+        if norm not in NORMS:
+            raise ValueError(f"linf_pruning norm={norm!r}; valid: {', '.join(NORMS)}")
+        if score not in SCORES:
+            raise ValueError(f"linf_pruning score={score!r}; valid: {', '.join(SCORES)}")
+        self.reversal, self.augment, self.images_per_pass = TriggerReversal(**reversal), Augment(**augment), images_per_pass
+        self.norm, self.score, self.last_k_groups = norm, score, last_k_groups
+        self.tau_asr, self.delta_acc, self.min_agreement, self.k_max_frac = tau_asr, delta_acc, min_agreement, k_max_frac
+        self.copies_single, self.copies = copies_single, copies
+        self.finetune, self.finetune_args = finetune, finetune_args or {}
+        self._report: dict = {}
+
+    def apply(self, model, clean: CleanData, ctx: DefenseContext):
+        start = time.perf_counter()
+        model = copy.deepcopy(model).eval()
+        per_pass = self.images_per_pass[ctx.device.type]
+        rev = self.reversal(model, clean, self.augment, ctx)
+        aug = carriers(clean, self.augment, carrier_copies(clean, ctx.num_classes, self.copies_single, self.copies),
+                       len(clean) * self.copies_single, ctx.generator("linf_pruning"))
+        x = aug.x[aug.y != rev.target]
+        bd_x = rev.stamp(x)
+        neurons = group_neurons(model, model.groups[-self.last_k_groups:])
+        scores = self._scores(model, neurons, x, bd_x, ctx)
+        order = scores[self.norm].argsort(descending=True)
+        k_max = math.ceil(self.k_max_frac * neurons.n)
+        guard = Guard(model, neurons, aug, mode="acc", delta_acc=self.delta_acc, min_agreement=self.min_agreement,
+                      images_per_pass=per_pass, precision=ctx.precision)
+        masks = prefix_masks(order, torch.arange(0, k_max + 1, device=ctx.device), neurons.n)
+        logits = coalition_logits(model, neurons, masks, torch.cat([bd_x, aug.x]), per_pass, ctx.precision)
+        asr = (logits[:, :len(bd_x)].argmax(-1) == rev.target).float().mean(1)
+        ok = guard.judge(logits[:, len(bd_x):]).passes
+        reached = (ok & (asr <= self.tau_asr)).nonzero()
+        if len(reached):  # the smallest passing prefix that silences the reversed trigger
+            p = int(reached[0])
+        else:  # the guard binds first: the passing prefix with the lowest reversed ASR
+            p = int(torch.where(ok, asr, torch.full_like(asr, math.inf)).argmin())
+        prune_channels(neurons, order[:p])
+        ft = finetune(model, clean, ctx, desc="linf finetune", **self._ft_args()) if self.finetune else None
+        self._report = {**rev.report(), "layers": neurons.names, "neurons": neurons.n, "pruned": p,
+                        "pruned_fraction": p / neurons.n, "pruned_channels": neurons.describe(order[:p].tolist()),
+                        "rev_asr_after": float(asr[p]), "rev_asr_curve": [round(v, 4) for v in asr.tolist()],
+                        "guard_mode": guard.mode, "norm": self.norm, "score": self.score,
+                        "top_channels": {k: neurons.describe(s.argsort(descending=True)[:10].tolist())
+                                         for k, s in scores.items()},
+                        "finetune": ft, "seconds": time.perf_counter() - start}
+        return model
+
+    def _ft_args(self) -> dict:
+        return {**self.finetune_args, "augment": self.augment}
+
+    @torch.no_grad()
+    def _scores(self, model, neurons, x, bd_x, ctx) -> dict[str, torch.Tensor]:
+        """Channel scores of every norm: mean over carriers of the triggered norm (minus the clean one)."""
+        maps: list[torch.Tensor] = []
+        hooks = [m.register_forward_hook(lambda _m, _i, o: maps.append(o.float())) for m in neurons.modules]
+        try:
+            with autocast(ctx.device, ctx.precision):
+                model(torch.cat([x, bd_x]))
+        finally:
+            for h in hooks:
+                h.remove()
+        per_norm = [map_norms(a) for a in maps]
+        out = {}
+        for name in NORMS:
+            values = torch.cat([p[name] for p in per_norm], dim=1)  # [2N, n]
+            clean_, trig = values[:len(x)], values[len(x):]
+            out[name] = (trig - clean_).mean(0) if self.score == "diff" else trig.mean(0)
+        return out
+
+    def report(self):
+        return self._report

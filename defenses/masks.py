@@ -1,0 +1,175 @@
+"""Channel masks through forward hooks, with batched coalitions (defenses.md §1.1).
+
+A *neuron* is one conv output channel, taken after the BatchNorm that normalizes it (so a mask of 0
+silences it exactly) or, where the model says its BNs come before the convs (PreAct-ResNet,
+``neuron_point = "conv"``), at the conv output. Many candidate prunings are scored at the cost of
+one large batch: the input holds G coalitions x N images, the hook views the activation as
+[G, N, C, H, W] and multiplies by M[G, 1, C, 1, 1].
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from bench.device import autocast
+
+
+@dataclass
+class Neurons:
+    """An ordered set of mask points; neuron ``i`` is a channel of one of them, by a global index."""
+
+    modules: list[nn.Module]
+    names: list[str]
+    sizes: list[int]
+
+    @property
+    def n(self) -> int:
+        return sum(self.sizes)
+
+    @property
+    def offsets(self) -> list[int]:
+        out, total = [], 0
+        for s in self.sizes:
+            out.append(total)
+            total += s
+        return out
+
+    def layer_of(self) -> torch.Tensor:
+        """The layer index of every neuron, [n]."""
+        return torch.cat([torch.full((s,), i) for i, s in enumerate(self.sizes)])
+
+    def locate(self, index: int) -> tuple[int, int]:
+        """(layer, channel) of a global neuron index."""
+        for layer, (start, size) in enumerate(zip(self.offsets, self.sizes)):
+            if index < start + size:
+                return layer, index - start
+        raise IndexError(index)
+
+    def describe(self, indices: Sequence[int]) -> list[str]:
+        return [f"{self.names[l]}:{c}" for l, c in map(self.locate, indices)]
+
+
+def _channels(module: nn.Module) -> int:
+    if isinstance(module, nn.Conv2d):
+        return module.out_channels
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return module.num_features
+    raise TypeError(f"cannot mask {type(module).__name__}: a mask point is a Conv2d or a BatchNorm")
+
+
+def conv_neurons(model: nn.Module) -> Neurons:
+    """All conv output channels (1x1 shortcuts included), each at its mask point, in module order."""
+    after_bn = getattr(model, "neuron_point", "bn") == "bn"
+    bn_of = {id(conv): bn for conv, bn in model.conv_bn_pairs()} if after_bn else {}
+    names_of = {id(m): name for name, m in model.named_modules()}
+    modules = [bn_of.get(id(m), m) for m in model.modules() if isinstance(m, nn.Conv2d)]
+    return Neurons(modules, [names_of[id(m)] for m in modules], [_channels(m) for m in modules])
+
+
+def group_neurons(model: nn.Module, groups: Sequence[str]) -> Neurons:
+    """The output channels of the model's declared feature groups (e.g. the last one for ℓ∞ and FP)."""
+    modules = [model.get_submodule(g) for g in groups]
+    sizes = []
+    with torch.no_grad():  # a group's width is whatever it outputs: probe once
+        shapes: list[int] = []
+        hooks = [m.register_forward_hook(lambda _m, _i, o: shapes.append(o.shape[1])) for m in modules]
+        try:
+            model(torch.zeros(1, *model.shape, device=next(model.parameters()).device))
+        finally:
+            for h in hooks:
+                h.remove()
+        sizes = shapes
+    return Neurons(modules, list(groups), sizes)
+
+
+@contextlib.contextmanager
+def masked(neurons: Neurons, masks: torch.Tensor | None = None) -> Iterator["MaskState"]:
+    """Hooks that multiply each mask point's output by its slice of ``state.masks`` [G, n].
+
+    The batch must be G x N images, coalition-major. ``state.masks = None`` passes activations through.
+    """
+    state = MaskState(masks)
+
+    def hook(start: int, size: int) -> Callable:
+        def fn(_module, _inputs, out: torch.Tensor) -> torch.Tensor:
+            if state.masks is None:
+                return out
+            g = state.masks.shape[0]
+            m = state.masks[:, start:start + size].to(out.dtype)
+            shaped = out.view(g, out.shape[0] // g, *out.shape[1:])
+            return (shaped * m.view(g, 1, size, *([1] * (out.dim() - 2)))).view_as(out)
+        return fn
+
+    handles = [m.register_forward_hook(hook(s, c)) for m, s, c in zip(neurons.modules, neurons.offsets, neurons.sizes)]
+    try:
+        yield state
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@dataclass
+class MaskState:
+    masks: torch.Tensor | None
+
+
+@torch.no_grad()
+def coalition_logits(model: nn.Module, neurons: Neurons, masks: torch.Tensor, x: torch.Tensor,
+                     images_per_pass: int, precision: str = "fp32") -> torch.Tensor:
+    """Logits of every coalition on every image, [G, N, K], with ``images_per_pass`` images per forward.
+
+    ``images_per_pass = N`` gives one coalition per forward pass, the sequential reference.
+    """
+    n_img = x.shape[0]
+    per_pass = max(1, images_per_pass // n_img)
+    out = []
+    with masked(neurons) as state:
+        for chunk in masks.split(per_pass):
+            state.masks = chunk
+            with autocast(x.device, precision):
+                logits = model(x.repeat(chunk.shape[0], 1, 1, 1))
+            out.append(logits.float().view(chunk.shape[0], n_img, -1))
+    return torch.cat(out)
+
+
+def prefix_masks(order: torch.Tensor, counts: Sequence[int] | torch.Tensor, n: int) -> torch.Tensor:
+    """[len(counts), n] masks that remove the first ``c`` neurons of ``order`` (by cumulative one-hots)."""
+    counts = torch.as_tensor(counts, device=order.device)
+    rank = torch.empty(n, dtype=torch.long, device=order.device)
+    rank[order] = torch.arange(len(order), device=order.device)
+    if len(order) < n:  # neurons outside the order are never removed
+        keep = torch.ones(n, dtype=torch.bool, device=order.device)
+        keep[order] = False
+        rank[keep] = n
+    return (rank[None, :] >= counts[:, None]).float()
+
+
+def _apply_channel_mask(module: nn.Module, _inputs, out: torch.Tensor) -> torch.Tensor:
+    return out * module.bdbench_keep.to(out.dtype).view(1, -1, *([1] * (out.dim() - 2)))
+
+
+def prune_channels(neurons: Neurons, indices: Sequence[int] | torch.Tensor) -> None:
+    """Permanently silence neurons: a fixed 0/1 buffer on each mask point, applied by a forward hook.
+
+    The buffer travels with the module (deep copies, ``state_dict``), is never trained, so fine-tuning
+    afterwards cannot regrow a pruned channel, and it works where no single parameter could silence
+    a channel (a residual block's output).
+    """
+    for i in torch.as_tensor(indices, dtype=torch.long).tolist():
+        layer, c = neurons.locate(i)
+        module = neurons.modules[layer]
+        if not hasattr(module, "bdbench_keep"):
+            param = next(module.parameters(), None)
+            module.register_buffer("bdbench_keep", torch.ones(neurons.sizes[layer],
+                                                              device=param.device if param is not None else None))
+            module.register_forward_hook(_apply_channel_mask)
+        module.bdbench_keep[c] = 0
+
+
+def pruned_count(neurons: Neurons) -> int:
+    return sum(int((m.bdbench_keep == 0).sum()) for m in neurons.modules if hasattr(m, "bdbench_keep"))

@@ -1,0 +1,179 @@
+"""ShapPruning: Shapley values of channels under the reversed trigger (Guan et al., CVPR 2022; defenses.md §2).
+
+1. Reverse every label's trigger on the clean (or, at budget 0, synthetic) images; MAD picks the target.
+2. Estimate each channel's Shapley value for the soft ASR of the reversed trigger by truncated
+   Monte-Carlo removal walks (Neuron Shapley): a walk removes channels one by one and credits each with
+   the drop it causes; once the soft ASR stays under ``tau_d`` for ``c_d`` steps the rest of the walk is
+   discarded (marginal 0). Walks are epsilon-greedy: mostly the current top channels first.
+   All prefixes of a walk chunk are scored in one batched forward pass (coalition masks).
+3. Prune the outlying channels in rank order under the accuracy guard, then more by rank until the
+   reversed trigger's hard ASR is at most ``tau_asr`` or ``k_max`` is reached. No fine-tuning.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+
+import torch
+
+from bench.augment import Augment
+from defenses.base import CleanData, Defense, DefenseContext, register_defense
+from defenses.guard import Guard, longest_passing_prefix
+from defenses.masks import Neurons, coalition_logits, conv_neurons, prefix_masks, prune_channels
+from defenses.reversal import TriggerReversal, carriers
+
+VALUES = ("soft_asr", "asr_minus_acc")
+PLAYERS = ("all", "last_stage")
+
+
+def robust_outliers(values: torch.Tensor, mads: float) -> torch.Tensor:
+    """Indices of values above ``median + mads * 1.4826 * MAD``, largest first."""
+    med = values.median()
+    mad = 1.4826 * (values - med).abs().median()
+    out = (values > med + mads * mad).nonzero().squeeze(1)
+    return out[values[out].argsort(descending=True)]
+
+
+def carrier_copies(clean: CleanData, num_classes: int, single: int, default: int) -> int:
+    """A = 16 augmentations per image with one image per class, 4 otherwise (defenses.md §2.2)."""
+    return single if len(clean) <= num_classes else default
+
+
+@register_defense("shap_pruning")
+class ShapPruning(Defense):
+    def __init__(self, reversal: dict, augment: dict, images_per_pass: dict, players: str = "all",
+                 value: str = "soft_asr", lambda_acc: float = 1.0, tau_d: float = 0.2, c_d: int = 5,
+                 eps: float = 0.2, k_g_frac: float = 0.01, max_walks: int = 1000, max_seconds: float = 300.0,
+                 min_walks: int = 50, stable_walks: int = 20, outlier_mads: float = 3.5, tau_asr: float = 0.05,
+                 delta_acc: float = 0.05, min_agreement: float = 0.95, k_max_frac: float = 0.01, rounds: int = 1,
+                 copies_single: int = 16, copies: int = 4) -> None:
+        if value not in VALUES:
+            raise ValueError(f"shap_pruning value={value!r}; valid: {', '.join(VALUES)}")
+        if players not in PLAYERS:
+            raise ValueError(f"shap_pruning players={players!r}; valid: {', '.join(PLAYERS)}")
+        self.reversal, self.augment, self.images_per_pass = TriggerReversal(**reversal), Augment(**augment), images_per_pass
+        self.players, self.value, self.lambda_acc = players, value, lambda_acc
+        self.tau_d, self.c_d, self.eps, self.k_g_frac = tau_d, c_d, eps, k_g_frac
+        self.max_walks, self.max_seconds, self.min_walks, self.stable_walks = max_walks, max_seconds, min_walks, stable_walks
+        self.outlier_mads, self.tau_asr, self.delta_acc, self.min_agreement = outlier_mads, tau_asr, delta_acc, min_agreement
+        self.k_max_frac, self.rounds, self.copies_single, self.copies = k_max_frac, rounds, copies_single, copies
+        self._report: dict = {}
+
+    def apply(self, model, clean: CleanData, ctx: DefenseContext):
+        start = time.perf_counter()
+        model = copy.deepcopy(model).eval()
+        per_pass = self.images_per_pass[ctx.device.type]
+        rev = self.reversal(model, clean, self.augment, ctx)
+        gen = ctx.generator("shap_pruning")
+        aug = carriers(clean, self.augment, carrier_copies(clean, ctx.num_classes, self.copies_single, self.copies),
+                       len(clean) * self.copies_single, gen)
+        bd_x = rev.stamp(aug.x[aug.y != rev.target])
+        neurons = conv_neurons(model)
+        players = self._players(model, neurons)
+        guard = Guard(model, neurons, aug, mode="acc", delta_acc=self.delta_acc, min_agreement=self.min_agreement,
+                      images_per_pass=per_pass, precision=ctx.precision)
+        n = neurons.n
+        k_max = math.ceil(self.k_max_frac * n)
+        base = torch.ones(n, device=ctx.device)
+        pruned: list[int] = []
+        rounds = []
+        for _ in range(self.rounds):
+            live = players[base[players] > 0]
+            phi, walks, evals = self._shapley(model, neurons, live, base, bd_x, aug, rev.target, per_pass, ctx, gen)
+            order = live[phi[live].argsort(descending=True)]
+            outliers = robust_outliers(phi[live], self.outlier_mads)
+            chosen, asr_curve = self._mitigate(model, neurons, order, rev.target, len(outliers), k_max - len(pruned),
+                                               base, bd_x, guard, per_pass, ctx)
+            rounds.append({"walks": walks, "evaluations": evals, "outliers": len(outliers), "pruned": len(chosen),
+                           "top_phi": [round(float(v), 4) for v in phi[order[:10]]],
+                           "rev_asr_curve": [round(v, 4) for v in asr_curve]})
+            if not chosen:
+                break
+            base[chosen] = 0
+            pruned += chosen
+        prune_channels(neurons, pruned)
+        self._report = {**rev.report(), "players": len(players), "neurons": n, "pruned": len(pruned),
+                        "pruned_fraction": len(pruned) / n, "pruned_channels": neurons.describe(pruned),
+                        "k_max": k_max, "carriers": len(bd_x), "guard_mode": guard.mode, "guard_acc0": guard.acc0,
+                        "value": self.value, "rounds": rounds, "images_per_pass": per_pass,
+                        "seconds": time.perf_counter() - start}
+        return model
+
+    def report(self):
+        return self._report
+
+    def _players(self, model, neurons: Neurons) -> torch.Tensor:
+        layer = neurons.layer_of()
+        if self.players == "last_stage":
+            last = model.groups[-1] + "."
+            keep = torch.tensor([name.startswith(last) for name in neurons.names])[layer]
+            return keep.nonzero().squeeze(1).to(next(model.parameters()).device)
+        return torch.arange(neurons.n, device=next(model.parameters()).device)
+
+    def _values(self, model, neurons, masks, bd_x, aug, target, per_pass, ctx) -> torch.Tensor:
+        """(v(S), soft ASR) per coalition mask: v is the soft ASR on the carriers (minus soft clean accuracy);
+        truncation always looks at the soft ASR, whatever v is."""
+        x = torch.cat([bd_x, aug.x]) if self.value == "asr_minus_acc" else bd_x
+        logits = coalition_logits(model, neurons, masks, x, per_pass, ctx.precision)
+        prob = logits.softmax(-1)
+        soft_asr = prob[:, :len(bd_x), target].mean(1)
+        if self.value == "soft_asr":
+            return soft_asr, soft_asr
+        soft_acc = prob[:, len(bd_x):].gather(-1, aug.y.expand(len(masks), -1)[..., None]).mean((1, 2))
+        return soft_asr - self.lambda_acc * soft_acc, soft_asr
+
+    def _shapley(self, model, neurons, live, base, bd_x, aug, target, per_pass, ctx, gen):
+        """Truncated Monte-Carlo removal walks, epsilon-greedy, prefixes scored a chunk at a time."""
+        n, dev = neurons.n, ctx.device
+        total, count = torch.zeros(n, device=dev), torch.zeros(n, device=dev)
+        k_g = max(1, math.ceil(self.k_g_frac * n))
+        chunk = max(1, per_pass // (len(bd_x) + (len(aug) if self.value == "asr_minus_acc" else 0)))
+        v_full = float(self._values(model, neurons, base[None], bd_x, aug, target, per_pass, ctx)[0][0])
+        start, stable, top, evals, walks = time.perf_counter(), 0, None, 0, 0
+        for walks in range(1, self.max_walks + 1):
+            est = total / count.clamp_min(1)
+            perm = live[torch.randperm(len(live), generator=gen, device=dev)]
+            if walks > 1 and torch.rand(1, generator=gen, device=dev).item() >= self.eps:  # exploit
+                first = live[est[live].argsort(descending=True)[:k_g]]
+                rest = perm[~torch.isin(perm, first)]
+                perm = torch.cat([first[torch.randperm(len(first), generator=gen, device=dev)], rest])
+            prev, below, j = v_full, 0, 0
+            while j < len(perm):
+                counts = torch.arange(j + 1, min(j + chunk, len(perm)) + 1, device=dev)
+                masks = prefix_masks(perm, counts, n) * base
+                values, soft_asr = self._values(model, neurons, masks, bd_x, aug, target, per_pass, ctx)
+                evals += len(values)
+                for v, a in zip(values.tolist(), soft_asr.tolist()):
+                    total[perm[j]] += prev - v
+                    count[perm[j]] += 1
+                    prev, j = v, j + 1
+                    below = below + 1 if a <= self.tau_d else 0
+                    if below >= self.c_d:  # discarded: the rest of the walk counts with marginal 0
+                        count[perm[j:]] += 1
+                        j = len(perm)
+                        break
+            new_top = set(live[(total / count.clamp_min(1))[live].argsort(descending=True)[:k_g]].tolist())
+            stable = stable + 1 if new_top == top else 0
+            top = new_top
+            if (walks >= self.min_walks and stable >= self.stable_walks) or time.perf_counter() - start > self.max_seconds:
+                break
+        return total / count.clamp_min(1), walks, evals
+
+    def _mitigate(self, model, neurons, order, target, n_outliers, k_max, base, bd_x, guard, per_pass, ctx):
+        """Prune outliers by rank while the guard holds, then more until the reversed ASR is low.
+
+        Every prefix up to the larger of the outlier count and ``k_max`` is scored in one batched pass.
+        Returns the chosen channels and the hard reversed ASR of each prefix (index 0 = nothing pruned).
+        """
+        limit = min(len(order), max(n_outliers, k_max, 0))
+        masks = prefix_masks(order, torch.arange(0, limit + 1, device=ctx.device), neurons.n) * base
+        logits = coalition_logits(model, neurons, masks, torch.cat([bd_x, guard.clean.x]), per_pass, ctx.precision)
+        asr = (logits[:, :len(bd_x)].argmax(-1) == target).float().mean(1)
+        ok = guard.judge(logits[:, len(bd_x):]).passes
+        p = min(longest_passing_prefix(ok), n_outliers)  # outliers, in rank order, while the guard holds
+        if asr[p] > self.tau_asr:
+            while p < min(k_max, limit) and ok[p + 1] and asr[p] > self.tau_asr:
+                p += 1
+        return order[:p].tolist(), asr.tolist()

@@ -1,0 +1,124 @@
+"""Backdoor suspiciousness score, BSS (arXiv 2311.07417; defenses.md §4). Trigger-free.
+
+Each conv channel gets three signals, standardised (robust z) within its layer and summed:
+low activation on clean images (dormant, as Fine-Pruning assumes), a high channel Lipschitz bound
+(CLP's weight signal) and low correlation with the other channels of its layer. Channels are
+masked in order of the summed score, a chunk at a time, for as long as the clean images allow
+(agreement with the original and clean accuracy), up to ``max_frac`` of all channels.
+The abstract names the three signals; the formulas are ours (spec §4.2, all [I]).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+
+import torch
+from torch import nn
+
+from bench.augment import Augment
+from bench.device import autocast
+from defenses.base import CleanData, Defense, DefenseContext, register_defense
+from defenses.finetune import finetune
+from defenses.guard import Guard, longest_passing_prefix
+from defenses.masks import Neurons, coalition_logits, conv_neurons, prefix_masks, prune_channels
+from defenses.reversal import carriers
+
+WEIGHTS = ("clp", "in_l2")
+
+
+def robust_z(u: torch.Tensor) -> torch.Tensor:
+    med = u.median()
+    return (u - med) / (1.4826 * (u - med).abs().median() + 1e-8)
+
+
+def channel_weight_bounds(model: nn.Module, kind: str) -> list[torch.Tensor]:
+    """Per conv (module order) and output channel: CLP's bound sigma_max(W_k * |gamma_k / sigma_k|), or the
+    kernel's L2 norm times the same scale (``in_l2``). Convs without a BN use scale 1."""
+    bn_of = {id(conv): bn for conv, bn in model.conv_bn_pairs()}
+    out = []
+    for conv in (m for m in model.modules() if isinstance(m, nn.Conv2d)):
+        bn = bn_of.get(id(conv)) if getattr(model, "neuron_point", "bn") == "bn" else None
+        scale = (bn.weight / (bn.running_var + bn.eps).sqrt()).abs() if bn is not None else torch.ones(
+            conv.out_channels, device=conv.weight.device)
+        w = conv.weight.detach().flatten(2)  # [C_out, C_in, kh*kw]
+        norm = torch.linalg.matrix_norm(w, ord=2) if kind == "clp" else w.flatten(1).norm(dim=1)
+        out.append(norm * scale.detach())
+    return out
+
+
+@torch.no_grad()
+def activation_signals(model: nn.Module, neurons: Neurons, x: torch.Tensor, ctx: DefenseContext
+                       ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per layer: mean activation of each channel (after the ReLU that follows a BN mask point) and
+    its mean absolute Pearson correlation with the layer's other channels over images x positions."""
+    maps: list[torch.Tensor] = []
+    hooks = [m.register_forward_hook(lambda _m, _i, o: maps.append(o.float())) for m in neurons.modules]
+    try:
+        with autocast(ctx.device, ctx.precision):
+            model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    mus, rhos = [], []
+    for module, a in zip(neurons.modules, maps):
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            a = a.relu()
+        mus.append(a.abs().mean((0, 2, 3)))
+        u = a.transpose(0, 1).flatten(1)  # [C, N*H*W]
+        corr = torch.corrcoef(u).nan_to_num(0.0).abs()  # a constant channel correlates with nothing
+        corr.fill_diagonal_(0)
+        rhos.append(corr.sum(1) / max(u.shape[0] - 1, 1))
+    return mus, rhos
+
+
+@register_defense("suspiciousness")
+class Suspiciousness(Defense):
+    def __init__(self, augment: dict, images_per_pass: dict, alpha: tuple[float, float, float] = (1.0, 1.0, 1.0),
+                 weight: str = "clp", weights_only: bool = False, chunk_frac: float = 0.005, max_frac: float = 0.05,
+                 min_agreement: float = 0.95, delta_acc: float = 0.05, copies: int = 16, finetune: bool = False,
+                 finetune_args: dict | None = None) -> None:
+        if weight not in WEIGHTS:
+            raise ValueError(f"suspiciousness weight={weight!r}; valid: {', '.join(WEIGHTS)}")
+        if len(alpha) != 3:
+            raise ValueError(f"suspiciousness alpha={list(alpha)!r}; valid: three weights (activation, weight, correlation)")
+        self.augment, self.images_per_pass = Augment(**augment), images_per_pass
+        self.alpha = (0.0, 1.0, 0.0) if weights_only else tuple(alpha)
+        self.weight, self.weights_only, self.chunk_frac, self.max_frac = weight, weights_only, chunk_frac, max_frac
+        self.min_agreement, self.delta_acc, self.copies = min_agreement, delta_acc, copies
+        self.finetune, self.finetune_args = finetune, finetune_args or {}
+        self._report: dict = {}
+
+    def apply(self, model, clean: CleanData, ctx: DefenseContext):
+        start = time.perf_counter()
+        model = copy.deepcopy(model).eval()
+        per_pass = self.images_per_pass[ctx.device.type]
+        aug = carriers(clean, self.augment, self.copies, len(clean) * self.copies, ctx.generator("suspiciousness"))
+        neurons = conv_neurons(model)
+        mus, rhos = activation_signals(model, neurons, aug.x, ctx)
+        ws = channel_weight_bounds(model, self.weight)
+        a_mu, a_w, a_rho = self.alpha
+        score = torch.cat([a_mu * robust_z(-torch.log(mu + 1e-8)) + a_w * robust_z(torch.log(w + 1e-8))
+                           + a_rho * robust_z(-rho) for mu, w, rho in zip(mus, ws, rhos)])
+        order = score.argsort(descending=True)
+        chunk = max(1, math.ceil(self.chunk_frac * neurons.n))
+        counts = torch.arange(0, math.ceil(self.max_frac * neurons.n) + 1, chunk, device=ctx.device)
+        guard = Guard(model, neurons, aug, mode="both", delta_acc=self.delta_acc, min_agreement=self.min_agreement,
+                      images_per_pass=per_pass, precision=ctx.precision)
+        verdict = guard(prefix_masks(order, counts, neurons.n))
+        p = int(counts[longest_passing_prefix(verdict.passes) - 1])
+        prune_channels(neurons, order[:p])
+        ft = finetune(model, clean, ctx, desc="bss finetune", augment=self.augment, **self.finetune_args) \
+            if self.finetune else None
+        self._report = {"neurons": neurons.n, "pruned": p, "pruned_fraction": p / neurons.n,
+                        "pruned_channels": neurons.describe(order[:p].tolist()), "chunk": chunk,
+                        "alpha": list(self.alpha), "weight": self.weight, "guard_mode": guard.mode,
+                        "guard_acc_curve": [round(v, 4) for v in verdict.acc.tolist()],
+                        "guard_agreement_curve": [round(v, 4) for v in verdict.agreement.tolist()],
+                        "top_scores": [round(float(v), 3) for v in score[order[:10]]],
+                        "finetune": ft, "seconds": time.perf_counter() - start}
+        return model
+
+    def report(self):
+        return self._report

@@ -1,0 +1,175 @@
+"""The shared pruning machinery on hand-made cases: masks, batched coalitions, MAD, reversal, Shapley."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import math
+
+import torch
+from torch import nn
+
+from bench.augment import Augment
+from bench.models import create_model
+from defenses.base import CleanData, DefenseContext
+from defenses.guard import longest_passing_prefix
+from defenses.masks import coalition_logits, conv_neurons, masked, prefix_masks, prune_channels, pruned_count
+from defenses.reversal import TriggerReversal, mad_anomaly
+from defenses.shap_pruning import ShapPruning, robust_outliers
+
+CTX = DefenseContext(num_classes=10, input_shape=(1, 16, 16), device=torch.device("cpu"), seed=0,
+                     progress=lambda it, **kw: it)
+
+
+def cnn() -> nn.Module:
+    torch.manual_seed(0)
+    return create_model("fmnist_cnn", num_classes=10, shape=(1, 16, 16), mean=[0.5], std=[0.5]).eval()
+
+
+def outputs(model, neurons, x):
+    """The mask points' outputs as the next layer sees them (a later hook sees the masked output)."""
+    seen = []
+    hooks = [m.register_forward_hook(lambda _m, _i, o: seen.append(o.clone())) for m in neurons.modules]
+    model(x)
+    for h in hooks:
+        h.remove()
+    return seen
+
+
+def test_neurons_are_every_conv_channel_after_its_batchnorm():
+    model = cnn()
+    neurons = conv_neurons(model)
+    assert neurons.sizes == [32, 64, 64] and neurons.n == 160
+    assert neurons.modules[0] is model.layer2[0] and neurons.modules[2] is model.layer3[2]  # last conv: no BN
+    assert neurons.locate(40) == (1, 8) and neurons.describe([40]) == ["layer3.0:8"]
+
+
+def test_masks_zero_exactly_the_chosen_channels_and_restore_them():
+    model, x = cnn(), torch.rand(4, 1, 16, 16)
+    neurons = conv_neurons(model)
+    clean = outputs(model, neurons, x)
+    mask = torch.ones(1, neurons.n)
+    mask[0, [3, 40, 159]] = 0
+    with masked(neurons, mask):
+        hit = outputs(model, neurons, x)
+    assert hit[0][:, 3].abs().sum() == 0 and hit[1][:, 8].abs().sum() == 0 and hit[2][:, 63].abs().sum() == 0
+    assert torch.equal(hit[0][:, :3], clean[0][:, :3])  # everything upstream of a mask is untouched
+    assert torch.equal(hit[0][:, 4:], clean[0][:, 4:])  # the other channels of the layer too
+    assert all(torch.equal(a, b) for a, b in zip(outputs(model, neurons, x), clean))  # hooks removed
+
+
+def test_permanent_prune_survives_copies_and_training():
+    model = cnn()
+    neurons = conv_neurons(model)
+    prune_channels(neurons, [3, 40])
+    copied = copy.deepcopy(model).train()
+    opt = torch.optim.SGD(copied.parameters(), lr=0.5)
+    x = torch.rand(16, 1, 16, 16)
+    for _ in range(3):
+        opt.zero_grad()
+        copied(x).logsumexp(1).mean().backward()
+        opt.step()
+    seen = outputs(copied.eval(), conv_neurons(copied), x)
+    assert seen[0][:, 3].abs().sum() == 0 and seen[1][:, 8].abs().sum() == 0
+    assert pruned_count(conv_neurons(copied)) == 2
+
+
+def test_batched_and_sequential_coalitions_agree():
+    model, x = cnn(), torch.rand(9, 1, 16, 16)
+    neurons = conv_neurons(model)
+    masks = (torch.rand(37, neurons.n, generator=torch.Generator().manual_seed(1)) > 0.3).float()
+    batched = coalition_logits(model, neurons, masks, x, images_per_pass=4096)
+    sequential = coalition_logits(model, neurons, masks, x, images_per_pass=len(x))
+    torch.testing.assert_close(batched, sequential, rtol=1e-4, atol=1e-5)
+    with masked(neurons, masks[5:6]):
+        torch.testing.assert_close(batched[5], model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_prefix_masks_remove_leading_neurons_of_the_order():
+    masks = prefix_masks(torch.tensor([2, 0, 3]), [0, 1, 3], n=5)
+    assert masks.tolist() == [[1, 1, 1, 1, 1], [1, 1, 0, 1, 1], [0, 1, 0, 0, 1]]
+    assert longest_passing_prefix(torch.tensor([True, True, False, True])) == 2
+
+
+def test_mad_flags_a_planted_outlier():
+    norms = torch.tensor([40.0, 42.0, 38.0, 41.0, 39.0, 43.0, 2.0, 40.0, 37.0, 44.0])
+    anomaly = mad_anomaly(norms)
+    assert anomaly.argmax() == 6 and anomaly[6] > 2 and (anomaly[torch.arange(10) != 6] < 2).all()
+    assert robust_outliers(torch.tensor([0.0, 0.01, -0.01, 0.02, 0.9, 0.0, 0.5]), 3.5).tolist() == [4, 6]
+
+
+class PatchBackdoor(nn.Module):
+    """Logits of a fixed random linear map, plus a large bonus for class 6 when the 2x2 top-left patch is
+    bright: a model whose only backdoor the reversal can find with a 4-pixel mask."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(16, 10)
+        torch.nn.init.normal_(self.linear.weight, std=1.0, generator=torch.Generator().manual_seed(0))
+        torch.nn.init.zeros_(self.linear.bias)
+
+    def forward(self, x):
+        patch = x[:, :, :2, :2].mean((1, 2, 3))
+        logits = self.linear(nn.functional.avg_pool2d(x, 4).flatten(1))  # smooth: natural triggers are large
+        return logits + 40 * torch.sigmoid(30 * (patch - 0.8))[:, None] * (torch.arange(10) == 6)
+
+
+def test_reversal_finds_and_detects_the_planted_target():
+    blocks = torch.rand(40, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    x = 0.7 * nn.functional.interpolate(blocks, scale_factor=4)  # varied images, none bright enough to trigger
+    y = PatchBackdoor()(x).argmax(1)
+    assert len(y.unique()) >= 5
+    rev = TriggerReversal(steps=400, batch_per_label=16, check_every=5)(PatchBackdoor(), CleanData(x, y, "real"),
+                                                                     Augment(), CTX)
+    assert rev.target == 6 and rev.detected
+    assert rev.l1[6] < 0.5 * rev.l1.median() and rev.rev_asr[6] > 0.9
+    assert rev.masks[6, 0, :2, :2].mean() > rev.masks[6, 0, 4:, 4:].mean()  # the mask sits on the patch
+
+
+class FourChannels(nn.Module):
+    """Four neurons after a BN, pooled into two logits: small enough for exact Shapley values."""
+
+    groups = ("bn",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(1, 4, 1), nn.BatchNorm2d(4)
+        self.head = nn.Linear(4, 2)
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.tensor([1.0, 0.5, -0.3, 2.0]).view(4, 1, 1, 1))
+            self.conv.bias.zero_()
+            self.head.weight.copy_(torch.tensor([[0.2, -0.1, 0.3, 0.0], [1.5, 0.8, -0.4, 1.1]]))
+            self.head.bias.copy_(torch.tensor([0.5, -0.5]))
+        self.eval()
+
+    def conv_bn_pairs(self):
+        return [(self.conv, self.bn)]
+
+    def forward(self, x):
+        return self.head(torch.relu(self.bn(self.conv(x))).mean((2, 3)))
+
+
+def test_shapley_estimate_matches_exact_values_of_a_tiny_model():
+    model, n = FourChannels(), 4
+    neurons = conv_neurons(model)
+    bd_x = torch.rand(6, 1, 3, 3, generator=torch.Generator().manual_seed(0))
+    subsets = torch.tensor(list(itertools.product([0.0, 1.0], repeat=n)))  # every coalition, as a mask
+    value = coalition_logits(model, neurons, subsets, bd_x, 4096).softmax(-1)[..., 1].mean(1)
+    v = {tuple(int(b) for b in s.tolist()): float(val) for s, val in zip(subsets, value)}
+    exact = torch.zeros(n)
+    for i in range(n):
+        for s in v:
+            if s[i] == 0:
+                with_i = s[:i] + (1,) + s[i + 1:]
+                size = sum(s)
+                exact[i] += math.factorial(size) * math.factorial(n - size - 1) / math.factorial(n) * (v[with_i] - v[s])
+    shap = ShapPruning(reversal={}, augment={}, images_per_pass={"cpu": 4096}, tau_d=-1.0, eps=1.0,
+                       max_walks=3000, min_walks=3000)
+    ctx = DefenseContext(num_classes=2, input_shape=(1, 3, 3), device=torch.device("cpu"), seed=0,
+                         progress=lambda it, **kw: it)
+    phi, walks, _ = shap._shapley(model, neurons, torch.arange(n), torch.ones(n), bd_x,
+                                  CleanData(bd_x, torch.zeros(6, dtype=torch.long), "real"), 1, 4096, ctx,
+                                  torch.Generator().manual_seed(0))
+    assert walks == 3000
+    torch.testing.assert_close(phi, exact, atol=0.01, rtol=0)
+    assert abs(phi.sum() - (v[(1, 1, 1, 1)] - v[(0, 0, 0, 0)])) < 1e-4  # efficiency: a walk removes everyone
