@@ -69,8 +69,17 @@ def prevalidate(argv: list[str]) -> None:
             raise ConfigError(str(exc).strip().splitlines()[0]) from None
 
 
+def spread_over_gpus(job_num: int, device: str) -> None:
+    """Parallel workers (joblib launcher) on a machine with several GPUs: job n uses GPU n mod count."""
+    import torch
+
+    if device in ("auto", "cuda") and torch.cuda.device_count() > 1:
+        torch.cuda.set_device(job_num % torch.cuda.device_count())
+
+
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def run(cfg: DictConfig) -> None:
+    spread_over_gpus(OmegaConf.select(HydraConfig.get(), "job.num", default=0) or 0, cfg.device)
     try:
         record = run_cell(cfg, dict(HydraConfig.get().runtime.choices))
     except ConfigError as exc:

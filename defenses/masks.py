@@ -3,8 +3,10 @@
 A *neuron* is one conv output channel, taken after the BatchNorm that normalizes it (so a mask of 0
 silences it exactly) or, where the model says its BNs come before the convs (PreAct-ResNet,
 ``neuron_point = "conv"``), at the conv output. Many candidate prunings are scored at the cost of
-one large batch: the input holds G coalitions x N images, the hook views the activation as
-[G, N, C, H, W] and multiplies by M[G, 1, C, 1, 1].
+one large batch: the activation holds G coalitions x N images, the hook views it as
+[G, N, C, H, W] and multiplies by M[G, 1, C, 1, 1]. Everything before the first mask point is the
+same for every coalition, so it runs once on the N images and the first mask point repeats its output
+G times (this assumes no branch skips past the first mask point, true of every registered model).
 """
 
 from __future__ import annotations
@@ -91,7 +93,8 @@ def group_neurons(model: nn.Module, groups: Sequence[str]) -> Neurons:
 def masked(neurons: Neurons, masks: torch.Tensor | None = None) -> Iterator["MaskState"]:
     """Hooks that multiply each mask point's output by its slice of ``state.masks`` [G, n].
 
-    The batch must be G x N images, coalition-major. ``state.masks = None`` passes activations through.
+    The batch is G x N images, coalition-major, or, with ``state.shared = N``, the N images once: the
+    first mask point then repeats its output G times. ``state.masks = None`` passes activations through.
     """
     state = MaskState(masks)
 
@@ -100,9 +103,15 @@ def masked(neurons: Neurons, masks: torch.Tensor | None = None) -> Iterator["Mas
             if state.masks is None:
                 return out
             g = state.masks.shape[0]
+            if g > 1 and out.shape[0] == state.shared:
+                out = out.repeat(g, *([1] * (out.dim() - 1)))
             m = state.masks[:, start:start + size].to(out.dtype)
             shaped = out.view(g, out.shape[0] // g, *out.shape[1:])
-            return (shaped * m.view(g, 1, size, *([1] * (out.dim() - 2)))).view_as(out)
+            m = m.view(g, 1, size, *([1] * (out.dim() - 2)))
+            if torch.is_grad_enabled():
+                return (shaped * m).view_as(out)
+            shaped.mul_(m)  # scoring only: no new activation tensor (allocation dominates on the CPU)
+            return out
         return fn
 
     handles = [m.register_forward_hook(hook(s, c)) for m, s, c in zip(neurons.modules, neurons.offsets, neurons.sizes)]
@@ -116,6 +125,7 @@ def masked(neurons: Neurons, masks: torch.Tensor | None = None) -> Iterator["Mas
 @dataclass
 class MaskState:
     masks: torch.Tensor | None
+    shared: int | None = None  # N when the input holds the images once, not once per coalition
 
 
 @torch.no_grad()
@@ -129,10 +139,11 @@ def coalition_logits(model: nn.Module, neurons: Neurons, masks: torch.Tensor, x:
     per_pass = max(1, images_per_pass // n_img)
     out = []
     with masked(neurons) as state:
+        state.shared = n_img
         for chunk in masks.split(per_pass):
             state.masks = chunk
             with autocast(x.device, precision):
-                logits = model(x.repeat(chunk.shape[0], 1, 1, 1))
+                logits = model(x)
             out.append(logits.float().view(chunk.shape[0], n_img, -1))
     return torch.cat(out)
 

@@ -1,0 +1,71 @@
+"""A sweep killed with SIGKILL and started again with the same command loses nothing and repeats nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from conftest import TINY
+
+GRID = ["-m", *TINY, "attack=badnets,blended", "defense=none,ft", "budget=0,1", "seed=0"]
+CELLS = {(a, d, k) for a in ("badnets", "blended") for d in ("none", "ft") for k in (0, 1)}
+
+
+def command(tmp_path: Path) -> list[str]:
+    paths = [f"paths.cache={tmp_path / 'cache'}", f"paths.records={tmp_path / 'records'}",
+             f"paths.output={tmp_path / 'outputs'}", "device=cpu"]
+    return [sys.executable, "-m", "bench.cli", *GRID, *paths]
+
+
+def finished(tmp_path: Path) -> list[Path]:
+    return sorted((tmp_path / "records").glob("*.json"))
+
+
+def test_sigkill_mid_sweep_then_resume(tmp_path):
+    log = (tmp_path / "first.log").open("w")
+    proc = subprocess.Popen(command(tmp_path), cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    deadline = time.monotonic() + 300
+    while len(finished(tmp_path)) < 3 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)  # into the middle of the next cell (a defense, or the second poisoned model's training)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the sweep ended before it could be killed"
+    survivors = {p: p.stat().st_mtime_ns for p in finished(tmp_path)}
+    assert 3 <= len(survivors) < len(CELLS)
+    models_before = {p.name for p in (tmp_path / "cache" / "models").iterdir() if not p.name.startswith(".")}
+
+    second = subprocess.run(command(tmp_path), cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stderr[-3000:]
+    out = second.stdout + second.stderr
+    records = [json.loads(p.read_text()) for p in finished(tmp_path)]
+    cells = [(r["cell"]["attack"], r["cell"]["defense"], r["cell"]["budget"]) for r in records]
+    assert sorted(cells) == sorted(CELLS) and all(r["status"] == "ok" for r in records)  # each exactly once
+    assert out.count("record exists, skipping") == len(survivors)
+    assert {p: p.stat().st_mtime_ns for p in survivors} == survivors  # finished records never rewritten
+    models_after = {p.name for p in (tmp_path / "cache" / "models").iterdir() if not p.name.startswith(".")}
+    assert len(models_after) == 2  # one poisoned model per attack
+    trained_again = [key for key in models_before if f"cache miss {key[:12]}" in out]
+    assert trained_again == []  # a model stored before the kill is never trained again
+    assert out.count("cache miss") == len(models_after - models_before)
+
+
+def test_parallel_workers_train_a_shared_model_once(tmp_path):
+    """Two joblib workers start cells that need the same poisoned model: the file lock makes one train
+    it and the other wait and load it."""
+    paths = [f"paths.cache={tmp_path / 'cache'}", f"paths.records={tmp_path / 'records'}",
+             f"paths.output={tmp_path / 'outputs'}", "device=cpu"]
+    run = subprocess.run([sys.executable, "-m", "bench.cli", "-m", *TINY, "attack=badnets", "defense=none,clp",
+                          "budget=1", "hydra/launcher=parallel", "hydra.launcher.n_jobs=2", *paths],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    records = [json.loads(p.read_text()) for p in finished(tmp_path)]
+    assert sorted(r["cell"]["defense"] for r in records) == ["clp", "none"]
+    assert sorted(r["cache"]["hit"] for r in records) == [False, True]  # trained once, loaded once
+    assert len(list((tmp_path / "cache" / "models").iterdir())) == 1
