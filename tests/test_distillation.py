@@ -1,0 +1,80 @@
+"""Attention maps, ARG edges and the AR step on hand-made tensors (defenses.md §5, §6, §7.3)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from bench.models import create_model
+from defenses.ar_purification import ARPurification, ar_penalty
+from defenses.argd import CrossLayerAttention, edge_distances
+from defenses.attention import at_loss, attention
+from defenses.base import CleanData, DefenseContext
+from defenses.masks import conv_neurons
+
+CTX = DefenseContext(num_classes=10, input_shape=(1, 16, 16), device=torch.device("cpu"), seed=0,
+                     progress=lambda it, **kw: it)
+
+
+def test_attention_map_by_hand():
+    f = torch.tensor([[[[1.0, 2.0], [0.0, 1.0]], [[3.0, 0.0], [0.0, -1.0]]]])  # [1, 2, 2, 2]
+    am = torch.tensor([[5.0, 2.0], [0.0, 1.0]])  # channel mean of |F|^2: (1+9)/2, (4+0)/2, 0, (1+1)/2
+    expected = am / (math.sqrt(25 + 4 + 0 + 1) + 1e-6)
+    torch.testing.assert_close(attention(f)[0, 0], expected)
+    assert at_loss(f, f) == 0 and at_loss(f, 2 * f) < 1e-12  # scale-free: only where attention lies matters
+
+
+def test_edge_distances_by_hand():
+    a1 = torch.tensor([[[[1.0, 0.0], [0.0, 0.0]]], [[[0.5, 0.5], [0.5, 0.5]]]])  # [2, 1, 2, 2]
+    a2 = torch.tensor([[[[1.0]]], [[[0.0]]]])  # [2, 1, 1, 1]
+    a3 = torch.tensor([[[[0.0]]], [[[1.0]]]])
+    d12, d23, d13 = edge_distances([a1, a2, a3])
+    # a1 pooled to 1x1: 0.25 and 0.5; squared distances to a2: 0.5625, 0.25 -> / max
+    torch.testing.assert_close(d12, torch.tensor([1.0, 0.25 / 0.5625]))
+    torch.testing.assert_close(d23, torch.tensor([1.0, 1.0]))  # both 1, divided by the max 1
+    torch.testing.assert_close(d13, torch.tensor([0.0625 / 0.25, 1.0]))  # 0.0625 and 0.25
+
+
+def test_cross_layer_attention_is_zero_for_identical_maps_and_positive_otherwise():
+    torch.manual_seed(0)
+    arg = CrossLayerAttention(3, 16).train()
+    maps = [torch.rand(4, 1, s, s) for s in (8, 4, 2)]
+    same = arg([m.clone() for m in maps], maps)
+    other = arg([torch.rand_like(m) for m in maps], maps)
+    assert other > 0 and other > same  # cross-pairs (j != i) differ even for equal inputs; equal ones add 0
+
+
+def test_ar_penalty_by_hand():
+    theta = torch.tensor([2.0, 0.5, -2.0, -0.5, 3.0])
+    mask = torch.tensor([1.0, 1.0, 1.0, 0.0, 0.0])  # the last, unmarked, gets plain L1 whatever its size
+    sym = 0.1 * (math.e + 0.5 + math.e + 0.5 + 3.0)
+    code = 0.1 * (math.e + 0.5 - math.e + 0.5 + 3.0)  # the code's branch for theta < -1: -alpha * exp(-theta - 1)
+    assert abs(ar_penalty(theta, mask, 0.1, "symmetric").item() - sym) < 1e-5
+    assert abs(ar_penalty(theta, mask, 0.1, "as_code").item() - code) < 1e-5
+
+
+def test_adaptive_regularization_shrinks_infected_parameters_at_the_spec_rate():
+    """With lr 0 only the AR step acts: after T steps every infected parameter is rho_end of its start,
+    whatever its scale, and every other parameter is untouched."""
+    torch.manual_seed(0)
+    model = create_model("fmnist_cnn", num_classes=10, shape=(1, 16, 16), mean=[0.5], std=[0.5]).eval()
+    schedule = dict(epochs=0, batch_size=64, min_steps=40, lr=0.0, momentum=0.0, weight_decay=0.0, bn_min_batch=32)
+    ar = ARPurification(augment={}, variant="neuron", q=0.05, scored_groups=0, reg="adaptive", rho_end=0.01,
+                        neuron_schedule=schedule, final_prune=False, copies=2)
+    clean = CleanData(torch.rand(20, 1, 16, 16), torch.arange(20) % 10, "real")
+    repaired = ar.apply(model, clean, CTX)
+    report = ar.report()
+    assert report["steps"] == 40 and abs(report["rate"] - (1 - 0.01 ** (1 / 40))) < 1e-12
+    neurons, fixed = conv_neurons(repaired), conv_neurons(model)
+    infected = [neurons.locate(int(name.split(":")[1]) + neurons.offsets[neurons.names.index(name.split(":")[0])])
+                for name in report["infected_channels"]]
+    assert len(infected) == math.ceil(0.05 * 32) + 2 * math.ceil(0.05 * 64)
+    bn_old, bn_new = fixed.modules[0], neurons.modules[0]  # layer 0: conv layer1[0] -> BN layer2[0]
+    conv_old, conv_new = model.layer1[0], repaired.layer1[0]
+    for layer, c in infected:
+        if layer == 0:
+            torch.testing.assert_close(bn_new.weight[c], 0.01 * bn_old.weight[c])
+            torch.testing.assert_close(conv_new.weight[c], 0.01 * conv_old.weight[c])
+    healthy = [c for c in range(32) if (0, c) not in infected]
+    torch.testing.assert_close(bn_new.weight[healthy], bn_old.weight[healthy])
