@@ -91,3 +91,22 @@ def test_smoke_sweep_writes_18_records_and_resumes_without_work(tmp_path):
     assert second.returncode == 0 and log.count("record exists, skipping") == 18
     assert "cache miss" not in log and "cache miss" in first.stdout + first.stderr
     assert {f: f.stat().st_mtime_ns for f in files} == mtimes
+
+
+def test_perf_coalitions_writes_its_tables(tmp_path):
+    run = subprocess.run([sys.executable, "-m", "bench.cli", "perf", "coalitions", f"out={tmp_path}", "carriers=[4]",
+                          "passes=[16]", "coalitions=8", "repeats=1", "device=cpu"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    import pandas as pd
+
+    df = pd.read_csv(tmp_path / "coalitions-cpu.csv")
+    assert list(df["mode"]) == ["sequential", "batched"] and df["speedup"].iloc[0] == 1.0
+    assert df["images_per_pass"].tolist() == [4, 16] and (df["coalitions_per_s"] > 0).all()
+    assert "Fastest pass size" in (tmp_path / "coalitions-cpu.md").read_text()
+
+
+def test_perf_unknown_benchmark_is_one_line(tmp_path):
+    run = subprocess.run([sys.executable, "-m", "bench.cli", "perf", "walks"], capture_output=True, text=True)
+    assert run.returncode == 2 and run.stderr.strip() == (
+        "bdbench: error: usage: bdbench perf NAME [key=value ...]; valid names: coalitions")
