@@ -5,7 +5,8 @@ Reads every record under DIR into pandas and writes, under DIR/report (or --out)
                                 recipe x attack x defense (rows) and budget (columns)
   tables/undefended.*           the poisoned models' own ACC / ASR / RA per attack
   tables/cost.*                 defense wall time and peak memory
-  tables/cells.csv              one row per record (the long format everything above is built from)
+  tables/cells.csv              one row per record (the long format everything above is built from);
+                                failed cells appear in the tables as "failed" / "diverged" with their count
   problems.md                   records that are failed, unreadable or of another schema, and the cells
                                 that ran on synthetic data
   figures/                      ASR heatmaps per budget, ACC-ASR scatter, ASR against budget
@@ -48,9 +49,14 @@ def load(root: Path) -> tuple[pd.DataFrame, list[dict]]:
         if rec.get("status") != "ok":
             error = (rec.get("error") or "").strip().splitlines()
             problems.append({"record": str(path.relative_to(root)), "problem": f"failed: {error[-1] if error else '?'}"})
+            if "cell" in rec:  # the tables say the cell failed, rather than leave a gap
+                cell = rec["cell"]
+                rows.append({**{k: cell[k] for k in KEYS}, "budget": cell["budget"], "seed": cell["seed"],
+                             "status": "diverged" if "diverged" in "".join(error[-1:]) else "failed",
+                             "setting": cell["setting"], "record": str(path.relative_to(root))})
             continue
         cell, m, u = rec["cell"], rec["metrics"], rec["undefended"]
-        rows.append({**{k: cell[k] for k in KEYS}, "budget": cell["budget"], "seed": cell["seed"],
+        rows.append({**{k: cell[k] for k in KEYS}, "budget": cell["budget"], "seed": cell["seed"], "status": "ok",
                      "setting": cell["setting"], "data_source": rec["data_source"], **{k: m.get(k) for k in METRICS},
                      **{f"undefended_{k}": u.get(k) for k in ("acc", "asr", "ra")},
                      "defense_seconds": rec["timings"].get("defense"), "peak_rss_mb": rec["peak_memory"]["rss_mb"],
@@ -67,9 +73,20 @@ def mean_std(values: pd.Series, scale: float = 100.0, digits: int = 1) -> str:
     return f"{v.mean():.{digits}f} ± {v.std():.{digits}f} (n={len(v)})"
 
 
+def summarize(group: pd.DataFrame, column: str, scale: float, digits: int) -> str:
+    """mean ± std (n) of the finished cells, and how many failed (e.g. "diverged") if any did."""
+    text = mean_std(group.loc[group["status"] == "ok", column], scale, digits)
+    failed = group.loc[group["status"] != "ok", "status"]
+    if failed.empty:
+        return text
+    label = f"{failed.iloc[0]} (n={len(failed)})" if failed.nunique() == 1 else f"failed (n={len(failed)})"
+    return label if text == "–" else f"{text}; {label}"
+
+
 def pivot(df: pd.DataFrame, column: str, scale: float = 100.0, digits: int = 1) -> pd.DataFrame:
-    """Rows: data set, model, recipe, attack, defense; columns: budget; cells: mean ± std (n)."""
-    table = (df.groupby(KEYS + ["budget"])[column].apply(lambda s: mean_std(s, scale, digits))
+    """Rows: data set, model, recipe, attack, defense; columns: budget; cells: mean ± std (n), and the
+    cells that failed (a defense that diverges is a result, not a gap)."""
+    table = (df.groupby(KEYS + ["budget"])[["status", column]].apply(lambda g: summarize(g, column, scale, digits))
              .unstack("budget").sort_index())
     table.columns = [f"k={k}" for k in table.columns]
     return table.fillna("–").reset_index()
@@ -117,20 +134,22 @@ def report(root: str | Path, out: str | Path | None = None) -> Path:
     root = Path(root)
     out = Path(out) if out else root / "report"
     df, problems = load(root)
-    if df.empty:
+    if df.empty or not (df["status"] == "ok").any():
         raise FileNotFoundError(f"no finished records under {root} ({len(problems)} records not used: failed, "
                                 f"unreadable or of another schema)")
     tables = out / "tables"
     for metric in METRICS:
         write_table(pivot(df, metric), tables, metric)
-    undefended = (df.groupby(["dataset", "model", "recipe", "attack"])
+    undefended = (df[df["status"] == "ok"].groupby(["dataset", "model", "recipe", "attack"])
                   .agg(**{k: (f"undefended_{k}", lambda s: mean_std(s.drop_duplicates())) for k in ("acc", "asr", "ra")})
                   .reset_index())
     write_table(undefended, tables, "undefended")
     cost = pivot(df, "defense_seconds", scale=1.0, digits=2).merge(
         pivot(df, "peak_rss_mb", scale=1.0, digits=0), on=KEYS, suffixes=(" s", " MB"))
     write_table(cost, tables, "cost")
-    df.sort_values(KEYS + ["budget", "seed"]).to_csv(tables / "cells.csv", index=False, lineterminator="\n")
+    cells = df
+    df = df[df["status"] == "ok"]
+    cells.sort_values(KEYS + ["budget", "seed"]).to_csv(tables / "cells.csv", index=False, lineterminator="\n")
     synthetic = df[df["data_source"] == "synthetic"].sort_values(KEYS + ["budget", "seed"])
     mixed = df.groupby(KEYS + ["budget"])["setting"].nunique()
     for key in mixed[mixed > 1].index:  # same names, different configs (e.g. an override): never silently averaged

@@ -18,14 +18,19 @@ def test_report_tables_figures_and_problems(tiny_cfg, choices, tmp_path):
     (records / "old.json").write_text(json.dumps({"schema_version": 1, "status": "ok"}))
     (records / "failed.json").write_text(json.dumps({"schema_version": 2, "status": "failed",
                                                       "error": "Traceback\nFloatingPointError: diverged"}))
+    ok = json.loads(next(records.glob("*-none-k1-s0-*.json")).read_text())
+    cell = {**ok["cell"], "defense": "nad", "id": "nad-cell"}
+    (records / "nad.json").write_text(json.dumps({"schema_version": 2, "status": "failed", "cell": cell,
+                                                   "error": "Traceback\nFloatingPointError: nad diverged: loss nan"}))
     out = report(records, tmp_path / "report")
     asr = (out / "tables" / "asr.md").read_text()
     assert "| synthetic | fmnist_cnn | reference | - | badnets | clp |" in asr
     assert "(n=2)" in asr and "±" in asr and "k=0" in asr and "k=1" in asr
+    assert "| synthetic | fmnist_cnn | reference | - | badnets | nad | – | diverged (n=1) |" in asr  # not a gap
     cells = (out / "tables" / "cells.csv").read_text().splitlines()
-    assert len(cells) == 1 + 6
+    assert len(cells) == 1 + 7
     problems = (out / "problems.md").read_text()
-    assert "6 finished cells, 2 records not used" in problems
+    assert "6 finished cells, 3 records not used" in problems
     assert "schema 1" in problems and "failed: FloatingPointError: diverged" in problems
     assert (out / "figures" / "asr_heatmap_synthetic_fmnist_cnn_k1.png").is_file()
     before = {p.name: p.read_bytes() for p in (out / "tables").iterdir()}
