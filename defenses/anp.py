@@ -20,7 +20,7 @@ from torch.nn.utils import parametrize
 
 from bench.augment import Augment
 from defenses.base import CleanData, Defense, DefenseContext, register_defense
-from defenses.finetune import freeze_batchnorm
+from defenses.finetune import freeze_batchnorm, keep_batchnorm_frozen
 from defenses.reversal import carriers
 
 SELECT = ("threshold", "sweep")
@@ -84,6 +84,7 @@ class ANP(Defense):
                         "pruned": int((flat < threshold).sum()), "pruned_fraction": float((flat < threshold).float().mean()),
                         "mask_quantiles": [round(float(q), 3) for q in flat.quantile(torch.tensor([0.0, 0.01, 0.05, 0.5], device=flat.device))],
                         "steps": self.steps, "batch_size": min(self.batch_size, len(clean)),
+                        "bn_degenerate_channels": self._degenerate,
                         "seconds": time.perf_counter() - start}
         return pruned
 
@@ -105,7 +106,8 @@ class ANP(Defense):
         batch = min(self.batch_size, len(clean))
         gen = ctx.generator("anp")
         model.train()
-        if batch < self.bn_min_batch:
+        frozen, self._degenerate = keep_batchnorm_frozen(model, batch, self.bn_min_batch)
+        if frozen:
             freeze_batchnorm(model)
         modules = list(scales.values()) + list(shifts.values())
 

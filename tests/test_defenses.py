@@ -77,3 +77,17 @@ def test_total_variation_by_hand():
     x = torch.zeros(1, 1, 2, 2)
     x[0, 0, 0, 0] = 1.0  # right, down and diagonal neighbours each differ by 1 once
     assert total_variation(x).item() == 3.0
+
+
+def test_degenerate_batchnorm_statistics_are_not_frozen():
+    """A channel that never fired has running variance ~0: frozen, it amplifies any new input by
+    1/sqrt(eps), so the loop keeps BatchNorm in train mode and says why."""
+    m = model()
+    bn = m.conv_bn_pairs()[0][1]
+    with torch.no_grad():
+        bn.running_var[3] = 0.0
+    x, y = torch.rand(10, 1, 16, 16), torch.arange(10)
+    report = finetune(m, CleanData(x, y, "real"), CTX, epochs=1, batch_size=256, min_steps=5, lr=0.01,
+                      momentum=0.9, weight_decay=0.0, augment=Augment(), bn_min_batch=32)
+    assert report["bn_frozen"] is False and report["bn_degenerate_channels"] == 1
+    assert bn.running_var[3] > 0  # the statistics were updated by the batches
