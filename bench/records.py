@@ -29,6 +29,10 @@ def record_path(records_dir: str | Path, names: dict[str, Any], digest: str) -> 
     return Path(records_dir) / f"{stem}.json"
 
 
+# "diverged": the defense's loss went non-finite. Deterministic, so a result to report, not a crash to retry.
+FINISHED = ("ok", "diverged")
+
+
 def read_record(path: Path) -> dict | None:
     """The finished record at ``path``, or None if there is none to trust."""
     if not path.is_file():
@@ -42,7 +46,7 @@ def read_record(path: Path) -> dict | None:
         log.warning("record %s has schema %s (now %s); running the cell again", path,
                     record.get("schema_version"), SCHEMA_VERSION)
         return None
-    if record.get("status") != "ok":
+    if record.get("status") not in FINISHED:
         log.info("record %s is a failed cell; running it again", path)
         return None
     return record

@@ -48,11 +48,13 @@ def load(root: Path) -> tuple[pd.DataFrame, list[dict]]:
             continue
         if rec.get("status") != "ok":
             error = (rec.get("error") or "").strip().splitlines()
-            problems.append({"record": str(path.relative_to(root)), "problem": f"failed: {error[-1] if error else '?'}"})
+            problems.append({"record": str(path.relative_to(root)),
+                             "problem": f"{'diverged' if rec.get('status') == 'diverged' else 'failed'}: "
+                                        f"{error[-1] if error else '?'}"})
             if "cell" in rec:  # the tables say the cell failed, rather than leave a gap
                 cell = rec["cell"]
                 rows.append({**{k: cell[k] for k in KEYS}, "budget": cell["budget"], "seed": cell["seed"],
-                             "status": "diverged" if "diverged" in "".join(error[-1:]) else "failed",
+                             "status": "diverged" if rec.get("status") == "diverged" else "failed",
                              "setting": cell["setting"], "record": str(path.relative_to(root))})
             continue
         cell, m, u = rec["cell"], rec["metrics"], rec["undefended"]

@@ -156,6 +156,13 @@ def run_cell(cfg: DictConfig, choices: dict[str, Any]) -> dict:
         metrics = evaluate(repaired, data.test, attack, cfg.recipe.eval_batch_size, precision)
         metrics["der"] = der(undefended, metrics)
         timings["eval"] = time.perf_counter() - t
+    except FloatingPointError as exc:  # the defense diverged: a finished cell whose result is "diverged"
+        timings["defense"] = time.perf_counter() - t
+        record.update(status="diverged", error=f"{type(exc).__name__}: {exc}", metrics=None,
+                      defense=defense.report(), timings=timings, env=records.environment(device))
+        records.write_record(path, record)
+        log.warning("defense diverged (%s); record written: %s", exc, path)
+        return record
     except Exception:
         record.update(status="failed", error=traceback.format_exc(limit=5), timings=timings)
         records.write_record(path, record)
@@ -214,6 +221,9 @@ def summary(record: dict) -> str:
     """One line for the terminal: ACC / ASR before and after."""
     fmt = lambda v: "  -  " if v is None else f"{100 * v:5.1f}"
     u, m, c = record["undefended"], record["metrics"], record["cell"]
+    if record["status"] == "diverged":
+        return (f"{c['dataset']} {c['model']} {c['attack']} + {c['defense']} k={c['budget']} seed={c['seed']}: "
+                f"DIVERGED ({record['error']})")
     der_ = m.get("der")
     return (f"{c['dataset']} {c['model']} {c['attack']} + {c['defense']} k={c['budget']} seed={c['seed']}: "
             f"ACC {fmt(u['acc'])} -> {fmt(m['acc'])}  ASR {fmt(u['asr'])} -> {fmt(m['asr'])}  "

@@ -46,3 +46,27 @@ def test_budget_zero_uses_synthetic_images_for_data_hungry_defenses(tiny_cfg, ch
     record = run_cell(cfg := tiny_cfg("defense=ft", "budget=0"), choices(cfg))
     assert record["data_source"] == "synthetic" and record["defense_images"] == 20  # per_class=2
     assert record["synthesis"]["method"] == "deepinversion" and 0 <= record["synthesis"]["syn_to_target"] <= 1
+
+
+class Diverging:
+    """A defense whose loss goes non-finite (instantiated by ``_target_: test_records.Diverging``)."""
+
+    data_free = True
+
+    def apply(self, model, clean, ctx):
+        raise FloatingPointError("toy diverged: loss nan at step 3 of 300 (lr=0.1)")
+
+    def report(self):
+        return {"steps": 3}
+
+
+def test_a_diverged_defense_is_a_finished_result_not_a_crash(tiny_cfg, choices):
+    from bench import runner
+
+    cfg = tiny_cfg("attack=badnets", "budget=1", "recipe.epochs=1")
+    cfg.defense = {"_target_": "test_records.Diverging"}
+    record = runner.run_cell(cfg, {**choices(cfg), "defense": "none"})  # no exception: the sweep goes on
+    assert record["status"] == "diverged" and "loss nan" in record["error"] and record["defense"] == {"steps": 3}
+    assert "DIVERGED" in runner.summary(record)
+    again = runner.run_cell(cfg, {**choices(cfg), "defense": "none"})
+    assert again == {"schema_version": 2, **record}  # read back, not run again: divergence is deterministic

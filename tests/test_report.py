@@ -20,7 +20,7 @@ def test_report_tables_figures_and_problems(tiny_cfg, choices, tmp_path):
                                                       "error": "Traceback\nFloatingPointError: diverged"}))
     ok = json.loads(next(records.glob("*-none-k1-s0-*.json")).read_text())
     cell = {**ok["cell"], "defense": "nad", "id": "nad-cell"}
-    (records / "nad.json").write_text(json.dumps({"schema_version": 2, "status": "failed", "cell": cell,
+    (records / "nad.json").write_text(json.dumps({"schema_version": 2, "status": "diverged", "cell": cell,
                                                    "error": "Traceback\nFloatingPointError: nad diverged: loss nan"}))
     out = report(records, tmp_path / "report")
     asr = (out / "tables" / "asr.md").read_text()
