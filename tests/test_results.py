@@ -10,7 +10,7 @@ import pytest
 from bench.report import report
 
 RESULTS = Path(__file__).resolve().parent.parent / "results"
-PUBLISHED = sorted(p.parent for p in RESULTS.glob("*/report/tables"))
+PUBLISHED = sorted(p.parent.parent for p in RESULTS.glob("*/report/tables"))
 
 
 @pytest.mark.parametrize("folder", PUBLISHED, ids=[p.name for p in PUBLISHED])
