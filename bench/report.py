@@ -9,13 +9,16 @@ Reads every record under DIR into pandas and writes, under DIR/report (or --out)
                                 failed cells appear in the tables as "failed" / "diverged" with their count
   problems.md                   records that are failed, unreadable or of another schema, and the cells
                                 that ran on synthetic data
-  figures/                      ASR heatmaps per budget, ACC-ASR scatter, ASR against budget
+  figures/                      ASR heatmaps per budget, ACC-ASR scatter, ASR against budget, and the
+                                trigger gallery of each data set when the records' poisoned models are in
+                                the cache (``BDBENCH_CACHE``) and the data under ``BDBENCH_DATA``
 Tables are sorted and formatted deterministically, so the same records give the same bytes.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import matplotlib
@@ -31,8 +34,9 @@ KEYS = ["dataset", "model", "recipe", "experiment", "attack", "defense"]
 METRICS = ["acc", "asr", "ra", "der"]
 
 
-def load(root: Path) -> tuple[pd.DataFrame, list[dict]]:
-    """(one row per finished cell, one entry per record that is not a finished cell)."""
+def load(root: Path, triggers: dict | None = None) -> tuple[pd.DataFrame, list[dict]]:
+    """(one row per finished cell, one entry per record that is not a finished cell); ``triggers`` collects
+    one (dataset config, attack config, cache key) per data set and attack, for the gallery."""
     rows, problems = [], []
     for path in sorted(root.rglob("*.json")):
         if "report" in path.relative_to(root).parts:
@@ -58,6 +62,9 @@ def load(root: Path) -> tuple[pd.DataFrame, list[dict]]:
                              "setting": cell["setting"], "record": str(path.relative_to(root))})
             continue
         cell, m, u = rec["cell"], rec["metrics"], rec["undefended"]
+        if triggers is not None and cell["attack"] != "none":
+            triggers.setdefault(cell["dataset"], {}).setdefault(
+                cell["attack"], (rec["config"]["dataset"], rec["config"]["attack"], rec["cache"]["key"]))
         rows.append({**{k: cell[k] for k in KEYS}, "budget": cell["budget"], "seed": cell["seed"], "status": "ok",
                      "setting": cell["setting"], "data_source": rec["data_source"], **{k: m.get(k) for k in METRICS},
                      **{f"undefended_{k}": u.get(k) for k in ("acc", "asr", "ra")},
@@ -132,10 +139,39 @@ def figures(df: pd.DataFrame, folder: Path) -> None:
         plt.close(grid.figure)
 
 
-def report(root: str | Path, out: str | Path | None = None) -> Path:
+def galleries(triggers: dict, folder: Path, data_root: str, cache_root: str) -> list[dict]:
+    """The trigger gallery of each data set from the cached attacks of its records (no training).
+    Returns a problem line for each data set it could not draw."""
+    from hydra.utils import instantiate
+
+    from bench.cache import ModelCache
+    from bench.gallery import write_gallery
+
+    cache, problems = ModelCache(cache_root), []
+    for dataset, attacks in sorted(triggers.items()):
+        try:
+            data_cfg = next(iter(attacks.values()))[0]
+            data = instantiate({**data_cfg, "download": False}).load(data_root, "cpu", cache_root)
+            loaded = {}
+            for name, (_, attack_cfg, key) in sorted(attacks.items()):
+                entry = cache.load(key)
+                if entry is None:
+                    raise FileNotFoundError(f"poisoned model {key[:12]} ({name}) is not in {cache_root}")
+                attack = instantiate(attack_cfg)
+                attack.load_state_dict(entry.attack_state)
+                loaded[name] = attack
+            write_gallery(data, loaded, folder / f"gallery_{dataset}.png")
+        except Exception as exc:  # the gallery is optional: the tables never depend on it
+            problems.append({"record": f"gallery {dataset}", "problem": f"not drawn: {type(exc).__name__}: {exc}"})
+    return problems
+
+
+def report(root: str | Path, out: str | Path | None = None, data_root: str | None = None,
+           cache_root: str | None = None) -> Path:
     root = Path(root)
     out = Path(out) if out else root / "report"
-    df, problems = load(root)
+    triggers: dict = {}
+    df, problems = load(root, triggers)
     if df.empty or not (df["status"] == "ok").any():
         raise FileNotFoundError(f"no finished records under {root} ({len(problems)} records not used: failed, "
                                 f"unreadable or of another schema)")
@@ -156,11 +192,15 @@ def report(root: str | Path, out: str | Path | None = None) -> Path:
     mixed = df.groupby(KEYS + ["budget"])["setting"].nunique()
     for key in mixed[mixed > 1].index:  # same names, different configs (e.g. an override): never silently averaged
         problems.append({"record": " / ".join(map(str, key)), "problem": "one row mixes cells of different settings"})
+    figures(df, out / "figures")
+    gallery_problems = galleries(triggers, out / "figures", data_root or os.environ.get("BDBENCH_DATA", "data"),
+                                 cache_root or os.environ.get("BDBENCH_CACHE", ".cache/bdbench"))
     lines = [f"# Report of {root}", "", f"{len(df)} finished cells, {len(problems)} records not used.", ""]
     if problems:
         lines += ["## Records not used", "", markdown(pd.DataFrame(problems))]
     lines += ["## Cells whose defense ran on synthetic data (budget 0)", ""]
     lines += [markdown(synthetic[KEYS + ["budget", "seed"]])] if len(synthetic) else ["none", ""]
+    if gallery_problems:
+        lines += ["## Figures not drawn", "", markdown(pd.DataFrame(gallery_problems))]
     (out / "problems.md").write_text("\n".join(lines))
-    figures(df, out / "figures")
     return out

@@ -22,7 +22,8 @@ def test_report_tables_figures_and_problems(tiny_cfg, choices, tmp_path):
     cell = {**ok["cell"], "defense": "nad", "id": "nad-cell"}
     (records / "nad.json").write_text(json.dumps({"schema_version": 2, "status": "diverged", "cell": cell,
                                                    "error": "Traceback\nFloatingPointError: nad diverged: loss nan"}))
-    out = report(records, tmp_path / "report")
+    out = report(records, tmp_path / "report", data_root="unused", cache_root=cfg.paths.cache)
+    assert (out / "figures" / "gallery_synthetic.png").is_file()  # the trigger, from the cached attack
     asr = (out / "tables" / "asr.md").read_text()
     assert "| synthetic | fmnist_cnn | reference | - | badnets | clp |" in asr
     assert "(n=2)" in asr and "±" in asr and "k=0" in asr and "k=1" in asr
@@ -34,7 +35,8 @@ def test_report_tables_figures_and_problems(tiny_cfg, choices, tmp_path):
     assert "schema 1" in problems and "failed: FloatingPointError: diverged" in problems
     assert (out / "figures" / "asr_heatmap_synthetic_fmnist_cnn_k1.png").is_file()
     before = {p.name: p.read_bytes() for p in (out / "tables").iterdir()}
-    report(records, tmp_path / "report")
+    report(records, tmp_path / "report", cache_root=str(tmp_path / "empty-cache"))  # no models: tables all the same
+    assert "gallery synthetic | not drawn: FileNotFoundError" in (out / "problems.md").read_text()
     assert {p.name: p.read_bytes() for p in (out / "tables").iterdir()} == before
 
 
