@@ -49,6 +49,9 @@ def last_linear(model: nn.Module) -> str:
     return [name for name, m in model.named_modules() if isinstance(m, nn.Linear)][-1]
 
 
+SALIENCES = ("taylor", "activation", "weight_grad")
+
+
 @register_defense("ar_purification")
 class ARPurification(Defense):
     def __init__(self, augment: dict, variant: str = "code", layers: tuple[str, ...] = ("last_linear",),
@@ -57,7 +60,7 @@ class ARPurification(Defense):
                  scored_groups: int = 2, reg: str = "adaptive", rho_end: float = 1e-2, l1_lambda: float = 1e-3,
                  neuron_schedule: dict | None = None, final_prune: bool = True, copies: int = 16) -> None:
         for key, value, valid in (("variant", variant, VARIANTS), ("reg", reg, REGS), ("ar_sign", ar_sign, AR_SIGNS),
-                                  ("salience", salience, ("taylor", "activation"))):
+                                  ("salience", salience, SALIENCES)):
             if value not in valid:
                 raise ValueError(f"ar_purification {key}={value!r}; valid: {', '.join(valid)}")
         self.augment, self.variant, self.layers = Augment(**augment), variant, tuple(layers)
@@ -128,8 +131,9 @@ class ARPurification(Defense):
         return [i for i, name in enumerate(neurons.names) if any(name.startswith(g + ".") for g in owners)]
 
     def _benign_salience(self, model, neurons: Neurons, clean: CleanData, ctx) -> torch.Tensor:
-        """Taylor-FO |sum_hw h * dCE/dh| per channel (or mean activation), averaged over augmented images,
-        L2-normalised per layer."""
+        """Per channel, over the augmented images: Taylor-FO |sum_hw h * dCE/dh| (``taylor``), the mean
+        activation (``activation``) or sum |theta * dCE/dtheta| over its incoming parameters
+        (``weight_grad``); L2-normalised per layer."""
         x = self.augment(clean.x.repeat(self.copies, 1, 1, 1), ctx.generator("benign salience"))
         y = clean.y.repeat(self.copies)
         acts: list[torch.Tensor] = []
@@ -147,20 +151,28 @@ class ARPurification(Defense):
             for h in hooks:
                 h.remove()
         scores = []
-        for a in acts:
-            s = (a * a.grad).sum((2, 3)).abs().mean(0) if self.salience == "taylor" else a.detach().relu().mean((0, 2, 3))
+        for layer, a in enumerate(acts):
+            if self.salience == "taylor":
+                s = (a * a.grad).sum((2, 3)).abs().mean(0)
+            elif self.salience == "activation":
+                s = a.detach().relu().mean((0, 2, 3))
+            else:
+                s = sum((t * t.grad).abs().reshape(len(t), -1).sum(1) for t in self._layer_params(model, neurons, layer))
             scores.append(s / s.norm().clamp_min(1e-12))
         model.zero_grad(set_to_none=True)
         return torch.cat(scores).detach()
 
-    def _channel_params(self, model, neurons: Neurons, layer: int, channel: int) -> list[tuple[torch.Tensor, int]]:
-        """The incoming conv filter of a channel and its BN's scale and shift (Theta_k)."""
+    @staticmethod
+    def _layer_params(model, neurons: Neurons, layer: int) -> list[torch.Tensor]:
+        """A layer's incoming conv weights (and bias) and its BN's scale and shift, channel first."""
         module = neurons.modules[layer]
         conv = next((c for c, bn in model.conv_bn_pairs() if bn is module), module)
-        out = [(conv.weight, channel)] + ([(conv.bias, channel)] if conv.bias is not None else [])
-        if module is not conv:
-            out += [(module.weight, channel), (module.bias, channel)]
-        return out
+        out = [conv.weight] + ([conv.bias] if conv.bias is not None else [])
+        return out + ([module.weight, module.bias] if module is not conv else [])
+
+    def _channel_params(self, model, neurons: Neurons, layer: int, channel: int) -> list[tuple[torch.Tensor, int]]:
+        """The incoming conv filter of a channel and its BN's scale and shift (Theta_k)."""
+        return [(t, channel) for t in self._layer_params(model, neurons, layer)]
 
     def _neuron(self, model, clean, ctx) -> dict:
         neurons = conv_neurons(model)

@@ -78,3 +78,20 @@ def test_adaptive_regularization_shrinks_infected_parameters_at_the_spec_rate():
             torch.testing.assert_close(conv_new.weight[c], 0.01 * conv_old.weight[c])
     healthy = [c for c in range(32) if (0, c) not in infected]
     torch.testing.assert_close(bn_new.weight[healthy], bn_old.weight[healthy])
+
+
+def test_weight_grad_salience_by_hand():
+    """salience=weight_grad: sum |theta * dCE/dtheta| over a channel's conv filter, bias, BN scale and shift."""
+    torch.manual_seed(0)
+    model = create_model("fmnist_cnn", num_classes=10, shape=(1, 16, 16), mean=[0.5], std=[0.5]).eval()
+    x, y = torch.rand(20, 1, 16, 16), torch.arange(20) % 10
+    ar = ARPurification(augment={}, variant="neuron", salience="weight_grad", copies=1)
+    neurons = conv_neurons(model)
+    salience = ar._benign_salience(model, neurons, CleanData(x, y, "real"), CTX)
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    conv, bn = model.conv_bn_pairs()[0]
+    assert neurons.modules[0] is bn
+    params = [conv.weight] + ([conv.bias] if conv.bias is not None else []) + [bn.weight, bn.bias]
+    expected = sum((p * p.grad).abs().reshape(len(p), -1).sum(1) for p in params)
+    torch.testing.assert_close(salience[:neurons.sizes[0]], expected / expected.norm())
+    assert salience.shape == (neurons.n,) and all(p.grad is not None for p in params)
