@@ -23,6 +23,7 @@ from hydra._internal.utils import get_args_parser
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from bench.device import resolve_device
@@ -105,7 +106,7 @@ def gallery_command(overrides: list[str]) -> None:
 
 
 def perf_command(args: list[str]) -> None:
-    """``bdbench perf coalitions [key=value ...]``: a benchmark written to results/perf/."""
+    """``bdbench perf NAME [key=value ...]``: the benchmark ``conf/perf/NAME.yaml``, written to results/perf/."""
     benchmarks = sorted(p.stem for p in (CONF_DIR / "perf").glob("*.yaml"))
     if not args or args[0] not in benchmarks:
         raise ConfigError(f"usage: bdbench perf NAME [key=value ...]; valid names: {', '.join(benchmarks)}")
@@ -113,9 +114,9 @@ def perf_command(args: list[str]) -> None:
     from bench import perf
 
     device = resolve_device(cfg.device)
-    df = perf.coalitions(device, list(cfg.models), list(cfg.carriers), cfg.coalitions, list(cfg.passes),
-                         cfg.repeats, cfg.precision)
-    print(perf.write(df, Path(cfg.out), device))
+    benchmark = OmegaConf.masked_copy(cfg, [k for k in cfg if k not in ("device", "out")])
+    result = instantiate(benchmark, device=device, _convert_="all")
+    print(perf.write(result, args[0], Path(cfg.out), device))
 
 
 def main() -> None:

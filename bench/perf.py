@@ -3,41 +3,79 @@
 ``coalitions``: scoring G channel-mask coalitions on N carriers, one coalition per forward pass (the
 reference) against G x N images per pass at several pass sizes, on the same model and carriers. The
 fastest pass size per device is what ``coalition_images`` in ``conf/config.yaml`` should hold.
+
+``pipeline``: one epoch of poisoned training and one pass over the test set, the engine (uint8 data
+resident on the device, batched augmentation) against the pipeline BackdoorBench runs (torchvision
+DataLoader over PIL images, PIL transforms, fp32, batch 128), same poisoned data, model and initial weights.
 """
 
 from __future__ import annotations
 
+import copy
 import platform
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
+import torch.nn.functional as F
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms as T
 
+from bench.metrics import predict
 from bench.models import create_model
 from bench.report import markdown
+from bench.seeding import generator
+from bench.train import train
+from bench.validate import CONF_DIR
 from defenses.masks import coalition_logits, conv_neurons  # shared machinery, not a concrete defense
 
 MODEL_SHAPES = {"fmnist_cnn": ((1, 28, 28), [0.5], [0.5]), "cifar_cnn": ((3, 32, 32), [0.5] * 3, [0.25] * 3),
                 "preact_resnet18": ((3, 32, 32), [0.5] * 3, [0.25] * 3)}
 
 
-def _time(fn, device: torch.device, repeats: int) -> float:
-    fn()  # warm-up
+@dataclass
+class Result:
+    """A benchmark's rows and the Markdown paragraph that says how to read them."""
+
+    name: str
+    rows: pd.DataFrame
+    summary: str
+    tag: str = ""  # in the file name, after the benchmark's (the data set of a pipeline run)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time(fn, device: torch.device, repeats: int, warmup: bool = True) -> float:
+    """Best wall time of ``repeats`` calls of ``fn``."""
+    if warmup:
+        fn()
     best = float("inf")
     for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        _sync(device)
         start = time.perf_counter()
         fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        _sync(device)
         best = min(best, time.perf_counter() - start)
     return best
 
 
+def _device_columns(df: pd.DataFrame, device: torch.device) -> pd.DataFrame:
+    df.insert(0, "device", torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu")
+    df.insert(1, "threads", torch.get_num_threads())
+    return df
+
+
 def coalitions(device: torch.device, models: list[str], carriers: list[int], n_coalitions: int,
-               passes: list[int], repeats: int = 3, precision: str = "fp32") -> pd.DataFrame:
+               passes: list[int], repeats: int = 3, precision: str = "fp32") -> Result:
     rows = []
     for name in models:
         shape, mean, std = MODEL_SHAPES[name]
@@ -59,23 +97,122 @@ def coalitions(device: torch.device, models: list[str], carriers: list[int], n_c
                 t = _time(lambda: coalition_logits(model, neurons, masks, x, per_pass, precision), device, repeats)
                 rows.append({"model": name, "carriers": n, "images_per_pass": per_pass, "mode": "batched",
                              "coalitions_per_s": n_coalitions / t, "speedup": seq / t})
-    df = pd.DataFrame(rows)
-    df.insert(0, "device", torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu")
-    df.insert(1, "threads", torch.get_num_threads())
-    return df
-
-
-def write(df: pd.DataFrame, folder: Path, device: torch.device) -> Path:
-    """CSV and Markdown, with the pass size that is fastest on average over the carrier counts."""
-    folder.mkdir(parents=True, exist_ok=True)
-    stem = folder / f"coalitions-{device.type}"
-    df.to_csv(stem.with_suffix(".csv"), index=False, float_format="%.4g")
+    df = _device_columns(pd.DataFrame(rows), device)
     batched = df[df["mode"] == "batched"]
     best = batched.groupby("images_per_pass")["speedup"].apply(lambda s: s.prod() ** (1 / len(s))).idxmax()
+    summary = ("Speed-up = sequential time / batched time, same model, masks and carriers, best of the repeats.\n\n"
+               f"Fastest pass size on average (geometric mean of speed-ups): **{best} images**.")
     shown = df.assign(coalitions_per_s=df["coalitions_per_s"].round(0), speedup=df["speedup"].round(2))
-    text = (f"# Batched coalition scoring ({device.type})\n\nTorch {torch.__version__}, {df['threads'].iloc[0]} threads, "
-            f"device {df['device'].iloc[0]}. Speed-up = sequential time / batched time, same model, masks and carriers, "
-            f"best of the repeats.\n\nFastest pass size on average (geometric mean of speed-ups): **{best} images**.\n\n"
-            + markdown(shown.drop(columns=["device", "threads"])))
+    return Result("Batched coalition scoring", shown, summary)
+
+
+class PILImages(Dataset):
+    """The reference data path: one PIL image per item through torchvision transforms (BackdoorBench)."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, transform: T.Compose) -> None:
+        images = x.cpu().permute(0, 2, 3, 1).numpy()
+        self.images = images[..., 0] if images.shape[-1] == 1 else images
+        self.labels = y.cpu().tolist()
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.transform(Image.fromarray(np.ascontiguousarray(self.images[i]))), self.labels[i]
+
+
+def _reference_epoch(model: torch.nn.Module, loader: DataLoader, optimizer, device: torch.device) -> None:
+    model.train()
+    for x, y in loader:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        loss = F.cross_entropy(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+
+@torch.no_grad()
+def _reference_eval(model: torch.nn.Module, loader: DataLoader, device: torch.device) -> None:
+    model.eval()
+    for x, _ in loader:
+        model(x.to(device, non_blocking=True)).argmax(1)
+
+
+def pipeline(device: torch.device, overrides: list[str], train_images: int | None, workers: list[int],
+             batch_size: int = 128, repeats: int = 2) -> Result:
+    """Seconds per training epoch and per test pass: the engine against DataLoader + PIL at each worker count."""
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=list(overrides))
+    data = instantiate(cfg.dataset).load(cfg.paths.data, device, cfg.paths.cache)
+    spec = data.spec
+    attack = instantiate(cfg.attack)
+    train_set = attack.prepare(data.train, data.poisonable(), generator(0, "poison"))
+    if train_images is not None:
+        train_set = train_set.subset(torch.arange(min(train_images, len(train_set)), device=device))
+    recipe = replace(instantiate(cfg.recipe), epochs=1, batch_size=batch_size, precision="fp32", channels_last=False)
+    torch.manual_seed(0)
+    engine_model = instantiate(cfg.model, num_classes=spec.num_classes, shape=spec.shape, mean=spec.mean, std=spec.std)
+    ones = [1.0] * len(spec.mean)
+    torch.manual_seed(0)  # the same initial weights; the reference normalizes in its transforms instead
+    reference_model = instantiate(cfg.model, num_classes=spec.num_classes, shape=spec.shape, mean=[0.0] * len(ones), std=ones)
+    reference_model.to(device)
+
+    def engine_train() -> None:
+        train(copy.deepcopy(engine_model), train_set, attack, recipe, spec.augment, generator(0, "train", device), "perf")
+
+    def engine_eval() -> None:
+        predict(engine_model.to(device), data.test.x, batch_size=recipe.eval_batch_size)
+
+    normalize = T.Normalize(spec.mean, spec.std)
+    augment = [T.RandomCrop(spec.shape[1], padding=spec.augment.crop_padding)] if spec.augment.crop_padding else []
+    augment += [T.RandomHorizontalFlip()] if spec.augment.hflip else []
+    n = len(train_set)
+    rows = [{"phase": "train", "pipeline": "engine", "workers": "-", "images": n, "batch": batch_size,
+             "seconds": _time(engine_train, device, repeats)},
+            {"phase": "eval", "pipeline": "engine", "workers": "-", "images": len(data.test),
+             "batch": recipe.eval_batch_size, "seconds": _time(engine_eval, device, repeats)}]
+    pin = device.type == "cuda"
+    for w in workers:
+        train_loader = DataLoader(PILImages(train_set.x, train_set.y, T.Compose([*augment, T.ToTensor(), normalize])),
+                                  batch_size=batch_size, shuffle=True, drop_last=True, num_workers=w, pin_memory=pin,
+                                  persistent_workers=w > 0)
+        test_loader = DataLoader(PILImages(data.test.x, data.test.y, T.Compose([T.ToTensor(), normalize])),
+                                 batch_size=batch_size, num_workers=w, pin_memory=pin, persistent_workers=w > 0)
+
+        def reference_train() -> None:
+            model = copy.deepcopy(reference_model)
+            _reference_epoch(model, train_loader, recipe.optimizer(model.parameters()), device)
+
+        rows.append({"phase": "train", "pipeline": "DataLoader + PIL", "workers": w, "images": n, "batch": batch_size,
+                     "seconds": _time(reference_train, device, repeats)})
+        rows.append({"phase": "eval", "pipeline": "DataLoader + PIL", "workers": w, "images": len(data.test),
+                     "batch": batch_size, "seconds": _time(lambda: _reference_eval(reference_model, test_loader, device),
+                                                           device, repeats)})
+    df = pd.DataFrame(rows)
+    df["images_per_s"] = (df["images"] / df["seconds"]).round(0).astype(int)
+    engine = df[df["pipeline"] == "engine"].set_index("phase")["seconds"]
+    df["speedup"] = (df["seconds"] / df["phase"].map(engine)).round(2)  # engine speed-up over this row
+    df["seconds"] = df["seconds"].round(3)
+    df = _device_columns(df, device)
+    ref = df[df["pipeline"] != "engine"]
+    train_best = ref[ref["phase"] == "train"]["speedup"].min()
+    eval_best = ref[ref["phase"] == "eval"]["speedup"].min()
+    summary = (f"Data set {spec.name}, model {cfg.model._target_.rsplit('.', 1)[-1]}, attack "
+               f"{cfg.attack._target_.rsplit('.', 1)[-1]}, {n} training images, fp32, batch {batch_size}; best of "
+               f"{repeats} after a warm-up. `speedup` = this row's seconds / the engine's seconds for the same phase. "
+               f"Against the fastest reference setting the engine is **{train_best:.2f}x** faster per training epoch "
+               f"and **{eval_best:.2f}x** per test pass (engine eval batch {recipe.eval_batch_size}).")
+    return Result("Engine against a DataLoader + PIL pipeline", df, summary, tag=spec.name)
+
+
+def write(result: Result, name: str, folder: Path, device: torch.device) -> Path:
+    """``NAME[-TAG]-DEVICE.csv`` and ``.md`` under ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    stem = folder / "-".join(filter(None, [name, result.tag, device.type]))
+    result.rows.to_csv(stem.with_suffix(".csv"), index=False, float_format="%.4g")
+    df = result.rows
+    text = (f"# {result.name} ({device.type})\n\nTorch {torch.__version__}, {df['threads'].iloc[0]} threads, "
+            f"device {df['device'].iloc[0]}. {result.summary}\n\n" + markdown(df.drop(columns=["device", "threads"])))
     stem.with_suffix(".md").write_text(text)
     return stem.with_suffix(".md")

@@ -95,7 +95,7 @@ def test_smoke_sweep_writes_18_records_and_resumes_without_work(tmp_path):
 
 def test_perf_coalitions_writes_its_tables(tmp_path):
     run = subprocess.run([sys.executable, "-m", "bench.cli", "perf", "coalitions", f"out={tmp_path}", "carriers=[4]",
-                          "passes=[16]", "coalitions=8", "repeats=1", "device=cpu"],
+                          "passes=[16]", "n_coalitions=8", "repeats=1", "device=cpu"],
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     import pandas as pd
@@ -106,7 +106,22 @@ def test_perf_coalitions_writes_its_tables(tmp_path):
     assert "Fastest pass size" in (tmp_path / "coalitions-cpu.md").read_text()
 
 
+def test_perf_pipeline_times_engine_and_reference(tmp_path):
+    run = subprocess.run([sys.executable, "-m", "bench.cli", "perf", "pipeline", f"out={tmp_path}",
+                          "overrides=[dataset=synthetic,model=fmnist_cnn,attack=badnets]", "train_images=512",
+                          "workers=[0]", "repeats=1", "device=cpu"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    import pandas as pd
+
+    df = pd.read_csv(tmp_path / "pipeline-synthetic-cpu.csv")
+    assert sorted(zip(df["phase"], df["pipeline"])) == [("eval", "DataLoader + PIL"), ("eval", "engine"),
+                                                       ("train", "DataLoader + PIL"), ("train", "engine")]
+    assert (df["images"] == df["phase"].map({"train": 512, "eval": 500})).all()  # 512 of the 2,000; all 500 test
+    assert (df.loc[df["pipeline"] == "engine", "speedup"] == 1.0).all() and (df["seconds"] > 0).all()
+    assert "faster per training epoch" in (tmp_path / "pipeline-synthetic-cpu.md").read_text()
+
+
 def test_perf_unknown_benchmark_is_one_line(tmp_path):
     run = subprocess.run([sys.executable, "-m", "bench.cli", "perf", "walks"], capture_output=True, text=True)
     assert run.returncode == 2 and run.stderr.strip() == (
-        "bdbench: error: usage: bdbench perf NAME [key=value ...]; valid names: coalitions")
+        "bdbench: error: usage: bdbench perf NAME [key=value ...]; valid names: coalitions, pipeline")
