@@ -25,7 +25,7 @@ from defenses.guard import Guard, longest_passing_prefix
 from defenses.masks import Neurons, coalition_logits, conv_neurons, prefix_masks, prune_channels
 from defenses.reversal import carriers
 
-WEIGHTS = ("clp", "in_l2")
+WEIGHTS = ("clp", "in_l2", "out_l2")
 
 
 def robust_z(u: torch.Tensor) -> torch.Tensor:
@@ -33,9 +33,38 @@ def robust_z(u: torch.Tensor) -> torch.Tensor:
     return (u - med) / (1.4826 * (u - med).abs().median() + 1e-8)
 
 
+@torch.no_grad()
+def outgoing_norms(model: nn.Module, neurons: Neurons) -> list[torch.Tensor]:
+    """Per mask point and channel: ``||W_next[:, k]||_2`` of the first conv or linear layer that runs after
+    it (execution order; with residual branches that is one of its readers). A linear layer reading a
+    flattened C x H x W map owns H*W columns per channel."""
+    readers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    order: list[nn.Module] = []
+    watched = {id(m) for m in [*readers, *neurons.modules]}
+    hooks = [m.register_forward_hook(lambda m, _i, _o: order.append(m))
+             for m in model.modules() if id(m) in watched]
+    try:
+        model(torch.zeros(1, *model.shape, device=next(model.parameters()).device))
+    finally:
+        for h in hooks:
+            h.remove()
+    out = []
+    for module, c in zip(neurons.modules, neurons.sizes):
+        start = next(i for i, m in enumerate(order) if m is module)
+        reader = next((m for m in order[start + 1:] if isinstance(m, (nn.Conv2d, nn.Linear))), None)
+        if reader is None or reader.weight.shape[1] % c:
+            raise ValueError(f"suspiciousness weight=out_l2: no layer reads the {c} channels of {module}")
+        w = reader.weight.detach()
+        out.append(w.transpose(0, 1).reshape(c, -1).norm(dim=1) if isinstance(reader, nn.Conv2d)
+                   else w.view(w.shape[0], c, -1).transpose(0, 1).reshape(c, -1).norm(dim=1))
+    return out
+
+
 def channel_weight_bounds(model: nn.Module, kind: str) -> list[torch.Tensor]:
     """Per conv (module order) and output channel: CLP's bound sigma_max(W_k * |gamma_k / sigma_k|), or the
     kernel's L2 norm times the same scale (``in_l2``). Convs without a BN use scale 1."""
+    if kind == "out_l2":
+        return outgoing_norms(model, conv_neurons(model))
     bn_of = {id(conv): bn for conv, bn in model.conv_bn_pairs()}
     out = []
     for conv in (m for m in model.modules() if isinstance(m, nn.Conv2d)):

@@ -16,6 +16,7 @@ from defenses.guard import longest_passing_prefix
 from defenses.masks import coalition_logits, conv_neurons, masked, prefix_masks, prune_channels, pruned_count
 from defenses.reversal import TriggerReversal, mad_anomaly
 from defenses.shap_pruning import ShapPruning, robust_outliers
+from defenses.suspiciousness import channel_weight_bounds
 
 CTX = DefenseContext(num_classes=10, input_shape=(1, 16, 16), device=torch.device("cpu"), seed=0,
                      progress=lambda it, **kw: it)
@@ -173,3 +174,15 @@ def test_shapley_estimate_matches_exact_values_of_a_tiny_model():
     assert walks == 3000
     torch.testing.assert_close(phi, exact, atol=0.01, rtol=0)
     assert abs(phi.sum() - (v[(1, 1, 1, 1)] - v[(0, 0, 0, 0)])) < 1e-4  # efficiency: a walk removes everyone
+
+
+def test_outgoing_weight_norms_by_hand():
+    """BSS weight=out_l2: each channel's column norm in the layer that reads it (the linear layer after the
+    flatten owns H*W columns per channel)."""
+    model = cnn()
+    norms = channel_weight_bounds(model, "out_l2")
+    assert [len(n) for n in norms] == [32, 64, 64]
+    torch.testing.assert_close(norms[0][3], model.layer2[2].weight[:, 3].norm())  # BN layer2[0] -> conv layer2[2]
+    torch.testing.assert_close(norms[1][7], model.layer3[2].weight[:, 7].norm())
+    fc = model.classifier[1].weight  # 64 channels x 2 x 2 positions after three stride-2 convs on 16 x 16
+    torch.testing.assert_close(norms[2][5], fc[:, 5 * 4:(5 + 1) * 4].norm())
