@@ -4,9 +4,10 @@ A *neuron* is one conv output channel, taken after the BatchNorm that normalizes
 silences it exactly) or, where the model says its BNs come before the convs (PreAct-ResNet,
 ``neuron_point = "conv"``), at the conv output. Many candidate prunings are scored at the cost of
 one large batch: the activation holds G coalitions x N images, the hook views it as
-[G, N, C, H, W] and multiplies by M[G, 1, C, 1, 1]. Everything before the first mask point is the
-same for every coalition, so it runs once on the N images and the first mask point repeats its output
-G times (this assumes no branch skips past the first mask point, true of every registered model).
+[G, N, C, H, W] and multiplies by M[G, 1, C, 1, 1]. The model's first conv (its stem) is the same for
+every coalition, so it runs once on the N images and its output is repeated G times; everything after
+it, residual branches included, sees G x N images (this assumes the stem is the only reader of the
+input, true of every registered model: a test scores coalitions of each one both ways).
 """
 
 from __future__ import annotations
@@ -90,21 +91,26 @@ def group_neurons(model: nn.Module, groups: Sequence[str]) -> Neurons:
 
 
 @contextlib.contextmanager
-def masked(neurons: Neurons, masks: torch.Tensor | None = None) -> Iterator["MaskState"]:
+def masked(neurons: Neurons, masks: torch.Tensor | None = None, stem: nn.Module | None = None
+           ) -> Iterator["MaskState"]:
     """Hooks that multiply each mask point's output by its slice of ``state.masks`` [G, n].
 
-    The batch is G x N images, coalition-major, or, with ``state.shared = N``, the N images once: the
-    first mask point then repeats its output G times. ``state.masks = None`` passes activations through.
+    The batch is G x N images, coalition-major, or, with ``state.shared = N`` and ``stem`` given, the N
+    images once: ``stem`` then repeats its output G times. ``state.masks = None`` passes activations through.
     """
     state = MaskState(masks)
+
+    def repeat(_module, _inputs, out: torch.Tensor) -> torch.Tensor:
+        g = state.masks.shape[0] if state.masks is not None else 1
+        if g > 1 and out.shape[0] == state.shared:
+            return out.repeat(g, *([1] * (out.dim() - 1)))
+        return out
 
     def hook(start: int, size: int) -> Callable:
         def fn(_module, _inputs, out: torch.Tensor) -> torch.Tensor:
             if state.masks is None:
                 return out
             g = state.masks.shape[0]
-            if g > 1 and out.shape[0] == state.shared:
-                out = out.repeat(g, *([1] * (out.dim() - 1)))
             m = state.masks[:, start:start + size].to(out.dtype)
             shaped = out.view(g, out.shape[0] // g, *out.shape[1:])
             m = m.view(g, 1, size, *([1] * (out.dim() - 2)))
@@ -114,7 +120,8 @@ def masked(neurons: Neurons, masks: torch.Tensor | None = None) -> Iterator["Mas
             return out
         return fn
 
-    handles = [m.register_forward_hook(hook(s, c)) for m, s, c in zip(neurons.modules, neurons.offsets, neurons.sizes)]
+    handles = [stem.register_forward_hook(repeat)] if stem is not None else []  # before a mask hook on the stem
+    handles += [m.register_forward_hook(hook(s, c)) for m, s, c in zip(neurons.modules, neurons.offsets, neurons.sizes)]
     try:
         yield state
     finally:
@@ -138,7 +145,8 @@ def coalition_logits(model: nn.Module, neurons: Neurons, masks: torch.Tensor, x:
     n_img = x.shape[0]
     per_pass = max(1, images_per_pass // n_img)
     out = []
-    with masked(neurons) as state:
+    stem = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
+    with masked(neurons, stem=stem) as state:
         state.shared = n_img
         for chunk in masks.split(per_pass):
             state.masks = chunk

@@ -6,11 +6,12 @@ import copy
 import itertools
 import math
 
+import pytest
 import torch
 from torch import nn
 
 from bench.augment import Augment
-from bench.models import create_model
+from bench.models import create_model, list_models
 from defenses.base import CleanData, DefenseContext
 from defenses.guard import longest_passing_prefix
 from defenses.masks import coalition_logits, conv_neurons, masked, prefix_masks, prune_channels, pruned_count
@@ -84,6 +85,19 @@ def test_batched_and_sequential_coalitions_agree():
     torch.testing.assert_close(batched, sequential, rtol=1e-4, atol=1e-5)
     with masked(neurons, masks[5:6]):
         torch.testing.assert_close(batched[5], model(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_batched_coalitions_agree_with_sequential_on_every_model(name):
+    """Residual models included: a skip path from the stem must see every coalition's copy of the images."""
+    shape = (1, 16, 16) if name == "fmnist_cnn" else (3, 32, 32)
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=10, shape=shape, mean=[0.5] * shape[0], std=[0.5] * shape[0]).eval()
+    neurons, x = conv_neurons(model), torch.rand(3, *shape)
+    masks = (torch.rand(4, neurons.n, generator=torch.Generator().manual_seed(1)) > 0.3).float()
+    batched = coalition_logits(model, neurons, masks, x, images_per_pass=len(masks) * len(x))
+    torch.testing.assert_close(batched, coalition_logits(model, neurons, masks, x, images_per_pass=len(x)),
+                               rtol=1e-4, atol=1e-4)
 
 
 def test_prefix_masks_remove_leading_neurons_of_the_order():
