@@ -188,7 +188,8 @@ def report(root: str | Path, out: str | Path | None = None, data_root: str | Non
     cells = df
     df = df[df["status"] == "ok"]
     cells.sort_values(KEYS + ["budget", "seed"]).to_csv(tables / "cells.csv", index=False, lineterminator="\n")
-    synthetic = df[df["data_source"] == "synthetic"].sort_values(KEYS + ["budget", "seed"])
+    synthetic = (df[df["data_source"] == "synthetic"].groupby(KEYS + ["budget"])["seed"]
+                 .apply(lambda s: ", ".join(map(str, sorted(s)))).reset_index(name="seeds"))
     mixed = df.groupby(KEYS + ["budget"])["setting"].nunique()
     for key in mixed[mixed > 1].index:  # same names, different configs (e.g. an override): never silently averaged
         problems.append({"record": " / ".join(map(str, key)), "problem": "one row mixes cells of different settings"})
@@ -199,7 +200,7 @@ def report(root: str | Path, out: str | Path | None = None, data_root: str | Non
     if problems:
         lines += ["## Records not used", "", markdown(pd.DataFrame(problems))]
     lines += ["## Cells whose defense ran on synthetic data (budget 0)", ""]
-    lines += [markdown(synthetic[KEYS + ["budget", "seed"]])] if len(synthetic) else ["none", ""]
+    lines += [markdown(synthetic)] if len(synthetic) else ["none", ""]
     if gallery_problems:
         lines += ["## Figures not drawn", "", markdown(pd.DataFrame(gallery_problems))]
     (out / "problems.md").write_text("\n".join(lines))
