@@ -178,9 +178,9 @@ def report(root: str | Path, out: str | Path | None = None, data_root: str | Non
     tables = out / "tables"
     for metric in METRICS:
         write_table(pivot(df, metric), tables, metric)
-    undefended = (df[df["status"] == "ok"].groupby(["dataset", "model", "recipe", "attack"])
-                  .agg(**{k: (f"undefended_{k}", lambda s: mean_std(s.drop_duplicates())) for k in ("acc", "asr", "ra")})
-                  .reset_index())
+    models = ["dataset", "model", "recipe", "attack"]  # one poisoned model per seed, shared by its cells
+    undefended = (df[df["status"] == "ok"].drop_duplicates(models + ["seed"]).groupby(models)
+                  .agg(**{k: (f"undefended_{k}", mean_std) for k in ("acc", "asr", "ra")}).reset_index())
     write_table(undefended, tables, "undefended")
     cost = pivot(df, "defense_seconds", scale=1.0, digits=2).merge(
         pivot(df, "peak_rss_mb", scale=1.0, digits=0), on=KEYS, suffixes=(" s", " MB"))

@@ -22,7 +22,11 @@ def test_report_tables_figures_and_problems(tiny_cfg, choices, tmp_path):
     cell = {**ok["cell"], "defense": "nad", "id": "nad-cell"}
     (records / "nad.json").write_text(json.dumps({"schema_version": 2, "status": "diverged", "cell": cell,
                                                    "error": "Traceback\nFloatingPointError: nad diverged: loss nan"}))
+    for path in records.glob("*-s1-*.json"):  # two seeds' models with equal metrics are still two models
+        rec = json.loads(path.read_text())
+        path.write_text(json.dumps({**rec, "undefended": ok["undefended"]}))
     out = report(records, tmp_path / "report", data_root="unused", cache_root=cfg.paths.cache)
+    assert "± 0.0 (n=2)" in (out / "tables" / "undefended.md").read_text()
     assert (out / "figures" / "gallery_synthetic.png").is_file()  # the trigger, from the cached attack
     asr = (out / "tables" / "asr.md").read_text()
     assert "| synthetic | fmnist_cnn | reference | - | badnets | clp |" in asr
