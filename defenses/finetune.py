@@ -100,7 +100,9 @@ def finetune(model: nn.Module, clean: CleanData, ctx: DefenseContext, *, epochs:
         with autocast(ctx.device, ctx.precision):
             loss = loss_fn(model, x, clean.y[idx])
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"{desc} diverged: loss {float(loss)} at step {step} of {steps} (lr={lr})")
+            bn = "frozen" if bn_frozen else f"in train mode, {degenerate} degenerate channels"
+            raise FloatingPointError(f"{desc} diverged: loss {float(loss)} at step {step} of {steps} (lr={lr}, "
+                                     f"batch {batch}, BatchNorm statistics {bn})")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

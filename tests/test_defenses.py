@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from bench.augment import Augment
@@ -91,3 +92,11 @@ def test_degenerate_batchnorm_statistics_are_not_frozen():
                       momentum=0.9, weight_decay=0.0, augment=Augment(), bn_min_batch=32)
     assert report["bn_frozen"] is False and report["bn_degenerate_channels"] == 1
     assert bn.running_var[3] > 0  # the statistics were updated by the batches
+
+
+def test_divergence_says_how_batchnorm_ran():
+    """A diverged cell's record keeps only the error: it must say whether the statistics were frozen."""
+    x, y = torch.rand(10, 1, 16, 16), torch.arange(10)
+    with pytest.raises(FloatingPointError, match=r"batch 10, BatchNorm statistics frozen\)"):
+        finetune(model(), CleanData(x, y, "real"), CTX, epochs=1, batch_size=256, min_steps=50, lr=1e8,
+                 momentum=0.9, weight_decay=0.0, augment=Augment(), bn_min_batch=32)
