@@ -158,12 +158,14 @@ class InputAware(Attack):
         self.mask_gen.train(was)
         return density
 
-    def _draw(self, augment) -> torch.Tensor:
-        """An independent augmented batch (the reference code's second shuffled loader)."""
-        if len(self._order) < self._batch:
+    def _draw(self, augment, n: int | None = None) -> torch.Tensor:
+        """``n`` (default: a batch) augmented images in an independent order: the reference code's second
+        shuffled loader. Only the images used are drawn and augmented."""
+        n = self._batch if n is None else n
+        if len(self._order) < n:
             self._order = torch.cat([self._order, torch.randperm(len(self._train), generator=self._gen,
                                                                  device=self._gen.device).to(self._order.device)])
-        idx, self._order = self._order[: self._batch], self._order[self._batch :]
+        idx, self._order = self._order[:n], self._order[n:]
         return augment(self._train.x[idx].float() / 255)
 
     # -- phase 2: joint training with the pattern generator ---------------------------------------
@@ -171,15 +173,17 @@ class InputAware(Attack):
         x = augment(x)  # augmentation before trigger generation, so the trigger fits the augmented image
         n = x.shape[0]
         n_b, n_c = math.floor(self.poison_rate * n), math.floor(self.cross_rate * n)
-        other = self._draw(augment)[: n_b + n_c]
+        source = self._draw(augment, n_c)  # the cross samples' trigger sources
         self.pattern_gen.train()
-        x_bd = self.stamp(x[:n_b])
-        x_cross = self.stamp(x[n_b : n_b + n_c], source=other[n_b : n_b + n_c])
+        # One G pass per image, as in the reference code: the same patterns make the triggers and enter the
+        # diversity loss (a second pass would also double G's BatchNorm running-statistics updates).
+        pattern_b, pattern_c = self.pattern_gen(x[:n_b]), self.pattern_gen(source)
+        x_bd = x[:n_b] + (pattern_b - x[:n_b]) * self.mask(x[:n_b])
+        x_cross = x[n_b : n_b + n_c] + (pattern_c - x[n_b : n_b + n_c]) * self.mask(source)
         pairs = min(n_b, n_c)
         if pairs:
-            d_img = rms_distance(x[:pairs], other[n_b : n_b + pairs])
-            d_pat = rms_distance(self.pattern_gen(x[:pairs]), self.pattern_gen(other[n_b : n_b + pairs]))
-            self._div = (d_img / (d_pat + EPS)).mean()
+            d_img = rms_distance(x[:pairs], source[:pairs])
+            self._div = (d_img / (rms_distance(pattern_b[:pairs], pattern_c[:pairs]) + EPS)).mean()
         else:
             self._div = torch.zeros((), device=x.device)
         y = torch.cat([torch.full_like(y[:n_b], self.target), y[n_b:]])

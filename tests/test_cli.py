@@ -15,11 +15,11 @@ from conftest import DATA, fashion_mnist_available
 needs_fmnist = pytest.mark.skipif(not fashion_mnist_available(), reason=f"Fashion-MNIST IDX files not under {DATA}")
 
 
-def bdbench(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+def bdbench(tmp_path: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     paths = [f"paths.data={DATA}", f"paths.cache={tmp_path / 'cache'}", f"paths.records={tmp_path / 'records'}",
              f"paths.output={tmp_path / 'outputs'}"]
     return subprocess.run([sys.executable, "-m", "bench.cli", *args, *paths], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.mark.parametrize(

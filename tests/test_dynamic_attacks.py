@@ -88,6 +88,24 @@ def test_input_aware_g_gradients_are_zeroed_unless_asked_to_accumulate(tiny_cfg)
         assert all(g is None for g in grads) != accumulate
 
 
+def test_input_aware_step_runs_each_image_through_the_pattern_generator_once():
+    """The diversity loss reuses the triggers' patterns (reference code): a second pass would double G's
+    BatchNorm updates. G sees the 12 backdoor images and the 12 cross-trigger sources of a 128 batch."""
+    attack = InputAware(mask_epochs=0)
+    train = ImageSet(torch.randint(0, 256, (256, 1, 28, 28), dtype=torch.uint8), torch.arange(256) % 10)
+
+    class Recipe:
+        batch_size = 128
+
+    attack.before_training(train, lambda x: x, torch.Generator().manual_seed(0), Recipe)
+    seen = []
+    attack.pattern_gen.register_forward_hook(lambda module, args, out: seen.append(len(args[0])))
+    x, y = attack.train_batch(train.x[:128].float() / 255, train.y[:128], lambda t: t)
+    assert seen == [12, 12]
+    assert (y[:12] == attack.target).all() and torch.equal(y[12:], train.y[12:128])
+    assert attack.batch_loss().item() > 0
+
+
 def test_artifacts_reproduce_the_asr_image_for_image(tiny_cfg, choices):
     for name, extra in (("wanet", "noise_acc"), ("input_aware", "cross_acc")):
         overrides = [f"attack={name}", "defense=none"]

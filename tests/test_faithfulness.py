@@ -1,6 +1,8 @@
-"""Real-data checks (slow tier, ~6 min on 2 CPU cores): full Fashion-MNIST, fmnist_cnn, the reference
-recipe. Clean accuracy >= 90 %; BadNets and Blended reach ASR >= 95 % within 2 points of it; FT at
-10 images per class lowers BadNets ASR; a repeated cell trains nothing."""
+"""Real-data checks (slow tier, ~30 min on 2 CPU cores): full Fashion-MNIST, fmnist_cnn, the reference
+recipe with the data set's attack schedules (conf/attack_dataset/). Clean accuracy >= 90 %; BadNets and
+Blended reach ASR >= 95 % and WaNet and Input-aware >= 90 % (issue 4), within 2 points of it; WaNet's
+noise and Input-aware's cross-trigger accuracy stay within 5 points of the clean model's; FT at 10 images
+per class lowers BadNets ASR; a repeated cell trains nothing."""
 
 from __future__ import annotations
 
@@ -48,3 +50,25 @@ def test_ft_lowers_badnets_asr_and_poisoned_model_is_reused(grid):
     assert ft["cache"]["hit"] and records[("badnets", "clp")]["cache"]["hit"]
     assert "pruned" in records[("badnets", "clp")]["defense"]
     assert (runs[1].stdout + runs[1].stderr).count("cache hit") == 1
+
+
+@pytest.fixture(scope="module")
+def dynamic(tmp_path_factory, grid):
+    tmp = tmp_path_factory.mktemp("dynamic")
+    run = bdbench(tmp, "-m", "attack=wanet,input_aware", "defense=none", "budget=10", timeout=3600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    records = {r["cell"]["attack"]: r for r in (json.loads(p.read_text()) for p in (tmp / "records").glob("*.json"))}
+    return records, grid[0][("none", "none")]["metrics"]["acc"]
+
+
+@pytest.mark.parametrize("attack, own_metric", [
+    ("wanet", "noise_acc"),
+    pytest.param("input_aware", "cross_acc", marks=pytest.mark.xfail(
+        reason="issue 4 open: 40 epochs reach ASR 83-90 % and cross-trigger accuracy ~83 % (9 points below ACC)")),
+])
+def test_dynamic_attack_reaches_its_targets(dynamic, attack, own_metric):
+    records, clean_acc = dynamic
+    m = records[attack]["undefended"]  # the poisoned model's metrics, the attack's own included
+    assert m["asr"] >= 0.90
+    assert abs(m["acc"] - clean_acc) <= 0.02
+    assert m[own_metric] >= clean_acc - 0.05
