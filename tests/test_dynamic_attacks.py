@@ -3,13 +3,17 @@ and artifacts that reproduce the ASR exactly after a trip through the cache."""
 
 from __future__ import annotations
 
+import pytest
 import torch
+from omegaconf import OmegaConf
 
 from attacks.input_aware import Generator, InputAware
 from attacks.wanet import WaNet
 from bench.augment import Augment
 from bench.data import ImageSet
 from bench.runner import run_cell
+from bench.validate import CONF_DIR
+from conftest import compose_cell
 
 
 def test_wanet_field_is_identity_at_zero_strength_and_sub_pixel_at_default():
@@ -116,3 +120,13 @@ def test_artifacts_reproduce_the_asr_image_for_image(tiny_cfg, choices):
         assert second["cache"]["hit"] and extra in first["undefended"]
         assert second["metrics"]["asr"] == first["undefended"]["asr"]  # recomputed with the reloaded trigger
         assert second["attack"]["asr_images"] == "uint8, rounded"
+
+
+@pytest.mark.parametrize("attack", ["wanet", "input_aware"])
+def test_cpu_schedules_on_cifar_cnn_win_over_the_grid_epochs_and_spare_the_gpu_grid(tmp_path, attack):
+    cpu = compose_cell(tmp_path, ["experiment=cifar10_grid", f"attack={attack}"])
+    schedule = OmegaConf.load(CONF_DIR / "attack_model" / f"{attack}_cifar_cnn.yaml")
+    assert cpu.recipe.epochs == schedule.recipe.epochs != 15  # cifar10_grid trains the other attacks 15
+    assert compose_cell(tmp_path, ["experiment=cifar10_grid", "attack=badnets"]).recipe.epochs == 15
+    gpu = compose_cell(tmp_path, ["experiment=paper_grid_gpu", f"attack={attack}"])
+    assert gpu.recipe.epochs == 100 and gpu.attack == compose_cell(tmp_path, ["dataset=cifar10_jpeg", f"attack={attack}"]).attack

@@ -61,14 +61,20 @@ def dynamic(tmp_path_factory, grid):
     return records, grid[0][("none", "none")]["metrics"]["acc"]
 
 
-@pytest.mark.parametrize("attack, own_metric", [
-    ("wanet", "noise_acc"),
-    pytest.param("input_aware", "cross_acc", marks=pytest.mark.xfail(
-        reason="issue 4 open: 40 epochs reach ASR 83-90 % and cross-trigger accuracy ~83 % (9 points below ACC)")),
-])
-def test_dynamic_attack_reaches_its_targets(dynamic, attack, own_metric):
+@pytest.mark.parametrize("attack", ["wanet", "input_aware"])
+def test_dynamic_attack_reaches_its_asr_at_clean_accuracy(dynamic, attack):
     records, clean_acc = dynamic
     m = records[attack]["undefended"]  # the poisoned model's metrics, the attack's own included
     assert m["asr"] >= 0.90
     assert abs(m["acc"] - clean_acc) <= 0.02
-    assert m[own_metric] >= clean_acc - 0.05
+
+
+@pytest.mark.parametrize("attack, own_metric", [
+    ("wanet", "noise_acc"),
+    pytest.param("input_aware", "cross_acc", marks=pytest.mark.xfail(
+        reason="issue 4: cross-trigger accuracy 84.5-85.0 % (seeds 0, 1), 6.3-6.8 points below the clean model; "
+               "pairs whose masks overlap are mistaken for backdoor samples")),
+])
+def test_dynamic_attack_keeps_its_noise_or_cross_accuracy(dynamic, attack, own_metric):
+    records, clean_acc = dynamic
+    assert records[attack]["undefended"][own_metric] >= clean_acc - 0.05
