@@ -129,7 +129,7 @@ class InputAware(Attack):
                 x1, x2 = self._draw(augment), self._draw(augment)
                 m1, m2 = self.mask(x1), self.mask(x2)
                 loss_norm = F.relu(m1 - self.mask_density).mean()
-                loss_div = (rms_distance(x1, x2) / (rms_distance(m1, m2) + EPS)).mean() * self.lambda_div
+                loss_div = (rms_distance(x1, x2) / (rms_distance(m1, m2) + EPS)).mean()
                 loss = self.lambda_norm * loss_norm + self.lambda_div * loss_div
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
