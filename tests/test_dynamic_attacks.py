@@ -76,6 +76,23 @@ def test_mask_generator_learns_a_sparse_mask():
     assert not any(p.requires_grad for p in attack.mask_gen.parameters())  # frozen for phase 2
 
 
+def test_mask_diversity_term_is_weighted_by_lambda_div_once():
+    """The mask phase logs the raw diversity ratio; lambda_div multiplies it in the loss only (it was once
+    applied twice, so lambda_div=5 weighted the term 25x)."""
+    train = ImageSet(torch.randint(0, 256, (128, 1, 16, 16), dtype=torch.uint8), torch.arange(128) % 10)
+
+    class Recipe:
+        batch_size = 32
+
+    divs = []
+    for lambda_div in (1.0, 5.0):
+        torch.manual_seed(0)
+        attack = InputAware(mask_epochs=1, mask_steps_per_epoch=1, lambda_div=lambda_div)
+        attack.before_training(train, lambda x: x, torch.Generator().manual_seed(0), Recipe)
+        divs.append(attack.history["mask"][0]["div"])
+    assert divs[0] == pytest.approx(divs[1], rel=1e-6)
+
+
 def test_input_aware_g_gradients_are_zeroed_unless_asked_to_accumulate(tiny_cfg):
     for accumulate in (False, True):
         attack = InputAware(mask_epochs=0, accumulate_G_grads=accumulate)
