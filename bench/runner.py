@@ -96,8 +96,10 @@ def poisoned_model(cfg: DictConfig, data: DataBundle, device: torch.device) -> t
             attack.load_state_dict(entry.attack_state)
     model.to(device).eval()
     attack.to(device)
+    # The attack's report is the one written at training time: a reloaded attack has no training history.
     info = {"key": key, "hit": hit, "train_seconds": entry.manifest["train_seconds"],
-            "undefended": entry.manifest["undefended"], "history": entry.manifest["history"]}
+            "undefended": entry.manifest["undefended"], "history": entry.manifest["history"],
+            "attack_report": entry.manifest["attack_report"]}
     return model, attack, info
 
 
@@ -142,7 +144,7 @@ def run_cell(cfg: DictConfig, choices: dict[str, Any]) -> dict:
     record: dict[str, Any] = {"cell": {**names, "id": path.stem, "setting": setting}, "config": config,
                               "seed": int(cfg.seed),
                               "data_source": clean.source, "defense_images": len(clean),
-                              "undefended": undefended, "attack": attack.report(), "synthesis": synthesis,
+                              "undefended": undefended, "attack": cache_info["attack_report"], "synthesis": synthesis,
                               "cache": {k_: cache_info[k_] for k_ in ("key", "hit", "train_seconds")}}
     try:
         if device.type == "cuda":

@@ -137,6 +137,7 @@ def test_artifacts_reproduce_the_asr_image_for_image(tiny_cfg, choices):
         assert second["cache"]["hit"] and extra in first["undefended"]
         assert second["metrics"]["asr"] == first["undefended"]["asr"]  # recomputed with the reloaded trigger
         assert second["attack"]["asr_images"] == "uint8, rounded"
+        assert second["attack"] == first["attack"]  # the training-time report, mask history included
 
 
 @pytest.mark.parametrize("attack", ["wanet", "input_aware"])
