@@ -7,7 +7,7 @@ synthetic set at k = 0) -> defense on a copy -> ACC / ASR / RA / DER -> one atom
 from __future__ import annotations
 
 import copy
-import inspect
+import importlib.util
 import logging
 import resource
 import sys
@@ -34,19 +34,27 @@ from defenses.base import CleanData, DefenseContext  # the interface, never a co
 
 log = logging.getLogger(__name__)
 
-# The engine's own code that shapes a trained model; an edit to any of these invalidates the cache.
-ENGINE_SOURCES = ("bench/train.py", "bench/data.py", "bench/augment.py", "bench/models/base.py", "attacks/base.py")
-ROOT = Path(__file__).resolve().parent.parent
+# The engine's own modules that shape a trained model; an edit to any of these invalidates the cache.
+ENGINE_MODULES = ("bench.train", "bench.data", "bench.augment", "bench.models.base", "attacks.base")
 
 
 def _plain(node: DictConfig) -> dict:
     return OmegaConf.to_container(node, resolve=True)  # type: ignore[return-value]
 
 
+def source_file(module: str) -> Path:
+    """Where a module's source lives (importlib's answer, so plugin packages count as well)."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or spec.origin is None:
+        raise ImportError(f"no source for module {module}")
+    return Path(spec.origin)
+
+
 def code_version(*objects: Any) -> str:
-    """Hash of the engine's training code and the source files defining ``objects``."""
-    files = sorted({str(ROOT / f) for f in ENGINE_SOURCES} | {inspect.getsourcefile(type(o)) for o in objects})
-    return sha256_json({Path(f).name: Path(f).read_text() for f in files})
+    """Hash of the engine's training code and the modules defining ``objects``, keyed by module name:
+    two files called ``base.py`` in different packages are two keys, never one."""
+    modules = set(ENGINE_MODULES) | {type(o).__module__ for o in objects}
+    return sha256_json({m: source_file(m).read_text() for m in sorted(modules)})
 
 
 def cell_names(cfg: DictConfig, choices: dict[str, Any]) -> dict[str, Any]:

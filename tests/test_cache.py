@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from bench import runner
@@ -61,3 +62,23 @@ def test_trigger_artifacts_round_trip_through_the_cache(tiny_cfg, choices):
     assert second["cache"]["hit"] and second["metrics"]["asr"] == first["metrics"]["asr"]
     state = torch.load(next(Path(cfg.paths.cache).glob("models/*/attack.pt")), weights_only=True)
     assert state["pattern"].dtype == torch.uint8 and len(state["poison_indices"]) > 0
+
+
+@pytest.mark.parametrize("edited", runner.ENGINE_MODULES)
+def test_an_edit_to_any_engine_module_changes_the_code_version(edited, tmp_path, monkeypatch):
+    """attacks/base.py and bench/models/base.py share a file name: keyed by name, one hid the other."""
+    copies = {}
+    for module in runner.ENGINE_MODULES:
+        copies[module] = tmp_path / module.replace(".", "/") / "source.py"
+        copies[module].parent.mkdir(parents=True)
+        copies[module].write_text(runner.source_file(module).read_text())
+    monkeypatch.setattr(runner, "source_file", lambda module: copies.get(module) or runner.Path(module))
+    before = runner.code_version()
+    copies[edited].write_text(copies[edited].read_text() + "\n# an edit\n")
+    assert runner.code_version() != before
+
+
+def test_engine_modules_include_both_base_files():
+    files = {runner.source_file(m).relative_to(runner.source_file("bench").parent.parent).as_posix()
+             for m in runner.ENGINE_MODULES}
+    assert {"attacks/base.py", "bench/models/base.py"} <= files
