@@ -20,7 +20,7 @@ from torch.nn.utils import parametrize
 
 from bench.augment import Augment
 from defenses.base import CleanData, Defense, DefenseContext, register_defense
-from defenses.finetune import freeze_batchnorm, keep_batchnorm_frozen
+from defenses.finetune import check_batchnorm, set_train_mode
 from defenses.reversal import carriers
 
 SELECT = ("threshold", "sweep")
@@ -60,7 +60,8 @@ class ANP(Defense):
     def __init__(self, augment: dict, eps: float = 0.4, alpha: float = 0.2, steps: int = 2000, batch_size: int = 128,
                  anp_steps: int = 1, mask_lr: float = 0.2, momentum: float = 0.9, threshold: float = 0.2,
                  select: str = "threshold", sweep_thresholds: tuple[float, float, float] = (0.05, 0.9, 0.05),
-                 sweep_delta_acc: float = 0.05, copies: int = 4, bn_min_batch: int = 32) -> None:
+                 sweep_delta_acc: float = 0.05, copies: int = 4, batchnorm: str = "train") -> None:
+        check_batchnorm(batchnorm)
         if select not in SELECT:
             raise ValueError(f"anp select={select!r}; valid: {', '.join(SELECT)}")
         if not 0 <= alpha <= 1:
@@ -68,7 +69,7 @@ class ANP(Defense):
         self.augment, self.eps, self.alpha, self.steps, self.batch_size = Augment(**augment), eps, alpha, steps, batch_size
         self.anp_steps, self.mask_lr, self.momentum, self.threshold = anp_steps, mask_lr, momentum, threshold
         self.select, self.sweep_thresholds, self.sweep_delta_acc = select, tuple(sweep_thresholds), sweep_delta_acc
-        self.copies, self.bn_min_batch = copies, bn_min_batch
+        self.copies, self.batchnorm = copies, batchnorm
         self._report: dict = {}
 
     def apply(self, model, clean: CleanData, ctx: DefenseContext):
@@ -84,7 +85,7 @@ class ANP(Defense):
                         "pruned": int((flat < threshold).sum()), "pruned_fraction": float((flat < threshold).float().mean()),
                         "mask_quantiles": [round(float(q), 3) for q in flat.quantile(torch.tensor([0.0, 0.01, 0.05, 0.5], device=flat.device))],
                         "steps": self.steps, "batch_size": min(self.batch_size, len(clean)),
-                        "bn_degenerate_channels": self._degenerate,
+                        "batchnorm": self.batchnorm,
                         "seconds": time.perf_counter() - start}
         return pruned
 
@@ -105,10 +106,7 @@ class ANP(Defense):
         noise_opt = torch.optim.SGD(noise_params, lr=self.eps / self.anp_steps)
         batch = min(self.batch_size, len(clean))
         gen = ctx.generator("anp")
-        model.train()
-        frozen, self._degenerate = keep_batchnorm_frozen(model, batch, self.bn_min_batch)
-        if frozen:
-            freeze_batchnorm(model)
+        set_train_mode(model, self.batchnorm)
         modules = list(scales.values()) + list(shifts.values())
 
         def perturb(on: bool) -> None:

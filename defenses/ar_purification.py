@@ -27,7 +27,7 @@ from torch import nn
 from bench.augment import Augment
 from bench.device import autocast
 from defenses.base import CleanData, Defense, DefenseContext, register_defense
-from defenses.finetune import finetune, step_count
+from defenses.finetune import check_batchnorm, finetune, step_count
 from defenses.masks import Neurons, conv_neurons, prune_channels
 
 VARIANTS = ("code", "neuron")
@@ -66,6 +66,8 @@ class ARPurification(Defense):
         self.augment, self.variant, self.layers = Augment(**augment), variant, tuple(layers)
         self.ema, self.beta, self.alpha, self.ar_sign = ema, beta, alpha, ar_sign
         self.code_schedule, self.neuron_schedule = dict(code_schedule or {}), dict(neuron_schedule or {})
+        for schedule in (self.code_schedule, self.neuron_schedule):
+            check_batchnorm(schedule.get("batchnorm", "train"))
         self.salience, self.q, self.scored_groups, self.reg = salience, q, scored_groups, reg
         self.rho_end, self.l1_lambda, self.final_prune, self.copies = rho_end, l1_lambda, final_prune, copies
         self._report: dict = {}

@@ -23,7 +23,7 @@ from bench.augment import Augment
 from defenses.attention import attention, feature_taps, forward_with_features
 from defenses.base import CleanData, Defense, DefenseContext, register_defense
 from defenses.clp import CLP
-from defenses.finetune import finetune
+from defenses.finetune import check_batchnorm, finetune
 from defenses.nad import teacher_of
 
 TEACHERS = ("finetune", "clp")
@@ -85,6 +85,8 @@ class ARGD(Defense):
         if len(vertex_weights) != 3:
             raise ValueError(f"argd vertex_weights={list(vertex_weights)!r}; valid: three weights")
         self.augment, self.teacher_schedule, self.student = Augment(**augment), dict(teacher_schedule), dict(student)
+        for schedule in (self.teacher_schedule, self.student):
+            check_batchnorm(schedule["batchnorm"])
         if lr0 is not None:  # the sensitivity row: a smaller first learning rate for tiny budgets
             self.student["lr"] = lr0
         self.vertex_weights, self.w_vertex, self.w_edge, self.w_global = tuple(vertex_weights), w_vertex, w_edge, w_global

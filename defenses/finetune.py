@@ -2,9 +2,11 @@
 
 Length is counted in steps, not epochs (defenses.md §1.2): ``steps = max(epochs * ceil(n / B),
 min_steps)`` with ``B = min(batch_size, n)``, so one image per class still gets a real schedule.
-Batches are re-drawn from the clean set with the data set's augmentation. BatchNorm keeps its
-running statistics (eval mode) when batches are smaller than ``bn_min_batch``, unless some of them are
-degenerate (see ``keep_batchnorm_frozen``).
+Batches are re-drawn from the clean set with the data set's augmentation. BatchNorm runs in one mode
+for every cell, whatever the model or batch: ``batchnorm=train`` (default), as every reference code
+fine-tunes (BackdoorBench's trainer, NAD, ARGD, ANP, the AR authors' code call ``model.train()``), or the
+named variant ``batchnorm=frozen`` (running statistics kept). ``grad_clip`` (a max gradient norm) is a
+named variant too; null = none, as the references.
 """
 
 from __future__ import annotations
@@ -33,19 +35,20 @@ def freeze_batchnorm(model: nn.Module) -> None:
             m.eval()
 
 
-def degenerate_batchnorm_channels(model: nn.Module) -> int:
-    """BatchNorm channels whose running variance is at most eps: channels that never fired in training
-    (a ReLU before the BN). Frozen, they multiply any input they start to receive by ~1/sqrt(2 eps),
-    over 200x, and fine-tuning diverges within a few steps (fmnist_cnn at budget 1: NaN by step 5-13)."""
-    return sum(int((m.running_var <= m.eps).sum()) for m in model.modules()
-               if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_var is not None)
+BATCHNORM = ("train", "frozen")
 
 
-def keep_batchnorm_frozen(model: nn.Module, batch: int, bn_min_batch: int) -> tuple[bool, int]:
-    """(freeze?, degenerate channels): freeze the statistics below ``bn_min_batch`` (tiny batches would
-    overwrite them) unless some are degenerate, where frozen statistics are the greater danger."""
-    degenerate = degenerate_batchnorm_channels(model)
-    return batch < bn_min_batch and degenerate == 0, degenerate
+def check_batchnorm(mode: str) -> None:
+    if mode not in BATCHNORM:
+        raise ValueError(f"batchnorm={mode!r}; valid: {', '.join(BATCHNORM)}")
+
+
+def set_train_mode(model: nn.Module, batchnorm: str) -> None:
+    """``model.train()``, with BatchNorm layers back in eval mode under ``batchnorm=frozen``."""
+    check_batchnorm(batchnorm)
+    model.train()
+    if batchnorm == "frozen":
+        freeze_batchnorm(model)
 
 
 def cutout(x: torch.Tensor, size: int, gen: torch.Generator) -> torch.Tensor:
@@ -66,7 +69,7 @@ def piecewise_lr(piecewise: list[list[float]], steps: int) -> Callable[[int], fl
 
 def finetune(model: nn.Module, clean: CleanData, ctx: DefenseContext, *, epochs: int, batch_size: int,
              min_steps: int, lr: float, momentum: float, weight_decay: float, augment: Augment,
-             bn_min_batch: int, nesterov: bool = False, schedule: str = "cosine",
+             batchnorm: str, grad_clip: float | None = None, nesterov: bool = False, schedule: str = "cosine",
              piecewise: list[list[float]] | None = None, cutout_size: int = 0,
              loss_fn: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
              params: list[torch.nn.Parameter] | None = None, after_step: Callable[[int, int], None] | None = None,
@@ -84,11 +87,8 @@ def finetune(model: nn.Module, clean: CleanData, ctx: DefenseContext, *, epochs:
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps) if schedule == "cosine" else \
         torch.optim.lr_scheduler.LambdaLR(optimizer, piecewise_lr(piecewise or [[0.0, 1.0]], steps))
     gen = ctx.generator(desc)
-    bn_frozen, degenerate = keep_batchnorm_frozen(model, batch, bn_min_batch)
     loss_fn = loss_fn or (lambda m, x, y: F.cross_entropy(m(x), y))
-    model.train()
-    if bn_frozen:
-        freeze_batchnorm(model)
+    set_train_mode(model, batchnorm)
     order = torch.empty(0, dtype=torch.long, device=ctx.device)
     for step in ctx.progress(range(steps), desc=desc):
         if len(order) < batch:  # a fresh permutation whenever the current one runs out
@@ -100,15 +100,16 @@ def finetune(model: nn.Module, clean: CleanData, ctx: DefenseContext, *, epochs:
         with autocast(ctx.device, ctx.precision):
             loss = loss_fn(model, x, clean.y[idx])
         if not torch.isfinite(loss):
-            bn = "frozen" if bn_frozen else f"in train mode, {degenerate} degenerate channels"
             raise FloatingPointError(f"{desc} diverged: loss {float(loss)} at step {step} of {steps} (lr={lr}, "
-                                     f"batch {batch}, BatchNorm statistics {bn})")
+                                     f"batch {batch}, batchnorm={batchnorm}, grad_clip={grad_clip})")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         optimizer.step()
         scheduler.step()
         if after_step is not None:
             after_step(step, steps)
     model.eval()
-    return {"steps": steps, "batch_size": batch, "bn_frozen": bn_frozen, "bn_degenerate_channels": degenerate,
+    return {"steps": steps, "batch_size": batch, "batchnorm": batchnorm, "grad_clip": grad_clip,
             "final_loss": float(loss.detach())}

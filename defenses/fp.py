@@ -18,7 +18,7 @@ import torch
 from bench.augment import Augment
 from bench.device import autocast
 from defenses.base import CleanData, Defense, DefenseContext, register_defense
-from defenses.finetune import finetune
+from defenses.finetune import check_batchnorm, finetune
 from defenses.guard import longest_passing_prefix
 from defenses.masks import coalition_logits, group_neurons, prefix_masks, prune_channels
 from defenses.reversal import carriers
@@ -29,14 +29,16 @@ class FinePruning(Defense):
     def __init__(self, augment: dict, images_per_pass: dict, step_frac: float = 0.01, acc_ratio: float = 0.1,
                  max_frac: float = 0.9, copies: int = 4, finetune: bool = True, epochs: int = 100,
                  batch_size: int = 256, min_steps: int = 300, lr: float = 0.01, momentum: float = 0.9,
-                 weight_decay: float = 5e-4, bn_min_batch: int = 32) -> None:
+                 weight_decay: float = 5e-4, batchnorm: str = "train",
+                 grad_clip: float | None = None) -> None:
+        check_batchnorm(batchnorm)
         if not 0 < acc_ratio < 1:
             raise ValueError(f"fp acc_ratio={acc_ratio}; valid: a fraction in (0, 1)")
         self.augment, self.images_per_pass = Augment(**augment), images_per_pass
         self.step_frac, self.acc_ratio, self.max_frac, self.copies = step_frac, acc_ratio, max_frac, copies
         self.finetune = finetune
         self.ft = dict(epochs=epochs, batch_size=batch_size, min_steps=min_steps, lr=lr, momentum=momentum,
-                       weight_decay=weight_decay, bn_min_batch=bn_min_batch)
+                       weight_decay=weight_decay, batchnorm=batchnorm, grad_clip=grad_clip)
         self._report: dict = {}
 
     def apply(self, model, clean: CleanData, ctx: DefenseContext):

@@ -6,7 +6,7 @@ import copy
 
 from bench.augment import Augment
 from defenses.base import CleanData, Defense, DefenseContext, register_defense
-from defenses.finetune import finetune
+from defenses.finetune import check_batchnorm, finetune
 
 
 @register_defense("ft")
@@ -14,9 +14,11 @@ class FineTuning(Defense):
     """Cross-entropy fine-tuning, BackdoorBench's schedule (lr 0.01, cosine) under the step rule."""
 
     def __init__(self, epochs: int, batch_size: int, min_steps: int, lr: float, momentum: float,
-                 weight_decay: float, augment: dict, bn_min_batch: int) -> None:
+                 weight_decay: float, augment: dict, batchnorm: str, grad_clip: float | None) -> None:
+        check_batchnorm(batchnorm)
         self.kwargs = dict(epochs=epochs, batch_size=batch_size, min_steps=min_steps, lr=lr, momentum=momentum,
-                           weight_decay=weight_decay, augment=Augment(**augment), bn_min_batch=bn_min_batch)
+                           weight_decay=weight_decay, augment=Augment(**augment), batchnorm=batchnorm,
+                           grad_clip=grad_clip)
         self._report: dict = {}
 
     def apply(self, model, clean: CleanData, ctx: DefenseContext):

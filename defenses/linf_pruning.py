@@ -18,7 +18,7 @@ import torch
 from bench.augment import Augment
 from bench.device import autocast
 from defenses.base import CleanData, Defense, DefenseContext, register_defense
-from defenses.finetune import finetune
+from defenses.finetune import check_batchnorm, finetune
 from defenses.guard import Guard
 from defenses.masks import coalition_logits, group_neurons, prefix_masks, prune_channels
 from defenses.reversal import TriggerReversal, carriers
@@ -49,6 +49,7 @@ class LinfPruning(Defense):
         self.tau_asr, self.delta_acc, self.min_agreement, self.k_max_frac = tau_asr, delta_acc, min_agreement, k_max_frac
         self.copies_single, self.copies = copies_single, copies
         self.finetune, self.finetune_args = finetune, finetune_args or {}
+        check_batchnorm(self.finetune_args.get("batchnorm", "train"))
         self._report: dict = {}
 
     def apply(self, model, clean: CleanData, ctx: DefenseContext):

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from bench.augment import Augment
 from defenses.attention import at_loss, feature_taps, forward_with_features
 from defenses.base import CleanData, Defense, DefenseContext, register_defense
-from defenses.finetune import finetune
+from defenses.finetune import check_batchnorm, finetune
 
 
 def teacher_of(model, clean: CleanData, ctx: DefenseContext, augment: Augment, **schedule):
@@ -36,6 +36,8 @@ class NAD(Defense):
             raise ValueError(f"nad betas={list(betas)!r}; valid: one weight per distilled feature group")
         self.augment, self.teacher, self.student = Augment(**augment), dict(teacher), dict(student)
         self.betas, self.p = tuple(betas), p
+        for schedule in (self.teacher, self.student):
+            check_batchnorm(schedule["batchnorm"])
         self._report: dict = {}
 
     def apply(self, model, clean: CleanData, ctx: DefenseContext):

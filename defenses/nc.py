@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from bench.augment import Augment
 from defenses.base import CleanData, Defense, DefenseContext, register_defense
-from defenses.finetune import finetune
+from defenses.finetune import check_batchnorm, finetune
 from defenses.reversal import TriggerReversal
 
 UNDETECTED = ("force", "skip")
@@ -27,7 +27,9 @@ UNDETECTED = ("force", "skip")
 class NeuralCleanse(Defense):
     def __init__(self, reversal: dict, augment: dict, unlearning_ratio: float = 0.2, when_undetected: str = "force",
                  epochs: int = 100, batch_size: int = 256, min_steps: int = 300, lr: float = 0.01,
-                 momentum: float = 0.9, weight_decay: float = 5e-4, bn_min_batch: int = 32) -> None:
+                 momentum: float = 0.9, weight_decay: float = 5e-4, batchnorm: str = "train",
+                 grad_clip: float | None = None) -> None:
+        check_batchnorm(batchnorm)
         if when_undetected not in UNDETECTED:
             raise ValueError(f"nc when_undetected={when_undetected!r}; valid: {', '.join(UNDETECTED)}")
         if not 0 <= unlearning_ratio <= 1:
@@ -35,7 +37,7 @@ class NeuralCleanse(Defense):
         self.reversal, self.augment = TriggerReversal(**reversal), Augment(**augment)
         self.unlearning_ratio, self.when_undetected = unlearning_ratio, when_undetected
         self.ft = dict(epochs=epochs, batch_size=batch_size, min_steps=min_steps, lr=lr, momentum=momentum,
-                       weight_decay=weight_decay, bn_min_batch=bn_min_batch)
+                       weight_decay=weight_decay, batchnorm=batchnorm, grad_clip=grad_clip)
         self._report: dict = {}
 
     def apply(self, model, clean: CleanData, ctx: DefenseContext):

@@ -20,7 +20,7 @@ from torch import nn
 from bench.augment import Augment
 from bench.device import autocast
 from defenses.base import CleanData, Defense, DefenseContext, register_defense
-from defenses.finetune import finetune
+from defenses.finetune import check_batchnorm, finetune
 from defenses.guard import Guard, longest_passing_prefix
 from defenses.masks import Neurons, coalition_logits, conv_neurons, prefix_masks, prune_channels
 from defenses.reversal import carriers
@@ -117,6 +117,7 @@ class Suspiciousness(Defense):
         self.weight, self.weights_only, self.chunk_frac, self.max_frac = weight, weights_only, chunk_frac, max_frac
         self.min_agreement, self.delta_acc, self.copies = min_agreement, delta_acc, copies
         self.finetune, self.finetune_args = finetune, finetune_args or {}
+        check_batchnorm(self.finetune_args.get("batchnorm", "train"))
         self._report: dict = {}
 
     def apply(self, model, clean: CleanData, ctx: DefenseContext):

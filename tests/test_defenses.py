@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
 from bench.augment import Augment
 from bench.models import create_model
 from defenses.base import CleanData, DefenseContext
+from bench.validate import CONF_DIR
 from defenses.clp import CLP
 from defenses.finetune import finetune, step_count
+from defenses.ft import FineTuning
 from defenses.synthesis import DeepInversion, total_variation
 
 CTX = DefenseContext(num_classes=10, input_shape=(1, 16, 16), device=torch.device("cpu"), seed=0,
@@ -51,16 +55,53 @@ def test_clp_spares_a_model_without_outliers():
     assert all(torch.equal(a, b) for a, b in zip(repaired.state_dict().values(), m.state_dict().values()))
 
 
-def test_finetune_learns_and_freezes_batchnorm_for_tiny_batches():
-    m = model()
+def test_finetune_learns_in_train_mode_and_freezes_only_when_asked():
+    """One BatchNorm policy for every cell: train mode by default (the references), ``frozen`` only by name."""
     x, y = torch.rand(10, 1, 16, 16), torch.arange(10)
+    m = model()
     bn = m.conv_bn_pairs()[0][1]
     before = bn.running_mean.clone()
     report = finetune(m, CleanData(x, y, "real"), CTX, epochs=1, batch_size=256, min_steps=60, lr=0.05,
-                      momentum=0.9, weight_decay=0.0, augment=Augment(), bn_min_batch=32)
-    assert report["steps"] == 60 and report["bn_frozen"] is True
-    assert torch.equal(bn.running_mean, before)  # statistics of 10 images never replaced the stored ones
+                      momentum=0.9, weight_decay=0.0, augment=Augment(), batchnorm="train")
+    assert report["steps"] == 60 and report["batchnorm"] == "train"
+    assert not torch.equal(bn.running_mean, before)  # batch statistics were used and stored
     assert (m(x).argmax(1) == y).float().mean() == 1.0  # it did fit the ten images
+    frozen = model()
+    report = finetune(frozen, CleanData(x, y, "real"), CTX, epochs=1, batch_size=256, min_steps=5, lr=0.05,
+                      momentum=0.9, weight_decay=0.0, augment=Augment(), batchnorm="frozen")
+    assert report["batchnorm"] == "frozen"
+    assert torch.equal(frozen.conv_bn_pairs()[0][1].running_mean, before)
+
+
+@pytest.mark.parametrize("degenerate", [False, True])
+def test_batchnorm_mode_does_not_depend_on_the_model(degenerate):
+    """Before, a channel with running variance ~0 switched a budget-1 cell from frozen to train mode, and
+    that coin flip decided which cells diverged. The policy is the config's, whatever the statistics."""
+    m = model()
+    if degenerate:
+        with torch.no_grad():
+            m.conv_bn_pairs()[0][1].running_var[3] = 0.0
+    seen = []
+    hook = m.conv_bn_pairs()[0][1].register_forward_pre_hook(lambda mod, _i: seen.append(mod.training))
+    x, y = torch.rand(10, 1, 16, 16), torch.arange(10)
+    finetune(m, CleanData(x, y, "real"), CTX, epochs=1, batch_size=256, min_steps=3, lr=0.01, momentum=0.9,
+             weight_decay=0.0, augment=Augment(), batchnorm="frozen")
+    hook.remove()
+    assert seen == [False, False, False]
+
+
+@pytest.mark.parametrize("name", ["ft", "fp", "nc", "nad", "argd", "anp", "ar_purification", "linf_pruning",
+                                  "suspiciousness"])
+def test_every_fine_tuning_config_trains_batchnorm_by_default(name):
+    text = (CONF_DIR / "defense" / f"{name}.yaml").read_text()
+    assert "bn_min_batch" not in text
+    assert re.findall(r"batchnorm: (\w+)", text) and set(re.findall(r"batchnorm: (\w+)", text)) == {"train"}
+
+
+def test_a_bad_batchnorm_mode_is_refused_before_compute():
+    with pytest.raises(ValueError, match="batchnorm='eval'; valid: train, frozen"):
+        FineTuning(epochs=1, batch_size=8, min_steps=1, lr=0.1, momentum=0.0, weight_decay=0.0, augment={},
+                   batchnorm="eval", grad_clip=None)
 
 
 def test_deepinversion_gives_labelled_images_in_range():
@@ -80,23 +121,9 @@ def test_total_variation_by_hand():
     assert total_variation(x).item() == 3.0
 
 
-def test_degenerate_batchnorm_statistics_are_not_frozen():
-    """A channel that never fired has running variance ~0: frozen, it amplifies any new input by
-    1/sqrt(eps), so the loop keeps BatchNorm in train mode and says why."""
-    m = model()
-    bn = m.conv_bn_pairs()[0][1]
-    with torch.no_grad():
-        bn.running_var[3] = 0.0
-    x, y = torch.rand(10, 1, 16, 16), torch.arange(10)
-    report = finetune(m, CleanData(x, y, "real"), CTX, epochs=1, batch_size=256, min_steps=5, lr=0.01,
-                      momentum=0.9, weight_decay=0.0, augment=Augment(), bn_min_batch=32)
-    assert report["bn_frozen"] is False and report["bn_degenerate_channels"] == 1
-    assert bn.running_var[3] > 0  # the statistics were updated by the batches
-
-
 def test_divergence_says_how_batchnorm_ran():
     """A diverged cell's record keeps only the error: it must say whether the statistics were frozen."""
     x, y = torch.rand(10, 1, 16, 16), torch.arange(10)
-    with pytest.raises(FloatingPointError, match=r"batch 10, BatchNorm statistics frozen\)"):
+    with pytest.raises(FloatingPointError, match=r"batch 10, batchnorm=frozen, grad_clip=None\)"):
         finetune(model(), CleanData(x, y, "real"), CTX, epochs=1, batch_size=256, min_steps=50, lr=1e8,
-                 momentum=0.9, weight_decay=0.0, augment=Augment(), bn_min_batch=32)
+                 momentum=0.9, weight_decay=0.0, augment=Augment(), batchnorm="frozen")

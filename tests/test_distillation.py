@@ -59,7 +59,7 @@ def test_adaptive_regularization_shrinks_infected_parameters_at_the_spec_rate():
     whatever its scale, and every other parameter is untouched."""
     torch.manual_seed(0)
     model = create_model("fmnist_cnn", num_classes=10, shape=(1, 16, 16), mean=[0.5], std=[0.5]).eval()
-    schedule = dict(epochs=0, batch_size=64, min_steps=40, lr=0.0, momentum=0.0, weight_decay=0.0, bn_min_batch=32)
+    schedule = dict(epochs=0, batch_size=64, min_steps=40, lr=0.0, momentum=0.0, weight_decay=0.0, batchnorm="train", grad_clip=None)
     ar = ARPurification(augment={}, variant="neuron", q=0.05, scored_groups=0, reg="adaptive", rho_end=0.01,
                         neuron_schedule=schedule, final_prune=False, copies=2)
     clean = CleanData(torch.rand(20, 1, 16, 16), torch.arange(20) % 10, "real")
