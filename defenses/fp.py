@@ -19,7 +19,7 @@ from bench.augment import Augment
 from bench.device import autocast
 from defenses.base import CleanData, Defense, DefenseContext, register_defense
 from defenses.finetune import check_batchnorm, finetune
-from defenses.guard import longest_passing_prefix
+from defenses.guard import class_coverage, largest_passing_count
 from defenses.masks import coalition_logits, group_neurons, prefix_masks, prune_channels
 from defenses.reversal import carriers
 
@@ -59,13 +59,19 @@ class FinePruning(Defense):
         aug = carriers(clean, self.augment, self.copies, len(clean) * self.copies, ctx.generator("fp"))
         logits = coalition_logits(model, neurons, prefix_masks(order, counts, neurons.n), aug.x,
                                   self.images_per_pass[ctx.device.type], ctx.precision)
-        acc = (logits.argmax(-1) == aug.y).float().mean(1)
-        p = int(counts[longest_passing_prefix(acc >= (1 - self.acc_ratio) * acc[0]) - 1])
+        pred = logits.argmax(-1)
+        acc = (pred == aug.y).float().mean(1)
+        classes = class_coverage(pred, logits.shape[-1])
+        p = largest_passing_count(counts, (acc >= (1 - self.acc_ratio) * acc[0]) & (classes >= classes[0]))
         prune_channels(neurons, order[:p])
         ft = finetune(model, clean, ctx, augment=self.augment, desc="fp finetune", **self.ft) if self.finetune else None
         self._report = {"layer": neurons.names[0], "neurons": neurons.n, "pruned": p, "pruned_fraction": p / neurons.n,
                         "pruned_channels": neurons.describe(order[:p].tolist()), "acc_d0": float(acc[0]),
-                        "acc_d_pruned": float(acc[len(counts[counts <= p]) - 1]), "finetune": ft,
+                        "acc_d_pruned": float(acc[len(counts[counts <= p]) - 1]), "guard_mode": "acc_ratio",
+                        "guard_min": round(float((1 - self.acc_ratio) * acc[0]), 6),
+                        "guard_curve": [[int(c), round(float(a), 6)] for c, a in zip(counts, acc)],
+                        "guard_classes_min": int(classes[0]),
+                        "guard_classes_curve": [[int(c), int(n)] for c, n in zip(counts, classes)], "finetune": ft,
                         "seconds": time.perf_counter() - start}
         return model
 

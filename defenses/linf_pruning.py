@@ -19,7 +19,7 @@ from bench.augment import Augment
 from bench.device import autocast
 from defenses.base import CleanData, Defense, DefenseContext, register_defense
 from defenses.finetune import check_batchnorm, finetune
-from defenses.guard import Guard
+from defenses.guard import Guard, largest_passing_count
 from defenses.masks import coalition_logits, group_neurons, prefix_masks, prune_channels
 from defenses.reversal import TriggerReversal, carriers
 from defenses.shap_pruning import carrier_copies
@@ -57,6 +57,9 @@ class LinfPruning(Defense):
         model = copy.deepcopy(model).eval()
         per_pass = self.images_per_pass[ctx.device.type]
         rev = self.reversal(model, clean, self.augment, ctx)
+        if not rev.act:  # nothing flagged and when_undetected=skip: BackdoorBench returns the model unchanged
+            self._report = {**rev.report(), "pruned": 0, "seconds": time.perf_counter() - start}
+            return model
         aug = carriers(clean, self.augment, carrier_copies(clean, ctx.num_classes, self.copies_single, self.copies),
                        len(clean) * self.copies_single, ctx.generator("linf_pruning"))
         x = aug.x[aug.y != rev.target]
@@ -70,7 +73,9 @@ class LinfPruning(Defense):
         masks = prefix_masks(order, torch.arange(0, k_max + 1, device=ctx.device), neurons.n)
         logits = coalition_logits(model, neurons, masks, torch.cat([bd_x, aug.x]), per_pass, ctx.precision)
         asr = (logits[:, :len(bd_x)].argmax(-1) == rev.target).float().mean(1)
-        ok = guard.judge(logits[:, len(bd_x):]).passes
+        verdict = guard.judge(logits[:, len(bd_x):])
+        counts = torch.arange(0, k_max + 1, device=ctx.device)
+        ok = counts <= largest_passing_count(counts, verdict.passes)  # a sweep stops at the first failure
         reached = (ok & (asr <= self.tau_asr)).nonzero()
         if len(reached):  # the smallest passing prefix that silences the reversed trigger
             p = int(reached[0])
@@ -78,10 +83,11 @@ class LinfPruning(Defense):
             p = int(torch.where(ok, asr, torch.full_like(asr, math.inf)).argmin())
         prune_channels(neurons, order[:p])
         ft = finetune(model, clean, ctx, desc="linf finetune", **self._ft_args()) if self.finetune else None
-        self._report = {**rev.report(), "layers": neurons.names, "neurons": neurons.n, "pruned": p,
+        self._report = {**rev.report(), "layers": neurons.names, "neurons": neurons.n,
+                        **guard.report(counts, verdict, p),
                         "pruned_fraction": p / neurons.n, "pruned_channels": neurons.describe(order[:p].tolist()),
                         "rev_asr_after": float(asr[p]), "rev_asr_curve": [round(v, 4) for v in asr.tolist()],
-                        "guard_mode": guard.mode, "norm": self.norm, "score": self.score,
+                        "norm": self.norm, "score": self.score,
                         "top_channels": {k: neurons.describe(s.argsort(descending=True)[:10].tolist())
                                          for k, s in scores.items()},
                         "finetune": ft, "seconds": time.perf_counter() - start}

@@ -2,9 +2,8 @@
 
 Reverse every label's trigger, detect the target by MAD, then fine-tune on the clean images with a
 share of them stamped with the detected trigger and kept at their true label, so the model unlearns
-the trigger. BackdoorBench returns the model unchanged when nothing is flagged; ``when_undetected``
-chooses that (``skip``) or unlearning the most anomalous label anyway (``force``, the default here,
-so the benchmark still gets numbers); the record says which happened.
+the trigger. When nothing is flagged the reversal's ``when_undetected`` decides (``skip``, BackdoorBench:
+the model is returned unchanged); the record says which happened.
 """
 
 from __future__ import annotations
@@ -20,22 +19,17 @@ from defenses.base import CleanData, Defense, DefenseContext, register_defense
 from defenses.finetune import check_batchnorm, finetune
 from defenses.reversal import TriggerReversal
 
-UNDETECTED = ("force", "skip")
-
-
 @register_defense("nc")
 class NeuralCleanse(Defense):
-    def __init__(self, reversal: dict, augment: dict, unlearning_ratio: float = 0.2, when_undetected: str = "force",
+    def __init__(self, reversal: dict, augment: dict, unlearning_ratio: float = 0.2,
                  epochs: int = 100, batch_size: int = 256, min_steps: int = 300, lr: float = 0.01,
                  momentum: float = 0.9, weight_decay: float = 5e-4, batchnorm: str = "train",
                  grad_clip: float | None = None) -> None:
         check_batchnorm(batchnorm)
-        if when_undetected not in UNDETECTED:
-            raise ValueError(f"nc when_undetected={when_undetected!r}; valid: {', '.join(UNDETECTED)}")
         if not 0 <= unlearning_ratio <= 1:
             raise ValueError(f"nc unlearning_ratio={unlearning_ratio}; valid: a fraction in [0, 1]")
         self.reversal, self.augment = TriggerReversal(**reversal), Augment(**augment)
-        self.unlearning_ratio, self.when_undetected = unlearning_ratio, when_undetected
+        self.unlearning_ratio = unlearning_ratio
         self.ft = dict(epochs=epochs, batch_size=batch_size, min_steps=min_steps, lr=lr, momentum=momentum,
                        weight_decay=weight_decay, batchnorm=batchnorm, grad_clip=grad_clip)
         self._report: dict = {}
@@ -45,7 +39,7 @@ class NeuralCleanse(Defense):
         model = copy.deepcopy(model).eval()
         rev = self.reversal(model, clean, self.augment, ctx)
         self._report = {**rev.report(), "unlearned": False}
-        if rev.detected or self.when_undetected == "force":
+        if rev.act:
             mask, pattern = rev.masks[rev.target].detach(), rev.patterns[rev.target].detach()
 
             def unlearning_loss(m, x, y):

@@ -4,7 +4,9 @@ For each label t a mask m_t [1, H, W] and a pattern p_t [C, H, W] (both tanh-par
 space) are optimised so that ``(1 - m) * x + m * p`` is classified as t with the smallest ``|m|_1``.
 All labels share one batch with per-row targets, so K labels cost one forward-backward per step;
 each label keeps its own cost schedule and stops on its own (BackdoorBench's ``nc`` logic).
-The label whose mask is abnormally small (MAD anomaly index > 2) is the detected target.
+The label whose mask is abnormally small (MAD anomaly index > 2) is the detected target. When no label
+is flagged, ``when_undetected=skip`` (BackdoorBench) tells the defense to return the model unchanged;
+``force`` acts on the most anomalous label anyway, a named variant. One rule for NC, ℓ∞ and ShapPruning.
 """
 
 from __future__ import annotations
@@ -20,6 +22,9 @@ from torch import nn
 from bench.augment import Augment
 from bench.device import autocast
 from defenses.base import CleanData, DefenseContext
+
+
+UNDETECTED = ("skip", "force")
 
 
 def stamp(x: torch.Tensor, mask: torch.Tensor, pattern: torch.Tensor) -> torch.Tensor:
@@ -45,13 +50,20 @@ class Reversal:
     target: int
     detected: bool
     steps: int
+    when_undetected: str
+
+    @property
+    def act(self) -> bool:
+        """Whether a defense should act on ``target``: flagged by MAD, or forced by config."""
+        return self.detected or self.when_undetected == "force"
 
     def stamp(self, x: torch.Tensor) -> torch.Tensor:
         """Stamp the detected target's reversed trigger on ``x``."""
         return stamp(x, self.masks[self.target], self.patterns[self.target])
 
     def report(self) -> dict[str, Any]:
-        return {"detected_target": self.target, "detected": self.detected,
+        return {"detected_target": self.target, "detected": self.detected, "when_undetected": self.when_undetected,
+                "acted": self.act,
                 "rev_asr": float(self.rev_asr[self.target]), "mask_l1": float(self.l1[self.target]),
                 "mask_l1_per_label": [round(float(v), 2) for v in self.l1],
                 "anomaly_index": [round(float(v), 3) for v in self.anomaly], "reversal_steps": self.steps}
@@ -72,13 +84,15 @@ class TriggerReversal:
                  init_cost: float = 1e-3, cost_multiplier: float = 2.0, patience: int = 5,
                  asr_threshold: float = 0.98, early_stop_threshold: float = 0.99, early_stop_patience: int = 25,
                  check_every: int = 10, copies: int = 16, max_carriers: int = 256,
-                 batch_per_label: int | None = None, mad_threshold: float = 2.0) -> None:
+                 batch_per_label: int | None = None, mad_threshold: float = 2.0, when_undetected: str = "skip") -> None:
+        if when_undetected not in UNDETECTED:
+            raise ValueError(f"when_undetected={when_undetected!r}; valid: {', '.join(UNDETECTED)}")
         self.steps, self.lr, self.betas = steps, lr, tuple(betas)
         self.init_cost, self.cost_multiplier, self.patience = init_cost, cost_multiplier, patience
         self.asr_threshold = asr_threshold
         self.early_stop_threshold, self.early_stop_patience = early_stop_threshold, early_stop_patience
         self.check_every, self.copies, self.max_carriers = check_every, copies, max_carriers
-        self.batch_per_label, self.mad_threshold = batch_per_label, mad_threshold
+        self.batch_per_label, self.mad_threshold, self.when_undetected = batch_per_label, mad_threshold, when_undetected
 
     def __call__(self, model: nn.Module, clean: CleanData, augment: Augment, ctx: DefenseContext) -> Reversal:
         model.eval()
@@ -170,7 +184,7 @@ class TriggerReversal:
             detected = bool(flagged.any())
             target = int(torch.where(flagged, anomaly, torch.full_like(anomaly, -math.inf)).argmax()) if detected \
                 else int(anomaly.argmax())
-        return Reversal(masks, patterns, l1, rev_asr, anomaly, target, detected, step)
+        return Reversal(masks, patterns, l1, rev_asr, anomaly, target, detected, step, self.when_undetected)
 
     @staticmethod
     def _asr(model, clean: CleanData, mask, pattern, t: int, ctx) -> torch.Tensor:

@@ -1,13 +1,18 @@
 """ShapPruning: Shapley values of channels under the reversed trigger (Guan et al., CVPR 2022; defenses.md §2).
 
 1. Reverse every label's trigger on the clean (or, at budget 0, synthetic) images; MAD picks the target.
+   No label flagged: the reversal's ``when_undetected`` decides (``skip``: the model is returned unchanged).
 2. Estimate each channel's Shapley value for the soft ASR of the reversed trigger by truncated
    Monte-Carlo removal walks (Neuron Shapley): a walk removes channels one by one and credits each with
    the drop it causes; once the soft ASR stays under ``tau_d`` for ``c_d`` steps the rest of the walk is
    discarded (marginal 0). Walks are epsilon-greedy: mostly the current top channels first.
-   All prefixes of a walk chunk are scored in one batched forward pass (coalition masks).
+   All prefixes of a walk chunk are scored in one batched forward pass (coalition masks). Walks stop when
+   the estimate has converged: every one of the top ``k_max`` channels has a standard error of at most
+   ``rse_tol`` times its value (after ``min_walks``), or at ``max_walks`` / ``max_seconds``; the record says
+   which. (A rule on the top set staying the same was met by construction: the exploit walks keep it.)
 3. Prune the outlying channels in rank order under the accuracy guard, then more by rank until the
-   reversed trigger's hard ASR is at most ``tau_asr`` or ``k_max`` is reached. No fine-tuning.
+   reversed trigger's hard ASR is at most ``tau_asr``; never more than ``k_max`` ("under 1 % of neurons")
+   unless ``exceed_k_max`` is set, and never a count the guard failed. No fine-tuning.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import torch
 
 from bench.augment import Augment
 from defenses.base import CleanData, Defense, DefenseContext, register_defense
-from defenses.guard import Guard, longest_passing_prefix
+from defenses.guard import Guard, largest_passing_count
 from defenses.masks import Neurons, coalition_logits, conv_neurons, prefix_masks, prune_channels
 from defenses.reversal import TriggerReversal, carriers
 
@@ -46,9 +51,9 @@ class ShapPruning(Defense):
     def __init__(self, reversal: dict, augment: dict, images_per_pass: dict, players: str = "all",
                  value: str = "soft_asr", lambda_acc: float = 1.0, tau_d: float = 0.2, c_d: int = 5,
                  eps: float = 0.2, k_g_frac: float = 0.01, max_walks: int = 1000, max_seconds: float = 300.0,
-                 min_walks: int = 50, stable_walks: int = 20, outlier_mads: float = 3.5, tau_asr: float = 0.05,
-                 delta_acc: float = 0.05, min_agreement: float = 0.95, k_max_frac: float = 0.01, rounds: int = 1,
-                 copies_single: int = 16, copies: int = 4) -> None:
+                 min_walks: int = 50, rse_tol: float = 0.1, outlier_mads: float = 3.5, tau_asr: float = 0.05,
+                 delta_acc: float = 0.05, min_agreement: float = 0.95, k_max_frac: float = 0.01,
+                 exceed_k_max: bool = False, rounds: int = 1, copies_single: int = 16, copies: int = 4) -> None:
         if value not in VALUES:
             raise ValueError(f"shap_pruning value={value!r}; valid: {', '.join(VALUES)}")
         if players not in PLAYERS:
@@ -56,9 +61,10 @@ class ShapPruning(Defense):
         self.reversal, self.augment, self.images_per_pass = TriggerReversal(**reversal), Augment(**augment), images_per_pass
         self.players, self.value, self.lambda_acc = players, value, lambda_acc
         self.tau_d, self.c_d, self.eps, self.k_g_frac = tau_d, c_d, eps, k_g_frac
-        self.max_walks, self.max_seconds, self.min_walks, self.stable_walks = max_walks, max_seconds, min_walks, stable_walks
+        self.max_walks, self.max_seconds, self.min_walks, self.rse_tol = max_walks, max_seconds, min_walks, rse_tol
         self.outlier_mads, self.tau_asr, self.delta_acc, self.min_agreement = outlier_mads, tau_asr, delta_acc, min_agreement
-        self.k_max_frac, self.rounds, self.copies_single, self.copies = k_max_frac, rounds, copies_single, copies
+        self.k_max_frac, self.exceed_k_max, self.rounds = k_max_frac, exceed_k_max, rounds
+        self.copies_single, self.copies = copies_single, copies
         self._report: dict = {}
 
     def apply(self, model, clean: CleanData, ctx: DefenseContext):
@@ -66,38 +72,44 @@ class ShapPruning(Defense):
         model = copy.deepcopy(model).eval()
         per_pass = self.images_per_pass[ctx.device.type]
         rev = self.reversal(model, clean, self.augment, ctx)
+        neurons = conv_neurons(model)
+        n = neurons.n
+        k_max = math.ceil(self.k_max_frac * n)
+        if not rev.act:  # nothing flagged and when_undetected=skip: BackdoorBench returns the model unchanged
+            self._report = {**rev.report(), "neurons": n, "pruned": 0, "k_max": k_max,
+                            "seconds": time.perf_counter() - start}
+            return model
         gen = ctx.generator("shap_pruning")
         aug = carriers(clean, self.augment, carrier_copies(clean, ctx.num_classes, self.copies_single, self.copies),
                        len(clean) * self.copies_single, gen)
         bd_x = rev.stamp(aug.x[aug.y != rev.target])
-        neurons = conv_neurons(model)
         players = self._players(model, neurons)
         guard = Guard(model, neurons, aug, mode="acc", delta_acc=self.delta_acc, min_agreement=self.min_agreement,
                       images_per_pass=per_pass, precision=ctx.precision)
-        n = neurons.n
-        k_max = math.ceil(self.k_max_frac * n)
         base = torch.ones(n, device=ctx.device)
         pruned: list[int] = []
         rounds = []
         for _ in range(self.rounds):
             live = players[base[players] > 0]
-            phi, walks, evals = self._shapley(model, neurons, live, base, bd_x, aug, rev.target, per_pass, ctx, gen)
+            budget = k_max - len(pruned)
+            phi, stats = self._shapley(model, neurons, live, base, bd_x, aug, rev.target, per_pass, ctx, gen,
+                                       top=max(budget, 1))
             order = live[phi[live].argsort(descending=True)]
             outliers = robust_outliers(phi[live], self.outlier_mads)
-            chosen, asr_curve = self._mitigate(model, neurons, order, rev.target, len(outliers), k_max - len(pruned),
-                                               base, bd_x, guard, per_pass, ctx)
-            rounds.append({"walks": walks, "evaluations": evals, "outliers": len(outliers), "pruned": len(chosen),
-                           "top_phi": [round(float(v), 4) for v in phi[order[:10]]],
-                           "rev_asr_curve": [round(v, 4) for v in asr_curve]})
+            chosen, mitigation = self._mitigate(model, neurons, order, rev.target, len(outliers), budget, base,
+                                                bd_x, guard, per_pass, ctx)
+            rounds.append({**stats, "outliers": len(outliers), **mitigation,
+                           "top_phi": [round(float(v), 4) for v in phi[order[:10]]]})
             if not chosen:
                 break
             base[chosen] = 0
             pruned += chosen
         prune_channels(neurons, pruned)
-        self._report = {**rev.report(), "players": len(players), "neurons": n, "pruned": len(pruned),
-                        "pruned_fraction": len(pruned) / n, "pruned_channels": neurons.describe(pruned),
-                        "k_max": k_max, "carriers": len(bd_x), "guard_mode": guard.mode, "guard_acc0": guard.acc0,
-                        "value": self.value, "rounds": rounds, "images_per_pass": per_pass,
+        self._report = {**rev.report(), "players": len(players), "neurons": n, **rounds[0]["guard"],
+                        "pruned": len(pruned), "pruned_fraction": len(pruned) / n,
+                        "pruned_channels": neurons.describe(pruned), "k_max": k_max, "exceed_k_max": self.exceed_k_max,
+                        "carriers": len(bd_x), "guard_acc0": guard.acc0, "value": self.value, "rounds": rounds,
+                        "images_per_pass": per_pass,
                         "seconds": time.perf_counter() - start}
         return model
 
@@ -124,14 +136,16 @@ class ShapPruning(Defense):
         soft_acc = prob[:, len(bd_x):].gather(-1, aug.y.expand(len(masks), -1)[..., None]).mean((1, 2))
         return soft_asr - self.lambda_acc * soft_acc, soft_asr
 
-    def _shapley(self, model, neurons, live, base, bd_x, aug, target, per_pass, ctx, gen):
-        """Truncated Monte-Carlo removal walks, epsilon-greedy, prefixes scored a chunk at a time."""
+    def _shapley(self, model, neurons, live, base, bd_x, aug, target, per_pass, ctx, gen, top: int):
+        """Truncated Monte-Carlo removal walks, epsilon-greedy, prefixes scored a chunk at a time, until the
+        ``top`` leading estimates have converged. Returns (phi, what the walks did)."""
         n, dev = neurons.n, ctx.device
         total, count = torch.zeros(n, device=dev), torch.zeros(n, device=dev)
+        squares = torch.zeros(n, device=dev)
         k_g = max(1, math.ceil(self.k_g_frac * n))
         chunk = max(1, per_pass // (len(bd_x) + (len(aug) if self.value == "asr_minus_acc" else 0)))
         v_full = float(self._values(model, neurons, base[None], bd_x, aug, target, per_pass, ctx)[0][0])
-        start, stable, top, evals, walks = time.perf_counter(), 0, None, 0, 0
+        start, evals, walks, reason, rse = time.perf_counter(), 0, 0, "max_walks", math.inf
         for walks in range(1, self.max_walks + 1):
             est = total / count.clamp_min(1)
             perm = live[torch.randperm(len(live), generator=gen, device=dev)]
@@ -147,6 +161,7 @@ class ShapPruning(Defense):
                 evals += len(values)
                 for v, a in zip(values.tolist(), soft_asr.tolist()):
                     total[perm[j]] += prev - v
+                    squares[perm[j]] += (prev - v) ** 2
                     count[perm[j]] += 1
                     prev, j = v, j + 1
                     below = below + 1 if a <= self.tau_d else 0
@@ -154,26 +169,45 @@ class ShapPruning(Defense):
                         count[perm[j:]] += 1
                         j = len(perm)
                         break
-            new_top = set(live[(total / count.clamp_min(1))[live].argsort(descending=True)[:k_g]].tolist())
-            stable = stable + 1 if new_top == top else 0
-            top = new_top
-            if (walks >= self.min_walks and stable >= self.stable_walks) or time.perf_counter() - start > self.max_seconds:
+            if walks >= self.min_walks:
+                rse = self._top_rse(total, squares, count, live, top)
+                if rse <= self.rse_tol:
+                    reason = "converged"
+                    break
+            if time.perf_counter() - start > self.max_seconds:
+                reason = "max_seconds"
                 break
-        return total / count.clamp_min(1), walks, evals
+        if walks < self.min_walks or reason != "converged":
+            rse = self._top_rse(total, squares, count, live, top)
+        return total / count.clamp_min(1), {"walks": walks, "evaluations": evals, "stop": reason,
+                                            "converged": reason == "converged", "top_rse": round(rse, 4)}
+
+    @staticmethod
+    def _top_rse(total, squares, count, live, top: int) -> float:
+        """The largest relative standard error, SE / |phi|, among the ``top`` leading estimates."""
+        c = count[live].clamp_min(1)
+        mean = total[live] / c
+        var = (squares[live] / c - mean ** 2).clamp_min(0) * c / (c - 1).clamp_min(1)
+        lead = mean.argsort(descending=True)[:top]
+        se = (var[lead] / c[lead]).sqrt()
+        return float((se / mean[lead].abs().clamp_min(1e-12)).max())
 
     def _mitigate(self, model, neurons, order, target, n_outliers, k_max, base, bd_x, guard, per_pass, ctx):
         """Prune outliers by rank while the guard holds, then more until the reversed ASR is low.
 
-        Every prefix up to the larger of the outlier count and ``k_max`` is scored in one batched pass.
-        Returns the chosen channels and the hard reversed ASR of each prefix (index 0 = nothing pruned).
+        Every prefix up to ``k_max`` (or the outlier count, with ``exceed_k_max``) is scored in one batched
+        pass; the count kept is one the guard passed, as are all smaller ones.
+        Returns the chosen channels and the record of the decision.
         """
-        limit = min(len(order), max(n_outliers, k_max, 0))
-        masks = prefix_masks(order, torch.arange(0, limit + 1, device=ctx.device), neurons.n) * base
+        limit = min(len(order), max(k_max, n_outliers if self.exceed_k_max else 0, 0))
+        counts = torch.arange(0, limit + 1, device=ctx.device)
+        masks = prefix_masks(order, counts, neurons.n) * base
         logits = coalition_logits(model, neurons, masks, torch.cat([bd_x, guard.clean.x]), per_pass, ctx.precision)
         asr = (logits[:, :len(bd_x)].argmax(-1) == target).float().mean(1)
-        ok = guard.judge(logits[:, len(bd_x):]).passes
-        p = min(longest_passing_prefix(ok), n_outliers)  # outliers, in rank order, while the guard holds
-        if asr[p] > self.tau_asr:
-            while p < min(k_max, limit) and ok[p + 1] and asr[p] > self.tau_asr:
-                p += 1
-        return order[:p].tolist(), asr.tolist()
+        verdict = guard.judge(logits[:, len(bd_x):])
+        passing = largest_passing_count(counts, verdict.passes)
+        p = min(passing, n_outliers, limit)  # outliers, in rank order, while the guard holds
+        while p < passing and asr[p] > self.tau_asr:  # then more by rank until the reversed trigger is silent
+            p += 1
+        return order[:p].tolist(), {"guard": guard.report(counts, verdict, p),
+                                    "rev_asr_curve": [round(v, 4) for v in asr.tolist()]}

@@ -6,6 +6,11 @@ low activation on clean images (dormant, as Fine-Pruning assumes), a high channe
 masked in order of the summed score, a chunk at a time, for as long as the clean images allow
 (agreement with the original and clean accuracy), up to ``max_frac`` of all channels.
 The abstract names the three signals; the formulas are ours (spec §4.2, all [I]).
+
+Dead channels are not suspects: a channel whose BatchNorm running variance is at most its eps (it never
+fired in training, poisoned images included) or, without a BatchNorm, whose activation is constant on the
+clean images, is left out of the z-scores and ranked last. A correlation that cannot be computed (a
+constant channel) is missing, not zero: it adds nothing to the score instead of the largest suspicion.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from bench.augment import Augment
 from bench.device import autocast
 from defenses.base import CleanData, Defense, DefenseContext, register_defense
 from defenses.finetune import check_batchnorm, finetune
-from defenses.guard import Guard, longest_passing_prefix
+from defenses.guard import Guard, largest_passing_count
 from defenses.masks import Neurons, coalition_logits, conv_neurons, prefix_masks, prune_channels
 from defenses.reversal import carriers
 
@@ -29,8 +34,20 @@ WEIGHTS = ("clp", "in_l2", "out_l2")
 
 
 def robust_z(u: torch.Tensor) -> torch.Tensor:
-    med = u.median()
-    return (u - med) / (1.4826 * (u - med).abs().median() + 1e-8)
+    """Robust z-scores over the finite entries; NaN entries (missing signals) stay NaN."""
+    med = u.nanmedian()
+    return (u - med) / (1.4826 * (u - med).abs().nanmedian() + 1e-8)
+
+
+def dead_channels(neurons: Neurons, maps: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Per layer, [C] bool: running variance <= eps at a BatchNorm mask point, else constant on the images."""
+    out = []
+    for module, a in zip(neurons.modules, maps):
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.running_var is not None:
+            out.append(module.running_var <= module.eps)
+        else:
+            out.append(a.transpose(0, 1).flatten(1).var(1) == 0)
+    return out
 
 
 @torch.no_grad()
@@ -79,9 +96,10 @@ def channel_weight_bounds(model: nn.Module, kind: str) -> list[torch.Tensor]:
 
 @torch.no_grad()
 def activation_signals(model: nn.Module, neurons: Neurons, x: torch.Tensor, ctx: DefenseContext
-                       ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Per layer: mean activation of each channel (after the ReLU that follows a BN mask point) and
-    its mean absolute Pearson correlation with the layer's other channels over images x positions."""
+                       ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+    """Per layer: mean activation of each channel (after the ReLU that follows a BN mask point), its mean
+    absolute Pearson correlation with the layer's other channels over images x positions (NaN where no
+    pair can be computed), and which channels are dead."""
     maps: list[torch.Tensor] = []
     hooks = [m.register_forward_hook(lambda _m, _i, o: maps.append(o.float())) for m in neurons.modules]
     try:
@@ -91,15 +109,16 @@ def activation_signals(model: nn.Module, neurons: Neurons, x: torch.Tensor, ctx:
         for h in hooks:
             h.remove()
     mus, rhos = [], []
+    dead = dead_channels(neurons, maps)
     for module, a in zip(neurons.modules, maps):
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             a = a.relu()
         mus.append(a.abs().mean((0, 2, 3)))
         u = a.transpose(0, 1).flatten(1)  # [C, N*H*W]
-        corr = torch.corrcoef(u).nan_to_num(0.0).abs()  # a constant channel correlates with nothing
-        corr.fill_diagonal_(0)
-        rhos.append(corr.sum(1) / max(u.shape[0] - 1, 1))
-    return mus, rhos
+        corr = torch.corrcoef(u).abs()  # NaN for a constant channel: its correlation is unknown
+        corr.fill_diagonal_(float("nan"))
+        rhos.append(corr.nanmean(1))  # NaN when no pair is defined
+    return mus, rhos, dead
 
 
 @register_defense("suspiciousness")
@@ -126,26 +145,31 @@ class Suspiciousness(Defense):
         per_pass = self.images_per_pass[ctx.device.type]
         aug = carriers(clean, self.augment, self.copies, len(clean) * self.copies, ctx.generator("suspiciousness"))
         neurons = conv_neurons(model)
-        mus, rhos = activation_signals(model, neurons, aug.x, ctx)
+        mus, rhos, dead = activation_signals(model, neurons, aug.x, ctx)
         ws = channel_weight_bounds(model, self.weight)
         a_mu, a_w, a_rho = self.alpha
-        score = torch.cat([a_mu * robust_z(-torch.log(mu + 1e-8)) + a_w * robust_z(torch.log(w + 1e-8))
-                           + a_rho * robust_z(-rho) for mu, w, rho in zip(mus, ws, rhos)])
-        order = score.argsort(descending=True)
+        nan = float("nan")
+        scores = []
+        for mu, w, rho, d in zip(mus, ws, rhos, dead):  # z-scores over the live channels of each layer
+            signals = [a * robust_z(torch.where(d, nan, s)).nan_to_num(0.0) for a, s in
+                       ((a_mu, -torch.log(mu + 1e-8)), (a_w, torch.log(w + 1e-8)), (a_rho, -rho))]
+            scores.append(torch.where(d, -torch.inf, sum(signals)))
+        score = torch.cat(scores)
+        dead_all = torch.cat(dead)
+        order = score.argsort(descending=True, stable=True)
+        order = order[~dead_all[order]]  # a dead channel is never a candidate
         chunk = max(1, math.ceil(self.chunk_frac * neurons.n))
-        counts = torch.arange(0, math.ceil(self.max_frac * neurons.n) + 1, chunk, device=ctx.device)
+        counts = torch.arange(0, min(math.ceil(self.max_frac * neurons.n), len(order)) + 1, chunk, device=ctx.device)
         guard = Guard(model, neurons, aug, mode="both", delta_acc=self.delta_acc, min_agreement=self.min_agreement,
                       images_per_pass=per_pass, precision=ctx.precision)
         verdict = guard(prefix_masks(order, counts, neurons.n))
-        p = int(counts[longest_passing_prefix(verdict.passes) - 1])
+        p = largest_passing_count(counts, verdict.passes)
         prune_channels(neurons, order[:p])
         ft = finetune(model, clean, ctx, desc="bss finetune", augment=self.augment, **self.finetune_args) \
             if self.finetune else None
-        self._report = {"neurons": neurons.n, "pruned": p, "pruned_fraction": p / neurons.n,
+        self._report = {"neurons": neurons.n, **guard.report(counts, verdict, p), "pruned_fraction": p / neurons.n,
                         "pruned_channels": neurons.describe(order[:p].tolist()), "chunk": chunk,
-                        "alpha": list(self.alpha), "weight": self.weight, "guard_mode": guard.mode,
-                        "guard_acc_curve": [round(v, 4) for v in verdict.acc.tolist()],
-                        "guard_agreement_curve": [round(v, 4) for v in verdict.agreement.tolist()],
+                        "alpha": list(self.alpha), "weight": self.weight, "dead_channels": int(dead_all.sum()),
                         "top_scores": [round(float(v), 3) for v in score[order[:10]]],
                         "finetune": ft, "seconds": time.perf_counter() - start}
         return model

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 import math
 
@@ -13,11 +14,12 @@ from torch import nn
 from bench.augment import Augment
 from bench.models import create_model, list_models
 from defenses.base import CleanData, DefenseContext
-from defenses.guard import longest_passing_prefix
+from defenses import shap_pruning
+from defenses.guard import Guard, longest_passing_prefix
 from defenses.masks import coalition_logits, conv_neurons, masked, prefix_masks, prune_channels, pruned_count
 from defenses.reversal import TriggerReversal, mad_anomaly
 from defenses.shap_pruning import ShapPruning, robust_outliers
-from defenses.suspiciousness import channel_weight_bounds
+from defenses.suspiciousness import Suspiciousness, activation_signals, channel_weight_bounds
 
 CTX = DefenseContext(num_classes=10, input_shape=(1, 16, 16), device=torch.device("cpu"), seed=0,
                      progress=lambda it, **kw: it)
@@ -179,13 +181,13 @@ def test_shapley_estimate_matches_exact_values_of_a_tiny_model():
                 size = sum(s)
                 exact[i] += math.factorial(size) * math.factorial(n - size - 1) / math.factorial(n) * (v[with_i] - v[s])
     shap = ShapPruning(reversal={}, augment={}, images_per_pass={"cpu": 4096}, tau_d=-1.0, eps=1.0,
-                       max_walks=3000, min_walks=3000)
+                       max_walks=3000, min_walks=3000, rse_tol=0.0)
     ctx = DefenseContext(num_classes=2, input_shape=(1, 3, 3), device=torch.device("cpu"), seed=0,
                          progress=lambda it, **kw: it)
-    phi, walks, _ = shap._shapley(model, neurons, torch.arange(n), torch.ones(n), bd_x,
-                                  CleanData(bd_x, torch.zeros(6, dtype=torch.long), "real"), 1, 4096, ctx,
-                                  torch.Generator().manual_seed(0))
-    assert walks == 3000
+    phi, stats = shap._shapley(model, neurons, torch.arange(n), torch.ones(n), bd_x,
+                               CleanData(bd_x, torch.zeros(6, dtype=torch.long), "real"), 1, 4096, ctx,
+                               torch.Generator().manual_seed(0), top=1)
+    assert stats["walks"] == 3000
     torch.testing.assert_close(phi, exact, atol=0.01, rtol=0)
     assert abs(phi.sum() - (v[(1, 1, 1, 1)] - v[(0, 0, 0, 0)])) < 1e-4  # efficiency: a walk removes everyone
 
@@ -200,3 +202,149 @@ def test_outgoing_weight_norms_by_hand():
     torch.testing.assert_close(norms[1][7], model.layer3[2].weight[:, 7].norm())
     fc = model.classifier[1].weight  # 64 channels x 2 x 2 positions after three stride-2 convs on 16 x 16
     torch.testing.assert_close(norms[2][5], fc[:, 5 * 4:(5 + 1) * 4].norm())
+
+
+def dead_channel_model() -> nn.Module:
+    """``cnn()`` whose first conv's channel 3 never fires: a bias far below zero before the ReLU, and the
+    BatchNorm after it saw variance 0 in training, as a channel that never fired on any training image."""
+    model = cnn()
+    with torch.no_grad():
+        model.layer1[0].bias[3] = -1e3
+        model.layer2[0].running_var[3] = 0.0
+        model.layer2[0].running_mean[3] = 0.0
+        model.layer2[0].bias[3] = 0.5  # a constant, positive output: "active" by the activation signal alone
+    return model
+
+
+def test_suspiciousness_never_ranks_a_dead_channel():
+    """Before: a Lipschitz bound of ~1/sqrt(eps) and a NaN correlation turned into 0 put dead channels first."""
+    model = dead_channel_model()
+    x = torch.rand(40, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    clean = CleanData(x, model(x).argmax(1), "real")
+    bss = Suspiciousness(augment={}, images_per_pass={"cpu": 4096}, alpha=(1.0, 1.0, 1.0), weight="clp",
+                         chunk_frac=0.005, max_frac=0.05, min_agreement=0.0, delta_acc=1.0, copies=1)
+    repaired = bss.apply(model, clean, CTX)
+    report = bss.report()
+    assert report["dead_channels"] == 1
+    assert "layer2.0:3" not in report["pruned_channels"] and report["pruned"] == 8  # 5 % of 160, all live
+    neurons = conv_neurons(model)
+    mus, rhos, dead = activation_signals(model, neurons, x, CTX)
+    assert dead[0][3] and dead[0].sum() == 1 and torch.isnan(rhos[0][3])  # missing, not zero
+    assert not torch.isnan(rhos[0][torch.arange(32) != 3]).any()
+    assert repaired is not model
+
+
+def mitigation_case(monkeypatch, passes: list[bool], n_outliers: int, k_max: int, **options):
+    """ShapPruning's decision on crafted coalition logits: prefix c passes the guard iff ``passes[c]``,
+    and the reversed trigger stays at 100 % whatever is pruned (so the rule always wants more)."""
+    model, n = FourChannels(), 4
+    neurons = conv_neurons(model)
+    x = torch.rand(10, 1, 3, 3, generator=torch.Generator().manual_seed(0))
+    guard_set = CleanData(x, model(x).argmax(1), "real")
+    guard = Guard(model, neurons, guard_set, mode="acc", delta_acc=0.05, min_agreement=0.95, images_per_pass=4096)
+    bd_x = torch.rand(6, 1, 3, 3)
+
+    def crafted(_model, _neurons, masks, xs, *_args):
+        good = torch.nn.functional.one_hot(guard.reference, 2).float() * 10
+        clean = torch.stack([good if passes[g] else good.flip(-1) for g in range(len(masks))])
+        return torch.cat([torch.tensor([0.0, 10.0]).expand(len(masks), len(bd_x), 2), clean], dim=1)
+
+    monkeypatch.setattr(shap_pruning, "coalition_logits", crafted)
+    shap = ShapPruning(reversal={}, augment={}, images_per_pass={"cpu": 4096}, **options)
+    chosen, info = shap._mitigate(model, neurons, torch.arange(n), 1, n_outliers, k_max, torch.ones(n), bd_x,
+                                  guard, 4096, CTX)
+    return len(chosen), info["guard"]
+
+
+def test_shap_pruning_keeps_the_largest_count_its_guard_passed(monkeypatch):
+    """Guard passes 0, 1, 2 and fails 3: the old rule pruned 3 outliers (then 4, past the failure)."""
+    pruned, guard = mitigation_case(monkeypatch, [True, True, True, False, True], n_outliers=3, k_max=4)
+    assert pruned == 2 and guard["pruned"] == 2
+    assert [c for c, _ in guard["guard_curve"]] == [0, 1, 2, 3, 4] and guard["guard_min"] == pytest.approx(0.95)
+    assert all(v >= guard["guard_min"] for c, v in guard["guard_curve"] if c <= pruned)
+
+
+def test_shap_pruning_respects_k_max_unless_told(monkeypatch):
+    pruned, _ = mitigation_case(monkeypatch, [True] * 6, n_outliers=4, k_max=2)
+    assert pruned == 2
+    pruned, _ = mitigation_case(monkeypatch, [True] * 6, n_outliers=4, k_max=2, exceed_k_max=True)
+    assert pruned == 4
+
+
+def test_shapley_walks_stop_on_convergence_not_on_a_stable_top_set():
+    model, n = FourChannels(), 4
+    neurons = conv_neurons(model)
+    bd_x = torch.rand(6, 1, 3, 3, generator=torch.Generator().manual_seed(0))
+    ctx = DefenseContext(num_classes=2, input_shape=(1, 3, 3), device=torch.device("cpu"), seed=0,
+                         progress=lambda it, **kw: it)
+    args = (model, neurons, torch.arange(n), torch.ones(n), bd_x, CleanData(bd_x, torch.zeros(6, dtype=torch.long),
+                                                                              "real"), 1, 4096, ctx)
+    strict = ShapPruning(reversal={}, augment={}, images_per_pass={"cpu": 4096}, tau_d=-1.0, min_walks=5,
+                         max_walks=200, rse_tol=1e-9)
+    _, stats = strict._shapley(*args, torch.Generator().manual_seed(0), top=1)
+    assert stats["walks"] == 200 and stats["stop"] == "max_walks" and not stats["converged"]
+    loose = ShapPruning(reversal={}, augment={}, images_per_pass={"cpu": 4096}, tau_d=-1.0, min_walks=5,
+                        max_walks=200, rse_tol=0.5)
+    _, stats = loose._shapley(*args, torch.Generator().manual_seed(0), top=1)
+    assert stats["converged"] and 5 <= stats["walks"] < 200 and stats["top_rse"] <= 0.5
+
+
+class Relabelled(nn.Module):
+    """The same model with its classes renamed: new label ``perm[c]`` is old class ``c``."""
+
+    def __init__(self, model: nn.Module, perm: torch.Tensor) -> None:
+        super().__init__()
+        self.model, self.inverse = model, perm.argsort()
+
+    def forward(self, x):
+        return self.model(x)[:, self.inverse]
+
+
+def test_relabelling_the_classes_does_not_change_which_trigger_is_found():
+    """Published grids draw the target from the seed: detection must follow the trigger, not a label index."""
+    blocks = torch.rand(40, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    x = 0.7 * nn.functional.interpolate(blocks, scale_factor=4)
+    reversal = TriggerReversal(steps=400, batch_per_label=16, check_every=5)
+    found = []
+    for perm in (torch.arange(10), torch.tensor([3, 7, 0, 9, 1, 8, 2, 5, 4, 6]), torch.arange(10).flip(0)):
+        model = Relabelled(PatchBackdoor(), perm)
+        rev = reversal(model, CleanData(x, model(x).argmax(1), "real"), Augment(), CTX)
+        assert int(rev.anomaly.argmax()) == int(perm[6]) == int(rev.l1.argmin())  # the planted trigger, renamed
+        assert rev.masks[perm[6], 0, :2, :2].mean() > rev.masks[perm[6], 0, 4:, 4:].mean()
+        found.append((float(rev.l1[perm[6]]), float(rev.anomaly[perm[6]])))
+    (l1_a, ai_a), *rest = found
+    assert all(abs(l1 - l1_a) < 0.5 and abs(ai - ai_a) < 0.5 for l1, ai in rest)
+
+
+@pytest.mark.parametrize("name", ["nc", "linf_pruning", "shap_pruning"])
+@pytest.mark.parametrize("when", ["skip", "force"])
+def test_reversal_defenses_leave_the_model_alone_when_nothing_is_flagged(name, when, tiny_cfg, monkeypatch):
+    """BackdoorBench's rule by default; before, all three acted on the argmax label (half the NC cells)."""
+    from hydra.utils import instantiate
+
+    from defenses import reversal as reversal_module
+
+    real = reversal_module.TriggerReversal._reverse
+
+    def undetected(self, *args):
+        rev = real(self, *args)
+        return dataclasses.replace(rev, detected=False)
+
+    monkeypatch.setattr(reversal_module.TriggerReversal, "_reverse", undetected)
+    cfg = tiny_cfg(f"defense={name}", f"nc_reversal.when_undetected={when}", "nc_reversal.steps=20",
+                   "defense.min_steps=5" if name == "nc" else "defense.max_walks=3" if name == "shap_pruning"
+                   else "defense.k_max_frac=0.5")
+    if name == "shap_pruning":
+        cfg.defense.min_walks = 1
+    defense = instantiate(cfg.defense)
+    model = cnn()
+    x = torch.rand(20, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    repaired = defense.apply(model, CleanData(x, torch.arange(10).repeat(2), "real"), CTX)
+    report = defense.report()
+    assert report["detected"] is False and report["when_undetected"] == when and report["acted"] == (when == "force")
+    unchanged = all(torch.equal(a, b) for a, b in zip(repaired.state_dict().values(), model.state_dict().values())) \
+        and len(repaired.state_dict()) == len(model.state_dict())
+    if when == "skip":
+        assert unchanged and report.get("pruned", 0) == 0 and not report.get("unlearned", False)
+    elif name == "nc":
+        assert not unchanged and report["unlearned"]

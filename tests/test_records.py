@@ -6,8 +6,11 @@ import json
 import logging
 from pathlib import Path
 
+import pytest
+
 from bench.records import SCHEMA_VERSION
 from bench.runner import run_cell
+from conftest import compose_cell
 
 
 def test_record_has_the_agreed_fields(tiny_cfg, choices):
@@ -70,3 +73,16 @@ def test_a_diverged_defense_is_a_finished_result_not_a_crash(tiny_cfg, choices):
     assert "DIVERGED" in runner.summary(record)
     again = runner.run_cell(cfg, {**choices(cfg), "defense": "none"})
     assert again == {"schema_version": 2, **record}  # read back, not run again: divergence is deterministic
+
+
+@pytest.mark.parametrize("experiment", ["paper_grid", "cifar10_grid", "paper_grid_gpu"])
+def test_published_grids_draw_the_target_from_the_seed(experiment, tmp_path):
+    """Every published grid used target 0 for every seed, so a defense that guessed label 0 looked right."""
+    targets = {}
+    for seed in (0, 1, 2):
+        cfg = compose_cell(tmp_path, [f"experiment={experiment}", f"seed={seed}", "attack=badnets"])
+        targets[seed] = cfg.attack.target
+        assert isinstance(targets[seed], int) and 0 <= targets[seed] < cfg.dataset.num_classes
+    assert len(set(targets.values())) == 3 and targets == {0: 4, 1: 7, 2: 0}
+    assert compose_cell(tmp_path, ["attack=badnets"]).attack.target == 0  # a single cell keeps the default
+    assert compose_cell(tmp_path, [f"experiment={experiment}", "attack=badnets", "attack.target=3"]).attack.target == 3
