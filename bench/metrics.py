@@ -1,4 +1,9 @@
-"""ACC, ASR, RA and DER as BackdoorBench defines them (attacks.md §7)."""
+"""ACC, ASR, RA and DER as BackdoorBench defines them (attacks.md §7), and whether a model collapsed.
+
+A collapsed model (clean accuracy within 1.5x chance, or one class taking at least 90 % of the clean
+test predictions) has a low ASR because it has a low everything: tables show it as collapsed, never
+as a successful defense.
+"""
 
 from __future__ import annotations
 
@@ -36,14 +41,28 @@ def predict(model: nn.Module, x: torch.Tensor, transform: Callable[[torch.Tensor
     return torch.cat(out) if out else torch.empty(0, dtype=torch.long, device=x.device)
 
 
+COLLAPSE_CHANCE_FACTOR = 1.5  # ACC <= 1.5 x chance
+COLLAPSE_TOP_SHARE = 0.9      # or one class takes >= 90 % of the clean test predictions
+
+
 def accuracy(model: nn.Module, data: ImageSet, **kwargs) -> float:
     return (predict(model, data.x, **kwargs) == data.y).float().mean().item()
 
 
+def collapsed(acc: float, top_class_share: float, num_classes: int) -> bool:
+    return acc <= COLLAPSE_CHANCE_FACTOR / num_classes or top_class_share >= COLLAPSE_TOP_SHARE
+
+
 def evaluate(model: nn.Module, test: ImageSet, attack, batch_size: int = 1024, precision: str = "fp32") -> dict:
-    """ACC over the whole test set; ASR and RA over triggered non-target images (None without a target)."""
+    """ACC over the whole test set; ASR and RA over triggered non-target images (None without a target);
+    the largest share of clean predictions one class takes, and whether the model collapsed."""
     kw = {"batch_size": batch_size, "precision": precision}
-    result = {"acc": accuracy(model, test, **kw), "asr": None, "ra": None}
+    pred = predict(model, test.x, **kw)
+    num_classes = int(test.y.max()) + 1
+    acc = (pred == test.y).float().mean().item()
+    share = torch.bincount(pred, minlength=num_classes).max().item() / len(pred)
+    result = {"acc": acc, "asr": None, "ra": None, "top_class_share": share,
+              "collapsed": collapsed(acc, share, num_classes)}
     if attack.target is not None:
         bd = backdoor_test_set(test, attack.target)
         pred = predict(model, bd.x, transform=attack.apply_trigger, **kw)

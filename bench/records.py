@@ -18,7 +18,8 @@ from bench.fsutil import atomic_write_json
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2  # 2: cell.experiment and cell.setting
+SCHEMA_VERSION = 3  # 2: cell.experiment and cell.setting; 3: metrics.collapsed, guard and reversal reports
+READABLE_SCHEMAS = (2, 3)  # what ``bdbench report`` reads: published schema-2 records keep their tables
 PACKAGES = ("torch", "torchvision", "hydra-core", "omegaconf", "numpy", "pandas", "bdbench")
 
 

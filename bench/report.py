@@ -2,7 +2,9 @@
 
 Reads every record under DIR into pandas and writes, under DIR/report (or --out):
   tables/<metric>.{md,csv,tex}  ACC, ASR, RA, DER as mean ± std over seeds with n, per data set x model x
-                                recipe x attack x defense (rows) and budget (columns)
+                                recipe x attack x defense (rows) and budget (columns); every cell
+                                says how many seeds finished of how many ran, and what became of the
+                                others (diverged, failed, collapsed): none is averaged in
   tables/undefended.*           the poisoned models' own ACC / ASR / RA per attack
   tables/cost.*                 defense wall time and peak memory
   tables/cells.csv              one row per record (the long format everything above is built from);
@@ -28,7 +30,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
-from bench.records import SCHEMA_VERSION  # noqa: E402
+from bench.metrics import COLLAPSE_CHANCE_FACTOR  # noqa: E402
+from bench.records import READABLE_SCHEMAS  # noqa: E402
 
 KEYS = ["dataset", "model", "recipe", "experiment", "attack", "defense"]
 METRICS = ["acc", "asr", "ra", "der"]
@@ -46,9 +49,10 @@ def load(root: Path, triggers: dict | None = None) -> tuple[pd.DataFrame, list[d
         except (OSError, ValueError) as exc:
             problems.append({"record": str(path.relative_to(root)), "problem": f"unreadable ({type(exc).__name__})"})
             continue
-        if rec.get("schema_version") != SCHEMA_VERSION:
+        if rec.get("schema_version") not in READABLE_SCHEMAS:
+            readable = ", ".join(map(str, READABLE_SCHEMAS))
             problems.append({"record": str(path.relative_to(root)),
-                             "problem": f"schema {rec.get('schema_version')} (this version reads {SCHEMA_VERSION})"})
+                             "problem": f"schema {rec.get('schema_version')} (this version reads {readable})"})
             continue
         if rec.get("status") != "ok":
             error = (rec.get("error") or "").strip().splitlines()
@@ -65,12 +69,20 @@ def load(root: Path, triggers: dict | None = None) -> tuple[pd.DataFrame, list[d
         if triggers is not None and cell["attack"] != "none":
             triggers.setdefault(cell["dataset"], {}).setdefault(
                 cell["attack"], (rec["config"]["dataset"], rec["config"]["attack"], rec["cache"]["key"]))
-        rows.append({**{k: cell[k] for k in KEYS}, "budget": cell["budget"], "seed": cell["seed"], "status": "ok",
+        rows.append({**{k: cell[k] for k in KEYS}, "budget": cell["budget"], "seed": cell["seed"],
+                     "status": "collapsed" if is_collapsed(rec) else "ok",
                      "setting": cell["setting"], "data_source": rec["data_source"], **{k: m.get(k) for k in METRICS},
                      **{f"undefended_{k}": u.get(k) for k in ("acc", "asr", "ra")},
                      "defense_seconds": rec["timings"].get("defense"), "peak_rss_mb": rec["peak_memory"]["rss_mb"],
                      "cuda_mb": rec["peak_memory"].get("cuda_mb"), "record": str(path.relative_to(root))})
     return pd.DataFrame(rows), problems
+
+
+def is_collapsed(rec: dict) -> bool:
+    """The record's own verdict; records written before it existed (schema 2) are judged by ACC alone."""
+    if "collapsed" in rec["metrics"]:
+        return bool(rec["metrics"]["collapsed"])
+    return rec["metrics"]["acc"] <= COLLAPSE_CHANCE_FACTOR / rec["config"]["dataset"]["num_classes"]
 
 
 def mean_std(values: pd.Series, scale: float = 100.0, digits: int = 1) -> str:
@@ -82,21 +94,25 @@ def mean_std(values: pd.Series, scale: float = 100.0, digits: int = 1) -> str:
     return f"{v.mean():.{digits}f} ± {v.std():.{digits}f} (n={len(v)})"
 
 
-def summarize(group: pd.DataFrame, column: str, scale: float, digits: int) -> str:
-    """mean ± std (n) of the finished cells, and how many failed (e.g. "diverged") if any did."""
-    text = mean_std(group.loc[group["status"] == "ok", column], scale, digits)
-    failed = group.loc[group["status"] != "ok", "status"]
-    if failed.empty:
-        return text
-    label = f"{failed.iloc[0]} (n={len(failed)})" if failed.nunique() == 1 else f"failed (n={len(failed)})"
-    return label if text == "–" else f"{text}; {label}"
+def summarize(group: pd.DataFrame, column: str, scale: float, digits: int, finished: tuple[str, ...] = ("ok",)
+              ) -> str:
+    """mean ± std of the finished cells, then (finished/run; what became of the others), e.g.
+    ``97.2 ± 1.0 (2/3; diverged 1)`` or ``collapsed (0/1)``: a failure is never averaged in, never hidden."""
+    done = group.loc[group["status"].isin(finished), column].dropna() * scale
+    others = group.loc[~group["status"].isin(finished), "status"].value_counts().sort_index()
+    tally = f"{len(done)}/{len(group)}" + ("; " + ", ".join(f"{s} {n}" for s, n in others.items()) if len(others) else "")
+    if done.empty:
+        return f"{others.index[0]} ({tally.split(';')[0]})" if len(others) == 1 else f"– ({tally})"
+    value = f"{done.iloc[0]:.{digits}f}" if len(done) == 1 else f"{done.mean():.{digits}f} ± {done.std():.{digits}f}"
+    return f"{value} ({tally})"
 
 
-def pivot(df: pd.DataFrame, column: str, scale: float = 100.0, digits: int = 1) -> pd.DataFrame:
-    """Rows: data set, model, recipe, attack, defense; columns: budget; cells: mean ± std (n), and the
-    cells that failed (a defense that diverges is a result, not a gap)."""
-    table = (df.groupby(KEYS + ["budget"])[["status", column]].apply(lambda g: summarize(g, column, scale, digits))
-             .unstack("budget").sort_index())
+def pivot(df: pd.DataFrame, column: str, scale: float = 100.0, digits: int = 1,
+          finished: tuple[str, ...] = ("ok",)) -> pd.DataFrame:
+    """Rows: data set, model, recipe, attack, defense; columns: budget; cells: mean ± std of the finished
+    seeds and the count of each outcome (a defense that diverges or collapses is a result, not a gap)."""
+    table = (df.groupby(KEYS + ["budget"])[["status", column]]
+             .apply(lambda g: summarize(g, column, scale, digits, finished)).unstack("budget").sort_index())
     table.columns = [f"k={k}" for k in table.columns]
     return table.fillna("–").reset_index()
 
@@ -115,16 +131,31 @@ def write_table(table: pd.DataFrame, folder: Path, name: str) -> None:
     (folder / f"{name}.tex").write_text(table.to_latex(index=False).replace("±", r"$\pm$"))
 
 
-def figures(df: pd.DataFrame, folder: Path) -> None:
+def heat_labels(cells: pd.DataFrame, heat: pd.DataFrame) -> pd.DataFrame:
+    """The text of each heatmap cell: the mean ASR of the finished seeds, else what became of them
+    (collapsed, diverged, failed), else "n/a" for a cell that never ran. Only numbers get a colour."""
+    status = cells.groupby(["attack", "defense"])["status"].agg(lambda s: "/".join(sorted(set(s))))
+    return pd.DataFrame([[f"{v:.0f}" if pd.notna(v) else status.get((a, d), "n/a") for d, v in row.items()]
+                         for a, row in heat.iterrows()], index=heat.index, columns=heat.columns)
+
+
+def figures(cells: pd.DataFrame, folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    attacked = df[df["asr"].notna()]
-    for (dataset, model), part in attacked.groupby(["dataset", "model"]):
-        for budget, sub in part.groupby("budget"):
-            heat = sub.groupby(["attack", "defense"])["asr"].mean().unstack("defense") * 100
+    targeted = cells[~((cells["status"] == "ok") & cells["asr"].isna())]  # a clean model has no ASR to draw
+    for (dataset, model), everything in targeted.groupby(["dataset", "model"]):
+        part = everything[(everything["status"] == "ok") & everything["asr"].notna()]
+        if part.empty:
+            continue
+        for budget, all_sub in everything.groupby("budget"):
+            sub = all_sub[all_sub["status"] == "ok"]
+            heat = (sub.groupby(["attack", "defense"])["asr"].mean().unstack("defense") * 100).reindex(
+                index=sorted(all_sub["attack"].unique()), columns=sorted(all_sub["defense"].unique()))
             heat = heat[sorted(heat.columns, key=lambda d: (d != "none", d))]  # undefended column first
             fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * heat.shape[1] + 2), 0.6 * heat.shape[0] + 1.5))
-            sns.heatmap(heat, annot=True, fmt=".0f", vmin=0, vmax=100, cmap="rocket_r", ax=ax,
-                        cbar_kws={"label": "ASR (%)"})
+            ax.set_facecolor("0.85")  # a cell without a number is grey and hatched, never a colour of the scale
+            ax.patch.set_hatch("///")
+            sns.heatmap(heat, annot=heat_labels(all_sub, heat), fmt="", vmin=0, vmax=100, cmap="rocket_r", ax=ax,
+                        cbar_kws={"label": "ASR (%)"}, annot_kws={"fontsize": 7})
             ax.set_title(f"{dataset} / {model}: ASR (%), {budget} clean images per class", fontsize=9)
             fig.tight_layout()
             fig.savefig(folder / f"asr_heatmap_{dataset}_{model}_k{budget}.png", dpi=120)
@@ -172,31 +203,34 @@ def report(root: str | Path, out: str | Path | None = None, data_root: str | Non
     out = Path(out) if out else root / "report"
     triggers: dict = {}
     df, problems = load(root, triggers)
-    if df.empty or not (df["status"] == "ok").any():
+    if df.empty or not df["status"].isin(("ok", "collapsed")).any():
         raise FileNotFoundError(f"no finished records under {root} ({len(problems)} records not used: failed, "
                                 f"unreadable or of another schema)")
     tables = out / "tables"
     for metric in METRICS:
         write_table(pivot(df, metric), tables, metric)
     models = ["dataset", "model", "recipe", "attack"]  # one poisoned model per seed, shared by its cells
-    undefended = (df[df["status"] == "ok"].drop_duplicates(models + ["seed"]).groupby(models)
+    undefended = (df[df["status"].isin(("ok", "collapsed"))].drop_duplicates(models + ["seed"]).groupby(models)
                   .agg(**{k: (f"undefended_{k}", mean_std) for k in ("acc", "asr", "ra")}).reset_index())
     write_table(undefended, tables, "undefended")
-    cost = pivot(df, "defense_seconds", scale=1.0, digits=2).merge(
-        pivot(df, "peak_rss_mb", scale=1.0, digits=0), on=KEYS, suffixes=(" s", " MB"))
+    ran = ("ok", "collapsed")  # a collapsed cell's cost is a real cost
+    cost = pivot(df, "defense_seconds", scale=1.0, digits=2, finished=ran).merge(
+        pivot(df, "peak_rss_mb", scale=1.0, digits=0, finished=ran), on=KEYS, suffixes=(" s", " MB"))
     write_table(cost, tables, "cost")
     cells = df
-    df = df[df["status"] == "ok"]
+    df = df[df["status"].isin(ran)]
     cells.sort_values(KEYS + ["budget", "seed"]).to_csv(tables / "cells.csv", index=False, lineterminator="\n")
     synthetic = (df[df["data_source"] == "synthetic"].groupby(KEYS + ["budget"])["seed"]
                  .apply(lambda s: ", ".join(map(str, sorted(s)))).reset_index(name="seeds"))
     mixed = df.groupby(KEYS + ["budget"])["setting"].nunique()
     for key in mixed[mixed > 1].index:  # same names, different configs (e.g. an override): never silently averaged
         problems.append({"record": " / ".join(map(str, key)), "problem": "one row mixes cells of different settings"})
-    figures(df, out / "figures")
+    figures(cells, out / "figures")
     gallery_problems = galleries(triggers, out / "figures", data_root or os.environ.get("BDBENCH_DATA", "data"),
                                  cache_root or os.environ.get("BDBENCH_CACHE", ".cache/bdbench"))
-    lines = [f"# Report of {root}", "", f"{len(df)} finished cells, {len(problems)} records not used.", ""]
+    collapsed = int((df["status"] == "collapsed").sum())
+    lines = [f"# Report of {root}", "", f"{len(df)} finished cells ({collapsed} collapsed), {len(problems)} records "
+             "not used.", ""]
     if problems:
         lines += ["## Records not used", "", markdown(pd.DataFrame(problems))]
     lines += ["## Cells whose defense ran on synthetic data (budget 0)", ""]

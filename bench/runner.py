@@ -35,7 +35,8 @@ from defenses.base import CleanData, DefenseContext  # the interface, never a co
 log = logging.getLogger(__name__)
 
 # The engine's own modules that shape a trained model; an edit to any of these invalidates the cache.
-ENGINE_MODULES = ("bench.train", "bench.data", "bench.augment", "bench.models.base", "attacks.base")
+ENGINE_MODULES = ("bench.train", "bench.data", "bench.augment", "bench.models.base", "attacks.base",
+                  "bench.metrics")  # metrics: the cache stores the undefended model's metrics
 
 
 def _plain(node: DictConfig) -> dict:
@@ -237,7 +238,8 @@ def summary(record: dict) -> str:
     der_ = m.get("der")
     return (f"{c['dataset']} {c['model']} {c['attack']} + {c['defense']} k={c['budget']} seed={c['seed']}: "
             f"ACC {fmt(u['acc'])} -> {fmt(m['acc'])}  ASR {fmt(u['asr'])} -> {fmt(m['asr'])}  "
-            f"RA {fmt(u['ra'])} -> {fmt(m['ra'])}  DER {fmt(der_)}  ({record['data_source']} data)")
+            f"RA {fmt(u['ra'])} -> {fmt(m['ra'])}  DER {fmt(der_)}  ({record['data_source']} data)"
+            + ("  COLLAPSED (one class or chance: not a defense)" if m.get("collapsed") else ""))
 
 
 def fail(message: str) -> None:

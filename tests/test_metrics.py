@@ -77,7 +77,19 @@ def test_no_target_gives_null_asr():
         target = None
 
     result = evaluate(LookupModel(), make_test_set([1, 2], [1, 2]), Clean())
-    assert result == {"acc": 1.0, "asr": None, "ra": None}
+    assert result == {"acc": 1.0, "asr": None, "ra": None, "top_class_share": 0.5, "collapsed": False}
+
+
+@pytest.mark.parametrize("first_pixels, labels, share, expected", [
+    (list(range(10)), list(range(10)), 0.1, False),                     # healthy: every class, all right
+    ([0] * 10, list(range(10)), 1.0, True),                             # one class: ACC 10 % = chance
+    ([0] * 9 + [9], list(range(10)), 0.9, True),                        # one class takes 90 %
+    ([0] * 8 + [8, 9], [0] * 8 + [8, 9], 0.8, False),                   # 80 % of one class, all right
+    ([1, 2, 3, 4, 5, 6, 7, 8, 9, 0] * 2, [1, 1] + list(range(2, 10)) + [0] * 10, 0.1, True),  # ACC 10 %: spread, but chance
+])
+def test_collapsed_by_hand(first_pixels, labels, share, expected):
+    result = evaluate(LookupModel(), make_test_set(first_pixels, labels), StampAttack())
+    assert result["top_class_share"] == pytest.approx(share) and result["collapsed"] is expected
 
 
 @pytest.mark.parametrize(

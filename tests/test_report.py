@@ -16,11 +16,11 @@ def test_report_tables_figures_and_problems(tiny_cfg, choices, tmp_path):
                      choices(cfg))
     records = Path(cfg.paths.records)
     (records / "old.json").write_text(json.dumps({"schema_version": 1, "status": "ok"}))
-    (records / "failed.json").write_text(json.dumps({"schema_version": 2, "status": "failed",
+    (records / "failed.json").write_text(json.dumps({"schema_version": 3, "status": "failed",
                                                       "error": "Traceback\nFloatingPointError: diverged"}))
     ok = json.loads(next(records.glob("*-none-k1-s0-*.json")).read_text())
     cell = {**ok["cell"], "defense": "nad", "id": "nad-cell"}
-    (records / "nad.json").write_text(json.dumps({"schema_version": 2, "status": "diverged", "cell": cell,
+    (records / "nad.json").write_text(json.dumps({"schema_version": 3, "status": "diverged", "cell": cell,
                                                    "error": "Traceback\nFloatingPointError: nad diverged: loss nan"}))
     for path in records.glob("*-s1-*.json"):  # two seeds' models with equal metrics are still two models
         rec = json.loads(path.read_text())
@@ -30,12 +30,12 @@ def test_report_tables_figures_and_problems(tiny_cfg, choices, tmp_path):
     assert (out / "figures" / "gallery_synthetic.png").is_file()  # the trigger, from the cached attack
     asr = (out / "tables" / "asr.md").read_text()
     assert "| synthetic | fmnist_cnn | reference | - | badnets | clp |" in asr
-    assert "(n=2)" in asr and "±" in asr and "k=0" in asr and "k=1" in asr
-    assert "| synthetic | fmnist_cnn | reference | - | badnets | nad | – | diverged (n=1) |" in asr  # not a gap
+    assert "(2/2)" in asr and "±" in asr and "k=0" in asr and "k=1" in asr
+    assert "| synthetic | fmnist_cnn | reference | - | badnets | nad | – | diverged (0/1) |" in asr  # not a gap
     cells = (out / "tables" / "cells.csv").read_text().splitlines()
     assert len(cells) == 1 + 7
     problems = (out / "problems.md").read_text()
-    assert "6 finished cells, 3 records not used" in problems
+    assert "6 finished cells (0 collapsed), 3 records not used" in problems
     assert "schema 1" in problems and "failed: FloatingPointError: diverged" in problems
     assert (out / "figures" / "asr_heatmap_synthetic_fmnist_cnn_k1.png").is_file()
     before = {p.name: p.read_bytes() for p in (out / "tables").iterdir()}
@@ -49,3 +49,25 @@ def test_report_flags_rows_that_mix_settings(tiny_cfg, choices, tmp_path):
         run_cell(cfg := tiny_cfg("defense=none", "budget=1", f"recipe.epochs={epochs}"), choices(cfg))
     out = report(Path(cfg.paths.records), tmp_path / "report")
     assert "one row mixes cells of different settings" in (out / "problems.md").read_text()
+
+
+def test_every_table_cell_counts_finished_seeds_and_names_the_rest(tiny_cfg, choices, tmp_path):
+    """Before, a mean over the finished seeds alone read like a result of all of them (FT on BadNets at k=1
+    showed 100 with two of three seeds diverged), and a collapsed model's low ASR read like a defense."""
+    for seed in (0, 1, 2):
+        run_cell(cfg := tiny_cfg(f"seed={seed}", "defense=clp", "budget=0", "recipe.epochs=2"), choices(cfg))
+    records = Path(cfg.paths.records)
+    paths = sorted(records.glob("*.json"))
+    diverged = json.loads(paths[1].read_text())
+    paths[1].write_text(json.dumps({**diverged, "status": "diverged", "metrics": None, "error": "loss nan"}))
+    collapsed = json.loads(paths[2].read_text())
+    collapsed["metrics"].update(acc=0.1, asr=0.0, collapsed=True)
+    paths[2].write_text(json.dumps(collapsed))
+    out = report(records, tmp_path / "report", cache_root=str(tmp_path / "none"))
+    asr = (out / "tables" / "asr.md").read_text()
+    first = json.loads(paths[0].read_text())["metrics"]["asr"] * 100
+    assert f"| badnets | clp | {first:.1f} (1/3; collapsed 1, diverged 1) |" in asr  # not averaged with 0.0
+    only_collapsed = {**collapsed, "cell": {**collapsed["cell"], "defense": "ft"}}
+    (records / "extra.json").write_text(json.dumps(only_collapsed))
+    asr = (report(records, tmp_path / "report2", cache_root=str(tmp_path / "none")) / "tables" / "asr.md").read_text()
+    assert "| badnets | ft | collapsed (0/1) |" in asr
