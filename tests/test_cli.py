@@ -15,7 +15,9 @@ from conftest import DATA, fashion_mnist_available
 needs_fmnist = pytest.mark.skipif(not fashion_mnist_available(), reason=f"Fashion-MNIST IDX files not under {DATA}")
 
 
-def bdbench(tmp_path: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+def bdbench(tmp_path: Path, *args: str, timeout: int = 2400) -> subprocess.CompletedProcess:
+    """The CLI in a subprocess. The limit only catches a hang: the smoke sweep takes ~2 min alone and went past
+    600 s on a busy machine, so a limit near the run time failed on load, not on behaviour."""
     paths = [f"paths.data={DATA}", f"paths.cache={tmp_path / 'cache'}", f"paths.records={tmp_path / 'records'}",
              f"paths.output={tmp_path / 'outputs'}"]
     return subprocess.run([sys.executable, "-m", "bench.cli", *args, *paths], cwd=tmp_path,
@@ -26,7 +28,7 @@ def bdbench(tmp_path: Path, *args: str, timeout: int = 600) -> subprocess.Comple
     "args, message",
     [
         (["attack=badnet"], "attack=badnet: no such attack; valid: badnets, blended, input_aware, none, wanet"),
-        (["defense=shap"], "defense=shap: no such defense; valid: anp, ar_purification, argd, clp, fp, ft, "
+        (["defense=shap"], "defense=shap: no such defense; valid: anp, ar_purification, ar_purification_code, argd, clp, fp, ft, "
                            "linf_pruning, nad, nc, none, shap_pruning, suspiciousness"),
         (["defense=shap_pruning", "defense.value=asr"], "shap_pruning value='asr'; valid: soft_asr, asr_minus_acc"),
         (["dataset=mnist"], "dataset=mnist: no such dataset; valid: cifar10, cifar10_jpeg, fashion_mnist, synthetic"),

@@ -71,8 +71,11 @@ def test_mask_generator_learns_a_sparse_mask():
 
     augment = lambda x: Augment(crop_padding=1)(x, torch.Generator().manual_seed(0))
     attack.before_training(train, augment, torch.Generator().manual_seed(0), Recipe)
-    densities = [row["density"] for row in attack.history["mask"]]
-    assert densities[-1] < 0.15 and densities[-1] < densities[0]  # pushed towards 3.2 % coverage
+    # The density loss (mean coverage above 3.2 %, as trained) falls: 0.26-0.38 in the first epoch, 0.10-0.17
+    # in the last on AMD and Intel with 1 or 2 threads and seeds 0-2. The eval-mode density after 8 steps an
+    # epoch rests on barely warmed BatchNorm statistics and swings between 0.09 and 0.5: not asserted.
+    norm = [row["norm"] for row in attack.history["mask"]]
+    assert norm[-1] < 0.7 * norm[0] and sum(norm[-2:]) < sum(norm[:2])
     assert not any(p.requires_grad for p in attack.mask_gen.parameters())  # frozen for phase 2
 
 

@@ -86,3 +86,17 @@ def test_published_grids_draw_the_target_from_the_seed(experiment, tmp_path):
     assert len(set(targets.values())) == 3 and targets == {0: 4, 1: 7, 2: 0}
     assert compose_cell(tmp_path, ["attack=badnets"]).attack.target == 0  # a single cell keeps the default
     assert compose_cell(tmp_path, [f"experiment={experiment}", "attack=badnets", "attack.target=3"]).attack.target == 3
+
+
+@pytest.mark.parametrize("experiment", ["paper_grid", "cifar10_grid", "paper_grid_gpu"])
+def test_published_grids_run_both_readings_of_ar_purification(experiment, tmp_path):
+    """The default row was the code sketch alone, which measures fine-tuning plus an L1 term."""
+    from omegaconf import OmegaConf
+
+    from bench.validate import CONF_DIR
+
+    grid = OmegaConf.load(CONF_DIR / "experiment" / f"{experiment}.yaml").hydra.sweeper.params.defense.split(",")
+    assert {"ar_purification", "ar_purification_code"} <= set(grid)
+    variants = {name: compose_cell(tmp_path, [f"experiment={experiment}", f"defense={name}"]).defense.variant
+                for name in ("ar_purification", "ar_purification_code")}
+    assert variants == {"ar_purification": "neuron", "ar_purification_code": "code"}

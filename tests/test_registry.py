@@ -15,18 +15,23 @@ from attacks.base import ATTACKS
 from bench.train import train
 from bench.models import MODELS, create_model, list_models
 from bench.validate import CONF_DIR, options
-from defenses import list_defenses
 from defenses.base import DEFENSES, CleanData, DefenseContext
 
 
 @pytest.mark.parametrize("group, registry", [("attack", ATTACKS), ("defense", DEFENSES)])
-def test_config_names_are_registry_names(group, registry):
-    """Each config file is named after its module, and its _target_ is the registered class."""
-    assert options(group) == registry.names()
+def test_config_names_are_registry_names(group, registry, tiny_cfg):
+    """Each registered name has a config named after its module, whose _target_ is the registered class;
+    any other config is a named variant ``<name>_<variant>`` that composes onto its registered config."""
+    assert set(registry.names()) <= set(options(group))
     for name in registry.names():
         target = OmegaConf.load(CONF_DIR / group / f"{name}.yaml")["_target_"]
         assert get_class(target) is registry.get(name)
         assert target.split(".")[-2] == name  # one module per attack/defense, named as the config
+    for variant in set(options(group)) - set(registry.names()):
+        cfg = tiny_cfg(f"{group}={variant}")[group]
+        base = cfg["_target_"].split(".")[-2]
+        assert base in registry.names() and variant.startswith(base + "_")
+        assert OmegaConf.load(CONF_DIR / group / f"{variant}.yaml")["defaults"][0] == base
 
 
 @pytest.mark.parametrize("name", list_models())
@@ -94,7 +99,7 @@ def shrink(node) -> None:
             node[key] = SMALL[key]
 
 
-@pytest.mark.parametrize("name", list_defenses())
+@pytest.mark.parametrize("name", options("defense"))
 @pytest.mark.parametrize("budget", [0, 2])
 def test_every_defense_runs_and_leaves_its_input_alone(name, budget, tiny_model, tiny_cfg):
     cfg = tiny_cfg(f"defense={name}").defense
@@ -123,7 +128,7 @@ def slow_down(node) -> None:
             node[key] = 0.01
 
 
-@pytest.mark.parametrize("name", list_defenses())
+@pytest.mark.parametrize("name", options("defense"))
 def test_every_defense_runs_on_a_residual_model(name, tiny_cfg):
     """Skip connections (WRN-16-1, like PreAct-ResNet18) through masks, pruning, taps and fine-tuning."""
     torch.manual_seed(0)
