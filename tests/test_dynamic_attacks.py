@@ -72,7 +72,7 @@ def test_mask_generator_learns_a_sparse_mask():
     augment = lambda x: Augment(crop_padding=1)(x, torch.Generator().manual_seed(0))
     attack.before_training(train, augment, torch.Generator().manual_seed(0), Recipe)
     # The density loss (mean coverage above 3.2 %, as trained) falls: 0.26-0.38 in the first epoch, 0.10-0.17
-    # in the last on AMD and Intel with 1 or 2 threads and seeds 0-2. The eval-mode density after 8 steps an
+    # in the last (measured with 1 and 2 threads, seeds 0-2). The eval-mode density after 8 steps an
     # epoch rests on barely warmed BatchNorm statistics and swings between 0.09 and 0.5: not asserted.
     norm = [row["norm"] for row in attack.history["mask"]]
     assert norm[-1] < 0.7 * norm[0] and sum(norm[-2:]) < sum(norm[:2])
