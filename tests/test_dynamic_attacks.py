@@ -150,4 +150,5 @@ def test_cpu_schedules_on_cifar_cnn_win_over_the_grid_epochs_and_spare_the_gpu_g
     assert cpu.recipe.epochs == schedule.recipe.epochs != 15  # cifar10_grid trains the other attacks 15
     assert compose_cell(tmp_path, ["experiment=cifar10_grid", "attack=badnets"]).recipe.epochs == 15
     gpu = compose_cell(tmp_path, ["experiment=paper_grid_gpu", f"attack={attack}"])
-    assert gpu.recipe.epochs == 100 and gpu.attack == compose_cell(tmp_path, ["dataset=cifar10_jpeg", f"attack={attack}"]).attack
+    plain = compose_cell(tmp_path, ["dataset=cifar10_jpeg", f"attack={attack}", f"attack.target={gpu.attack.target}"])
+    assert gpu.recipe.epochs == 100 and gpu.attack == plain.attack  # the same attack, its target drawn from the seed

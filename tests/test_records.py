@@ -19,7 +19,7 @@ def test_record_has_the_agreed_fields(tiny_cfg, choices):
     assert len(files) == 1 and files[0].stem == record["cell"]["id"]
     on_disk = json.loads(files[0].read_text())
     assert on_disk["schema_version"] == SCHEMA_VERSION and on_disk["status"] == "ok"
-    assert set(on_disk["metrics"]) == {"acc", "asr", "ra", "der"}
+    assert set(on_disk["metrics"]) == {"acc", "asr", "ra", "der", "top_class_share", "collapsed"}
     assert set(on_disk["undefended"]) >= {"acc", "asr", "ra"}
     assert on_disk["data_source"] == "real" and on_disk["defense_images"] == 20
     assert on_disk["defense"]["steps"] >= 300
@@ -72,7 +72,7 @@ def test_a_diverged_defense_is_a_finished_result_not_a_crash(tiny_cfg, choices):
     assert record["status"] == "diverged" and "loss nan" in record["error"] and record["defense"] == {"steps": 3}
     assert "DIVERGED" in runner.summary(record)
     again = runner.run_cell(cfg, {**choices(cfg), "defense": "none"})
-    assert again == {"schema_version": 2, **record}  # read back, not run again: divergence is deterministic
+    assert again == {"schema_version": SCHEMA_VERSION, **record}  # read back, not run again: divergence is deterministic
 
 
 @pytest.mark.parametrize("experiment", ["paper_grid", "cifar10_grid", "paper_grid_gpu"])

@@ -119,6 +119,39 @@ def test_every_defense_runs_and_leaves_its_input_alone(name, budget, tiny_model,
     assert isinstance(defense.report(), dict)
 
 
+def found(report, key: str) -> list:
+    """Every value of ``key`` anywhere in a nested report."""
+    if isinstance(report, dict):
+        return ([report[key]] if key in report else []) + [v for x in report.values() for v in found(x, key)]
+    return [v for x in report for v in found(x, key)] if isinstance(report, list) else []
+
+
+GUARDED = ("shap_pruning", "linf_pruning", "suspiciousness", "fp")
+FINE_TUNING = ("ft", "fp", "nc", "nad", "argd", "anp", "ar_purification", "ar_purification_code")
+REVERSAL = ("shap_pruning", "linf_pruning", "nc")
+
+
+@pytest.mark.parametrize("name", sorted(set(GUARDED + FINE_TUNING + REVERSAL)))
+def test_reports_carry_what_a_reviewer_recomputes(name, tiny_model, tiny_cfg):
+    """Pruning: guard_curve, guard_min and the count kept, which passed. Fine-tuning: the BatchNorm mode.
+    Reversal: whether a target was detected."""
+    cfg = tiny_cfg(f"defense={name}", "nc_reversal.when_undetected=force").defense
+    shrink(cfg)
+    defense = instantiate(cfg)
+    clean = CleanData(torch.rand(20, 1, 16, 16), torch.arange(20) % 10, "real")
+    defense.apply(tiny_model, clean, _ctx())
+    report = defense.report()
+    if name in GUARDED:
+        curve, bar = dict(report["guard_curve"]), report["guard_min"]
+        assert curve and report["pruned"] in curve and curve[0] >= bar - 1e-6
+        assert all(v >= bar - 1e-9 for c, v in curve.items() if c <= report["pruned"])
+        assert report["guard_classes_min"] >= 1 and len(report["guard_classes_curve"]) == len(curve)
+    if name in FINE_TUNING:
+        assert set(found(report, "batchnorm")) == {"train"}
+    if name in REVERSAL:
+        assert isinstance(report["detected"], bool) and report["acted"] is True
+
+
 def slow_down(node) -> None:
     """Every learning rate of a composed defense config at most 0.01 (nested ones too)."""
     for key in list(node.keys()):
