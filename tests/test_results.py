@@ -23,6 +23,9 @@ def test_report_rebuilds_committed_tables(folder, tmp_path, monkeypatch):
     assert rebuilt.keys() == committed.keys()
     for name in committed:
         assert rebuilt[name] == committed[name], f"{folder.name}/report/tables/{name} differs from its records"
-    # problems.md: the same records not used, the same synthetic cells (its title names the folder)
-    assert (out / "problems.md").read_text().splitlines()[1:] == \
-        (folder / "report" / "problems.md").read_text().splitlines()[1:]
+    # problems.md: the same records not used, the same synthetic cells (its title names the folder; whether the
+    # trigger gallery could be drawn depends on the machine's model cache, not on the records)
+    def records_part(text: str) -> list[str]:
+        return text.split("## Figures not drawn")[0].rstrip().splitlines()[1:]
+
+    assert records_part((out / "problems.md").read_text()) == records_part((folder / "report" / "problems.md").read_text())
