@@ -11,3 +11,15 @@ __version__ = "0.1.0"
 
 # ${target_of_seed:${seed},${dataset.num_classes}}: the published grids' target label (conf/experiment/).
 OmegaConf.register_new_resolver("target_of_seed", target_of_seed, replace=True)
+
+
+def _register_search_path_plugin() -> None:
+    """Hydra finds ``hydra_plugins.bdbench`` by walking the hydra_plugins namespace; an editable install
+    maps it through setuptools' import hook, which that walk cannot list, so register it by hand too."""
+    from hydra.core.plugins import Plugins
+    from hydra_plugins.bdbench import BdbenchSearchPathPlugin
+
+    Plugins.instance().register(BdbenchSearchPathPlugin)
+
+
+_register_search_path_plugin()

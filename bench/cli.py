@@ -2,6 +2,7 @@
 
     bdbench [overrides]           one cell (Hydra run)
     bdbench -m [overrides]        a sweep (Hydra multirun); cells whose record exists are skipped
+    bdbench list [overrides]      the attacks, defenses, models, data sets and experiments it can compose
     bdbench gallery [overrides]   the trigger gallery of one data set, every attack (cached models)
     bdbench report DIR [OUT]      tables (mean ± std over seeds) and figures from the records under DIR
     bdbench perf NAME [k=v ...]   a benchmark (conf/perf/NAME.yaml), written to results/perf/
@@ -38,11 +39,12 @@ def expand_jobs(overrides: list[str], multirun: bool) -> list[list[str]]:
     """The override list of every job Hydra will launch, sweeper params of the config included."""
     parser = OverridesParser.create()
     parsed = parser.parse_overrides(overrides)
+    searchpath = [o.input_line for o in parsed if o.key_or_group == "hydra.searchpath"]
     for o in parsed:  # unknown config names first: the clearest message
         if o.key_or_group in GROUPS:
             values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.get_value_element_as_str()]
             for value in values:
-                check_choice(o.key_or_group, value)
+                check_choice(o.key_or_group, value, searchpath)
     if not multirun:
         return [overrides]
     first = [o.input_line if not o.is_sweep_override()
@@ -50,6 +52,19 @@ def expand_jobs(overrides: list[str], multirun: bool) -> list[list[str]]:
     base = compose("config", overrides=first, return_hydra_config=True)
     params = [f"{k}={v}" for k, v in (OmegaConf.select(base, "hydra.sweeper.params") or {}).items()]
     return BasicSweeper.split_arguments(parser.parse_overrides(params + overrides), None)[0]
+
+
+def validate_jobs(jobs: list[list[str]]) -> None:
+    """Compose and validate every job (inside an initialized Hydra); raises ConfigError."""
+    try:
+        checked_data: set[tuple] = set()
+        for job in jobs:
+            cfg = compose("config", overrides=list(job), return_hydra_config=True)
+            data_key = (cfg.hydra.runtime.choices.dataset, cfg.paths.data)
+            validate(cfg, cfg.hydra.runtime.choices, check_data=data_key not in checked_data)
+            checked_data.add(data_key)
+    except HydraException as exc:
+        raise ConfigError(str(exc).strip().splitlines()[0]) from None
 
 
 def prevalidate(argv: list[str]) -> None:
@@ -60,14 +75,9 @@ def prevalidate(argv: list[str]) -> None:
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         try:
             jobs = expand_jobs(args.overrides, args.multirun)
-            checked_data: set[tuple] = set()
-            for job in jobs:
-                cfg = compose("config", overrides=list(job), return_hydra_config=True)
-                data_key = (cfg.hydra.runtime.choices.dataset, cfg.paths.data)
-                validate(cfg, cfg.hydra.runtime.choices, check_data=data_key not in checked_data)
-                checked_data.add(data_key)
         except HydraException as exc:
             raise ConfigError(str(exc).strip().splitlines()[0]) from None
+        validate_jobs(jobs)
 
 
 def spread_over_gpus(job_num: int, device: str) -> None:
@@ -119,9 +129,40 @@ def perf_command(args: list[str]) -> None:
     print(perf.write(result, args[0], Path(cfg.out), device))
 
 
+LISTED = ("attack", "defense", "model", "dataset", "experiment")
+
+
+def describe(group: str, name: str) -> tuple[str, str]:
+    """(where the config comes from, its first comment line) for ``conf/<group>/<name>.yaml``."""
+    from bench.plugins import plugin_conf_dirs
+
+    for source, folder in [("bdbench", CONF_DIR), *plugin_conf_dirs()]:
+        path = folder / group / f"{name}.yaml"
+        if path.is_file():
+            first = next((line for line in path.read_text().splitlines() if line.startswith("#")), "#")
+            return source, first.lstrip("#").strip()
+    return "hydra.searchpath", ""
+
+
+def list_command(overrides: list[str]) -> str:
+    """``bdbench list``: what can be composed, group by group, with its package and description."""
+    from bench.validate import options
+
+    lines = []
+    for group in LISTED:
+        lines.append(f"{group}:")
+        for name in options(group, overrides):
+            source, text = describe(group, name)
+            lines.append(f"  {name:<22} {source:<24} {text}")
+    return "\n".join(lines)
+
+
 def main() -> None:
     argv = sys.argv[1:]
     try:
+        if argv[:1] == ["list"]:
+            print(list_command(argv[1:]))
+            return
         if argv[:1] == ["gallery"]:
             gallery_command(argv[1:])
             return

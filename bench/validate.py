@@ -2,33 +2,42 @@
 
 from __future__ import annotations
 
+from importlib.resources import files
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
+from hydra import initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from bench.device import PRECISIONS, resolve_device
 from bench.errors import ConfigError
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+# bdbench's config tree is package data (the folder conf/, installed as bench.conf): a wheel composes from
+# any working directory, an editable install reads the checkout.
+CONF_DIR = Path(str(files("bench.conf")))
 GROUPS = ("dataset", "model", "attack", "defense", "recipe", "synthesis", "paths", "experiment")
 
 
-def options(group: str) -> list[str]:
-    """The config names of a group: the YAML files in ``conf/<group>``."""
-    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+def options(group: str, overrides: Sequence[str] = ()) -> list[str]:
+    """The config names of a group as Hydra's config repository sees them: bdbench's own, those of installed
+    plugin packages (the search-path plugin) and of any ``hydra.searchpath`` among ``overrides``."""
+    hydra = GlobalHydra.instance()
+    if not hydra.is_initialized():
+        with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+            return options(group, overrides)
+    return sorted(hydra.config_loader().get_group_options(group, config_name="config", overrides=list(overrides)))
 
 
-def check_choice(group: str, value: str) -> None:
-    if value not in options(group):
-        raise ConfigError(f"{group}={value}: no such {group}; valid: {', '.join(options(group))}")
+def check_choice(group: str, value: str, overrides: Sequence[str] = ()) -> None:
+    valid = options(group, overrides)
+    if value not in valid:
+        raise ConfigError(f"{group}={value}: no such {group}; valid: {', '.join(valid)}")
 
 
 def validate(cfg: DictConfig, choices: dict[str, Any], check_data: bool = True) -> None:
-    """Raise ConfigError for the first bad value of a composed cell config."""
-    for group in ("dataset", "model", "attack", "defense", "recipe"):
-        check_choice(group, str(choices.get(group)))
+    """Raise ConfigError for the first bad value of a composed cell config (its group names exist: it composed)."""
     num_classes = int(cfg.dataset.num_classes)
     pool = int(cfg.dataset.pool_per_class)
     budget = cfg.budget

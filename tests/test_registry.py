@@ -14,24 +14,29 @@ from attacks import list_attacks
 from attacks.base import ATTACKS
 from bench.train import train
 from bench.models import MODELS, create_model, list_models
+from bench.plugins import plugin_conf_dirs
 from bench.validate import CONF_DIR, options
 from defenses.base import DEFENSES, CleanData, DefenseContext
 
 
 @pytest.mark.parametrize("group, registry", [("attack", ATTACKS), ("defense", DEFENSES)])
 def test_config_names_are_registry_names(group, registry, tiny_cfg):
-    """Each registered name has a config named after its module, whose _target_ is the registered class;
-    any other config is a named variant ``<name>_<variant>`` that composes onto its registered config."""
+    """Each registered name (built-in or a plugin's entry point) has a config named after its module, whose
+    _target_ is the registered class; any other config is a named variant ``<name>_<variant>`` that composes
+    onto its registered config."""
     assert set(registry.names()) <= set(options(group))
+    folders = [CONF_DIR, *(folder for _, folder in plugin_conf_dirs())]
     for name in registry.names():
-        target = OmegaConf.load(CONF_DIR / group / f"{name}.yaml")["_target_"]
+        path = next(f / group / f"{name}.yaml" for f in folders if (f / group / f"{name}.yaml").is_file())
+        target = OmegaConf.load(path)["_target_"]
         assert get_class(target) is registry.get(name)
         assert target.split(".")[-2] == name  # one module per attack/defense, named as the config
     for variant in set(options(group)) - set(registry.names()):
         cfg = tiny_cfg(f"{group}={variant}")[group]
         base = cfg["_target_"].split(".")[-2]
         assert base in registry.names() and variant.startswith(base + "_")
-        assert OmegaConf.load(CONF_DIR / group / f"{variant}.yaml")["defaults"][0] == base
+        path = next(f / group / f"{variant}.yaml" for f in folders if (f / group / f"{variant}.yaml").is_file())
+        assert OmegaConf.load(path)["defaults"][0] == base
 
 
 @pytest.mark.parametrize("name", list_models())

@@ -1,0 +1,53 @@
+"""bdbench from Python (notebooks, scripts): the same overrides as the command line, records back.
+
+    from bench.api import run, sweep, load_records
+    record = run(["attack=blended", "defense=clp", "budget=0", "paths.data=../shared/data"])
+    records = sweep(["attack=badnets,blended", "defense=ft,clp", "paths.data=../shared/data"])
+    df = load_records("records")          # one row per finished cell: ACC, ASR, RA, DER, ...
+
+Every job is composed and validated before the first one runs, as on the command line.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import pandas as pd
+from hydra import compose, initialize_config_dir
+
+from bench.runner import run_cell
+from bench.validate import CONF_DIR
+
+
+def _jobs(overrides: Sequence[str], multirun: bool) -> list[list[str]]:
+    from bench.cli import expand_jobs, validate_jobs
+
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        jobs = expand_jobs(list(overrides), multirun)
+        validate_jobs(jobs)
+    return jobs
+
+
+def _run(job: list[str]) -> dict:
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=job, return_hydra_config=True)
+    return run_cell(cfg, dict(cfg.hydra.runtime.choices))
+
+
+def run(overrides: Sequence[str] = ()) -> dict:
+    """Run one cell (or read its existing record) and return its record."""
+    (job,) = _jobs(overrides, multirun=False)
+    return _run(job)
+
+
+def sweep(overrides: Sequence[str] = ()) -> list[dict]:
+    """Run every cell of a sweep (``a=x,y`` overrides and an experiment's sweeper params), in order."""
+    return [_run(job) for job in _jobs(overrides, multirun=True)]
+
+
+def load_records(folder: str | Path) -> pd.DataFrame:
+    """The records under ``folder`` as one row per cell (the long table ``bdbench report`` builds on)."""
+    from bench.report import load
+
+    return load(Path(folder))[0]

@@ -1,0 +1,1 @@
+"""An example bdbench plugin package: ``pip install`` it, then ``bdbench defense=head_ft attack=checkerboard``."""

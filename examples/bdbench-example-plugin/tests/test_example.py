@@ -1,0 +1,40 @@
+"""The example plugin's own tests: its attack stamps what it says, its defense retrains the head only."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from bdbench_example.checkerboard import Checkerboard
+from bdbench_example.head_ft import HeadFineTuning
+from bench.models import create_model
+from defenses.base import CleanData, DefenseContext
+
+
+def test_checkerboard_stamps_a_checkerboard_and_round_trips():
+    attack = Checkerboard(target=3, poison_rate=0.1, size=4)
+    x = torch.full((2, 1, 8, 8), 128, dtype=torch.uint8)
+    out = attack.apply_trigger(x)
+    assert out[0, 0, :4, :4].tolist() == [[0, 255, 0, 255], [255, 0, 255, 0]] * 2
+    assert (out[:, :, 4:, :] == 128).all() and (out[:, :, :, 4:] == 128).all()
+    clone = Checkerboard(target=3, poison_rate=0.1, size=4)
+    clone.load_state_dict(attack.state_dict())
+    assert torch.equal(clone.apply_trigger(x), out)
+
+
+def test_head_fine_tuning_changes_the_last_layer_only():
+    torch.manual_seed(0)
+    model = create_model("fmnist_cnn", num_classes=10, shape=(1, 16, 16), mean=[0.5], std=[0.5]).eval()
+    before = copy.deepcopy(model.state_dict())
+    defense = HeadFineTuning(epochs=1, batch_size=10, min_steps=20, lr=0.1, momentum=0.9, weight_decay=0.0,
+                             augment={}, batchnorm="frozen", grad_clip=None)
+    ctx = DefenseContext(num_classes=10, input_shape=(1, 16, 16), device=torch.device("cpu"), seed=0,
+                         progress=lambda it, **kw: it)
+    repaired = defense.apply(model, CleanData(torch.rand(10, 1, 16, 16), torch.arange(10), "real"), ctx)
+    head = [name for name, m in repaired.named_modules() if isinstance(m, nn.Linear)][-1]
+    changed = {k for k, v in repaired.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed == {f"{head}.weight", f"{head}.bias"}
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # its input is untouched
+    assert defense.report()["steps"] == 20

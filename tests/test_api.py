@@ -1,0 +1,30 @@
+"""``bench.api``: a cell or a sweep from Python with the command line's overrides; records into pandas."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench import api
+from bench.errors import ConfigError
+from conftest import DATA, TINY
+
+
+def test_run_sweep_and_load_records(tmp_path):
+    paths = [f"paths.data={DATA}", f"paths.cache={tmp_path / 'cache'}", f"paths.records={tmp_path / 'records'}",
+             f"paths.output={tmp_path / 'out'}", "device=cpu"]
+    record = api.run([*TINY, *paths, "defense=clp", "budget=0"])
+    assert record["status"] == "ok" and record["cell"]["defense"] == "clp" and 0 <= record["metrics"]["asr"] <= 1
+    again = api.run([*TINY, *paths, "defense=clp", "budget=0"])  # read back, not run again
+    assert again["metrics"] == record["metrics"] and again["cache"] == record["cache"]
+    records = api.sweep([*TINY, *paths, "defense=clp,none", "budget=0"])
+    assert [r["cell"]["defense"] for r in records] == ["clp", "none"] and records[0]["metrics"] == record["metrics"]
+    df = api.load_records(tmp_path / "records")
+    assert len(df) == 2 and set(df["defense"]) == {"clp", "none"}
+    assert df.loc[df["defense"] == "clp", "asr"].item() == record["metrics"]["asr"]
+
+
+def test_bad_input_is_refused_before_any_cell_runs(tmp_path):
+    with pytest.raises(ConfigError, match="budget=500 is larger than the defender pool"):
+        api.sweep([*TINY, f"paths.records={tmp_path / 'records'}", "dataset=fashion_mnist", f"paths.data={DATA}",
+                   "budget=1,500"])
+    assert not (tmp_path / "records").exists()
