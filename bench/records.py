@@ -3,6 +3,7 @@ schema is not a finished cell and is run again."""
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import platform
@@ -57,7 +58,10 @@ def write_record(path: Path, record: dict) -> None:
     atomic_write_json(path, {"schema_version": SCHEMA_VERSION, **record})
 
 
+@functools.cache
 def _git() -> dict[str, Any]:
+    """The checkout's commit when this process first asked, i.e. the code it runs (a sweep that runs for hours
+    must not name a commit made while it ran)."""
     root = Path(__file__).resolve().parent.parent
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
@@ -67,6 +71,9 @@ def _git() -> dict[str, Any]:
         return {"commit": commit, "dirty": dirty}
     except (OSError, subprocess.SubprocessError):
         return {"commit": None, "dirty": None}
+
+
+_git()  # read once, when the engine is imported: the commit of the code this process runs
 
 
 def environment(device: torch.device) -> dict[str, Any]:

@@ -100,3 +100,14 @@ def test_published_grids_run_both_readings_of_ar_purification(experiment, tmp_pa
     variants = {name: compose_cell(tmp_path, [f"experiment={experiment}", f"defense={name}"]).defense.variant
                 for name in ("ar_purification", "ar_purification_code")}
     assert variants == {"ar_purification": "neuron", "ar_purification_code": "code"}
+
+
+def test_records_name_the_commit_the_process_started_with(monkeypatch):
+    """A sweep runs for hours; a commit made meanwhile must not be named as the code of its later records."""
+    import subprocess
+
+    from bench import records
+
+    started = records.environment(__import__("torch").device("cpu"))["git"]
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: (_ for _ in ()).throw(AssertionError("git asked again")))
+    assert records.environment(__import__("torch").device("cpu"))["git"] == started
