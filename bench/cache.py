@@ -1,11 +1,14 @@
-"""The poisoned-model cache, addressed by content.
+"""Content-addressed caches, one mechanism for every kind: poisoned models, budget-0 synthetic sets, decoded
+data sets (and anything added later).
 
-An entry's key is the hash of everything that determines the trained model: the resolved data set,
-model, attack and recipe configs, the seed, the effective precision and the source code of the
-modules that train it. An entry is a folder with the weights, the attack's trigger artifacts
-(poisoned indices included) and a manifest (training history, undefended metrics, file hashes).
-It is written to a temp folder and renamed into place, verified by hash on load, and a corrupt
-entry is reported and rebuilt, never loaded. A file lock keeps two processes from training one key.
+An entry is a folder ``<root>/<kind>/<key>/`` holding one ``.pt`` file per object and a ``manifest.json`` with
+each file's sha256. It is written to a temp folder of a unique name and renamed into place, verified by hash
+on every load, and a corrupt or unreadable entry is reported, removed and rebuilt, never loaded. A file lock
+per entry keeps two processes from building the same one. Files and folders take the user's umask (a cache
+shared by a group on a cluster needs group bits), not the 0600 / 0700 of Python's temp files.
+
+A poisoned model's key is the hash of everything that determines it: the resolved data set, model, attack and
+recipe configs, the seed, the effective precision and the source of the modules that train it.
 """
 
 from __future__ import annotations
@@ -23,11 +26,67 @@ from typing import Any, Iterator
 
 import torch
 
-from bench.fsutil import atomic_write_json, sha256_file
+from bench.fsutil import atomic_write_json, sha256_file, umask_mode
 
 log = logging.getLogger(__name__)
 
-FILES = ("weights.pt", "attack.pt")
+
+@dataclass
+class Entry:
+    objects: dict[str, Any]
+    manifest: dict[str, Any]
+
+
+class Store:
+    """Verified entries of one kind: ``store(key, objects, manifest)`` and ``load(key) -> Entry | None``."""
+
+    def __init__(self, root: str | Path, kind: str) -> None:
+        self.root, self.kind = Path(root), kind
+
+    def path(self, key: str) -> Path:
+        return self.root / self.kind / key
+
+    def load(self, key: str) -> Entry | None:
+        """The entry, or None if absent; a corrupt one is reported, removed and None returned."""
+        folder = self.path(key)
+        if not folder.exists():
+            return None
+        try:
+            manifest = json.loads((folder / "manifest.json").read_text())
+            files = manifest["files"]
+            for name, digest in files.items():
+                if not (folder / name).is_file():
+                    raise ValueError(f"{name} missing")
+                if sha256_file(folder / name) != digest:
+                    raise ValueError(f"{name} does not match its hash")
+            objects = {name[: -len(".pt")]: torch.load(folder / name, map_location="cpu", weights_only=True)
+                       for name in files}
+            return Entry(objects, manifest)
+        except Exception as exc:  # unreadable, truncated, flipped bytes, missing files: all corrupt
+            log.warning("%s cache entry %s is corrupt (%s: %s); removing it and building it again", self.kind,
+                        folder, type(exc).__name__, exc)
+            shutil.rmtree(folder, ignore_errors=True)
+            return None
+
+    def store(self, key: str, objects: dict[str, Any], manifest: dict[str, Any]) -> Entry:
+        folder = self.path(key)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{key}."))  # unique: concurrent writers never clash
+        try:
+            for name, obj in objects.items():
+                torch.save(obj, tmp / f"{name}.pt")
+                umask_mode(tmp / f"{name}.pt")
+            manifest = {**manifest, "key": key, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                        "files": {f"{name}.pt": sha256_file(tmp / f"{name}.pt") for name in objects}}
+            atomic_write_json(tmp / "manifest.json", manifest)
+            umask_mode(tmp)
+            if folder.exists():  # a corrupt or stale entry: replace it
+                shutil.rmtree(folder)
+            tmp.rename(folder)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return Entry(objects, manifest)
 
 
 @dataclass
@@ -38,11 +97,14 @@ class CacheEntry:
 
 
 class ModelCache:
+    """The cache folder of a run: poisoned models, synthetic sets, decoded data sets, and their locks."""
+
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
+        self.models, self.synthetic, self.datasets = (Store(self.root, k) for k in ("models", "synthetic", "datasets"))
 
     def path(self, key: str) -> Path:
-        return self.root / "models" / key
+        return self.models.path(key)
 
     @contextmanager
     def lock(self, key: str) -> Iterator[None]:
@@ -57,76 +119,17 @@ class ModelCache:
                 fcntl.flock(f, fcntl.LOCK_UN)
 
     def load(self, key: str) -> CacheEntry | None:
-        """The entry, or None if absent; a corrupt entry is reported, removed and None returned."""
-        folder = self.path(key)
-        if not folder.exists():
-            return None
-        problem = self._verify(folder)
-        if problem is None:
-            try:
-                manifest = json.loads((folder / "manifest.json").read_text())
-                return CacheEntry(
-                    torch.load(folder / "weights.pt", map_location="cpu", weights_only=True),
-                    torch.load(folder / "attack.pt", map_location="cpu", weights_only=True),
-                    manifest,
-                )
-            except Exception as exc:  # unreadable despite matching hashes: treat as corrupt too
-                problem = f"unreadable ({type(exc).__name__}: {exc})"
-        log.warning("cache entry %s is corrupt (%s); removing it and training again", folder, problem)
-        shutil.rmtree(folder, ignore_errors=True)
-        return None
-
-    def _verify(self, folder: Path) -> str | None:
-        try:
-            manifest = json.loads((folder / "manifest.json").read_text())
-        except (OSError, ValueError) as exc:
-            return f"manifest unreadable: {type(exc).__name__}"
-        for name in FILES:
-            expected = manifest.get("files", {}).get(name)
-            if not (folder / name).is_file():
-                return f"{name} missing"
-            if sha256_file(folder / name) != expected:
-                return f"{name} does not match its hash"
-        return None
+        entry = self.models.load(key)
+        return None if entry is None else CacheEntry(entry.objects["weights"], entry.objects["attack"], entry.manifest)
 
     def store(self, key: str, weights: dict, attack_state: dict, manifest: dict) -> CacheEntry:
-        folder = self.path(key)
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{key}."))
-        try:
-            torch.save(weights, tmp / "weights.pt")
-            torch.save(attack_state, tmp / "attack.pt")
-            manifest = {**manifest, "key": key, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                        "files": {name: sha256_file(tmp / name) for name in FILES}}
-            atomic_write_json(tmp / "manifest.json", manifest)
-            if folder.exists():  # a corrupt or stale entry: replace it
-                shutil.rmtree(folder)
-            tmp.rename(folder)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return CacheEntry(weights, attack_state, manifest)
+        entry = self.models.store(key, {"weights": weights, "attack": attack_state}, manifest)
+        return CacheEntry(weights, attack_state, entry.manifest)
 
     def load_synthetic(self, key: str) -> dict[str, Any] | None:
-        """A cached synthetic clean set (tensors and stats), or None if absent or unreadable."""
-        path = self.root / "synthetic" / f"{key}.pt"
-        if not path.is_file():
-            return None
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            log.warning("synthetic set %s is unreadable (%s); synthesizing again", path, type(exc).__name__)
-            return None
+        """A cached synthetic clean set (tensors and stats), verified like a model."""
+        entry = self.synthetic.load(key)
+        return None if entry is None else entry.objects["set"]
 
     def store_synthetic(self, key: str, entry: dict[str, Any]) -> None:
-        """Written to a temp file and renamed, so a killed process never leaves a half-written set."""
-        path = self.root / "synthetic" / f"{key}.pt"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{key}.")
-        try:
-            with open(fd, "wb") as f:
-                torch.save(entry, f)
-            Path(tmp).rename(path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        self.synthetic.store(key, {"set": entry}, {})

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from pathlib import Path
 
 import hydra
@@ -29,7 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from bench.device import resolve_device
 from bench.errors import ConfigError
-from bench.runner import fail, run_cell, summary
+from bench.runner import cell_path, fail, run_cell, summary
 from bench.validate import CONF_DIR, GROUPS, check_choice, validate
 
 log = logging.getLogger("bdbench")
@@ -54,30 +55,54 @@ def expand_jobs(overrides: list[str], multirun: bool) -> list[list[str]]:
     return BasicSweeper.split_arguments(parser.parse_overrides(params + overrides), None)[0]
 
 
-def validate_jobs(jobs: list[list[str]]) -> None:
-    """Compose and validate every job (inside an initialized Hydra); raises ConfigError."""
+def validate_jobs(jobs: list[list[str]]) -> list[Path]:
+    """Compose and validate every job (inside an initialized Hydra); their record paths. Raises ConfigError."""
     try:
         checked_data: set[tuple] = set()
+        paths = []
         for job in jobs:
             cfg = compose("config", overrides=list(job), return_hydra_config=True)
             data_key = (cfg.hydra.runtime.choices.dataset, cfg.paths.data)
             validate(cfg, cfg.hydra.runtime.choices, check_data=data_key not in checked_data)
             checked_data.add(data_key)
+            paths.append(cell_path(cfg, cfg.hydra.runtime.choices))
+        return paths
     except HydraException as exc:
         raise ConfigError(str(exc).strip().splitlines()[0]) from None
 
 
-def prevalidate(argv: list[str]) -> None:
-    """Compose and validate every job before any compute; raises ConfigError."""
+def prevalidate(argv: list[str]) -> list[Path] | None:
+    """Compose and validate every job before any compute; their record paths (None when nothing will run).
+    Raises ConfigError."""
     args = get_args_parser().parse_args(argv)
     if args.help or args.hydra_help or args.cfg or args.info or args.shell_completion:
-        return
+        return None
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         try:
             jobs = expand_jobs(args.overrides, args.multirun)
         except HydraException as exc:
             raise ConfigError(str(exc).strip().splitlines()[0]) from None
-        validate_jobs(jobs)
+        return validate_jobs(jobs)
+
+
+def outcome(paths: list[Path], seconds: float) -> tuple[str, bool]:
+    """The closing line of a sweep, read from its records (any launcher), and whether every cell finished."""
+    import json
+
+    counts: dict[str, int] = {}
+    for path in paths:
+        try:
+            record = json.loads(path.read_text())
+            status = "collapsed" if (record.get("metrics") or {}).get("collapsed") else record.get("status", "failed")
+        except (OSError, ValueError):
+            status = "missing"
+        counts[status] = counts.get(status, 0) + 1
+    finished = sum(counts.get(s, 0) for s in ("ok", "collapsed", "diverged"))
+    bad = counts.get("failed", 0) + counts.get("missing", 0)
+    line = (f"bdbench: {len(paths)} cells: {finished} finished ({counts.get('collapsed', 0)} collapsed, "
+            f"{counts.get('diverged', 0)} diverged), {counts.get('failed', 0)} failed, {counts.get('missing', 0)} "
+            f"missing; {seconds / 60:.1f} min")
+    return line, bad == 0
 
 
 def spread_over_gpus(job_num: int, device: str) -> None:
@@ -179,10 +204,17 @@ def main() -> None:
             except FileNotFoundError as exc:
                 raise ConfigError(str(exc)) from None
             return
-        prevalidate(argv)
+        paths = prevalidate(argv)
     except ConfigError as exc:
         fail(str(exc))
+    start = time.perf_counter()
     run()
+    if paths is not None:
+        line, ok = outcome(paths, time.perf_counter() - start)
+        if len(paths) > 1:
+            print(line, flush=True)
+        if not ok:
+            sys.exit(1)
 
 
 if __name__ == "__main__":

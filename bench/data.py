@@ -279,25 +279,35 @@ class ImageFolder(ImageDataset):
         for split, files in listing.items():
             for p in files:
                 digest.update(f"{split}/{p.relative_to(base / split)}:{p.stat().st_size}\n".encode())
-        cached = cache_dir / "datasets" / f"{self.name}-{digest.hexdigest()[:16]}.pt"
-        if cached.is_file():
-            blob = torch.load(cached, weights_only=True)
-            return ImageSet(blob["train_x"], blob["train_y"]), ImageSet(blob["test_x"], blob["test_y"])
-        classes = sorted(d.name for d in (base / "train").iterdir() if d.is_dir())
-        sets = {s: self._decode(listing[s], base / s, classes) for s in ("train", "test")}
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cached.with_suffix(".tmp")
-        torch.save({"train_x": sets["train"].x, "train_y": sets["train"].y,
-                    "test_x": sets["test"].x, "test_y": sets["test"].y}, tmp)
-        tmp.replace(cached)
-        return sets["train"], sets["test"]
+        from bench.cache import ModelCache  # the one verified cache mechanism
+
+        cache, key = ModelCache(cache_dir), f"{self.name}-{digest.hexdigest()[:16]}"
+        with cache.lock(f"dataset-{key}"):  # two cold runs: one decodes, the other waits and reads
+            entry = cache.datasets.load(key)
+            if entry is None:
+                classes = sorted(d.name for d in (base / "train").iterdir() if d.is_dir())
+                found = {d.name for s in ("train", "test") for d in (base / s).iterdir() if d.is_dir()}
+                for split in ("train", "test"):
+                    for name in sorted(found):
+                        if not any(p.is_file() for p in (base / split / name).rglob("*")):
+                            raise DataNotFoundError(f"dataset {self.name}: class folder {base / split / name} is "
+                                                    f"empty or missing; every class needs images in train and test")
+                sets = {s: self._decode(listing[s], base / s, classes) for s in ("train", "test")}
+                entry = cache.datasets.store(key, {s: {"x": sets[s].x, "y": sets[s].y} for s in sets}, {})
+        return tuple(ImageSet(entry.objects[s]["x"], entry.objects[s]["y"]) for s in ("train", "test"))
 
     def _decode(self, files: list[Path], split_dir: Path, classes: list[str]) -> ImageSet:
         from torchvision.io import ImageReadMode, decode_image, read_file
 
         mode = ImageReadMode.GRAY if self.shape[0] == 1 else ImageReadMode.RGB
         log.info("decoding %d images under %s (once; cached afterwards)", len(files), split_dir)
-        x = torch.stack([decode_image(read_file(str(p)), mode=mode) for p in files])
+        images = []
+        for p in files:
+            try:
+                images.append(decode_image(read_file(str(p)), mode=mode))
+            except RuntimeError as exc:
+                raise DataNotFoundError(f"dataset {self.name}: cannot decode {p} ({str(exc).splitlines()[0]})") from None
+        x = torch.stack(images)
         y = torch.tensor([classes.index(p.relative_to(split_dir).parts[0]) for p in files])
         return ImageSet(x, y)
 

@@ -10,6 +10,14 @@ from pathlib import Path
 from typing import Any
 
 
+def umask_mode(path: Path) -> None:
+    """Give a temp file (0600) or temp folder (0700) the mode a plain ``open`` / ``mkdir`` would have had
+    under the user's umask, so a cache or records folder shared by a group stays readable by it."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write to a temp file in the same folder, fsync, then rename over ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -19,6 +27,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        umask_mode(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -25,6 +25,7 @@ from bench.augment import Augment
 from bench.cache import ModelCache
 from bench.data import DataBundle
 from bench.device import resolve_device
+from bench.errors import ConfigError
 from bench.fsutil import sha256_json
 from bench.metrics import der, evaluate, predict
 from bench.seeding import derive, generator
@@ -112,72 +113,93 @@ def poisoned_model(cfg: DictConfig, data: DataBundle, device: torch.device) -> t
     return model, attack, info
 
 
+def cell_path(cfg: DictConfig, choices: dict[str, Any]) -> Path:
+    """Where a cell's record lives: named by the cell, unique by its resolved config."""
+    return records.record_path(cfg.paths.records, cell_names(cfg, choices), sha256_json(cell_config(cfg)))
+
+
 def run_cell(cfg: DictConfig, choices: dict[str, Any]) -> dict:
-    """Run one cell (or return its existing record) and write its record atomically."""
+    """Run one cell (or return its existing record) and write its record atomically.
+
+    Bad input raises ConfigError before any compute. Any other failure, in any phase (data, training the
+    poisoned model, synthesis, defense, evaluation), becomes a ``failed`` record and is returned: a sweep
+    goes on. One process runs a cell at a time: a second one waits on the cell's lock and reads the record.
+    """
     validate(cfg, choices)
-    device = resolve_device(cfg.device)
-    names = cell_names(cfg, choices)
-    config = cell_config(cfg)
-    path = records.record_path(cfg.paths.records, names, sha256_json(config))
+    path = cell_path(cfg, choices)
     existing = records.read_record(path)
     if existing is not None:
         log.info("record exists, skipping: %s", path)
         return existing
+    with ModelCache(cfg.paths.cache).lock(f"cell-{path.stem}"):
+        existing = records.read_record(path)
+        if existing is not None:
+            log.info("record written by another process meanwhile, skipping: %s", path)
+            return existing
+        return _run_cell(cfg, choices, path)
 
-    timings: dict[str, float] = {}
-    start = time.perf_counter()
-    data = instantiate(cfg.dataset).load(cfg.paths.data, device, cfg.paths.cache)
-    timings["data"] = time.perf_counter() - start
 
-    t = time.perf_counter()
-    model, attack, cache_info = poisoned_model(cfg, data, device)
-    timings["train"] = time.perf_counter() - t
-    undefended = cache_info["undefended"]
-
-    spec = data.spec
-    defense = instantiate(cfg.defense)
-    precision = cfg.recipe.precision if device.type == "cuda" else "fp32"
-    ctx_args = dict(num_classes=spec.num_classes, input_shape=spec.shape, device=device, seed=int(cfg.seed),
-                    precision=precision)
-    ctx = DefenseContext(**ctx_args)
-    k = int(cfg.budget)
-    real = data.budget(k, int(cfg.seed))
-    clean = CleanData(real.x.float().div(255), real.y.clone(), source="real" if k > 0 else "none")
-    synthesis: dict | None = None
-    if k == 0 and not defense.data_free:
-        t = time.perf_counter()
-        clean, synthesis = synthetic_set(cfg, model, attack, cache_info["key"], spec.defense_augment, ctx)
-        timings["synthesis"] = time.perf_counter() - t
-
+def _run_cell(cfg: DictConfig, choices: dict[str, Any], path: Path) -> dict:
+    device = resolve_device(cfg.device)
+    names, config = cell_names(cfg, choices), cell_config(cfg)
     setting = sha256_json({k: v for k, v in config.items() if k not in ("seed", "budget")})[:12]
     record: dict[str, Any] = {"cell": {**names, "id": path.stem, "setting": setting}, "config": config,
-                              "seed": int(cfg.seed),
-                              "data_source": clean.source, "defense_images": len(clean),
-                              "undefended": undefended, "attack": cache_info["attack_report"], "synthesis": synthesis,
-                              "cache": {k_: cache_info[k_] for k_ in ("key", "hit", "train_seconds")}}
+                              "seed": int(cfg.seed)}
+    timings: dict[str, float] = {}
+    phase = "data"
+    start = t = time.perf_counter()
     try:
+        data = instantiate(cfg.dataset).load(cfg.paths.data, device, cfg.paths.cache)
+        timings["data"] = time.perf_counter() - start
+
+        phase, t = "train", time.perf_counter()
+        model, attack, cache_info = poisoned_model(cfg, data, device)
+        timings["train"] = time.perf_counter() - t
+        undefended = cache_info["undefended"]
+
+        spec = data.spec
+        defense = instantiate(cfg.defense)
+        precision = cfg.recipe.precision if device.type == "cuda" else "fp32"
+        ctx = DefenseContext(num_classes=spec.num_classes, input_shape=spec.shape, device=device, seed=int(cfg.seed),
+                             precision=precision)
+        k = int(cfg.budget)
+        real = data.budget(k, int(cfg.seed))
+        clean = CleanData(real.x.float().div(255), real.y.clone(), source="real" if k > 0 else "none")
+        synthesis: dict | None = None
+        if k == 0 and not defense.data_free:
+            phase, t = "synthesis", time.perf_counter()
+            clean, synthesis = synthetic_set(cfg, model, attack, cache_info["key"], spec.defense_augment, ctx)
+            timings["synthesis"] = time.perf_counter() - t
+
+        record.update({"data_source": clean.source, "defense_images": len(clean), "undefended": undefended,
+                       "attack": cache_info["attack_report"], "synthesis": synthesis,
+                       "cache": {k_: cache_info[k_] for k_ in ("key", "hit", "train_seconds")}})
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         torch.manual_seed(derive(int(cfg.seed), "defense"))
-        t = time.perf_counter()
+        phase, t = "defense", time.perf_counter()
         repaired = defense.apply(copy.deepcopy(model), clean, ctx)
         timings["defense"] = time.perf_counter() - t
 
-        t = time.perf_counter()
+        phase, t = "eval", time.perf_counter()
         metrics = evaluate(repaired, data.test, attack, cfg.recipe.eval_batch_size, precision)
         metrics["der"] = der(undefended, metrics)
         timings["eval"] = time.perf_counter() - t
-    except FloatingPointError as exc:  # the defense diverged: a finished cell whose result is "diverged"
-        timings["defense"] = time.perf_counter() - t
-        record.update(status="diverged", error=f"{type(exc).__name__}: {exc}", metrics=None,
-                      defense=defense.report(), timings=timings, env=records.environment(device))
+    except ConfigError:
+        raise  # bad input: one line and exit code 2, no record
+    except Exception as exc:
+        timings[phase] = time.perf_counter() - t
+        if isinstance(exc, FloatingPointError) and phase == "defense":  # a finished cell whose result is "diverged"
+            record.update(status="diverged", error=f"{type(exc).__name__}: {exc}", metrics=None,
+                          defense=defense.report(), timings=timings, env=records.environment(device))
+            records.write_record(path, record)
+            log.warning("defense diverged (%s); record written: %s", exc, path)
+            return record
+        record.update(status="failed", phase=phase, error=traceback.format_exc(limit=8), timings=timings,
+                      env=records.environment(device))
         records.write_record(path, record)
-        log.warning("defense diverged (%s); record written: %s", exc, path)
+        log.error("cell failed in phase %s (%s: %s); record written: %s", phase, type(exc).__name__, exc, path)
         return record
-    except Exception:
-        record.update(status="failed", error=traceback.format_exc(limit=5), timings=timings)
-        records.write_record(path, record)
-        raise
     timings["total"] = time.perf_counter() - start
     record.update(
         status="ok",
@@ -231,7 +253,12 @@ def _synthesis_diagnostics(model, clean, attack, augment: Augment, ctx) -> dict:
 def summary(record: dict) -> str:
     """One line for the terminal: ACC / ASR before and after."""
     fmt = lambda v: "  -  " if v is None else f"{100 * v:5.1f}"
-    u, m, c = record["undefended"], record["metrics"], record["cell"]
+    c = record["cell"]
+    if record["status"] == "failed":
+        error = (record.get("error") or "").strip().splitlines()
+        return (f"{c['dataset']} {c['model']} {c['attack']} + {c['defense']} k={c['budget']} seed={c['seed']}: "
+                f"FAILED in phase {record.get('phase', '?')} ({error[-1] if error else '?'})")
+    u, m = record["undefended"], record["metrics"]
     if record["status"] == "diverged":
         return (f"{c['dataset']} {c['model']} {c['attack']} + {c['defense']} k={c['budget']} seed={c['seed']}: "
                 f"DIVERGED ({record['error']})")

@@ -82,3 +82,33 @@ def test_engine_modules_include_both_base_files():
     files = {runner.source_file(m).relative_to(runner.source_file("bench").parent.parent).as_posix()
              for m in runner.ENGINE_MODULES}
     assert {"attacks/base.py", "bench/models/base.py"} <= files
+
+
+def test_a_corrupt_synthetic_set_is_detected_and_rebuilt(tiny_cfg, choices, tmp_path, caplog):
+    """Flipped bytes in the budget-0 set were loaded silently (a cell went to ACC 9.7, recorded as ok)."""
+    first = run_cell(cfg := tiny_cfg("defense=ft", "budget=0", "defense.min_steps=20"), choices(cfg))
+    (blob,) = (tmp_path / "cache" / "synthetic").glob("*/set.pt")
+    data = bytearray(blob.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    blob.write_bytes(bytes(data))
+    Path(cfg.paths.records, f"{first['cell']['id']}.json").unlink()
+    again = run_cell(cfg, choices(cfg))
+    assert "synthetic cache entry" in caplog.text and "is corrupt" in caplog.text
+    assert again["synthesis"]["cache_hit"] is False and again["metrics"] == first["metrics"]
+
+
+def test_cache_and_records_take_the_users_umask(tiny_cfg, choices, tmp_path):
+    """Temp files are 0600 and temp folders 0700: renamed into place as they were, a group could not read a
+    shared cache."""
+    import os
+    import stat
+
+    old = os.umask(0o002)
+    try:
+        record = run_cell(cfg := tiny_cfg("defense=none"), choices(cfg))
+    finally:
+        os.umask(old)
+    entry = tmp_path / "cache" / "models" / record["cache"]["key"]
+    mode = lambda p: stat.S_IMODE(p.stat().st_mode)
+    assert mode(entry) == 0o775 and mode(entry / "weights.pt") == 0o664 and mode(entry / "manifest.json") == 0o664
+    assert mode(Path(cfg.paths.records, f"{record['cell']['id']}.json")) == 0o664

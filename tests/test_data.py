@@ -101,7 +101,62 @@ def test_image_folder_decodes_and_caches(tmp_path):
     assert data.train.x.shape == (12, 3, 8, 8)
     assert data.train.y.tolist() == [0] * 4 + [1] * 4 + [2] * 4
     assert int(data.train.x[4, 0, 0, 0]) == 0 and int(data.train.x[0, 0, 0, 0]) == 40  # 'cat' images are class 1
-    assert list((tmp_path / "cache" / "datasets").glob("tiny_folder-*.pt"))
+    assert list((tmp_path / "cache" / "datasets").glob("tiny_folder-*/manifest.json"))
+
+
+def image_folder(tmp_path, classes=("cat", "ant", "dog")):
+    root = tmp_path / "data"
+    for split in ("train", "test"):
+        for c, name in enumerate(classes):
+            (root / "imgs" / split / name).mkdir(parents=True, exist_ok=True)
+            for i in range(4):
+                img = torch.full((3, 8, 8), 40 * c + i, dtype=torch.uint8)
+                (root / "imgs" / split / name / f"{i}.png").write_bytes(encode_png(img).numpy().tobytes())
+    ds = ImageFolder(folder="imgs", name="tiny_folder", num_classes=len(classes), shape=[3, 8, 8],
+                     pool_per_class=1, mean=[0.5] * 3, std=[0.5] * 3, augment={}, defense_augment={})
+    return root, ds
+
+
+def test_a_truncated_decoded_cache_is_rebuilt(tmp_path, caplog):
+    """Before, a truncated decoded data set made every later run crash and was never rebuilt."""
+    from bench import data as data_module
+
+    root, ds = image_folder(tmp_path)
+    first = ds.load(root, cache_dir=tmp_path / "cache")
+    blob = next((tmp_path / "cache" / "datasets").glob("tiny_folder-*/train.pt"))
+    blob.write_bytes(blob.read_bytes()[: blob.stat().st_size // 2])
+    data_module._READ_CACHE.clear()  # a new process
+    again = ds.load(root, cache_dir=tmp_path / "cache")
+    assert "is corrupt" in caplog.text and torch.equal(again.train.x, first.train.x)
+    data_module._READ_CACHE.clear()
+    assert torch.equal(ds.load(root, cache_dir=tmp_path / "cache").test.x, first.test.x)  # the rebuilt entry reads
+
+
+def test_a_corrupt_image_and_an_empty_class_folder_are_named(tmp_path):
+    root, ds = image_folder(tmp_path)
+    (root / "imgs" / "train" / "dog" / "2.png").write_bytes(b"not a png")
+    with pytest.raises(DataNotFoundError, match=r"cannot decode .*imgs/train/dog/2.png"):
+        ds.load(root, cache_dir=tmp_path / "cache")
+    (root / "imgs" / "train" / "dog" / "2.png").unlink()
+    (root / "imgs" / "test" / "eel").mkdir()
+    with pytest.raises(DataNotFoundError, match=r"class folder .*imgs/train/eel is empty or missing"):
+        ds.load(root, cache_dir=tmp_path / "cache")
+
+
+def test_two_cold_runs_share_one_decode(tmp_path):
+    """They raced on one fixed .tmp name and one of them crashed."""
+    import subprocess
+    import sys
+
+    root, _ = image_folder(tmp_path)
+    script = (f"from bench.data import ImageFolder; ds = ImageFolder(folder='imgs', name='tiny_folder', num_classes=3, "
+              f"shape=[3, 8, 8], pool_per_class=1, mean=[0.5] * 3, std=[0.5] * 3, augment={{}}, defense_augment={{}}); "
+              f"print(int(ds.load('{root}', cache_dir='{tmp_path / 'cache'}').train.x.sum()))")
+    runs = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for _ in range(2)]
+    outs = [r.communicate(timeout=600) for r in runs]
+    assert [r.returncode for r in runs] == [0, 0], outs
+    assert outs[0][0] == outs[1][0] and len(list((tmp_path / "cache" / "datasets").iterdir())) == 1
 
 
 def test_random_crop_is_a_per_sample_shift():
