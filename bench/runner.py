@@ -6,6 +6,7 @@ synthetic set at k = 0) -> defense on a copy -> ACC / ASR / RA / DER -> one atom
 
 from __future__ import annotations
 
+import atexit
 import copy
 import importlib.util
 import logging
@@ -27,6 +28,7 @@ from bench.data import DataBundle
 from bench.device import resolve_device
 from bench.errors import ConfigError
 from bench.fsutil import sha256_json
+from bench.isolation import DefenseWorker
 from bench.metrics import der, evaluate, predict
 from bench.seeding import derive, generator
 from bench.train import train
@@ -68,7 +70,7 @@ def cell_names(cfg: DictConfig, choices: dict[str, Any]) -> dict[str, Any]:
 def cell_config(cfg: DictConfig) -> dict:
     """The resolved config of a cell, without where files live or which device runs it."""
     return {key: _plain(cfg[key]) if OmegaConf.is_config(cfg[key]) else cfg[key]
-            for key in cfg if key not in ("paths", "device", "hydra")}
+            for key in cfg if key not in ("paths", "device", "hydra", "worker")}
 
 
 def poisoned_model(cfg: DictConfig, data: DataBundle, device: torch.device) -> tuple[torch.nn.Module, Any, dict]:
@@ -111,6 +113,18 @@ def poisoned_model(cfg: DictConfig, data: DataBundle, device: torch.device) -> t
             "undefended": entry.manifest["undefended"], "history": entry.manifest["history"],
             "attack_report": entry.manifest["attack_report"]}
     return model, attack, info
+
+
+_WORKERS: dict[tuple, DefenseWorker] = {}
+
+
+def defense_worker(settings: DictConfig) -> DefenseWorker:
+    """This process's defense worker for these settings (started on first use, stopped at exit)."""
+    key = (settings.timeout, settings.threads, settings.memory_gb)
+    if key not in _WORKERS:
+        _WORKERS[key] = DefenseWorker(settings.timeout, settings.threads or torch.get_num_threads(), settings.memory_gb)
+        atexit.register(_WORKERS[key].stop)
+    return _WORKERS[key]
 
 
 def cell_path(cfg: DictConfig, choices: dict[str, Any]) -> Path:
@@ -176,9 +190,15 @@ def _run_cell(cfg: DictConfig, choices: dict[str, Any], path: Path) -> dict:
                        "cache": {k_: cache_info[k_] for k_ in ("key", "hit", "train_seconds")}})
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        torch.manual_seed(derive(int(cfg.seed), "defense"))
         phase, t = "defense", time.perf_counter()
-        repaired = defense.apply(copy.deepcopy(model), clean, ctx)
+        seed = derive(int(cfg.seed), "defense")
+        if cfg.worker.isolate:
+            outcome = defense_worker(cfg.worker).run(_plain(cfg.defense), copy.deepcopy(model), clean, ctx, seed)
+            repaired, report, peak_rss = outcome.model, outcome.report, outcome.peak_rss_mb
+        else:
+            torch.manual_seed(seed)
+            repaired = defense.apply(copy.deepcopy(model), clean, ctx)
+            report, peak_rss = defense.report(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         timings["defense"] = time.perf_counter() - t
 
         phase, t = "eval", time.perf_counter()
@@ -190,8 +210,9 @@ def _run_cell(cfg: DictConfig, choices: dict[str, Any], path: Path) -> dict:
     except Exception as exc:
         timings[phase] = time.perf_counter() - t
         if isinstance(exc, FloatingPointError) and phase == "defense":  # a finished cell whose result is "diverged"
-            record.update(status="diverged", error=f"{type(exc).__name__}: {exc}", metrics=None,
-                          defense=defense.report(), timings=timings, env=records.environment(device))
+            record.update(status="diverged", error=f"FloatingPointError: {exc}", metrics=None,
+                          defense=getattr(exc, "report", None) or defense.report(), timings=timings,
+                          env=records.environment(device))
             records.write_record(path, record)
             log.warning("defense diverged (%s); record written: %s", exc, path)
             return record
@@ -204,9 +225,9 @@ def _run_cell(cfg: DictConfig, choices: dict[str, Any], path: Path) -> dict:
     record.update(
         status="ok",
         metrics=metrics,
-        defense=defense.report(),
+        defense=report,
         timings=timings,
-        peak_memory={"rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        peak_memory={"rss_mb": peak_rss, "isolated": bool(cfg.worker.isolate),
                      "cuda_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None},
         env=records.environment(device),
     )

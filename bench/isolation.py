@@ -1,0 +1,168 @@
+"""Each defense runs in a worker process of its own: it receives the model, the clean images, the context and
+its own resolved config, and nothing else. The worker is started with ``spawn`` (no copy of the runner's
+memory), before it hears of any cell: the test set, the attack (target, trigger, poisoned indices), Hydra's
+state, the run's command line and the cache and record paths are never in it, whatever a defense walks
+(frames, the garbage collector, module globals, ``sys.argv``, the environment). The worker also isolates
+crashes: a defense that segfaults, aborts, runs out of memory or runs past ``worker.timeout`` becomes a
+failed cell and the sweep goes on; a fresh worker takes the next cell. Its peak memory is the defense's own.
+
+One worker serves the cells of a process in turn (starting one costs a Python and torch import, ~2.5 s on
+2 CPU cores: per cell it would add ~18 minutes to the Fashion-MNIST grid).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import resource
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.multiprocessing as mp
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+
+class DefenseCrashed(RuntimeError):
+    """The worker died (a signal, an abort, the kernel's OOM killer) or ran past its time."""
+
+
+@dataclass
+class Outcome:
+    model: nn.Module
+    report: dict[str, Any]
+    peak_rss_mb: float
+
+
+def _peak_rss_mb() -> float:
+    """The worker's peak resident memory since the last reset (VmHWM), in MiB; ru_maxrss where unreadable."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _reset_peak_rss() -> None:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def _serve(conn, threads: int, memory_bytes: int | None) -> None:
+    """The worker's loop: (defense config, model, clean, context) in, (model, report, peak memory) out."""
+    sys.argv = ["bdbench-defense-worker"]  # spawn copies the parent's command line: not the defense's business
+    for name in [k for k in os.environ if k.startswith("BDBENCH_")]:
+        del os.environ[name]  # where the cache and data live
+    torch.set_num_threads(threads)
+    if memory_bytes:
+        resource.setrlimit(resource.RLIMIT_DATA, (memory_bytes, memory_bytes))
+    from hydra.utils import instantiate
+
+    while True:
+        message = conn.recv()
+        if message is None:
+            return
+        defense_cfg, model, clean, ctx, seed = message
+        _reset_peak_rss()
+        try:
+            torch.manual_seed(seed)
+            defense = instantiate(defense_cfg)
+            repaired = defense.apply(model, clean, ctx)
+            conn.send(("ok", repaired, defense.report(), _peak_rss_mb()))
+        except BaseException as exc:  # noqa: BLE001 - everything goes back to the runner as text
+            report = {}
+            try:
+                report = defense.report()
+            except Exception:
+                pass
+            conn.send(("error", type(exc).__name__, str(exc), traceback.format_exc(limit=8), report))
+        del message, model, clean
+
+
+class DefenseWorker:
+    """A spawned worker for defenses; ``run`` raises what the defense raised (FloatingPointError stays one),
+    or DefenseCrashed when the process died or timed out."""
+
+    def __init__(self, timeout: float | None, threads: int, memory_gb: float | None) -> None:
+        self.timeout, self.threads = timeout, threads
+        self.memory = int(memory_gb * 2**30) if memory_gb else None
+        self.process = None
+        self.conn = None
+
+    def _start(self) -> None:
+        context = mp.get_context("spawn")
+        self.conn, child = context.Pipe()
+        self.process = context.Process(target=_serve, args=(child, self.threads, self.memory), daemon=True,
+                                       name="bdbench-defense-worker")
+        main = sys.modules["__main__"]
+        saved = {k: main.__dict__[k] for k in ("__file__", "__spec__") if k in main.__dict__}
+        main.__file__ = main.__spec__ = None  # spawn would re-run the runner's main module (and its globals)
+        try:
+            self.process.start()
+        finally:
+            for k in ("__file__", "__spec__"):
+                if k in saved:
+                    main.__dict__[k] = saved[k]
+                else:
+                    main.__dict__.pop(k, None)
+        child.close()
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.is_alive():
+            try:
+                self.conn.send(None)
+                self.process.join(5)
+            except OSError:
+                pass
+            if self.process.is_alive():
+                self.process.kill()
+        self.process = self.conn = None
+
+    def run(self, defense_cfg: dict, model: nn.Module, clean, ctx, seed: int) -> Outcome:
+        if self.process is None or not self.process.is_alive():
+            self._start()
+        start = time.perf_counter()
+        try:
+            self.conn.send((defense_cfg, model, clean, ctx, seed))
+            ready = self.conn.poll(self.timeout)
+            if not ready:
+                raise DefenseCrashed(f"defense ran past worker.timeout={self.timeout} s; worker killed")
+            reply = self.conn.recv()
+        except (EOFError, OSError, BrokenPipeError, ConnectionResetError):
+            self.process.join(1)
+            code = self.process.exitcode
+            self.process = self.conn = None
+            raise DefenseCrashed(f"defense worker died (exit code {code}, e.g. a signal, an abort or the OOM "
+                                 f"killer) after {time.perf_counter() - start:.1f} s") from None
+        except DefenseCrashed:
+            self.process.kill()
+            self.process = self.conn = None
+            raise
+        if reply[0] == "ok":
+            return Outcome(reply[1], reply[2], reply[3])
+        _, kind, message, trace, report = reply
+        if kind == "FloatingPointError":
+            raise RemoteDivergence(message, report)
+        raise RemoteError(f"{kind}: {message}\n--- in the defense worker ---\n{trace}", report)
+
+
+class RemoteError(RuntimeError):
+    def __init__(self, message: str, report: dict) -> None:
+        super().__init__(message)
+        self.report = report
+
+
+class RemoteDivergence(FloatingPointError):
+    def __init__(self, message: str, report: dict) -> None:
+        super().__init__(message)
+        self.report = report

@@ -1,0 +1,95 @@
+"""A defense sees only what a defender has, and a defense that crashes is a failed cell, not a dead sweep.
+Each defense runs in a spawned worker process (bench/isolation.py); these defenses try hard to break out."""
+
+from __future__ import annotations
+
+import gc
+import inspect
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench.runner import run_cell
+from defenses.base import Defense
+
+
+class Snoop(Defense):
+    """Walks everything a process can reach and writes down what it found."""
+
+    def __init__(self, out: str) -> None:
+        self.out = out
+
+    def apply(self, model, clean, ctx):
+        from attacks.base import Attack
+        from bench.data import DataBundle, ImageSet
+
+        found = {"frames": [f.function for f in inspect.stack()], "argv": sys.argv,
+                 "env": sorted(k for k in os.environ if k.startswith("BDBENCH"))}
+        objects = gc.get_objects()
+        found["attacks"] = sum(isinstance(o, Attack) for o in objects)
+        found["data_sets"] = sum(isinstance(o, (ImageSet, DataBundle)) for o in objects)
+        found["image_batches"] = sorted({tuple(o.shape) for o in objects if isinstance(o, torch.Tensor)
+                                         and o.dim() == 4 and o.dtype == torch.uint8})
+        found["configs"] = sum(type(o).__name__ == "DictConfig" and isinstance(o.__dict__.get("_content"), dict)
+                               and any(k in o.__dict__["_content"] for k in ("attack", "paths", "dataset"))
+                               for o in objects)  # the run's config (Hydra's own schemas hold none of these)
+        found["read_cache"] = len(sys.modules["bench.data"]._READ_CACHE) if "bench.data" in sys.modules else 0
+        from hydra.core.global_hydra import GlobalHydra
+
+        found["hydra"] = GlobalHydra.instance().is_initialized()
+        found["modules_with_attack"] = sorted(name for name, m in list(sys.modules.items())
+                                             if any(isinstance(v, Attack) for v in vars(m).values()))
+        found["clean"] = list(clean.x.shape)
+        Path(self.out).write_text(json.dumps(found))
+        return model
+
+
+def test_a_snooping_defense_finds_no_secret(tiny_cfg, choices, tmp_path):
+    cfg = tiny_cfg("attack=badnets", "attack.target=3", "budget=2")
+    cfg.defense = {"_target_": "test_isolation.Snoop", "out": str(tmp_path / "found.json")}
+    record = run_cell(cfg, {**choices(cfg), "defense": "snoop"})
+    assert record["status"] == "ok", record.get("error")
+    found = json.loads((tmp_path / "found.json").read_text())
+    assert found["attacks"] == 0 and found["data_sets"] == 0 and found["modules_with_attack"] == []
+    assert found["image_batches"] == []  # no uint8 image tensor at all: not the test set, not the training set
+    assert found["configs"] == 0 and found["read_cache"] == 0 and found["hydra"] is False
+    assert found["argv"] == ["bdbench-defense-worker"] and found["env"] == []
+    assert "run_cell" not in found["frames"] and "_run_cell" not in found["frames"]
+    assert found["clean"] == [20, 1, 16, 16]  # what it was given: 2 clean images per class
+
+
+class Abort(Defense):
+    def apply(self, model, clean, ctx):
+        os.abort()
+
+
+class Hog(Defense):
+    def apply(self, model, clean, ctx):
+        hoard = []
+        while True:
+            hoard.append(torch.ones(2**26))  # 256 MB a step, without bound
+
+
+class Hang(Defense):
+    def apply(self, model, clean, ctx):
+        time.sleep(600)
+
+
+@pytest.mark.parametrize("name, settings, error", [
+    ("abort", {}, "defense worker died (exit code -6"),
+    ("hog", {"memory_gb": 3}, "alloc"),
+    ("hang", {"timeout": 3}, "ran past worker.timeout=3"),
+])
+def test_a_crashing_defense_is_a_failed_cell_and_the_next_cell_runs(name, settings, error, tiny_cfg, choices):
+    cfg = tiny_cfg("budget=1", *(f"worker.{k}={v}" for k, v in settings.items()))
+    cfg.defense = {"_target_": f"test_isolation.{name.capitalize()}"}
+    failed = run_cell(cfg, {**choices(cfg), "defense": name})
+    assert failed["status"] == "failed" and failed["phase"] == "defense" and error in failed["error"]
+    after = run_cell(cfg := tiny_cfg("budget=1", "defense=clp", *(f"worker.{k}={v}" for k, v in settings.items())),
+                     choices(cfg))
+    assert after["status"] == "ok"
