@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import atexit
 import copy
+import functools
 import importlib.util
 import logging
 import resource
@@ -54,11 +55,18 @@ def source_file(module: str) -> Path:
     return Path(spec.origin)
 
 
+@functools.cache
+def source_text(path: Path) -> str:
+    """A source file as this process first read it: the code it runs. A sweep that runs for hours while its
+    files are edited keeps its keys (it re-read them per cell, and retrained models under new keys)."""
+    return path.read_text()
+
+
 def code_version(*objects: Any) -> str:
     """Hash of the engine's training code and the modules defining ``objects``, keyed by module name:
     two files called ``base.py`` in different packages are two keys, never one."""
     modules = set(ENGINE_MODULES) | {type(o).__module__ for o in objects}
-    return sha256_json({m: source_file(m).read_text() for m in sorted(modules)})
+    return sha256_json({m: source_text(source_file(m)) for m in sorted(modules)})
 
 
 def cell_names(cfg: DictConfig, choices: dict[str, Any]) -> dict[str, Any]:

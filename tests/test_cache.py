@@ -75,6 +75,8 @@ def test_an_edit_to_any_engine_module_changes_the_code_version(edited, tmp_path,
     monkeypatch.setattr(runner, "source_file", lambda module: copies.get(module) or runner.Path(module))
     before = runner.code_version()
     copies[edited].write_text(copies[edited].read_text() + "\n# an edit\n")
+    assert runner.code_version() == before  # this process runs the code it loaded: its keys hold
+    runner.source_text.cache_clear()  # a new process reads the edited file
     assert runner.code_version() != before
 
 
