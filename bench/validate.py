@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from importlib.resources import files
 from pathlib import Path
 from typing import Any, Sequence
@@ -36,6 +38,22 @@ def check_choice(group: str, value: str, overrides: Sequence[str] = ()) -> None:
         raise ConfigError(f"{group}={value}: no such {group}; valid: {', '.join(valid)}")
 
 
+def check_writable_folder(name: str, folder: Path) -> None:
+    """A folder that exists or can be made, and that this user may write to: tried on the nearest existing
+    ancestor with a temp folder removed at once (permission bits say nothing to root or on read-only mounts),
+    so nothing stays behind before the run starts."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"{name}={folder}: {existing} is a file, not a folder; valid: a folder this user can write")
+    try:
+        os.rmdir(tempfile.mkdtemp(dir=existing, prefix=".bdbench-write-check-"))
+    except OSError as exc:
+        raise ConfigError(f"{name}={folder}: cannot write under {existing} ({exc.strerror}); valid: a folder this "
+                          f"user can write") from None
+
+
 def validate(cfg: DictConfig, choices: dict[str, Any], check_data: bool = True) -> None:
     """Raise ConfigError for the first bad value of a composed cell config (its group names exist: it composed)."""
     num_classes = int(cfg.dataset.num_classes)
@@ -56,6 +74,8 @@ def validate(cfg: DictConfig, choices: dict[str, Any], check_data: bool = True) 
     if cfg.recipe.precision not in PRECISIONS:
         raise ConfigError(f"recipe.precision={cfg.recipe.precision}; valid: {', '.join(PRECISIONS)}")
     resolve_device(cfg.device)
+    for key in ("records", "cache"):
+        check_writable_folder(f"paths.{key}", Path(cfg.paths[key]))
     for group in ("attack", "defense"):  # constructors check their own values and do no compute
         try:
             instantiate(cfg[group])

@@ -53,6 +53,21 @@ def test_bad_input_is_one_line_and_exit_code_2(tmp_path, args, message):
     assert not (tmp_path / "records").exists() and not (tmp_path / "cache").exists()  # nothing computed
 
 
+def test_unusable_paths_are_refused_before_any_compute(tmp_path):
+    """paths.records that cannot be written was found only after the whole cell ran; a cache that is a file
+    crashed. (/sys refuses new files to every user, root included.)"""
+    (tmp_path / "a_file").write_text("x")
+    for args, message in (([f"paths.cache={tmp_path / 'a_file'}"], "is a file, not a folder"),
+                          ([f"paths.records={tmp_path / 'a_file' / 'records'}"], "is a file, not a folder"),
+                          (["paths.records=/sys/bdbench-records"], "cannot write under /sys")):
+        result = subprocess.run([sys.executable, "-m", "bench.cli", *args, f"paths.data={DATA}",
+                                 f"paths.output={tmp_path / 'out'}"], cwd=tmp_path, capture_output=True, text=True,
+                                timeout=600)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(lines) == 1 and message in lines[0], result.stderr
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "records").exists()
+
+
 def test_cuda_asked_for_but_absent(tmp_path):
     import torch
 
