@@ -21,6 +21,8 @@ import traceback
 from dataclasses import dataclass
 from typing import Any
 
+from multiprocessing import spawn
+
 import torch
 import torch.multiprocessing as mp
 from torch import nn
@@ -60,7 +62,7 @@ def _reset_peak_rss() -> None:
 
 def _serve(conn, threads: int, memory_bytes: int | None) -> None:
     """The worker's loop: (defense config, model, clean, context) in, (model, report, peak memory) out."""
-    sys.argv = ["bdbench-defense-worker"]  # spawn copies the parent's command line: not the defense's business
+    sys.argv = ["bdbench-defense-worker"]  # already so (_bare_preparation_data); kept for other start paths
     for name in [k for k in os.environ if k.startswith("BDBENCH_")]:
         del os.environ[name]  # where the cache and data live
     torch.set_num_threads(threads)
@@ -89,6 +91,20 @@ def _serve(conn, threads: int, memory_bytes: int | None) -> None:
         del message, model, clean
 
 
+def _bare_preparation_data(name: str) -> dict:
+    """What spawn hands a new process, less what the worker must not have or cannot use: the runner's main
+    module (spawn re-runs it, globals and all), its command line, and its start method (inside a joblib
+    worker that is 'loky', which a plain process cannot set)."""
+    data = _original_preparation_data(name)
+    for key in ("init_main_from_path", "init_main_from_name", "start_method"):
+        data.pop(key, None)
+    data["sys_argv"] = ["bdbench-defense-worker"]
+    return data
+
+
+_original_preparation_data = spawn.get_preparation_data
+
+
 class DefenseWorker:
     """A spawned worker for defenses; ``run`` raises what the defense raised (FloatingPointError stays one),
     or DefenseCrashed when the process died or timed out."""
@@ -104,17 +120,12 @@ class DefenseWorker:
         self.conn, child = context.Pipe()
         self.process = context.Process(target=_serve, args=(child, self.threads, self.memory), daemon=True,
                                        name="bdbench-defense-worker")
-        main = sys.modules["__main__"]
-        saved = {k: main.__dict__[k] for k in ("__file__", "__spec__") if k in main.__dict__}
-        main.__file__ = main.__spec__ = None  # spawn would re-run the runner's main module (and its globals)
+        original = spawn.get_preparation_data
+        spawn.get_preparation_data = _bare_preparation_data
         try:
             self.process.start()
         finally:
-            for k in ("__file__", "__spec__"):
-                if k in saved:
-                    main.__dict__[k] = saved[k]
-                else:
-                    main.__dict__.pop(k, None)
+            spawn.get_preparation_data = original
         child.close()
 
     def stop(self) -> None:
