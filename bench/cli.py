@@ -4,7 +4,9 @@
     bdbench -m [overrides]        a sweep (Hydra multirun); cells whose record exists are skipped
     bdbench list [overrides]      the attacks, defenses, models, data sets and experiments it can compose
     bdbench gallery [overrides]   the trigger gallery of one data set, every attack (cached models)
-    bdbench report DIR [OUT]      tables (mean ± std over seeds) and figures from the records under DIR
+    bdbench report DIR [--out DIR] [--data DIR] [--cache DIR]
+                                  tables (mean ± std over seeds) and figures from the records under DIR
+    bdbench --version             bdbench's version
     bdbench perf NAME [k=v ...]   a benchmark (conf/perf/NAME.yaml), written to results/perf/
 
 Every job of a sweep is composed and validated before the first one starts: a bad value ends the
@@ -182,6 +184,30 @@ def list_command(overrides: list[str]) -> str:
     return "\n".join(lines)
 
 
+def report_command(args: list[str]) -> None:
+    """``bdbench report DIR [--out DIR] [--data DIR] [--cache DIR]``: tables and figures from records."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="bdbench report", description="Tables (mean ± std over seeds, with "
+                                     "finished/run per cell) and figures from the records under DIR.")
+    parser.add_argument("records", metavar="DIR", help="a folder of records (searched recursively)")
+    parser.add_argument("--out", help="where the report goes (default: DIR/report)")
+    parser.add_argument("--data", help="data root, for the trigger gallery (default: $BDBENCH_DATA)")
+    parser.add_argument("--cache", help="model cache, for the trigger gallery (default: $BDBENCH_CACHE)")
+    parser.add_argument("legacy_out", nargs="?", help=argparse.SUPPRESS)  # ``bdbench report DIR OUT`` still works
+    parsed = parser.parse_args(args)
+    for value in (parsed.records, parsed.legacy_out):
+        if value and "=" in value:
+            raise ConfigError(f"bdbench report {value}: not a folder (report takes no overrides); valid: "
+                              f"bdbench report DIR [--out DIR] [--data DIR] [--cache DIR]")
+    from bench.report import report
+
+    try:
+        print(report(parsed.records, parsed.out or parsed.legacy_out, data_root=parsed.data, cache_root=parsed.cache))
+    except FileNotFoundError as exc:
+        raise ConfigError(str(exc)) from None
+
+
 def main() -> None:
     argv = sys.argv[1:]
     try:
@@ -195,14 +221,12 @@ def main() -> None:
             perf_command(argv[1:])
             return
         if argv[:1] == ["report"]:
-            if len(argv) not in (2, 3):
-                raise ConfigError("usage: bdbench report DIR [OUT]")
-            from bench.report import report
+            report_command(argv[1:])
+            return
+        if argv[:1] == ["--version"]:
+            from bench import __version__
 
-            try:
-                print(report(*argv[1:]))
-            except FileNotFoundError as exc:
-                raise ConfigError(str(exc)) from None
+            print(f"bdbench {__version__}")
             return
         paths = prevalidate(argv)
     except ConfigError as exc:

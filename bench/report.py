@@ -37,9 +37,10 @@ KEYS = ["dataset", "model", "recipe", "experiment", "attack", "defense"]
 METRICS = ["acc", "asr", "ra", "der"]
 
 
-def load(root: Path, triggers: dict | None = None) -> tuple[pd.DataFrame, list[dict]]:
+def load(root: str | Path, triggers: dict | None = None) -> tuple[pd.DataFrame, list[dict]]:
     """(one row per finished cell, one entry per record that is not a finished cell); ``triggers`` collects
     one (dataset config, attack config, cache key) per data set and attack, for the gallery."""
+    root = Path(root)
     rows, problems = [], []
     for path in sorted(root.rglob("*.json")):
         if "report" in path.relative_to(root).parts:

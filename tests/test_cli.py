@@ -142,3 +142,20 @@ def test_perf_unknown_benchmark_is_one_line(tmp_path):
     run = subprocess.run([sys.executable, "-m", "bench.cli", "perf", "walks"], capture_output=True, text=True)
     assert run.returncode == 2 and run.stderr.strip() == (
         "bdbench: error: usage: bdbench perf NAME [key=value ...]; valid names: coalitions, pipeline")
+
+
+def test_report_and_version_explain_themselves(tmp_path):
+    """`report --help` said 'no finished records under --help'; an override-looking argument became a folder
+    literally named 'paths.data=...'; --version printed Hydra's."""
+    run = lambda *a: subprocess.run([sys.executable, "-m", "bench.cli", *a], cwd=tmp_path, capture_output=True,
+                                    text=True, timeout=600)
+    helped = run("report", "--help")
+    assert helped.returncode == 0 and "--out" in helped.stdout and "--cache" in helped.stdout
+    refused = run("report", "records", "paths.data=../shared/data")
+    assert refused.returncode == 2 and "report takes no overrides" in refused.stderr
+    assert not (tmp_path / "records").exists() and not list(tmp_path.glob("paths.data*"))
+    version = run("--version")
+    assert version.returncode == 0 and version.stdout.strip() == "bdbench 0.1.0"
+    from bench.report import load
+
+    assert load(str(tmp_path))[0].empty  # a string path works
