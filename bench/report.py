@@ -152,11 +152,15 @@ def figures(cells: pd.DataFrame, folder: Path) -> None:
             heat = (sub.groupby(["attack", "defense"])["asr"].mean().unstack("defense") * 100).reindex(
                 index=sorted(all_sub["attack"].unique()), columns=sorted(all_sub["defense"].unique()))
             heat = heat[sorted(heat.columns, key=lambda d: (d != "none", d))]  # undefended column first
-            fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * heat.shape[1] + 2), 0.6 * heat.shape[0] + 1.5))
+            fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * heat.shape[1] + 2), 0.6 * heat.shape[0] + 2.5))
             ax.set_facecolor("0.85")  # a cell without a number is grey and hatched, never a colour of the scale
             ax.patch.set_hatch("///")
-            sns.heatmap(heat, annot=heat_labels(all_sub, heat), fmt="", vmin=0, vmax=100, cmap="rocket_r", ax=ax,
+            labels = heat_labels(all_sub, heat)
+            sns.heatmap(heat, annot=labels, fmt="", vmin=0, vmax=100, cmap="rocket_r", ax=ax,
                         cbar_kws={"label": "ASR (%)"}, annot_kws={"fontsize": 7})
+            for i, j in zip(*heat.isna().to_numpy().nonzero()):  # seaborn leaves cells without a number blank
+                ax.text(j + 0.5, i + 0.5, labels.iat[i, j], ha="center", va="center", fontsize=7,
+                        bbox={"facecolor": "white", "edgecolor": "none", "pad": 1})
             ax.set_title(f"{dataset} / {model}: ASR (%), {budget} clean images per class", fontsize=9)
             fig.tight_layout()
             fig.savefig(folder / f"asr_heatmap_{dataset}_{model}_k{budget}.png", dpi=120)

@@ -71,3 +71,16 @@ def test_every_table_cell_counts_finished_seeds_and_names_the_rest(tiny_cfg, cho
     (records / "extra.json").write_text(json.dumps(only_collapsed))
     asr = (report(records, tmp_path / "report2", cache_root=str(tmp_path / "none")) / "tables" / "asr.md").read_text()
     assert "| badnets | ft | collapsed (0/1) |" in asr
+
+
+def test_heatmap_cells_without_a_number_say_why():
+    """A cell that never ran was drawn white, like ASR 0; a collapsed one read as a low ASR."""
+    import pandas as pd
+
+    from bench.report import heat_labels
+
+    cells = pd.DataFrame({"attack": ["a", "a", "b"], "defense": ["x", "y", "x"], "status": ["ok", "collapsed", "ok"],
+                          "asr": [0.5, 0.0, 0.9]})
+    heat = pd.DataFrame({"x": [50.0, 90.0], "y": [float("nan"), float("nan")]}, index=["a", "b"])
+    labels = heat_labels(cells, heat)
+    assert labels.loc["a", "x"] == "50" and labels.loc["a", "y"] == "collapsed" and labels.loc["b", "y"] == "n/a"
