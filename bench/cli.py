@@ -16,6 +16,7 @@ command with one line that names it and the valid ones, exit code 2, no tracebac
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -115,8 +116,25 @@ def spread_over_gpus(job_num: int, device: str) -> None:
         torch.cuda.set_device(job_num % torch.cuda.device_count())
 
 
+def share_cores(hydra_cfg) -> int | None:
+    """Parallel workers on a CPU each get cores / workers torch threads: two processes with 2 threads each on 2
+    cores ran a training step 7x slower than one (0.505 s against 0.069 s). Returns the threads set, or None
+    outside a parallel launcher."""
+    import torch
+
+    n_jobs = OmegaConf.select(hydra_cfg, "launcher.n_jobs", default=None)
+    if not n_jobs or n_jobs == 1:
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    workers = cores if n_jobs < 0 else min(n_jobs, cores)
+    threads = max(1, cores // workers)
+    torch.set_num_threads(threads)
+    return threads
+
+
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def run(cfg: DictConfig) -> None:
+    share_cores(HydraConfig.get())
     spread_over_gpus(OmegaConf.select(HydraConfig.get(), "job.num", default=0) or 0, cfg.device)
     try:
         record = run_cell(cfg, dict(HydraConfig.get().runtime.choices))

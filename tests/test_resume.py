@@ -69,3 +69,5 @@ def test_parallel_workers_train_a_shared_model_once(tmp_path):
     assert sorted(r["cell"]["defense"] for r in records) == ["clp", "none"]
     assert sorted(r["cache"]["hit"] for r in records) == [False, True]  # trained once, loaded once
     assert len(list((tmp_path / "cache" / "models").iterdir())) == 1
+    cores = len(__import__("os").sched_getaffinity(0))
+    assert {r["env"]["device"]["threads"] for r in records} == {max(1, cores // min(2, cores))}  # no fight for cores
