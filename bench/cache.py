@@ -1,5 +1,5 @@
 """Content-addressed caches, one mechanism for every kind: poisoned models, budget-0 synthetic sets, decoded
-data sets (and anything added later).
+data sets, trigger reversals (and anything added later).
 
 An entry is a folder ``<root>/<kind>/<key>/`` holding one ``.pt`` file per object and a ``manifest.json`` with
 each file's sha256. It is written to a temp folder of a unique name and renamed into place, verified by hash
@@ -101,7 +101,8 @@ class ModelCache:
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
-        self.models, self.synthetic, self.datasets = (Store(self.root, k) for k in ("models", "synthetic", "datasets"))
+        self.models, self.synthetic, self.datasets, self.reversals = (
+            Store(self.root, k) for k in ("models", "synthetic", "datasets", "reversals"))
 
     def path(self, key: str) -> Path:
         return self.models.path(key)

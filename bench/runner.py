@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import atexit
 import copy
+import dataclasses
+import hashlib
 import functools
 import importlib.util
 import logging
@@ -35,6 +37,7 @@ from bench.seeding import derive, generator
 from bench.train import train
 from bench.validate import validate
 from defenses.base import CleanData, DefenseContext  # the interface, never a concrete defense
+from defenses.reversal import Reversal, TriggerReversal  # shared machinery, as the channel masks
 
 log = logging.getLogger(__name__)
 
@@ -193,7 +196,14 @@ def _run_cell(cfg: DictConfig, choices: dict[str, Any], path: Path) -> dict:
             clean, synthesis = synthetic_set(cfg, model, attack, cache_info["key"], spec.defense_augment, ctx)
             timings["synthesis"] = time.perf_counter() - t
 
+        reversal_info = None
+        if "reversal" in cfg.defense and "augment" in cfg.defense:  # NC, ℓ∞, ShapPruning: reverse once, share
+            phase, t = "reversal", time.perf_counter()
+            rev, reversal_info = shared_reversal(cfg, model, clean, cache_info["key"], ctx)
+            ctx = dataclasses.replace(ctx, reversal=rev)
+            timings["reversal"] = time.perf_counter() - t
         record.update({"data_source": clean.source, "defense_images": len(clean), "undefended": undefended,
+                       "reversal": reversal_info,
                        "attack": cache_info["attack_report"], "synthesis": synthesis,
                        "cache": {k_: cache_info[k_] for k_ in ("key", "hit", "train_seconds")}})
         if device.type == "cuda":
@@ -263,6 +273,29 @@ def synthetic_set(cfg: DictConfig, model, attack, model_key: str, augment: Augme
     log.info("synthetic set from the cache (%s)", key[:12])
     return (CleanData(entry["x"].to(ctx.device), entry["y"].to(ctx.device), source="synthetic"),
             {**entry["stats"], "cache_hit": True})
+
+
+def shared_reversal(cfg: DictConfig, model, clean: CleanData, model_key: str, ctx: DefenseContext):
+    """The trigger reversal of a poisoned model on a cell's clean images under the defense's reversal config,
+    computed once and kept in the verified cache: NC, ℓ∞ and ShapPruning at one budget share it (each used to
+    reverse every label again). Returns (reversal, {key, reused, seconds})."""
+    reversal = TriggerReversal(**_plain(cfg.defense.reversal))
+    digest = hashlib.sha256(clean.x.detach().cpu().numpy().tobytes() + clean.y.cpu().numpy().tobytes()).hexdigest()
+    key = sha256_json({"model": model_key, "clean": digest, "source": clean.source,
+                       "reversal": _plain(cfg.defense.reversal), "augment": _plain(cfg.defense.augment),
+                       "seed": int(cfg.seed), "precision": ctx.precision, "code": code_version(reversal)})[:32]
+    cache = ModelCache(cfg.paths.cache)
+    start = time.perf_counter()
+    with cache.lock(f"reversal-{key}"):
+        entry = cache.reversals.load(key)
+        if entry is None:
+            rev = reversal(copy.deepcopy(model).eval(), clean, Augment(**_plain(cfg.defense.augment)), ctx)
+            fields = {f.name: getattr(rev, f.name) for f in dataclasses.fields(rev)}
+            cache.reversals.store(key, {"reversal": {k: v.cpu() if torch.is_tensor(v) else v
+                                                     for k, v in fields.items()}}, {})
+            return rev, {"key": key, "reused": False, "seconds": time.perf_counter() - start}
+    fields = {k: v.to(ctx.device) if torch.is_tensor(v) else v for k, v in entry.objects["reversal"].items()}
+    return Reversal(**fields), {"key": key, "reused": True, "seconds": time.perf_counter() - start}
 
 
 def _synthesis_diagnostics(model, clean, attack, augment: Augment, ctx) -> dict:

@@ -55,6 +55,10 @@ class DefenseContext:
     seed: int
     precision: str = "fp32"
     progress: Callable[..., Iterable] = field(default=tqdm_progress, compare=False)
+    # The trigger reversal of this model on these clean images under the defense's own reversal config, when
+    # the runner already has it (computed once per poisoned model and budget, shared by NC, ℓ∞, ShapPruning):
+    # something the defender computes from what it holds, never a secret.
+    reversal: Any = field(default=None, compare=False)
 
     def generator(self, purpose: str) -> torch.Generator:
         return generator(self.seed, f"defense:{purpose}", self.device)

@@ -95,6 +95,8 @@ class TriggerReversal:
         self.batch_per_label, self.mad_threshold, self.when_undetected = batch_per_label, mad_threshold, when_undetected
 
     def __call__(self, model: nn.Module, clean: CleanData, augment: Augment, ctx: DefenseContext) -> Reversal:
+        if ctx.reversal is not None:  # the runner's shared one: the same computation, made once
+            return ctx.reversal
         model.eval()
         params = [p for p in model.parameters() if p.requires_grad]
         for p in params:

@@ -200,4 +200,5 @@ def test_engine_imports_no_concrete_attack_or_defense():
                 [a.name for a in node.names] if isinstance(node, ast.Import) else [])
             for name in names:
                 if name.split(".")[0] in ("attacks", "defenses"):
-                    assert name in ("attacks.base", "defenses.base", "defenses.masks"), f"{path.name} imports {name}"
+                    assert name in ("attacks.base", "defenses.base", "defenses.masks", "defenses.reversal"), \
+                        f"{path.name} imports {name}"
