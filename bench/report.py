@@ -11,7 +11,9 @@ Reads every record under DIR into pandas and writes, under DIR/report (or --out)
                                 failed cells appear in the tables as "failed" / "diverged" with their count
   problems.md                   records that are failed, unreadable or of another schema, and the cells
                                 that ran on synthetic data
-  figures/                      ASR heatmaps per budget, ACC-ASR scatter, ASR against budget, and the
+  figures/                      ASR heatmaps per budget, ACC-ASR scatter, ASR against budget, where the
+                                time went (training per attack, each defense, synthesis, reversal,
+                                evaluation), and the
                                 trigger gallery of each data set when the records' poisoned models are in
                                 the cache (``BDBENCH_CACHE``) and the data under ``BDBENCH_DATA``
 Tables are sorted and formatted deterministically, so the same records give the same bytes.
@@ -74,7 +76,10 @@ def load(root: str | Path, triggers: dict | None = None) -> tuple[pd.DataFrame, 
                      "status": "collapsed" if is_collapsed(rec) else "ok",
                      "setting": cell["setting"], "data_source": rec["data_source"], **{k: m.get(k) for k in METRICS},
                      **{f"undefended_{k}": u.get(k) for k in ("acc", "asr", "ra")},
-                     "defense_seconds": rec["timings"].get("defense"), "peak_rss_mb": rec["peak_memory"]["rss_mb"],
+                     "defense_seconds": rec["timings"].get("defense"),
+                     **{f"{phase}_seconds": rec["timings"].get(phase) for phase in ("synthesis", "reversal", "eval")},
+                     "model_key": rec["cache"]["key"], "train_seconds": rec["cache"]["train_seconds"],
+                     "peak_rss_mb": rec["peak_memory"]["rss_mb"],
                      "cuda_mb": rec["peak_memory"].get("cuda_mb"), "record": str(path.relative_to(root))})
     return pd.DataFrame(rows), problems
 
@@ -175,6 +180,30 @@ def figures(cells: pd.DataFrame, folder: Path) -> None:
         plt.close(grid.figure)
 
 
+def time_breakdown(cells: pd.DataFrame, folder: Path) -> None:
+    """Where a sweep's time went, per data set and model: training each poisoned model (once per model, as the
+    cache does), each defense, the budget-0 synthesis, the shared trigger reversal and the evaluation, so the
+    next bottleneck shows without reading JSON."""
+    folder.mkdir(parents=True, exist_ok=True)
+    done = cells[cells["status"].isin(("ok", "collapsed"))]
+    for (dataset, model), part in done.groupby(["dataset", "model"]):
+        models = part.drop_duplicates("model_key")
+        rows = [("training", a, s) for a, s in models.groupby("attack")["train_seconds"].sum().items()]
+        rows += [("defense", d, s) for d, s in part.groupby("defense")["defense_seconds"].sum().items()]
+        rows += [(phase, phase, part[f"{phase}_seconds"].sum()) for phase in ("synthesis", "reversal", "eval")
+                 if f"{phase}_seconds" in part]
+        table = pd.DataFrame(rows, columns=["phase", "what", "seconds"]).assign(minutes=lambda t: t.seconds / 60)
+        table = table[table["minutes"] > 0].sort_values(["phase", "minutes"], ascending=[True, False])
+        fig, ax = plt.subplots(figsize=(7, 0.28 * len(table) + 1.5))
+        sns.barplot(data=table, y="what", x="minutes", hue="phase", dodge=False, ax=ax)
+        ax.set_xlabel("minutes (summed over cells; training once per poisoned model)")
+        ax.set_ylabel("")
+        ax.set_title(f"{dataset} / {model}: where the time went, {table.minutes.sum():.0f} min in all", fontsize=9)
+        fig.tight_layout()
+        fig.savefig(folder / f"time_{dataset}_{model}.png", dpi=120)
+        plt.close(fig)
+
+
 def galleries(triggers: dict, folder: Path, data_root: str, cache_root: str) -> list[dict]:
     """The trigger gallery of each data set from the cached attacks of its records (no training).
     Returns a problem line for each data set it could not draw."""
@@ -231,6 +260,7 @@ def report(root: str | Path, out: str | Path | None = None, data_root: str | Non
     for key in mixed[mixed > 1].index:  # same names, different configs (e.g. an override): never silently averaged
         problems.append({"record": " / ".join(map(str, key)), "problem": "one row mixes cells of different settings"})
     figures(cells, out / "figures")
+    time_breakdown(cells, out / "figures")
     gallery_problems = galleries(triggers, out / "figures", data_root or os.environ.get("BDBENCH_DATA", "data"),
                                  cache_root or os.environ.get("BDBENCH_CACHE", ".cache/bdbench"))
     collapsed = int((df["status"] == "collapsed").sum())

@@ -38,6 +38,7 @@ def test_report_tables_figures_and_problems(tiny_cfg, choices, tmp_path):
     assert "6 finished cells (0 collapsed), 3 records not used" in problems
     assert "schema 1" in problems and "failed: FloatingPointError: diverged" in problems
     assert (out / "figures" / "asr_heatmap_synthetic_fmnist_cnn_k1.png").is_file()
+    assert (out / "figures" / "time_synthetic_fmnist_cnn.png").is_file()  # where the sweep's time went
     before = {p.name: p.read_bytes() for p in (out / "tables").iterdir()}
     report(records, tmp_path / "report", cache_root=str(tmp_path / "empty-cache"))  # no models: tables all the same
     assert "gallery synthetic | not drawn: FileNotFoundError" in (out / "problems.md").read_text()
