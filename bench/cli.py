@@ -132,14 +132,47 @@ def share_cores(hydra_cfg) -> int | None:
     return threads
 
 
+class Progress:
+    """'cell i of n' with what was skipped and failed so far and an ETA from the cells that ran (this
+    process's cells; a parallel launcher's workers each count their own)."""
+
+    def __init__(self) -> None:
+        self.total, self.start, self.done, self.ran, self.skipped, self.failed = 0, time.perf_counter(), 0, 0, 0, 0
+
+    def before(self) -> None:
+        if self.total > 1:
+            eta = ""
+            if self.ran:
+                per_cell = (time.perf_counter() - self.start) / self.ran
+                eta = f", ETA {per_cell * (self.total - self.done) / 60:.0f} min at {per_cell:.0f} s a cell run"
+            log.info("cell %d of %d (%d skipped, %d failed so far%s)", self.done + 1, self.total, self.skipped,
+                     self.failed, eta)
+
+    def after(self, record: dict, written_before: bool, seconds: float) -> None:
+        self.done += 1
+        if written_before:  # read back, not run: not a measure of the time a cell takes
+            self.skipped += 1
+            self.start += seconds
+        else:
+            self.ran += 1
+        self.failed += record.get("status") == "failed"
+
+
+PROGRESS = Progress()
+
+
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def run(cfg: DictConfig) -> None:
     share_cores(HydraConfig.get())
     spread_over_gpus(OmegaConf.select(HydraConfig.get(), "job.num", default=0) or 0, cfg.device)
+    PROGRESS.before()
+    start, wall = time.perf_counter(), time.time()
     try:
         record = run_cell(cfg, dict(HydraConfig.get().runtime.choices))
     except ConfigError as exc:
         fail(str(exc))
+    path = Path(cfg.paths.records) / f"{record['cell']['id']}.json"
+    PROGRESS.after(record, path.is_file() and path.stat().st_mtime < wall, time.perf_counter() - start)
     print(summary(record), flush=True)
 
 
@@ -250,6 +283,7 @@ def main() -> None:
     except ConfigError as exc:
         fail(str(exc))
     start = time.perf_counter()
+    PROGRESS.total, PROGRESS.start = len(paths or []), start
     run()
     if paths is not None:
         line, ok = outcome(paths, time.perf_counter() - start)
