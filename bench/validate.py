@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import os
 import tempfile
+import types
+import typing
 from importlib.resources import files
 from pathlib import Path
 from typing import Any, Sequence
 
 from hydra import initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
-from hydra.utils import instantiate
-from omegaconf import DictConfig
+from hydra.utils import get_class, instantiate
+from omegaconf import DictConfig, OmegaConf
 
 from bench.device import PRECISIONS, resolve_device
 from bench.errors import ConfigError
@@ -36,6 +38,41 @@ def check_choice(group: str, value: str, overrides: Sequence[str] = ()) -> None:
     valid = options(group, overrides)
     if value not in valid:
         raise ConfigError(f"{group}={value}: no such {group}; valid: {', '.join(valid)}")
+
+
+SIMPLE = (bool, int, float, str)
+
+
+def _accepts(hint: Any, value: Any) -> bool | None:
+    """Whether ``value`` fits a simple type hint (int, float, bool, str, their unions with None); None when the
+    hint is not a simple one (dicts, tensors, sequences: left to the component)."""
+    args = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    if not all(a in SIMPLE or a is type(None) for a in args):
+        return None
+    if value is None:
+        return type(None) in args
+    if isinstance(value, bool):
+        return bool in args
+    if isinstance(value, int):
+        return int in args or float in args
+    return any(isinstance(value, a) for a in args if a is not type(None))
+
+
+def check_types(group: str, node: DictConfig) -> None:
+    """Every key of a configured component against the types its constructor declares: the component's own
+    schema (``defense.lr=abc`` used to be accepted and fail mid-cell)."""
+    try:
+        target = get_class(node["_target_"])
+        hints = typing.get_type_hints(target.__init__)
+    except Exception:  # an unresolvable hint or target: the constructor's own checks still run
+        return
+    for key, value in node.items():
+        if key in hints and not OmegaConf.is_config(value):
+            ok = _accepts(hints[key], value)
+            if ok is False:
+                names = [getattr(a, "__name__", str(a)) for a in (typing.get_args(hints[key]) or (hints[key],))]
+                raise ConfigError(f"{group}.{key}={value!r}: wrong type; valid: {' or '.join(names)} (as "
+                                  f"{target.__name__} declares it)")
 
 
 def check_writable_folder(name: str, folder: Path) -> None:
@@ -76,6 +113,8 @@ def validate(cfg: DictConfig, choices: dict[str, Any], check_data: bool = True) 
     resolve_device(cfg.device)
     for key in ("records", "cache"):
         check_writable_folder(f"paths.{key}", Path(cfg.paths[key]))
+    for group in ("attack", "defense", "recipe", "synthesis", "dataset", "model"):
+        check_types(group, cfg[group])
     for group in ("attack", "defense"):  # constructors check their own values and do no compute
         try:
             instantiate(cfg[group])

@@ -40,6 +40,9 @@ def bdbench(tmp_path: Path, *args: str, timeout: int = 2400) -> subprocess.Compl
         (["attack.corner=middle"], "attack.corner='middle'; valid: bottom_right, bottom_left, top_right, top_left"),
         (["attack=input_aware", "attack.lr_schedule_G=linear"], "attack.lr_schedule_G='linear'; valid: multistep, cosine"),
         (["-m", "budget=1,500"], "budget=500 is larger than the defender pool"),  # a later job of a sweep
+        (["defense=ft", "defense.lr=abc"], "defense.lr='abc': wrong type; valid: float (as FineTuning declares it)"),
+        (["attack=badnets", "attack.size=big"], "attack.size='big': wrong type; valid: int (as BadNets declares it)"),
+        (["recipe.epochs=ten"], "recipe.epochs='ten': wrong type; valid: int (as Recipe declares it)"),
         (["dataset=cifar10_jpeg", "paths.data=/nonexistent"], "no train/test folder under /nonexistent/cifar10-jpeg"),
     ],
 )
