@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 
 from attacks.base import StaticPoisonAttack, register_attack
+from bench.schema import Count, Pixel, PositiveInt, Rate
+
+CORNERS = ("bottom_right", "bottom_left", "top_right", "top_left")
 
 
 @register_attack("badnets")
@@ -15,15 +20,17 @@ class BadNets(StaticPoisonAttack):
     images; on 28x28 the same square sits at rows/cols 25-27 (our choice, spec §2.1).
     """
 
-    CORNERS = ("bottom_right", "bottom_left", "top_right", "top_left")
-
-    def __init__(self, target: int = 0, poison_rate: float = 0.1, size: int = 3, margin: int = 0,
-                 corner: str = "bottom_right", value: int = 255) -> None:
-        super().__init__(target, poison_rate)
-        if corner not in self.CORNERS:
-            raise ValueError(f"attack.corner={corner!r}; valid: {', '.join(self.CORNERS)}")
+    def __init__(self, *, target: Count, poison_rate: Rate, size: PositiveInt, margin: Count,
+                 corner: Literal[CORNERS], value: Pixel) -> None:
+        super().__init__(target=target, poison_rate=poison_rate)
         self.size, self.margin, self.corner, self.value = size, margin, corner, value
         self.mask: torch.Tensor | None = None
+
+    def check_shape(self, shape: tuple[int, int, int]) -> None:
+        side = min(shape[1:])
+        if self.size + self.margin > side:
+            raise ValueError(f"attack.size={self.size} with attack.margin={self.margin} does not fit {shape[1]}x"
+                             f"{shape[2]} images; valid: size + margin <= {side}")
 
     def build(self, shape: tuple[int, int, int]) -> None:
         _, h, w = shape

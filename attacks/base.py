@@ -17,6 +17,7 @@ from typing import Any, Callable
 import torch
 
 from bench.data import ImageSet
+from bench.schema import Count, Rate
 from bench.registry import Registry
 
 ATTACKS: Registry["Attack"] = Registry("attack", group="bdbench.attacks", builtins="attacks")
@@ -43,6 +44,10 @@ class Attack(ABC):
 
     def __init__(self) -> None:
         self.poison_indices = torch.empty(0, dtype=torch.long)
+
+    def check_shape(self, shape: tuple[int, int, int]) -> None:
+        """Raise ValueError (naming the key and its valid values) if the configured trigger cannot work on images
+        of ``shape`` (C, H, W): called on the data set's shape before any compute."""
 
     def prepare(self, train: ImageSet, candidates: torch.Tensor, gen: torch.Generator) -> ImageSet:
         """The training set to train on; ``candidates`` are the indices the attack may poison."""
@@ -95,7 +100,7 @@ class StaticPoisonAttack(Attack):
     class (target class included), triggered on uint8 and relabelled to the target.
     """
 
-    def __init__(self, target: int = 0, poison_rate: float = 0.1) -> None:
+    def __init__(self, *, target: Count, poison_rate: Rate) -> None:
         super().__init__()
         self.target = target
         self.poison_rate = poison_rate

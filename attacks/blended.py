@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import numpy as np
 import torch
 
 from attacks.base import StaticPoisonAttack, register_attack
+from bench.schema import Count, Range, Rate
 
 
 @register_attack("blended")
@@ -16,9 +19,9 @@ class Blended(StaticPoisonAttack):
     other pattern, i.i.d. uniform noise. Rows are "Blended (noise K)", not BackdoorBench's Blended.
     """
 
-    def __init__(self, target: int = 0, poison_rate: float = 0.1, alpha: float = 0.2, alpha_test: float | None = None,
-                 seed_K: int = 0) -> None:
-        super().__init__(target, poison_rate)
+    def __init__(self, *, target: Count, poison_rate: Rate, alpha: Annotated[float, Range(gt=0, le=1)],
+                 alpha_test: Annotated[float, Range(gt=0, le=1)] | None, seed_K: Count) -> None:
+        super().__init__(target=target, poison_rate=poison_rate)
         self.alpha, self.seed_K = alpha, seed_K
         self.alpha_test = alpha if alpha_test is None else alpha_test
         self.pattern: torch.Tensor | None = None

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +21,8 @@ from torch import nn
 from attacks.base import Attack, register_attack
 from bench.data import ImageSet
 from bench.metrics import predict
+from bench.schema import Count, Fraction, NonNegative, Positive, PositiveInt, Rate
+from bench.train import BatchStream
 
 EPS = 1e-7
 log = logging.getLogger(__name__)
@@ -67,12 +70,10 @@ def rms_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 @register_attack("input_aware")
 class InputAware(Attack):
-    def __init__(self, target: int = 0, poison_rate: float = 0.1, cross_rate: float = 0.1,
-                 mask_epochs: int = 25, mask_density: float = 0.032, lambda_div: float = 1.0,
-                 lambda_norm: float = 100.0, lr_G: float = 0.01, lr_M: float = 0.01,
-                 milestones_G: tuple = (200, 300, 400, 500), milestones_M: tuple = (10, 20),
-                 accumulate_G_grads: bool = False, mask_steps_per_epoch: int | None = None,
-                 lr_schedule_G: str = "multistep") -> None:
+    def __init__(self, *, target: Count, poison_rate: Rate, cross_rate: Rate, mask_epochs: Count,
+                 mask_density: Fraction, lambda_div: NonNegative, lambda_norm: NonNegative, lr_G: Positive,
+                 lr_M: Positive, milestones_G: list[int], milestones_M: list[int], accumulate_G_grads: bool,
+                 mask_steps_per_epoch: PositiveInt | None, lr_schedule_G: Literal["multistep", "cosine"]) -> None:
         super().__init__()
         self.target, self.poison_rate, self.cross_rate = target, poison_rate, cross_rate
         self.mask_epochs, self.mask_density = mask_epochs, mask_density
@@ -81,8 +82,6 @@ class InputAware(Attack):
         self.milestones_G, self.milestones_M = list(milestones_G), list(milestones_M)
         self.accumulate_G_grads = accumulate_G_grads
         self.mask_steps_per_epoch = mask_steps_per_epoch
-        if lr_schedule_G not in ("multistep", "cosine"):
-            raise ValueError(f"attack.lr_schedule_G={lr_schedule_G!r}; valid: multistep, cosine")
         self.lr_schedule_G = lr_schedule_G
         self.pattern_gen: Generator | None = None
         self.mask_gen: Generator | None = None
@@ -113,8 +112,8 @@ class InputAware(Attack):
         device = train.x.device
         self.pattern_gen.to(device)
         self.mask_gen.to(device)
-        self._train, self._gen, self._batch = train, gen, recipe.batch_size
-        self._order = torch.empty(0, dtype=torch.long, device=device)
+        self._train, self._batch = train, recipe.batch_size
+        self._stream = BatchStream(len(train), gen, device)  # the reference code's second shuffled loader
         optimizer = torch.optim.Adam(self.mask_gen.parameters(), lr=self.lr_M, betas=(0.5, 0.9))
         scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, self.milestones_M, 0.1)
         steps = len(train) // self._batch
@@ -161,11 +160,7 @@ class InputAware(Attack):
     def _draw(self, augment, n: int | None = None) -> torch.Tensor:
         """``n`` (default: a batch) augmented images in an independent order: the reference code's second
         shuffled loader. Only the images used are drawn and augmented."""
-        n = self._batch if n is None else n
-        if len(self._order) < n:
-            self._order = torch.cat([self._order, torch.randperm(len(self._train), generator=self._gen,
-                                                                 device=self._gen.device).to(self._order.device)])
-        idx, self._order = self._order[:n], self._order[n:]
+        idx = self._stream.take(self._batch if n is None else n)
         return augment(self._train.x[idx].float() / 255)
 
     # -- phase 2: joint training with the pattern generator ---------------------------------------

@@ -9,6 +9,7 @@ trigger); then the whole batch gets WaNet's own per-sample augmentation (crop, r
 from __future__ import annotations
 
 import math
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +18,7 @@ from attacks.base import Attack, register_attack
 from bench.augment import random_crop, random_hflip
 from bench.data import ImageSet
 from bench.metrics import predict
+from bench.schema import Count, Fraction, NonNegative, Positive, Range, Rate
 
 
 def random_rotation(x: torch.Tensor, degrees: float, gen: torch.Generator) -> torch.Tensor:
@@ -31,9 +33,9 @@ def random_rotation(x: torch.Tensor, degrees: float, gen: torch.Generator) -> to
 
 @register_attack("wanet")
 class WaNet(Attack):
-    def __init__(self, target: int = 0, poison_rate: float = 0.1, k: int = 4, s: float = 0.5,
-                 grid_rescale: float = 1.0, cross_ratio: float = 2.0, crop_padding: int = 5, crop_p: float = 0.8,
-                 rotation: float = 10.0, rotation_p: float = 0.5, hflip: bool = False) -> None:
+    def __init__(self, *, target: Count, poison_rate: Rate, k: Annotated[int, Range(ge=2)], s: Positive,
+                 grid_rescale: Positive, cross_ratio: NonNegative, crop_padding: Count, crop_p: Fraction,
+                 rotation: Annotated[float, Range(ge=0, le=180)], rotation_p: Fraction, hflip: bool) -> None:
         super().__init__()
         self.target, self.poison_rate = target, poison_rate
         self.k, self.s, self.grid_rescale, self.cross_ratio = k, s, grid_rescale, cross_ratio
@@ -41,6 +43,11 @@ class WaNet(Attack):
             crop_padding, crop_p, rotation, rotation_p, hflip)
         self.grid: torch.Tensor | None = None  # [1, H, W, 2], the trigger
         self.gen: torch.Generator | None = None
+
+    def check_shape(self, shape: tuple[int, int, int]) -> None:
+        if self.k > min(shape[1:]):
+            raise ValueError(f"attack.k={self.k}: more control points than the {shape[1]}x{shape[2]} image has "
+                             f"pixels per side; valid: 2..{min(shape[1:])}")
 
     # -- the field --------------------------------------------------------------------------------
     def make_grid(self, size: int, gen: torch.Generator) -> torch.Tensor:

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from bench.schema import Count
+
 
 def random_crop(x: torch.Tensor, padding: int, gen: torch.Generator) -> torch.Tensor:
     """RandomCrop(size, padding) for every image of ``x`` [N, C, H, W], each with its own offset."""
@@ -31,12 +33,12 @@ def random_hflip(x: torch.Tensor, gen: torch.Generator, p: float = 0.5) -> torch
     return torch.where(flip[:, None, None, None], x.flip(-1), x)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Augment:
     """The training augmentation of a data set: crop with ``crop_padding`` and, if allowed, a flip."""
 
-    crop_padding: int = 0
-    hflip: bool = False
+    crop_padding: Count
+    hflip: bool
 
     def __call__(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         x = random_crop(x, self.crop_padding, gen)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -58,13 +59,33 @@ def expand_jobs(overrides: list[str], multirun: bool) -> list[list[str]]:
     return BasicSweeper.split_arguments(parser.parse_overrides(params + overrides), None)[0]
 
 
+def explain(exc: HydraException, overrides: list[str]) -> ConfigError:
+    """One line for a composition error; for a key the config does not have, the keys that node does have."""
+    match = re.match(r"Could not override '([^']+)'", str(exc))
+    if match:
+        key = match.group(1)
+        parent = key.rpartition(".")[0]
+        try:
+            cfg = compose("config", overrides=[o for o in overrides if o.lstrip("+~").split("=")[0] != key])
+            node = OmegaConf.select(cfg, parent) if parent else cfg
+        except HydraException:
+            node = None
+        if OmegaConf.is_dict(node):
+            valid = sorted(k for k in node.keys() if not str(k).startswith("_"))
+            return ConfigError(f"{key}: no such key; valid: {', '.join(f'{parent}.{k}' if parent else k for k in valid)}")
+    return ConfigError(str(exc).strip().splitlines()[0])
+
+
 def validate_jobs(jobs: list[list[str]]) -> list[Path]:
     """Compose and validate every job (inside an initialized Hydra); their record paths. Raises ConfigError."""
     try:
         checked_data: set[tuple] = set()
         paths = []
         for job in jobs:
-            cfg = compose("config", overrides=list(job), return_hydra_config=True)
+            try:
+                cfg = compose("config", overrides=list(job), return_hydra_config=True)
+            except HydraException as exc:
+                raise explain(exc, list(job)) from None
             data_key = (cfg.hydra.runtime.choices.dataset, cfg.paths.data)
             validate(cfg, cfg.hydra.runtime.choices, check_data=data_key not in checked_data)
             checked_data.add(data_key)
@@ -84,7 +105,7 @@ def prevalidate(argv: list[str]) -> list[Path] | None:
         try:
             jobs = expand_jobs(args.overrides, args.multirun)
         except HydraException as exc:
-            raise ConfigError(str(exc).strip().splitlines()[0]) from None
+            raise explain(exc, args.overrides) from None
         return validate_jobs(jobs)
 
 

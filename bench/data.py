@@ -11,16 +11,18 @@ from __future__ import annotations
 import gzip
 import hashlib
 import logging
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Annotated, Sequence
 
 import numpy as np
 import torch
 
 from bench.augment import Augment
 from bench.errors import ConfigError, DataNotFoundError
+from bench.schema import Count, NonNegative, PositiveInt, Range
 from bench.seeding import generator
 
 log = logging.getLogger(__name__)
@@ -81,30 +83,27 @@ class ImageDataset(ABC):
     and may override ``check(root)`` to fail early with a message that says where files go.
     """
 
-    def __init__(
-        self,
-        name: str,
-        num_classes: int,
-        shape: Sequence[int],
-        mean: Sequence[float],
-        std: Sequence[float],
-        augment: dict,
-        defense_augment: dict,
-        pool_per_class: int = 100,
-        pool_seed: int = 0,
-        subset: dict | None = None,
-        download: bool = True,
-    ) -> None:
+    classes: int | None = None  # the class count of a data set with fixed files (None: read from the files)
+
+    def __init__(self, *, name: str, num_classes: Annotated[int, Range(ge=2)], shape: Sequence[int],
+                 mean: Sequence[float], std: Sequence[float], augment: Augment, defense_augment: Augment,
+                 pool_per_class: Count, pool_seed: Count, subset: dict, download: bool) -> None:
+        if self.classes is not None and num_classes != self.classes:
+            raise ValueError(f"dataset.num_classes={num_classes}: {name} has {self.classes} classes; valid: "
+                             f"{self.classes}")
+        if len(shape) != 3 or len(mean) != shape[0] or len(std) != shape[0]:
+            raise ValueError(f"dataset.shape={list(shape)} with {len(mean)} means and {len(std)} stds; valid: "
+                             f"[C, H, W] and one mean and std per channel")
         self.name = name
         self.num_classes = num_classes
         self.shape = tuple(shape)
         self.mean = tuple(mean)
         self.std = tuple(std)
-        self.augment = Augment(**augment)
-        self.defense_augment = Augment(**defense_augment)
+        self.augment = augment
+        self.defense_augment = defense_augment
         self.pool_per_class = pool_per_class
         self.pool_seed = pool_seed
-        self.subset = dict(subset or {})
+        self.subset = dict(subset)
         self.download = download
 
     @abstractmethod
@@ -114,9 +113,32 @@ class ImageDataset(ABC):
     def check(self, root: Path) -> None:
         """Raise DataNotFoundError if the files are missing (after a download attempt if allowed)."""
 
+    def train_labels(self, root: Path, cache_dir: Path) -> torch.Tensor:
+        """The training labels, cheaper than the images where the format allows (a sweep checks its pools with
+        them before any job runs)."""
+        return self._read(root, cache_dir)[0].y
+
+    def check_data(self, root: str | Path, cache_dir: str | Path, verify_files: bool = True) -> None:
+        """Everything about this config that only the files can tell, before any compute: the files exist and
+        are whole, the class count matches, the defender pool fits every class of the (subset) training set."""
+        root, cache_dir = Path(root), Path(cache_dir)
+        key = self._files_key(root)
+        if verify_files or key not in _LABELS:
+            self.check(root)
+        if key not in _LABELS:
+            _LABELS[key] = self.train_labels(root, cache_dir)
+        labels = _LABELS[key]
+        idx = self._subset_indices(len(labels), self.subset.get("train"), "train")
+        labels = labels if idx is None else labels[idx]
+        found = int(labels.max()) + 1
+        if found != self.num_classes:
+            raise ConfigError(f"dataset.num_classes={self.num_classes}: the files of {self.name} hold {found} classes; "
+                              f"valid: {found}")
+        self._pool_counts(labels)
+
     def load(self, root: str | Path, device: torch.device | str = "cpu", cache_dir: str | Path = ".cache/bdbench") -> DataBundle:
         root, cache_dir = Path(root), Path(cache_dir)
-        key = (type(self).__name__, self.name, str(root.resolve()))
+        key = self._files_key(root)
         if key not in _READ_CACHE:  # a multirun reads each data set once per process
             self.check(root)
             _READ_CACHE[key] = self._read(root, cache_dir)
@@ -129,18 +151,29 @@ class ImageDataset(ABC):
         return DataBundle(self, train, test, self._pool(train))
 
     def _subsample(self, data: ImageSet, n: int | None, split: str) -> ImageSet:
-        if n is None or n >= len(data):
-            return data
-        gen = generator(0, f"subset:{self.name}:{split}")
-        return data.subset(torch.randperm(len(data), generator=gen)[:n])
+        idx = self._subset_indices(len(data), n, split)
+        return data if idx is None else data.subset(idx)
 
-    def _pool(self, train: ImageSet) -> torch.Tensor:
-        counts = torch.bincount(train.y, minlength=self.num_classes)
+    def _subset_indices(self, size: int, n: int | None, split: str) -> torch.Tensor | None:
+        """The seeded subset of a split (None: all of it)."""
+        if n is None or n >= size:
+            return None
+        return torch.randperm(size, generator=generator(0, f"subset:{self.name}:{split}"))[:n]
+
+    def _files_key(self, root: Path) -> tuple:
+        """What the decoded files depend on: the key of the per-process read caches."""
+        return type(self).__name__, self.name, str(root.resolve())
+
+    def _pool_counts(self, labels: torch.Tensor) -> None:
+        counts = torch.bincount(labels, minlength=self.num_classes)
         if int(counts.min()) < self.pool_per_class:
             raise ConfigError(
                 f"dataset.pool_per_class={self.pool_per_class} is larger than the smallest class "
                 f"({int(counts.min())} images); valid: 0..{int(counts.min())}"
             )
+
+    def _pool(self, train: ImageSet) -> torch.Tensor:
+        self._pool_counts(train.y)
         gen = generator(self.pool_seed, f"pool:{self.name}")
         pool = []
         for c in range(self.num_classes):
@@ -151,6 +184,7 @@ class ImageDataset(ABC):
 
 
 _READ_CACHE: dict[tuple, tuple[ImageSet, ImageSet]] = {}
+_LABELS: dict[tuple, torch.Tensor] = {}  # training labels per data set, for the checks before a sweep
 
 
 def _from_numpy(images: np.ndarray, labels: Sequence[int] | np.ndarray) -> ImageSet:
@@ -163,6 +197,8 @@ def _from_numpy(images: np.ndarray, labels: Sequence[int] | np.ndarray) -> Image
 # ---------------------------------------------------------------------------------------------
 class FashionMNIST(ImageDataset):
     """Fashion-MNIST from its four IDX files (gzipped or not), else torchvision's download."""
+
+    classes = 10
 
     FILES = {
         "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
@@ -183,7 +219,10 @@ class FashionMNIST(ImageDataset):
         return None
 
     def check(self, root: Path) -> None:
-        if self._locate(root) is not None:
+        files = self._locate(root)
+        if files is not None:
+            for path in files.values():  # whole files: a truncated or damaged one is named here, not mid-run
+                read_idx(path)
             return
         error = "download disabled (dataset.download=false)"
         if self.download:
@@ -201,6 +240,10 @@ class FashionMNIST(ImageDataset):
             f"t10k-labels-idx1-ubyte.gz) in {root / 'fashion-mnist'} or set paths.data=DIR"
         )
 
+    def train_labels(self, root: Path, cache_dir: Path) -> torch.Tensor:
+        files = self._locate(root)
+        return torch.from_numpy(read_idx(files[self.FILES["train"][1]]).astype(np.int64))
+
     def _read(self, root: Path, cache_dir: Path) -> tuple[ImageSet, ImageSet]:
         files = self._locate(root)
         assert files is not None
@@ -212,17 +255,26 @@ class FashionMNIST(ImageDataset):
 
 def read_idx(path: Path) -> np.ndarray:
     """Parse an IDX file (the MNIST format): magic 0x0000 0x08 ndim, big-endian dims, uint8 data."""
-    raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
-    if raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
-        raise DataNotFoundError(f"{path} is not a uint8 IDX file (magic {raw[:4].hex()})")
+    try:
+        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    except (OSError, EOFError, gzip.BadGzipFile) as exc:
+        raise DataNotFoundError(f"{path}: damaged or truncated gzip file ({exc}); replace it with the original") from None
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise DataNotFoundError(f"{path} is not a uint8 IDX file (magic {raw[:4].hex()}); replace it with the original")
     ndim = raw[3]
     dims = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+    expected = 4 + 4 * ndim + math.prod(dims)
+    if len(raw) != expected:
+        raise DataNotFoundError(f"{path}: {len(raw)} bytes where its header {dims} needs {expected} (truncated or "
+                                f"damaged); replace it with the original")
     return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
 
 
 # ---------------------------------------------------------------------------------------------
 class CIFAR10(ImageDataset):
     """CIFAR-10 from torchvision's files under ``root`` (``cifar-10-batches-py``), downloaded if allowed."""
+
+    classes = 10
 
     def _torchvision(self, root: Path, train: bool, download: bool):
         import torchvision
@@ -259,7 +311,7 @@ class ImageFolder(ImageDataset):
     Decoded once with torchvision.io (no PIL) and cached as uint8 tensors under ``cache_dir``.
     """
 
-    def __init__(self, folder: str, **kwargs) -> None:
+    def __init__(self, *, folder: str, **kwargs) -> None:
         super().__init__(**kwargs)
         self.folder = folder
 
@@ -271,6 +323,12 @@ class ImageFolder(ImageDataset):
                 f"dataset {self.name}: no {'/'.join(missing)} folder under {base}; expected "
                 f"{base}/{{train,test}}/<class>/<image>; set paths.data=DIR"
             )
+
+    def train_labels(self, root: Path, cache_dir: Path) -> torch.Tensor:
+        base = root / self.folder / "train"
+        classes = sorted(d.name for d in base.iterdir() if d.is_dir())
+        files = sorted(p for p in base.rglob("*") if p.is_file())
+        return torch.tensor([classes.index(p.relative_to(base).parts[0]) for p in files], dtype=torch.long)
 
     def _read(self, root: Path, cache_dir: Path) -> tuple[ImageSet, ImageSet]:
         base = root / self.folder
@@ -316,9 +374,12 @@ class ImageFolder(ImageDataset):
 class Synthetic(ImageDataset):
     """A tiny learnable data set for unit tests: one smooth random prototype per class plus noise."""
 
-    def __init__(self, n_train: int = 2000, n_test: int = 500, noise: float = 20.0, seed: int = 0, **kwargs) -> None:
+    def __init__(self, *, n_train: PositiveInt, n_test: PositiveInt, noise: NonNegative, seed: Count, **kwargs) -> None:
         super().__init__(**kwargs)
         self.n_train, self.n_test, self.noise, self.seed = n_train, n_test, noise, seed
+
+    def _files_key(self, root: Path) -> tuple:
+        return super()._files_key(root) + (self.num_classes, self.shape, self.n_train, self.n_test, self.noise, self.seed)
 
     def _read(self, root: Path, cache_dir: Path) -> tuple[ImageSet, ImageSet]:
         gen = generator(self.seed, f"synthetic:{self.name}")

@@ -53,8 +53,15 @@ class Registry(Generic[T]):
             raise KeyError(f"unknown {self.kind} '{name}'; valid: {', '.join(self.names())}")
         return self._items[name]
 
-    def create(self, name: str, **kwargs) -> T:
-        return self.get(name)(**kwargs)
+    def create(self, name: str, **values) -> T:
+        """An instance with the values of its config (``conf/<kind>/<name>.yaml``, plugins' included), ``values``
+        replacing some: defaults live in the configs only. A name without a config takes ``values`` alone."""
+        from bench.validate import configured, options
+
+        cls = self.get(name)
+        if name in options(self.kind):
+            return configured(self.kind, f"{self.kind}={name}", **values)
+        return cls(**values)
 
     def __contains__(self, name: str) -> bool:
         self._load()

@@ -37,7 +37,7 @@ from bench.seeding import derive, generator
 from bench.train import train
 from bench.validate import validate
 from defenses.base import CleanData, DefenseContext  # the interface, never a concrete defense
-from defenses.reversal import Reversal, TriggerReversal  # shared machinery, as the channel masks
+from defenses.reversal import Reversal  # shared machinery, as the channel masks
 
 log = logging.getLogger(__name__)
 
@@ -279,7 +279,7 @@ def shared_reversal(cfg: DictConfig, model, clean: CleanData, model_key: str, ct
     """The trigger reversal of a poisoned model on a cell's clean images under the defense's reversal config,
     computed once and kept in the verified cache: NC, ℓ∞ and ShapPruning at one budget share it (each used to
     reverse every label again). Returns (reversal, {key, reused, seconds})."""
-    reversal = TriggerReversal(**_plain(cfg.defense.reversal))
+    reversal = instantiate(cfg.defense.reversal)
     digest = hashlib.sha256(clean.x.detach().cpu().numpy().tobytes() + clean.y.cpu().numpy().tobytes()).hexdigest()
     key = sha256_json({"model": model_key, "clean": digest, "source": clean.source,
                        "reversal": _plain(cfg.defense.reversal), "augment": _plain(cfg.defense.augment),
@@ -289,7 +289,7 @@ def shared_reversal(cfg: DictConfig, model, clean: CleanData, model_key: str, ct
     with cache.lock(f"reversal-{key}"):
         entry = cache.reversals.load(key)
         if entry is None:
-            rev = reversal(copy.deepcopy(model).eval(), clean, Augment(**_plain(cfg.defense.augment)), ctx)
+            rev = reversal(copy.deepcopy(model).eval(), clean, instantiate(cfg.defense.augment), ctx)
             fields = {f.name: getattr(rev, f.name) for f in dataclasses.fields(rev)}
             cache.reversals.store(key, {"reversal": {k: v.cpu() if torch.is_tensor(v) else v
                                                      for k, v in fields.items()}}, {})
@@ -304,7 +304,7 @@ def _synthesis_diagnostics(model, clean, attack, augment: Augment, ctx) -> dict:
     if attack.target is None:
         return {"syn_to_target": None}
     keep = clean.y != attack.target
-    x = Augment(crop_padding=augment.crop_padding)(clean.x[keep], ctx.generator("syn_to_target"))
+    x = Augment(crop_padding=augment.crop_padding, hflip=False)(clean.x[keep], ctx.generator("syn_to_target"))
     pred = predict(model, (x * 255).round().to(torch.uint8))
     rate = (pred == attack.target).float().mean().item()
     if rate > 0.2:

@@ -13,7 +13,7 @@ import logging
 import time
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable
+from typing import Callable, Literal
 
 import torch
 import torch.nn.functional as F
@@ -22,23 +22,40 @@ from tqdm.auto import tqdm
 
 from bench.augment import Augment
 from bench.data import ImageSet
-from bench.device import autocast, memory_format
+from bench.device import PRECISIONS, autocast, memory_format
+from bench.schema import PositiveInt
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Recipe:
     """A training recipe (``conf/recipe``): results always name the recipe they used."""
 
-    epochs: int
-    batch_size: int
+    epochs: PositiveInt
+    batch_size: PositiveInt
     optimizer: Callable[..., torch.optim.Optimizer]
-    scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler] | None = None
-    precision: str = "fp32"
-    channels_last: bool = False
-    drop_last: bool = True
-    eval_batch_size: int = 1024
+    scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler] | None
+    precision: Literal[PRECISIONS]
+    channels_last: bool
+    drop_last: bool  # steps per epoch: floor(n / batch) when true, else ceil
+    eval_batch_size: PositiveInt
+
+
+class BatchStream:
+    """Index batches over ``n`` items drawn from seeded permutations, each used up before the next starts (a
+    batch may span two): the one way the trainer, fine-tuning and attacks with their own networks draw batches."""
+
+    def __init__(self, n: int, gen: torch.Generator, device: torch.device) -> None:
+        self.n, self.gen = n, gen
+        self.order = torch.empty(0, dtype=torch.long, device=device)
+
+    def take(self, size: int) -> torch.Tensor:
+        while len(self.order) < size:
+            fresh = torch.randperm(self.n, generator=self.gen, device=self.gen.device).to(self.order.device)
+            self.order = torch.cat([self.order, fresh])
+        idx, self.order = self.order[:size], self.order[size:]
+        return idx
 
 
 def train(model: nn.Module, data: ImageSet, attack, recipe: Recipe, augment: Augment,
@@ -52,17 +69,17 @@ def train(model: nn.Module, data: ImageSet, attack, recipe: Recipe, augment: Aug
     n = len(data)
     steps = n // recipe.batch_size if recipe.drop_last else -(-n // recipe.batch_size)
     attack.before_training(data, partial(augment, gen=gen), gen, recipe)
+    stream = BatchStream(n, gen, device)
     history = []
     for epoch in range(recipe.epochs):
         start = time.perf_counter()
         model.train()
-        order = torch.randperm(n, generator=gen, device=gen.device).to(device)
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device)
         seen = 0
         bar = tqdm(range(steps), desc=f"{desc} {epoch + 1}/{recipe.epochs}", leave=False, disable=None)
         for step in bar:
-            idx = order[step * recipe.batch_size : (step + 1) * recipe.batch_size]
+            idx = stream.take(recipe.batch_size)
             x = data.x[idx].float().div_(255)
             y = data.y[idx]
             x, y = attack.train_batch(x, y, partial(augment, gen=gen))

@@ -12,11 +12,14 @@ from typing import Any, Sequence
 
 from hydra import initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
+from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
+import torch
 
-from bench.device import PRECISIONS, resolve_device
+from bench.device import resolve_device
 from bench.errors import ConfigError
+from bench.schema import Range
 
 # bdbench's config tree is package data (the folder conf/, installed as bench.conf): a wheel composes from
 # any working directory, an editable install reads the checkout.
@@ -34,6 +37,28 @@ def options(group: str, overrides: Sequence[str] = ()) -> list[str]:
     return sorted(hydra.config_loader().get_group_options(group, config_name="config", overrides=list(overrides)))
 
 
+def configured(node: str, *overrides: str, **values: Any) -> Any:
+    """A component built from its config (``node`` is a path into the composed config: "attack", "defense.schedule",
+    "nc_reversal"; ``overrides`` select and set as on the command line), with ``values`` replacing some of its keys.
+    Nested components are built from their configs too: every value not given is the configured one."""
+    hydra = GlobalHydra.instance()
+    if not hydra.is_initialized():
+        with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+            return configured(node, *overrides, **values)
+    from hydra import compose
+
+    target = OmegaConf.select(compose("config", overrides=list(overrides)), node)
+    kwargs = {}
+    for key, value in target.items():
+        if key.startswith("_") or key in values:
+            continue
+        if OmegaConf.is_dict(value) and "_target_" in value:
+            kwargs[key] = instantiate(value)
+        else:
+            kwargs[key] = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+    return get_class(target["_target_"])(**kwargs, **values)
+
+
 def check_choice(group: str, value: str, overrides: Sequence[str] = ()) -> None:
     valid = options(group, overrides)
     if value not in valid:
@@ -43,36 +68,55 @@ def check_choice(group: str, value: str, overrides: Sequence[str] = ()) -> None:
 SIMPLE = (bool, int, float, str)
 
 
-def _accepts(hint: Any, value: Any) -> bool | None:
-    """Whether ``value`` fits a simple type hint (int, float, bool, str, their unions with None); None when the
-    hint is not a simple one (dicts, tensors, sequences: left to the component)."""
+def _fits(hint: Any, value: Any) -> tuple[bool, str] | None:
+    """Whether ``value`` fits a declared hint, and the valid values in words; None when the hint is not one
+    this layer reads (sequences, tensors, callables: left to the component). Reads plain types, ``Literal``
+    choices, ``Annotated[..., Range]`` bounds and their unions with None."""
+    if typing.get_origin(hint) is typing.Annotated:
+        base, *extras = typing.get_args(hint)
+        fits = _fits(base, value)
+        if fits is None:
+            return None
+        ranges = [e for e in extras if isinstance(e, Range)]
+        words = f"{fits[1]} {' and '.join(map(str, ranges))}".strip()
+        return fits[0] and all(value in r for r in ranges), words
+    if typing.get_origin(hint) is typing.Literal:
+        choices = typing.get_args(hint)
+        return value in choices and type(value) in {type(c) for c in choices}, ", ".join(map(str, choices))
     args = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
-    if not all(a in SIMPLE or a is type(None) for a in args):
+    if len(args) > 1:
+        parts = [_fits(a, value) for a in args if a is not type(None)]
+        if any(p is None for p in parts):
+            return None
+        words = " or ".join(p[1] for p in parts) + (" or null" if type(None) in args else "")
+        return (value is None and type(None) in args) or any(p[0] for p in parts), words
+    if hint not in SIMPLE:
         return None
-    if value is None:
-        return type(None) in args
-    if isinstance(value, bool):
-        return bool in args
+    name = hint.__name__
+    if value is None or isinstance(value, bool):
+        return isinstance(value, bool) and hint is bool, name
     if isinstance(value, int):
-        return int in args or float in args
-    return any(isinstance(value, a) for a in args if a is not type(None))
+        return hint in (int, float), name
+    return isinstance(value, hint), name
 
 
 def check_types(group: str, node: DictConfig) -> None:
-    """Every key of a configured component against the types its constructor declares: the component's own
-    schema (``defense.lr=abc`` used to be accepted and fail mid-cell)."""
+    """Every key of a configured component, and of the components nested in it, against what its constructor
+    declares (type, range, choices): the component's own schema. ``defense.lr=abc`` and ``attack.alpha=2`` used to
+    be accepted and fail mid-cell or run garbage."""
     try:
         target = get_class(node["_target_"])
-        hints = typing.get_type_hints(target.__init__)
+        hints = typing.get_type_hints(target.__init__, include_extras=True)
     except Exception:  # an unresolvable hint or target: the constructor's own checks still run
         return
     for key, value in node.items():
-        if key in hints and not OmegaConf.is_config(value):
-            ok = _accepts(hints[key], value)
-            if ok is False:
-                names = [getattr(a, "__name__", str(a)) for a in (typing.get_args(hints[key]) or (hints[key],))]
-                raise ConfigError(f"{group}.{key}={value!r}: wrong type; valid: {' or '.join(names)} (as "
-                                  f"{target.__name__} declares it)")
+        if isinstance(value, DictConfig) and "_target_" in value:
+            check_types(f"{group}.{key}", value)
+        elif key in hints and not OmegaConf.is_config(value):
+            fits = _fits(hints[key], value)
+            if fits is not None and not fits[0]:
+                raise ConfigError(f"{group}.{key}={value!r}: invalid; valid: {fits[1]} (as {target.__name__} "
+                                  f"declares it)")
 
 
 def check_writable_folder(name: str, folder: Path) -> None:
@@ -91,8 +135,19 @@ def check_writable_folder(name: str, folder: Path) -> None:
                           f"user can write") from None
 
 
+def _one_line(exc: Exception) -> ConfigError:
+    cause = exc.__cause__ if isinstance(exc, InstantiationException) and exc.__cause__ else exc
+    return ConfigError(str(cause).strip().splitlines()[0])
+
+
 def validate(cfg: DictConfig, choices: dict[str, Any], check_data: bool = True) -> None:
-    """Raise ConfigError for the first bad value of a composed cell config (its group names exist: it composed)."""
+    """Raise ConfigError for the first bad value of a composed cell config (its group names exist: it composed).
+
+    Each component checks its own keys: types, ranges and choices from its constructor's hints (``check_types``),
+    the rest in its constructor (which does no compute), the trigger against the image shape (``check_shape``)
+    and the data set against its files (``check_data``; ``check_data=False`` skips re-reading files a sweep's
+    earlier job already verified, the pool is checked for every job).
+    """
     num_classes = int(cfg.dataset.num_classes)
     pool = int(cfg.dataset.pool_per_class)
     budget = cfg.budget
@@ -103,23 +158,22 @@ def validate(cfg: DictConfig, choices: dict[str, Any], check_data: bool = True) 
                           f"({pool} images per class); valid: 0..{pool} (or raise dataset.pool_per_class)")
     if not isinstance(cfg.seed, int) or cfg.seed < 0:
         raise ConfigError(f"seed={cfg.seed}: must be an integer >= 0")
-    if "poison_rate" in cfg.attack and not 0 < float(cfg.attack.poison_rate) < 1:
-        raise ConfigError(f"attack.poison_rate={cfg.attack.poison_rate}: must lie in (0, 1), e.g. 0.1")
     if "target" in cfg.attack and not (isinstance(cfg.attack.target, int) and 0 <= cfg.attack.target < num_classes):
         raise ConfigError(f"attack.target={cfg.attack.target}: out of range for {num_classes} classes; "
                           f"valid: 0..{num_classes - 1}")
-    if cfg.recipe.precision not in PRECISIONS:
-        raise ConfigError(f"recipe.precision={cfg.recipe.precision}; valid: {', '.join(PRECISIONS)}")
     resolve_device(cfg.device)
     for key in ("records", "cache"):
         check_writable_folder(f"paths.{key}", Path(cfg.paths[key]))
     for group in ("attack", "defense", "recipe", "synthesis", "dataset", "model"):
         check_types(group, cfg[group])
-    for group in ("attack", "defense"):  # constructors check their own values and do no compute
-        try:
-            instantiate(cfg[group])
-        except Exception as exc:
-            cause = exc.__cause__ or exc
-            raise ConfigError(str(cause).strip().splitlines()[0]) from None
-    if check_data:
-        instantiate(cfg.dataset).check(Path(cfg.paths.data))
+    try:  # constructors check the rest of their own values and do no compute
+        dataset = instantiate(cfg.dataset)
+        instantiate(cfg.model, num_classes=num_classes, shape=dataset.shape, mean=dataset.mean, std=dataset.std)
+        recipe = instantiate(cfg.recipe)
+        recipe.optimizer([torch.nn.Parameter(torch.zeros(1))])  # torch's own checks of lr, momentum, ...
+        instantiate(cfg.synthesis)
+        instantiate(cfg.attack).check_shape(dataset.shape)
+        instantiate(cfg.defense)
+    except Exception as exc:
+        raise _one_line(exc) from None
+    dataset.check_data(cfg.paths.data, cfg.paths.cache, verify_files=check_data)

@@ -5,13 +5,13 @@ on scale and shift bounded by ``eps``. Each step draws random noise, takes one s
 makes the noise as harmful as possible, then moves the masks to keep the model right both with and
 without the noise. Channels that are sensitive to such perturbation (backdoor channels) end with small
 masks and are pruned: their BN scale is zeroed, as in the reference code. The masks and noise are
-``torch.nn.utils.parametrize`` parametrizations on a working copy; the pruned model is a fresh copy.
+``torch.nn.utils.parametrize`` parametrizations on a working copy; the defense's own copy is pruned.
 """
 
 from __future__ import annotations
 
 import copy
-import time
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -19,8 +19,9 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from bench.augment import Augment
+from bench.schema import Fraction, NonNegative, Positive, PositiveInt
 from defenses.base import CleanData, Defense, DefenseContext, register_defense
-from defenses.finetune import check_batchnorm, set_train_mode
+from defenses.finetune import BATCHNORM, set_train_mode
 from defenses.reversal import carriers
 
 SELECT = ("threshold", "sweep")
@@ -57,37 +58,28 @@ def batchnorms(model: nn.Module) -> list[tuple[str, nn.modules.batchnorm._BatchN
 
 @register_defense("anp")
 class ANP(Defense):
-    def __init__(self, augment: dict, eps: float = 0.4, alpha: float = 0.2, steps: int = 2000, batch_size: int = 128,
-                 anp_steps: int = 1, mask_lr: float = 0.2, momentum: float = 0.9, threshold: float = 0.2,
-                 select: str = "threshold", sweep_thresholds: tuple[float, float, float] = (0.05, 0.9, 0.05),
-                 sweep_delta_acc: float = 0.05, copies: int = 4, batchnorm: str = "train") -> None:
-        check_batchnorm(batchnorm)
-        if select not in SELECT:
-            raise ValueError(f"anp select={select!r}; valid: {', '.join(SELECT)}")
-        if not 0 <= alpha <= 1:
-            raise ValueError(f"anp alpha={alpha}; valid: a weight in [0, 1]")
-        self.augment, self.eps, self.alpha, self.steps, self.batch_size = Augment(**augment), eps, alpha, steps, batch_size
+    def __init__(self, *, augment: Augment, eps: NonNegative, alpha: Fraction, steps: PositiveInt,
+                 batch_size: PositiveInt, anp_steps: PositiveInt, mask_lr: Positive, momentum: Fraction,
+                 threshold: Fraction, select: Literal[SELECT], sweep_thresholds: list[float], sweep_delta_acc: Fraction,
+                 copies: PositiveInt, batchnorm: Literal[BATCHNORM]) -> None:
+        self.augment, self.eps, self.alpha, self.steps, self.batch_size = augment, eps, alpha, steps, batch_size
         self.anp_steps, self.mask_lr, self.momentum, self.threshold = anp_steps, mask_lr, momentum, threshold
         self.select, self.sweep_thresholds, self.sweep_delta_acc = select, tuple(sweep_thresholds), sweep_delta_acc
         self.copies, self.batchnorm = copies, batchnorm
-        self._report: dict = {}
 
-    def apply(self, model, clean: CleanData, ctx: DefenseContext):
-        start = time.perf_counter()
+    def repair(self, model, clean: CleanData, ctx: DefenseContext) -> dict:
         masks = self._optimize(copy.deepcopy(model), clean, ctx)
         threshold = self.threshold
         sweep = None
         if self.select == "sweep":
             threshold, sweep = self._sweep(model, masks, clean, ctx)
-        pruned = self._prune(copy.deepcopy(model), masks, threshold)
+        self._prune(model, masks, threshold)
         flat = torch.cat(list(masks.values()))
-        self._report = {"threshold": threshold, "select": self.select, "sweep": sweep, "neurons": len(flat),
-                        "pruned": int((flat < threshold).sum()), "pruned_fraction": float((flat < threshold).float().mean()),
-                        "mask_quantiles": [round(float(q), 3) for q in flat.quantile(torch.tensor([0.0, 0.01, 0.05, 0.5], device=flat.device))],
-                        "steps": self.steps, "batch_size": min(self.batch_size, len(clean)),
-                        "batchnorm": self.batchnorm,
-                        "seconds": time.perf_counter() - start}
-        return pruned
+        return {"threshold": threshold, "select": self.select, "sweep": sweep, "neurons": len(flat),
+                "pruned": int((flat < threshold).sum()), "pruned_fraction": float((flat < threshold).float().mean()),
+                "mask_quantiles": [round(float(q), 3) for q in
+                                   flat.quantile(torch.tensor([0.0, 0.01, 0.05, 0.5], device=flat.device))],
+                "steps": self.steps, "batch_size": min(self.batch_size, len(clean)), "batchnorm": self.batchnorm}
 
     def _optimize(self, model: nn.Module, clean: CleanData, ctx) -> dict[str, torch.Tensor]:
         """The reference loop: random noise, one signed ascent step, a mask step on the mixed loss."""
@@ -162,6 +154,3 @@ class ANP(Defense):
             if acc >= acc0 - self.sweep_delta_acc:
                 best = t
         return best, accs
-
-    def report(self):
-        return self._report

@@ -16,9 +16,8 @@ Two readings, both kept (the record says which ran):
 
 from __future__ import annotations
 
-import copy
 import math
-import time
+from typing import Annotated, Literal
 
 import torch
 import torch.nn.functional as F
@@ -26,8 +25,9 @@ from torch import nn
 
 from bench.augment import Augment
 from bench.device import autocast
+from bench.schema import Count, Fraction, NonNegative, PositiveInt, Range
 from defenses.base import CleanData, Defense, DefenseContext, register_defense
-from defenses.finetune import check_batchnorm, finetune, step_count
+from defenses.finetune import Schedule, finetune
 from defenses.masks import Neurons, conv_neurons, prune_channels
 
 VARIANTS = ("code", "neuron")
@@ -54,33 +54,20 @@ SALIENCES = ("taylor", "activation", "weight_grad")
 
 @register_defense("ar_purification")
 class ARPurification(Defense):
-    def __init__(self, augment: dict, variant: str = "code", layers: tuple[str, ...] = ("last_linear",),
-                 ema: float = 0.9, beta: float = 0.5, alpha: float = 0.01, ar_sign: str = "symmetric",
-                 code_schedule: dict | None = None, salience: str = "taylor", q: float = 0.05,
-                 scored_groups: int = 2, reg: str = "adaptive", rho_end: float = 1e-2, l1_lambda: float = 1e-3,
-                 neuron_schedule: dict | None = None, final_prune: bool = True, copies: int = 16) -> None:
-        for key, value, valid in (("variant", variant, VARIANTS), ("reg", reg, REGS), ("ar_sign", ar_sign, AR_SIGNS),
-                                  ("salience", salience, SALIENCES)):
-            if value not in valid:
-                raise ValueError(f"ar_purification {key}={value!r}; valid: {', '.join(valid)}")
-        self.augment, self.variant, self.layers = Augment(**augment), variant, tuple(layers)
+    def __init__(self, *, augment: Augment, variant: Literal[VARIANTS], layers: list[str], ema: Fraction,
+                 beta: Fraction, alpha: NonNegative, ar_sign: Literal[AR_SIGNS], code_schedule: Schedule,
+                 salience: Literal[SALIENCES], q: Annotated[float, Range(gt=0, le=1)], scored_groups: Count,
+                 reg: Literal[REGS], rho_end: Annotated[float, Range(gt=0, lt=1)], l1_lambda: NonNegative,
+                 neuron_schedule: Schedule, final_prune: bool, copies: PositiveInt) -> None:
+        self.augment, self.variant, self.layers = augment, variant, tuple(layers)
         self.ema, self.beta, self.alpha, self.ar_sign = ema, beta, alpha, ar_sign
-        self.code_schedule, self.neuron_schedule = dict(code_schedule or {}), dict(neuron_schedule or {})
-        for schedule in (self.code_schedule, self.neuron_schedule):
-            check_batchnorm(schedule.get("batchnorm", "train"))
+        self.code_schedule, self.neuron_schedule = code_schedule, neuron_schedule
         self.salience, self.q, self.scored_groups, self.reg = salience, q, scored_groups, reg
         self.rho_end, self.l1_lambda, self.final_prune, self.copies = rho_end, l1_lambda, final_prune, copies
-        self._report: dict = {}
 
-    def apply(self, model, clean: CleanData, ctx: DefenseContext):
-        start = time.perf_counter()
-        model = copy.deepcopy(model)
+    def repair(self, model, clean: CleanData, ctx: DefenseContext) -> dict:
         report = self._code(model, clean, ctx) if self.variant == "code" else self._neuron(model, clean, ctx)
-        self._report = {"variant": self.variant, **report, "seconds": time.perf_counter() - start}
-        return model
-
-    def report(self):
-        return self._report
+        return {"variant": self.variant, **report}
 
     # -- variant=code ---------------------------------------------------------------------------
     def _code(self, model, clean, ctx) -> dict:
@@ -95,15 +82,14 @@ class ARPurification(Defense):
 
         # warm-up: one pass over the clean images accumulates salience, no optimizer step
         model.eval()
-        batch = min(self.code_schedule.get("batch_size", 64), len(clean))
+        batch = min(self.code_schedule.batch_size, len(clean))
         for idx in torch.arange(len(clean), device=ctx.device).split(batch):
             model.zero_grad(set_to_none=True)
             with autocast(ctx.device, ctx.precision):
                 F.cross_entropy(model(clean.x[idx]), clean.y[idx]).backward()
             with torch.no_grad():
                 accumulate()
-        steps, _ = step_count(len(clean), self.code_schedule["epochs"], self.code_schedule["batch_size"],
-                              self.code_schedule["min_steps"])
+        steps, _ = self.code_schedule.steps(len(clean))
         progress = {"step": 0}
 
         def loss_fn(m, x, y):
@@ -120,8 +106,8 @@ class ARPurification(Defense):
                 accumulate()
             progress["step"] = step + 1
 
-        ft = finetune(model, clean, ctx, augment=self.augment, loss_fn=loss_fn, after_step=after_step,
-                      desc="ar purification", **self.code_schedule)
+        ft = finetune(model, clean, ctx, self.code_schedule, self.augment, loss_fn=loss_fn, after_step=after_step,
+                      desc="ar purification")
         return {"layers": names, "finetune": ft, "ar_sign": self.ar_sign, "alpha": self.alpha, "beta": self.beta}
 
     # -- variant=neuron -------------------------------------------------------------------------
@@ -186,8 +172,7 @@ class ARPurification(Defense):
             infected += (low + start).tolist()
         theta = [(t, c) for i in infected for t, c in self._channel_params(model, neurons, *neurons.locate(i))]
         initial = [float(t[c].detach().norm()) for t, c in theta]
-        steps, _ = step_count(len(clean), self.neuron_schedule["epochs"], self.neuron_schedule["batch_size"],
-                              self.neuron_schedule["min_steps"])
+        steps, _ = self.neuron_schedule.steps(len(clean))
         rate = 1 - self.rho_end ** (1 / steps)
         scale0 = {id(t): float(t.detach().abs().mean()) for t, _ in theta}
 
@@ -205,8 +190,8 @@ class ARPurification(Defense):
                     for t, c in theta:
                         t[c] *= 1 - rate
 
-        ft = finetune(model, clean, ctx, augment=self.augment, loss_fn=loss_fn, after_step=shrink,
-                      desc="ar purification", **self.neuron_schedule)
+        ft = finetune(model, clean, ctx, self.neuron_schedule, self.augment, loss_fn=loss_fn, after_step=shrink,
+                      desc="ar purification")
         final = [float(t[c].detach().norm()) for t, c in theta]
         zeroed = []
         if self.final_prune:

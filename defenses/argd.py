@@ -10,20 +10,20 @@ statistics: ``train_arg_module=false`` (default) reproduces that, ``true`` train
 
 from __future__ import annotations
 
-import copy
-import itertools
+import dataclasses
 import math
-import time
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from bench.augment import Augment
+from bench.schema import NonNegative, Positive, PositiveInt
 from defenses.attention import attention, feature_taps, forward_with_features
 from defenses.base import CleanData, Defense, DefenseContext, register_defense
 from defenses.clp import CLP
-from defenses.finetune import check_batchnorm, finetune
+from defenses.finetune import Schedule, finetune
 from defenses.nad import teacher_of
 
 TEACHERS = ("finetune", "clp")
@@ -46,7 +46,7 @@ def edge_distances(maps: list[torch.Tensor]) -> list[torch.Tensor]:
 class CrossLayerAttention(nn.Module):
     """SemCKD-style alignment of every student group map with every teacher group map (spec §6.2)."""
 
-    def __init__(self, groups: int = 3, dim: int = 128) -> None:
+    def __init__(self, groups: int, dim: int) -> None:
         super().__init__()
         self.dim, self.groups = dim, groups
         self.query = nn.ModuleList(nn.Sequential(nn.Linear(1, dim), nn.BatchNorm1d(dim)) for _ in range(groups))
@@ -76,38 +76,30 @@ class CrossLayerAttention(nn.Module):
 
 @register_defense("argd")
 class ARGD(Defense):
-    def __init__(self, augment: dict, teacher_schedule: dict, student: dict,
-                 vertex_weights: tuple[float, float, float] = (2000.0, 5000.0, 2000.0), w_vertex: float = 1.0,
-                 w_edge: float = 1.0, w_global: float = 1.0, train_arg_module: bool = False, teacher: str = "finetune",
-                 lr0: float | None = None, p: float = 2.0, arg_dim: int = 128) -> None:
-        if teacher not in TEACHERS:
-            raise ValueError(f"argd teacher={teacher!r}; valid: {', '.join(TEACHERS)}")
+    def __init__(self, *, augment: Augment, teacher_schedule: Schedule, student: Schedule,
+                 vertex_weights: list[float], w_vertex: NonNegative, w_edge: NonNegative, w_global: NonNegative,
+                 train_arg_module: bool, teacher: Literal[TEACHERS], clp_teacher: CLP, lr0: Positive | None,
+                 p: Positive, arg_dim: PositiveInt) -> None:
         if len(vertex_weights) != 3:
             raise ValueError(f"argd vertex_weights={list(vertex_weights)!r}; valid: three weights")
-        self.augment, self.teacher_schedule, self.student = Augment(**augment), dict(teacher_schedule), dict(student)
-        for schedule in (self.teacher_schedule, self.student):
-            check_batchnorm(schedule["batchnorm"])
         if lr0 is not None:  # the sensitivity row: a smaller first learning rate for tiny budgets
-            self.student["lr"] = lr0
+            student = dataclasses.replace(student, lr=lr0)
+        self.augment, self.teacher_schedule, self.student, self.clp_teacher = augment, teacher_schedule, student, clp_teacher
         self.vertex_weights, self.w_vertex, self.w_edge, self.w_global = tuple(vertex_weights), w_vertex, w_edge, w_global
         self.train_arg_module, self.teacher, self.p, self.arg_dim = train_arg_module, teacher, p, arg_dim
-        self._report: dict = {}
 
     def _teacher(self, model, clean, ctx):
         if self.teacher == "clp":  # a data-free teacher (extension for budget 0)
-            clp = CLP()
-            teacher = clp.apply(model, clean, ctx)
+            teacher = self.clp_teacher.apply(model, clean, ctx)
             for q in teacher.parameters():
                 q.requires_grad_(False)
-            return teacher.eval(), {"clp": clp.report()}
-        return teacher_of(model, clean, ctx, self.augment, **self.teacher_schedule)
+            return teacher.eval(), {"clp": self.clp_teacher.report()}
+        return teacher_of(model, clean, ctx, self.teacher_schedule, self.augment)
 
-    def apply(self, model, clean: CleanData, ctx: DefenseContext):
-        start = time.perf_counter()
-        if len(model.groups) < 3:
-            raise ValueError(f"argd needs three feature groups; {type(model).__name__} declares {len(model.groups)}")
-        student = copy.deepcopy(model)
-        teacher, t_report = self._teacher(model, clean, ctx)
+    def repair(self, student, clean: CleanData, ctx: DefenseContext) -> dict:
+        if len(student.groups) < 3:
+            raise ValueError(f"argd needs three feature groups; {type(student).__name__} declares {len(student.groups)}")
+        teacher, t_report = self._teacher(student, clean, ctx)
         with torch.random.fork_rng(devices=[ctx.device] if ctx.device.type == "cuda" else []):
             torch.manual_seed(ctx.seed)  # the cross-layer module's fixed random initialisation
             arg = CrossLayerAttention(3, self.arg_dim).to(ctx.device).train()
@@ -127,12 +119,7 @@ class ARGD(Defense):
                 terms.update(vertex=float(vertex.detach()), edge=float(edge.detach()), **{"global": float(glob.detach())})
                 return F.cross_entropy(logits, y) + self.w_vertex * vertex + self.w_edge * edge + self.w_global * glob
 
-            s_report = finetune(student, clean, ctx, augment=self.augment, loss_fn=loss_fn, params=params,
-                                desc="argd", **self.student)
-        self._report = {"teacher": t_report, "teacher_kind": self.teacher, "student": s_report,
-                        "train_arg_module": self.train_arg_module, "last_terms": terms,
-                        "groups": list(student.groups[-3:]), "seconds": time.perf_counter() - start}
-        return student
-
-    def report(self):
-        return self._report
+            s_report = finetune(student, clean, ctx, self.student, self.augment, loss_fn=loss_fn, params=params,
+                                desc="argd")
+        return {"teacher": t_report, "teacher_kind": self.teacher, "student": s_report,
+                "train_arg_module": self.train_arg_module, "last_terms": terms, "groups": list(student.groups[-3:])}

@@ -8,6 +8,8 @@ indices: the runner holds those and a test checks that none of them reaches ``ap
 
 from __future__ import annotations
 
+import copy
+import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Iterable
@@ -65,15 +67,24 @@ class DefenseContext:
 
 
 class Defense(ABC):
-    """Base class. ``apply`` returns the repaired model and never modifies the one it was given."""
+    """Base class: ``apply`` copies the model, times ``repair`` on the copy and keeps its report, so a defense
+    never modifies the model it was given and every record carries the defense's own seconds."""
 
     name: str = "defense"
     data_free: ClassVar[bool] = False  # True: needs no images, so budget 0 gets no synthetic set
 
-    @abstractmethod
     def apply(self, model: nn.Module, clean: CleanData, ctx: DefenseContext) -> nn.Module:
         """The repaired model, same interface (pruned channels are zeroed or masked, not removed)."""
+        start = time.perf_counter()
+        model = copy.deepcopy(model).eval()
+        report = self.repair(model, clean, ctx)
+        self._last_report = {**report, "seconds": time.perf_counter() - start}
+        return model
+
+    @abstractmethod
+    def repair(self, model: nn.Module, clean: CleanData, ctx: DefenseContext) -> dict[str, Any]:
+        """Repair ``model`` (the defense's own copy, in eval mode) in place; what it did, for the record."""
 
     def report(self) -> dict[str, Any]:
-        """What the defense did (channels pruned, steps, detected target, ...), stored in the record."""
-        return {}
+        """What the last ``apply`` did (channels pruned, steps, detected target, ...), stored in the record."""
+        return getattr(self, "_last_report", {})

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import copy
-
 import torch
 
+from bench.schema import NonNegative
 from defenses.base import CleanData, Defense, DefenseContext, register_defense
 
 
@@ -20,13 +19,11 @@ class CLP(Defense):
 
     data_free = True
 
-    def __init__(self, u: float = 3.0) -> None:
+    def __init__(self, *, u: NonNegative) -> None:
         self.u = u
-        self._report: dict = {}
 
     @torch.no_grad()
-    def apply(self, model, clean: CleanData, ctx: DefenseContext):
-        model = copy.deepcopy(model)
+    def repair(self, model, clean: CleanData, ctx: DefenseContext) -> dict:
         if not hasattr(model, "conv_bn_pairs"):
             raise TypeError(f"clp needs a model that declares conv_bn_pairs(); {type(model).__name__} does not")
         per_layer, total, pruned = [], 0, 0
@@ -40,9 +37,5 @@ class CLP(Defense):
             per_layer.append(idx.tolist())
             total += len(lips)
             pruned += len(idx)
-        self._report = {"pruned": pruned, "channels": total, "pruned_fraction": pruned / max(total, 1),
-                        "pruned_per_layer": per_layer}
-        return model
-
-    def report(self):
-        return self._report
+        return {"pruned": pruned, "channels": total, "pruned_fraction": pruned / max(total, 1),
+                "pruned_per_layer": per_layer}

@@ -1,5 +1,7 @@
 """The fine-tuning loop that FT, and the later fine-tuning defenses, share.
 
+One ``Schedule`` type describes every fine-tuning (FT, NC's unlearning, FP, NAD's and ARGD's teacher and
+student, BS+AR, the optional fine-tuning after ℓ∞ and BSS pruning); ``conf/schedule`` holds the named ones.
 Length is counted in steps, not epochs (defenses.md §1.2): ``steps = max(epochs * ceil(n / B),
 min_steps)`` with ``B = min(batch_size, n)``, so one image per class still gets a real schedule.
 Batches are re-drawn from the clean set with the data set's augmentation. BatchNorm runs in one mode
@@ -12,7 +14,8 @@ named variant too; null = none, as the references.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from dataclasses import dataclass
+from typing import Callable, Literal
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +23,8 @@ from torch import nn
 
 from bench.augment import Augment
 from bench.device import autocast
+from bench.schema import Count, Fraction, NonNegative, Positive, PositiveInt
+from bench.train import BatchStream
 from defenses.base import CleanData, DefenseContext
 
 
@@ -29,23 +34,41 @@ def step_count(n: int, epochs: int, batch_size: int, min_steps: int) -> tuple[in
     return max(epochs * math.ceil(n / batch), min_steps), batch
 
 
+BATCHNORM = ("train", "frozen")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Schedule:
+    """A fine-tuning schedule (``conf/schedule``): SGD, its length by the step rule, the learning-rate shape and
+    the BatchNorm policy. Every fine-tuning defense (and each stage of one) takes one of these."""
+
+    epochs: Count
+    batch_size: PositiveInt
+    min_steps: Count
+    lr: Positive
+    momentum: Fraction
+    weight_decay: NonNegative
+    nesterov: bool
+    shape: Literal["cosine", "piecewise"]
+    piecewise: list[list[float]] | None  # [[start fraction, lr factor], ...] when shape is piecewise
+    cutout_size: Count
+    batchnorm: Literal[BATCHNORM]
+    grad_clip: Positive | None  # max gradient norm; null = none (the references)
+
+    def steps(self, n: int) -> tuple[int, int]:
+        return step_count(n, self.epochs, self.batch_size, self.min_steps)
+
+
 def freeze_batchnorm(model: nn.Module) -> None:
     for m in model.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             m.eval()
 
 
-BATCHNORM = ("train", "frozen")
-
-
-def check_batchnorm(mode: str) -> None:
-    if mode not in BATCHNORM:
-        raise ValueError(f"batchnorm={mode!r}; valid: {', '.join(BATCHNORM)}")
-
-
 def set_train_mode(model: nn.Module, batchnorm: str) -> None:
     """``model.train()``, with BatchNorm layers back in eval mode under ``batchnorm=frozen``."""
-    check_batchnorm(batchnorm)
+    if batchnorm not in BATCHNORM:
+        raise ValueError(f"batchnorm={batchnorm!r}; valid: {', '.join(BATCHNORM)}")
     model.train()
     if batchnorm == "frozen":
         freeze_batchnorm(model)
@@ -67,49 +90,43 @@ def piecewise_lr(piecewise: list[list[float]], steps: int) -> Callable[[int], fl
     return lambda step: next(f for b, f in reversed(bounds) if step >= b)
 
 
-def finetune(model: nn.Module, clean: CleanData, ctx: DefenseContext, *, epochs: int, batch_size: int,
-             min_steps: int, lr: float, momentum: float, weight_decay: float, augment: Augment,
-             batchnorm: str, grad_clip: float | None = None, nesterov: bool = False, schedule: str = "cosine",
-             piecewise: list[list[float]] | None = None, cutout_size: int = 0,
+def finetune(model: nn.Module, clean: CleanData, ctx: DefenseContext, schedule: Schedule, augment: Augment, *,
              loss_fn: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
              params: list[torch.nn.Parameter] | None = None, after_step: Callable[[int, int], None] | None = None,
              desc: str = "finetune") -> dict:
-    """SGD on augmented batches of ``clean`` with a per-step cosine or piecewise-constant schedule.
+    """SGD on augmented batches of ``clean`` under ``schedule``, in place.
 
     ``params`` defaults to the model's; ``after_step(step, steps)`` runs after each optimizer step
     (e.g. a decoupled shrinkage). Returns what it ran.
     """
-    if schedule not in ("cosine", "piecewise"):
-        raise ValueError(f"schedule={schedule!r}; valid: cosine, piecewise")
-    steps, batch = step_count(len(clean), epochs, batch_size, min_steps)
-    optimizer = torch.optim.SGD(params if params is not None else model.parameters(), lr=lr, momentum=momentum,
-                                weight_decay=weight_decay, nesterov=nesterov)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps) if schedule == "cosine" else \
-        torch.optim.lr_scheduler.LambdaLR(optimizer, piecewise_lr(piecewise or [[0.0, 1.0]], steps))
+    s = schedule
+    steps, batch = s.steps(len(clean))
+    optimizer = torch.optim.SGD(params if params is not None else model.parameters(), lr=s.lr, momentum=s.momentum,
+                                weight_decay=s.weight_decay, nesterov=s.nesterov)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps) if s.shape == "cosine" else \
+        torch.optim.lr_scheduler.LambdaLR(optimizer, piecewise_lr(s.piecewise or [[0.0, 1.0]], steps))
     gen = ctx.generator(desc)
     loss_fn = loss_fn or (lambda m, x, y: F.cross_entropy(m(x), y))
-    set_train_mode(model, batchnorm)
-    order = torch.empty(0, dtype=torch.long, device=ctx.device)
+    set_train_mode(model, s.batchnorm)
+    stream = BatchStream(len(clean), gen, ctx.device)
     for step in ctx.progress(range(steps), desc=desc):
-        if len(order) < batch:  # a fresh permutation whenever the current one runs out
-            order = torch.cat([order, torch.randperm(len(clean), generator=gen, device=ctx.device)])
-        idx, order = order[:batch], order[batch:]
+        idx = stream.take(batch)
         x = augment(clean.x[idx], gen)
-        if cutout_size:
-            x = cutout(x, cutout_size, gen)
+        if s.cutout_size:
+            x = cutout(x, s.cutout_size, gen)
         with autocast(ctx.device, ctx.precision):
             loss = loss_fn(model, x, clean.y[idx])
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"{desc} diverged: loss {float(loss)} at step {step} of {steps} (lr={lr}, "
-                                     f"batch {batch}, batchnorm={batchnorm}, grad_clip={grad_clip})")
+            raise FloatingPointError(f"{desc} diverged: loss {float(loss)} at step {step} of {steps} (lr={s.lr}, "
+                                     f"batch {batch}, batchnorm={s.batchnorm}, grad_clip={s.grad_clip})")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        if s.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)
         optimizer.step()
         scheduler.step()
         if after_step is not None:
             after_step(step, steps)
     model.eval()
-    return {"steps": steps, "batch_size": batch, "batchnorm": batchnorm, "grad_clip": grad_clip,
+    return {"steps": steps, "batch_size": batch, "batchnorm": s.batchnorm, "grad_clip": s.grad_clip,
             "final_loss": float(loss.detach())}

@@ -9,16 +9,16 @@ we never do.
 
 from __future__ import annotations
 
-import copy
 import math
-import time
+from typing import Annotated
 
 import torch
 
 from bench.augment import Augment
 from bench.device import autocast
+from bench.schema import Fraction, PositiveInt, Range, Rate
 from defenses.base import CleanData, Defense, DefenseContext, register_defense
-from defenses.finetune import check_batchnorm, finetune
+from defenses.finetune import Schedule, finetune
 from defenses.guard import class_coverage, largest_passing_count
 from defenses.masks import coalition_logits, group_neurons, prefix_masks, prune_channels
 from defenses.reversal import carriers
@@ -26,24 +26,13 @@ from defenses.reversal import carriers
 
 @register_defense("fp")
 class FinePruning(Defense):
-    def __init__(self, augment: dict, images_per_pass: dict, step_frac: float = 0.01, acc_ratio: float = 0.1,
-                 max_frac: float = 0.9, copies: int = 4, finetune: bool = True, epochs: int = 100,
-                 batch_size: int = 256, min_steps: int = 300, lr: float = 0.01, momentum: float = 0.9,
-                 weight_decay: float = 5e-4, batchnorm: str = "train",
-                 grad_clip: float | None = None) -> None:
-        check_batchnorm(batchnorm)
-        if not 0 < acc_ratio < 1:
-            raise ValueError(f"fp acc_ratio={acc_ratio}; valid: a fraction in (0, 1)")
-        self.augment, self.images_per_pass = Augment(**augment), images_per_pass
+    def __init__(self, *, augment: Augment, images_per_pass: dict[str, int], step_frac: Annotated[float, Range(gt=0, le=1)],
+                 acc_ratio: Rate, max_frac: Fraction, copies: PositiveInt, finetune: bool, schedule: Schedule) -> None:
+        self.augment, self.images_per_pass = augment, images_per_pass
         self.step_frac, self.acc_ratio, self.max_frac, self.copies = step_frac, acc_ratio, max_frac, copies
-        self.finetune = finetune
-        self.ft = dict(epochs=epochs, batch_size=batch_size, min_steps=min_steps, lr=lr, momentum=momentum,
-                       weight_decay=weight_decay, batchnorm=batchnorm, grad_clip=grad_clip)
-        self._report: dict = {}
+        self.finetune, self.schedule = finetune, schedule
 
-    def apply(self, model, clean: CleanData, ctx: DefenseContext):
-        start = time.perf_counter()
-        model = copy.deepcopy(model).eval()
+    def repair(self, model, clean: CleanData, ctx: DefenseContext) -> dict:
         neurons = group_neurons(model, model.groups[-1:])
         acts: list[torch.Tensor] = []
         hook = neurons.modules[0].register_forward_hook(lambda _m, _i, o: acts.append(o.float()))
@@ -64,16 +53,11 @@ class FinePruning(Defense):
         classes = class_coverage(pred, logits.shape[-1])
         p = largest_passing_count(counts, (acc >= (1 - self.acc_ratio) * acc[0]) & (classes >= classes[0]))
         prune_channels(neurons, order[:p])
-        ft = finetune(model, clean, ctx, augment=self.augment, desc="fp finetune", **self.ft) if self.finetune else None
-        self._report = {"layer": neurons.names[0], "neurons": neurons.n, "pruned": p, "pruned_fraction": p / neurons.n,
-                        "pruned_channels": neurons.describe(order[:p].tolist()), "acc_d0": float(acc[0]),
-                        "acc_d_pruned": float(acc[len(counts[counts <= p]) - 1]), "guard_mode": "acc_ratio",
-                        "guard_min": round(float((1 - self.acc_ratio) * acc[0]), 6),
-                        "guard_curve": [[int(c), round(float(a), 6)] for c, a in zip(counts, acc)],
-                        "guard_classes_min": int(classes[0]),
-                        "guard_classes_curve": [[int(c), int(n)] for c, n in zip(counts, classes)], "finetune": ft,
-                        "seconds": time.perf_counter() - start}
-        return model
-
-    def report(self):
-        return self._report
+        ft = finetune(model, clean, ctx, self.schedule, self.augment, desc="fp finetune") if self.finetune else None
+        return {"layer": neurons.names[0], "neurons": neurons.n, "pruned": p, "pruned_fraction": p / neurons.n,
+                "pruned_channels": neurons.describe(order[:p].tolist()), "acc_d0": float(acc[0]),
+                "acc_d_pruned": float(acc[len(counts[counts <= p]) - 1]), "guard_mode": "acc_ratio",
+                "guard_min": round(float((1 - self.acc_ratio) * acc[0]), 6),
+                "guard_curve": [[int(c), round(float(a), 6)] for c, a in zip(counts, acc)],
+                "guard_classes_min": int(classes[0]),
+                "guard_classes_curve": [[int(c), int(n)] for c, n in zip(counts, classes)], "finetune": ft}

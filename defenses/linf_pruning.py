@@ -9,16 +9,16 @@ way and stored, for the comparison (``norm=l1, score=raw`` is Neural Cleanse's o
 
 from __future__ import annotations
 
-import copy
 import math
-import time
+from typing import Literal
 
 import torch
 
 from bench.augment import Augment
 from bench.device import autocast
+from bench.schema import Fraction, PositiveInt
 from defenses.base import CleanData, Defense, DefenseContext, register_defense
-from defenses.finetune import check_batchnorm, finetune
+from defenses.finetune import Schedule, finetune
 from defenses.guard import Guard, largest_passing_count
 from defenses.masks import coalition_logits, group_neurons, prefix_masks, prune_channels
 from defenses.reversal import TriggerReversal, carriers
@@ -36,30 +36,21 @@ def map_norms(a: torch.Tensor) -> dict[str, torch.Tensor]:
 
 @register_defense("linf_pruning")
 class LinfPruning(Defense):
-    def __init__(self, reversal: dict, augment: dict, images_per_pass: dict, norm: str = "linf",
-                 score: str = "diff", last_k_groups: int = 1, tau_asr: float = 0.05, delta_acc: float = 0.05,
-                 min_agreement: float = 0.95, k_max_frac: float = 0.2, copies_single: int = 16, copies: int = 4,
-                 finetune: bool = False, finetune_args: dict | None = None) -> None:
-        if norm not in NORMS:
-            raise ValueError(f"linf_pruning norm={norm!r}; valid: {', '.join(NORMS)}")
-        if score not in SCORES:
-            raise ValueError(f"linf_pruning score={score!r}; valid: {', '.join(SCORES)}")
-        self.reversal, self.augment, self.images_per_pass = TriggerReversal(**reversal), Augment(**augment), images_per_pass
+    def __init__(self, *, reversal: TriggerReversal, augment: Augment, images_per_pass: dict[str, int],
+                 norm: Literal[NORMS], score: Literal[SCORES], last_k_groups: PositiveInt, tau_asr: Fraction,
+                 delta_acc: Fraction, min_agreement: Fraction, k_max_frac: Fraction, copies_single: PositiveInt,
+                 copies: PositiveInt, finetune: bool, schedule: Schedule) -> None:
+        self.reversal, self.augment, self.images_per_pass = reversal, augment, images_per_pass
         self.norm, self.score, self.last_k_groups = norm, score, last_k_groups
         self.tau_asr, self.delta_acc, self.min_agreement, self.k_max_frac = tau_asr, delta_acc, min_agreement, k_max_frac
         self.copies_single, self.copies = copies_single, copies
-        self.finetune, self.finetune_args = finetune, finetune_args or {}
-        check_batchnorm(self.finetune_args.get("batchnorm", "train"))
-        self._report: dict = {}
+        self.finetune, self.schedule = finetune, schedule
 
-    def apply(self, model, clean: CleanData, ctx: DefenseContext):
-        start = time.perf_counter()
-        model = copy.deepcopy(model).eval()
+    def repair(self, model, clean: CleanData, ctx: DefenseContext) -> dict:
         per_pass = self.images_per_pass[ctx.device.type]
         rev = self.reversal(model, clean, self.augment, ctx)
         if not rev.act:  # nothing flagged and when_undetected=skip: BackdoorBench returns the model unchanged
-            self._report = {**rev.report(), "pruned": 0, "seconds": time.perf_counter() - start}
-            return model
+            return {**rev.report(), "pruned": 0}
         aug = carriers(clean, self.augment, carrier_copies(clean, ctx.num_classes, self.copies_single, self.copies),
                        len(clean) * self.copies_single, ctx.generator("linf_pruning"))
         x = aug.x[aug.y != rev.target]
@@ -82,19 +73,15 @@ class LinfPruning(Defense):
         else:  # the guard binds first: the passing prefix with the lowest reversed ASR
             p = int(torch.where(ok, asr, torch.full_like(asr, math.inf)).argmin())
         prune_channels(neurons, order[:p])
-        ft = finetune(model, clean, ctx, desc="linf finetune", **self._ft_args()) if self.finetune else None
-        self._report = {**rev.report(), "layers": neurons.names, "neurons": neurons.n,
-                        **guard.report(counts, verdict, p),
-                        "pruned_fraction": p / neurons.n, "pruned_channels": neurons.describe(order[:p].tolist()),
-                        "rev_asr_after": float(asr[p]), "rev_asr_curve": [round(v, 4) for v in asr.tolist()],
-                        "norm": self.norm, "score": self.score,
-                        "top_channels": {k: neurons.describe(s.argsort(descending=True)[:10].tolist())
-                                         for k, s in scores.items()},
-                        "finetune": ft, "seconds": time.perf_counter() - start}
-        return model
-
-    def _ft_args(self) -> dict:
-        return {**self.finetune_args, "augment": self.augment}
+        ft = finetune(model, clean, ctx, self.schedule, self.augment, desc="linf finetune") if self.finetune else None
+        return {**rev.report(), "layers": neurons.names, "neurons": neurons.n,
+                **guard.report(counts, verdict, p),
+                "pruned_fraction": p / neurons.n, "pruned_channels": neurons.describe(order[:p].tolist()),
+                "rev_asr_after": float(asr[p]), "rev_asr_curve": [round(v, 4) for v in asr.tolist()],
+                "norm": self.norm, "score": self.score,
+                "top_channels": {k: neurons.describe(s.argsort(descending=True)[:10].tolist())
+                                 for k, s in scores.items()},
+                "finetune": ft}
 
     @torch.no_grad()
     def _scores(self, model, neurons, x, bd_x, ctx) -> dict[str, torch.Tensor]:
@@ -114,6 +101,3 @@ class LinfPruning(Defense):
             clean_, trig = values[:len(x)], values[len(x):]
             out[name] = (trig - clean_).mean(0) if self.score == "diff" else trig.mean(0)
         return out
-
-    def report(self):
-        return self._report

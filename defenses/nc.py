@@ -8,37 +8,25 @@ the model is returned unchanged); the record says which happened.
 
 from __future__ import annotations
 
-import copy
-import time
-
 import torch
 import torch.nn.functional as F
 
 from bench.augment import Augment
+from bench.schema import Fraction
 from defenses.base import CleanData, Defense, DefenseContext, register_defense
-from defenses.finetune import check_batchnorm, finetune
+from defenses.finetune import Schedule, finetune
 from defenses.reversal import TriggerReversal
+
 
 @register_defense("nc")
 class NeuralCleanse(Defense):
-    def __init__(self, reversal: dict, augment: dict, unlearning_ratio: float = 0.2,
-                 epochs: int = 100, batch_size: int = 256, min_steps: int = 300, lr: float = 0.01,
-                 momentum: float = 0.9, weight_decay: float = 5e-4, batchnorm: str = "train",
-                 grad_clip: float | None = None) -> None:
-        check_batchnorm(batchnorm)
-        if not 0 <= unlearning_ratio <= 1:
-            raise ValueError(f"nc unlearning_ratio={unlearning_ratio}; valid: a fraction in [0, 1]")
-        self.reversal, self.augment = TriggerReversal(**reversal), Augment(**augment)
-        self.unlearning_ratio = unlearning_ratio
-        self.ft = dict(epochs=epochs, batch_size=batch_size, min_steps=min_steps, lr=lr, momentum=momentum,
-                       weight_decay=weight_decay, batchnorm=batchnorm, grad_clip=grad_clip)
-        self._report: dict = {}
+    def __init__(self, *, reversal: TriggerReversal, augment: Augment, unlearning_ratio: Fraction,
+                 schedule: Schedule) -> None:
+        self.reversal, self.augment, self.unlearning_ratio, self.schedule = reversal, augment, unlearning_ratio, schedule
 
-    def apply(self, model, clean: CleanData, ctx: DefenseContext):
-        start = time.perf_counter()
-        model = copy.deepcopy(model).eval()
+    def repair(self, model, clean: CleanData, ctx: DefenseContext) -> dict:
         rev = self.reversal(model, clean, self.augment, ctx)
-        self._report = {**rev.report(), "unlearned": False}
+        report = {**rev.report(), "unlearned": False}
         if rev.act:
             mask, pattern = rev.masks[rev.target].detach(), rev.patterns[rev.target].detach()
 
@@ -47,11 +35,7 @@ class NeuralCleanse(Defense):
                 x = torch.where(stamped[:, None, None, None], (1 - mask) * x + mask * pattern, x)
                 return F.cross_entropy(m(x), y)
 
-            self._report["finetune"] = finetune(model, clean, ctx, augment=self.augment, loss_fn=unlearning_loss,
-                                                desc="nc unlearning", **self.ft)
-            self._report["unlearned"] = True
-        self._report["seconds"] = time.perf_counter() - start
-        return model
-
-    def report(self):
-        return self._report
+            report["finetune"] = finetune(model, clean, ctx, self.schedule, self.augment, loss_fn=unlearning_loss,
+                                          desc="nc unlearning")
+            report["unlearned"] = True
+        return report

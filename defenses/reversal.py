@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +21,7 @@ from torch import nn
 
 from bench.augment import Augment
 from bench.device import autocast
+from bench.schema import Fraction, Positive, PositiveInt, Range
 from defenses.base import CleanData, DefenseContext
 
 
@@ -78,15 +79,14 @@ def carriers(clean: CleanData, augment: Augment, copies: int, limit: int, gen: t
 
 
 class TriggerReversal:
-    """``__call__(model, clean, augment, ctx) -> Reversal``. Defaults are BackdoorBench's ``nc`` config."""
+    """``__call__(model, clean, augment, ctx) -> Reversal``; configured by ``nc_reversal`` (conf/config.yaml,
+    BackdoorBench's ``nc`` config), shared by NC, ℓ∞ pruning and ShapPruning."""
 
-    def __init__(self, steps: int = 1000, lr: float = 0.1, betas: tuple[float, float] = (0.5, 0.9),
-                 init_cost: float = 1e-3, cost_multiplier: float = 2.0, patience: int = 5,
-                 asr_threshold: float = 0.98, early_stop_threshold: float = 0.99, early_stop_patience: int = 25,
-                 check_every: int = 10, copies: int = 16, max_carriers: int = 256,
-                 batch_per_label: int | None = None, mad_threshold: float = 2.0, when_undetected: str = "skip") -> None:
-        if when_undetected not in UNDETECTED:
-            raise ValueError(f"when_undetected={when_undetected!r}; valid: {', '.join(UNDETECTED)}")
+    def __init__(self, *, steps: PositiveInt, lr: Positive, betas: list[float], init_cost: Positive,
+                 cost_multiplier: Annotated[float, Range(gt=1)], patience: PositiveInt, asr_threshold: Fraction,
+                 early_stop_threshold: Fraction, early_stop_patience: PositiveInt, check_every: PositiveInt,
+                 copies: PositiveInt, max_carriers: PositiveInt, batch_per_label: PositiveInt | None,
+                 mad_threshold: Positive, when_undetected: Literal[UNDETECTED]) -> None:
         self.steps, self.lr, self.betas = steps, lr, tuple(betas)
         self.init_cost, self.cost_multiplier, self.patience = init_cost, cost_multiplier, patience
         self.asr_threshold = asr_threshold

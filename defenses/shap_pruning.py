@@ -8,7 +8,7 @@
    discarded (marginal 0). Walks are epsilon-greedy: mostly the current top channels first.
    All prefixes of a walk chunk are scored in one batched forward pass (coalition masks). Walks stop when
    the estimate has converged: every one of the top ``k_max`` channels has a standard error of at most
-   ``rse_tol`` times its value (after ``min_walks``), or at ``max_walks`` / ``max_seconds``; the record says
+   ``rse_tol`` times its value (after ``min_walks``), or at ``max_walks`` / ``max_evaluations``; the record says
    which. (A rule on the top set staying the same was met by construction: the exploit walks keep it.)
 3. Prune the outlying channels in rank order under the accuracy guard, then more by rank until the
    reversed trigger's hard ASR is at most ``tau_asr``; never more than ``k_max`` ("under 1 % of neurons")
@@ -17,13 +17,13 @@
 
 from __future__ import annotations
 
-import copy
 import math
-import time
+from typing import Literal
 
 import torch
 
 from bench.augment import Augment
+from bench.schema import Fraction, NonNegative, Positive, PositiveInt
 from defenses.base import CleanData, Defense, DefenseContext, register_defense
 from defenses.guard import Guard, largest_passing_count
 from defenses.masks import Neurons, coalition_logits, conv_neurons, prefix_masks, prune_channels
@@ -48,37 +48,28 @@ def carrier_copies(clean: CleanData, num_classes: int, single: int, default: int
 
 @register_defense("shap_pruning")
 class ShapPruning(Defense):
-    def __init__(self, reversal: dict, augment: dict, images_per_pass: dict, players: str = "all",
-                 value: str = "soft_asr", lambda_acc: float = 1.0, tau_d: float = 0.2, c_d: int = 5,
-                 eps: float = 0.2, k_g_frac: float = 0.01, max_walks: int = 1000, max_seconds: float = 300.0,
-                 min_walks: int = 50, rse_tol: float = 0.1, outlier_mads: float = 3.5, tau_asr: float = 0.05,
-                 delta_acc: float = 0.05, min_agreement: float = 0.95, k_max_frac: float = 0.01,
-                 exceed_k_max: bool = False, rounds: int = 1, copies_single: int = 16, copies: int = 4) -> None:
-        if value not in VALUES:
-            raise ValueError(f"shap_pruning value={value!r}; valid: {', '.join(VALUES)}")
-        if players not in PLAYERS:
-            raise ValueError(f"shap_pruning players={players!r}; valid: {', '.join(PLAYERS)}")
-        self.reversal, self.augment, self.images_per_pass = TriggerReversal(**reversal), Augment(**augment), images_per_pass
+    def __init__(self, *, reversal: TriggerReversal, augment: Augment, images_per_pass: dict[str, int],
+                 players: Literal[PLAYERS], value: Literal[VALUES], lambda_acc: NonNegative, tau_d: Fraction,
+                 c_d: PositiveInt, eps: Fraction, k_g_frac: Fraction, max_walks: PositiveInt,
+                 max_evaluations: PositiveInt, min_walks: PositiveInt, rse_tol: Positive, outlier_mads: Positive,
+                 tau_asr: Fraction, delta_acc: Fraction, min_agreement: Fraction, k_max_frac: Fraction,
+                 exceed_k_max: bool, rounds: PositiveInt, copies_single: PositiveInt, copies: PositiveInt) -> None:
+        self.reversal, self.augment, self.images_per_pass = reversal, augment, images_per_pass
         self.players, self.value, self.lambda_acc = players, value, lambda_acc
         self.tau_d, self.c_d, self.eps, self.k_g_frac = tau_d, c_d, eps, k_g_frac
-        self.max_walks, self.max_seconds, self.min_walks, self.rse_tol = max_walks, max_seconds, min_walks, rse_tol
+        self.max_walks, self.max_evaluations, self.min_walks, self.rse_tol = max_walks, max_evaluations, min_walks, rse_tol
         self.outlier_mads, self.tau_asr, self.delta_acc, self.min_agreement = outlier_mads, tau_asr, delta_acc, min_agreement
         self.k_max_frac, self.exceed_k_max, self.rounds = k_max_frac, exceed_k_max, rounds
         self.copies_single, self.copies = copies_single, copies
-        self._report: dict = {}
 
-    def apply(self, model, clean: CleanData, ctx: DefenseContext):
-        start = time.perf_counter()
-        model = copy.deepcopy(model).eval()
+    def repair(self, model, clean: CleanData, ctx: DefenseContext) -> dict:
         per_pass = self.images_per_pass[ctx.device.type]
         rev = self.reversal(model, clean, self.augment, ctx)
         neurons = conv_neurons(model)
         n = neurons.n
         k_max = math.ceil(self.k_max_frac * n)
         if not rev.act:  # nothing flagged and when_undetected=skip: BackdoorBench returns the model unchanged
-            self._report = {**rev.report(), "neurons": n, "pruned": 0, "k_max": k_max,
-                            "seconds": time.perf_counter() - start}
-            return model
+            return {**rev.report(), "neurons": n, "pruned": 0, "k_max": k_max}
         gen = ctx.generator("shap_pruning")
         aug = carriers(clean, self.augment, carrier_copies(clean, ctx.num_classes, self.copies_single, self.copies),
                        len(clean) * self.copies_single, gen)
@@ -105,16 +96,10 @@ class ShapPruning(Defense):
             base[chosen] = 0
             pruned += chosen
         prune_channels(neurons, pruned)
-        self._report = {**rev.report(), "players": len(players), "neurons": n, **rounds[0]["guard"],
-                        "pruned": len(pruned), "pruned_fraction": len(pruned) / n,
-                        "pruned_channels": neurons.describe(pruned), "k_max": k_max, "exceed_k_max": self.exceed_k_max,
-                        "carriers": len(bd_x), "guard_acc0": guard.acc0, "value": self.value, "rounds": rounds,
-                        "images_per_pass": per_pass,
-                        "seconds": time.perf_counter() - start}
-        return model
-
-    def report(self):
-        return self._report
+        return {**rev.report(), "players": len(players), "neurons": n, **rounds[0]["guard"], "pruned": len(pruned),
+                "pruned_fraction": len(pruned) / n, "pruned_channels": neurons.describe(pruned), "k_max": k_max,
+                "exceed_k_max": self.exceed_k_max, "carriers": len(bd_x), "guard_acc0": guard.acc0,
+                "value": self.value, "rounds": rounds, "images_per_pass": per_pass}
 
     def _players(self, model, neurons: Neurons) -> torch.Tensor:
         layer = neurons.layer_of()
@@ -145,7 +130,7 @@ class ShapPruning(Defense):
         k_g = max(1, math.ceil(self.k_g_frac * n))
         chunk = max(1, per_pass // (len(bd_x) + (len(aug) if self.value == "asr_minus_acc" else 0)))
         v_full = float(self._values(model, neurons, base[None], bd_x, aug, target, per_pass, ctx)[0][0])
-        start, evals, walks, reason, rse = time.perf_counter(), 0, 0, "max_walks", math.inf
+        evals, walks, reason, rse = 0, 0, "max_walks", math.inf
         for walks in range(1, self.max_walks + 1):
             est = total / count.clamp_min(1)
             perm = live[torch.randperm(len(live), generator=gen, device=dev)]
@@ -174,8 +159,8 @@ class ShapPruning(Defense):
                 if rse <= self.rse_tol:
                     reason = "converged"
                     break
-            if time.perf_counter() - start > self.max_seconds:
-                reason = "max_seconds"
+            if evals >= self.max_evaluations:  # a budget in work, not seconds: the same on every machine and load
+                reason = "max_evaluations"
                 break
         if walks < self.min_walks or reason != "converged":
             rse = self._top_rse(total, squares, count, live, top)

@@ -15,17 +15,17 @@ constant channel) is missing, not zero: it adds nothing to the score instead of 
 
 from __future__ import annotations
 
-import copy
 import math
-import time
+from typing import Annotated, Literal
 
 import torch
 from torch import nn
 
 from bench.augment import Augment
 from bench.device import autocast
+from bench.schema import Fraction, PositiveInt, Range
 from defenses.base import CleanData, Defense, DefenseContext, register_defense
-from defenses.finetune import check_batchnorm, finetune
+from defenses.finetune import Schedule, finetune
 from defenses.guard import Guard, largest_passing_count
 from defenses.masks import Neurons, coalition_logits, conv_neurons, prefix_masks, prune_channels
 from defenses.reversal import carriers
@@ -123,25 +123,19 @@ def activation_signals(model: nn.Module, neurons: Neurons, x: torch.Tensor, ctx:
 
 @register_defense("suspiciousness")
 class Suspiciousness(Defense):
-    def __init__(self, augment: dict, images_per_pass: dict, alpha: tuple[float, float, float] = (1.0, 1.0, 1.0),
-                 weight: str = "clp", weights_only: bool = False, chunk_frac: float = 0.005, max_frac: float = 0.05,
-                 min_agreement: float = 0.95, delta_acc: float = 0.05, copies: int = 16, finetune: bool = False,
-                 finetune_args: dict | None = None) -> None:
-        if weight not in WEIGHTS:
-            raise ValueError(f"suspiciousness weight={weight!r}; valid: {', '.join(WEIGHTS)}")
+    def __init__(self, *, augment: Augment, images_per_pass: dict[str, int], alpha: list[float],
+                 weight: Literal[WEIGHTS], weights_only: bool, chunk_frac: Annotated[float, Range(gt=0, le=1)],
+                 max_frac: Fraction, min_agreement: Fraction, delta_acc: Fraction, copies: PositiveInt, finetune: bool,
+                 schedule: Schedule) -> None:
         if len(alpha) != 3:
             raise ValueError(f"suspiciousness alpha={list(alpha)!r}; valid: three weights (activation, weight, correlation)")
-        self.augment, self.images_per_pass = Augment(**augment), images_per_pass
+        self.augment, self.images_per_pass = augment, images_per_pass
         self.alpha = (0.0, 1.0, 0.0) if weights_only else tuple(alpha)
         self.weight, self.weights_only, self.chunk_frac, self.max_frac = weight, weights_only, chunk_frac, max_frac
         self.min_agreement, self.delta_acc, self.copies = min_agreement, delta_acc, copies
-        self.finetune, self.finetune_args = finetune, finetune_args or {}
-        check_batchnorm(self.finetune_args.get("batchnorm", "train"))
-        self._report: dict = {}
+        self.finetune, self.schedule = finetune, schedule
 
-    def apply(self, model, clean: CleanData, ctx: DefenseContext):
-        start = time.perf_counter()
-        model = copy.deepcopy(model).eval()
+    def repair(self, model, clean: CleanData, ctx: DefenseContext) -> dict:
         per_pass = self.images_per_pass[ctx.device.type]
         aug = carriers(clean, self.augment, self.copies, len(clean) * self.copies, ctx.generator("suspiciousness"))
         neurons = conv_neurons(model)
@@ -165,14 +159,9 @@ class Suspiciousness(Defense):
         verdict = guard(prefix_masks(order, counts, neurons.n))
         p = largest_passing_count(counts, verdict.passes)
         prune_channels(neurons, order[:p])
-        ft = finetune(model, clean, ctx, desc="bss finetune", augment=self.augment, **self.finetune_args) \
-            if self.finetune else None
-        self._report = {"neurons": neurons.n, **guard.report(counts, verdict, p), "pruned_fraction": p / neurons.n,
-                        "pruned_channels": neurons.describe(order[:p].tolist()), "chunk": chunk,
-                        "alpha": list(self.alpha), "weight": self.weight, "dead_channels": int(dead_all.sum()),
-                        "top_scores": [round(float(v), 3) for v in score[order[:10]]],
-                        "finetune": ft, "seconds": time.perf_counter() - start}
-        return model
-
-    def report(self):
-        return self._report
+        ft = finetune(model, clean, ctx, self.schedule, self.augment, desc="bss finetune") if self.finetune else None
+        return {"neurons": neurons.n, **guard.report(counts, verdict, p), "pruned_fraction": p / neurons.n,
+                "pruned_channels": neurons.describe(order[:p].tolist()), "chunk": chunk,
+                "alpha": list(self.alpha), "weight": self.weight, "dead_channels": int(dead_all.sum()),
+                "top_scores": [round(float(v), 3) for v in score[order[:10]]],
+                "finetune": ft}

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bench.device import autocast
+from bench.schema import Count, NonNegative, Positive, PositiveInt
 from defenses.base import CleanData, DefenseContext
 
 
@@ -29,8 +30,8 @@ def total_variation(x: torch.Tensor) -> torch.Tensor:
 class DeepInversion:
     """``__call__(model, ctx) -> CleanData`` with ``per_class`` synthetic images of every class."""
 
-    def __init__(self, per_class: int = 10, iterations: int = 2000, lr: float = 0.1, jitter: int = 2,
-                 tv_weight: float = 2.5e-5, bn_weight: float = 100.0, l2_weight_no_bn: float = 1e-4) -> None:
+    def __init__(self, *, per_class: PositiveInt, iterations: PositiveInt, lr: Positive, jitter: Count,
+                 tv_weight: NonNegative, bn_weight: NonNegative, l2_weight_no_bn: NonNegative) -> None:
         self.per_class, self.iterations, self.lr, self.jitter = per_class, iterations, lr, jitter
         self.tv_weight, self.bn_weight, self.l2_weight_no_bn = tv_weight, bn_weight, l2_weight_no_bn
         self.stats: dict = {}

@@ -11,6 +11,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 
 from bench.validate import CONF_DIR
+from bench.validate import configured as bench_configured
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = Path(os.environ.get("BDBENCH_DATA", ROOT.parent / "shared" / "data"))
@@ -33,6 +34,12 @@ def compose_cell(tmp_path: Path, overrides: list[str]) -> DictConfig:
         cfg.paths.output = str(tmp_path / "outputs")
         cfg.device = "cpu"
     return cfg
+
+
+def configured(node: str, *overrides: str, **values):
+    """A component from its config in conf/ on the synthetic set's shapes (``bench.validate.configured``): tests
+    state only what they change, every other value is the configured default, never a Python one."""
+    return bench_configured(node, "dataset=synthetic", *overrides, **values)
 
 
 # A cell on the synthetic set that trains in a few seconds and still learns a backdoor.

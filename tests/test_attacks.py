@@ -5,28 +5,27 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from attacks.badnets import BadNets
-from attacks.blended import Blended
 from bench.data import ImageSet
+from conftest import configured
 
 
 def test_badnets_square_on_28_and_32():
     for side, rows in ((28, range(25, 28)), (32, range(29, 32))):
         x = torch.zeros(2, 1, side, side, dtype=torch.uint8)
-        out = BadNets().apply_trigger(x)
+        out = configured("attack", "attack=badnets").apply_trigger(x)
         stamped = (out[0, 0] == 255).nonzero().tolist()
         assert stamped == [[r, c] for r in rows for c in rows]  # 9 pixels, flush bottom-right
 
 
 def test_badnets_keeps_the_rest_of_the_image():
     x = torch.randint(0, 200, (3, 3, 32, 32), dtype=torch.uint8)
-    out = BadNets().apply_trigger(x)
+    out = configured("attack", "attack=badnets").apply_trigger(x)
     assert torch.equal(out[..., :29, :], x[..., :29, :])
     assert (out[..., 29:, 29:] == 255).all()
 
 
 def test_blended_formula_by_hand():
-    attack = Blended(alpha=0.2, seed_K=0)
+    attack = configured("attack", "attack=blended", alpha=0.2, seed_K=0)
     x = torch.full((1, 1, 4, 4), 100, dtype=torch.uint8)
     out = attack.apply_trigger(x)
     k = np.random.default_rng(0).integers(0, 256, size=(4, 4, 1), dtype=np.uint8)[..., 0].astype(float)
@@ -37,7 +36,7 @@ def test_blended_formula_by_hand():
 def test_static_poisoning_follows_the_backdoorbench_rule():
     train = ImageSet(torch.zeros(1000, 1, 8, 8, dtype=torch.uint8), torch.arange(1000) % 10)
     candidates = torch.arange(100, 1000)
-    attack = BadNets(target=3, poison_rate=0.1)
+    attack = configured("attack", "attack=badnets", target=3, poison_rate=0.1)
     poisoned = attack.prepare(train, candidates, torch.Generator().manual_seed(0))
     idx = attack.poison_indices
     assert len(idx) == 100 and len(set(idx.tolist())) == 100  # round(0.1 * N)

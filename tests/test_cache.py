@@ -88,7 +88,7 @@ def test_engine_modules_include_both_base_files():
 
 def test_a_corrupt_synthetic_set_is_detected_and_rebuilt(tiny_cfg, choices, tmp_path, caplog):
     """Flipped bytes in the budget-0 set were loaded silently (a cell went to ACC 9.7, recorded as ok)."""
-    first = run_cell(cfg := tiny_cfg("defense=ft", "budget=0", "defense.min_steps=20"), choices(cfg))
+    first = run_cell(cfg := tiny_cfg("defense=ft", "budget=0", "defense.schedule.min_steps=20"), choices(cfg))
     (blob,) = (tmp_path / "cache" / "synthetic").glob("*/set.pt")
     data = bytearray(blob.read_bytes())
     data[len(data) // 2] ^= 0xFF

@@ -13,13 +13,15 @@ from bench.augment import Augment, random_crop
 from bench.data import FashionMNIST, ImageFolder, Synthetic, read_idx
 from bench.errors import DataNotFoundError
 
-META = dict(mean=[0.5], std=[0.5], augment={"crop_padding": 1}, defense_augment={"crop_padding": 1})
+AUG = Augment(crop_padding=1, hflip=False)
+META = dict(mean=[0.5], std=[0.5], augment=AUG, defense_augment=AUG, pool_seed=0, subset={}, download=False)
+SYN = dict(noise=20.0, seed=0)  # the synthetic set's remaining keys, as conf/dataset/synthetic.yaml
 
 
 @pytest.fixture(scope="module")
 def bundle():
     ds = Synthetic(name="synthetic", num_classes=10, shape=[1, 16, 16], n_train=1000, n_test=200,
-                   pool_per_class=20, **META)
+                   pool_per_class=20, **META, **SYN)
     return ds.load("unused")
 
 
@@ -27,7 +29,7 @@ def test_pool_is_stratified_and_fixed(bundle):
     counts = torch.bincount(bundle.train.y[bundle.pool], minlength=10)
     assert (counts == 20).all()
     again = Synthetic(name="synthetic", num_classes=10, shape=[1, 16, 16], n_train=1000, n_test=200,
-                      pool_per_class=20, **META).load("unused")
+                      pool_per_class=20, **META, **SYN).load("unused")
     assert torch.equal(again.pool, bundle.pool)
 
 
@@ -57,7 +59,7 @@ def test_budgets_are_nested_and_seeded(bundle):
 def test_pool_larger_than_a_class_is_an_error():
     from bench.errors import ConfigError
 
-    ds = Synthetic(name="s", num_classes=10, shape=[1, 8, 8], n_train=100, n_test=10, pool_per_class=11, **META)
+    ds = Synthetic(name="s", num_classes=10, shape=[1, 8, 8], n_train=100, n_test=10, pool_per_class=11, **META, **SYN)
     with pytest.raises(ConfigError, match="pool_per_class=11"):
         ds.load("unused")
 
@@ -80,7 +82,7 @@ def test_fashion_mnist_layouts_and_missing_files(tmp_path):
     for split, n in (("train", 30), ("t10k", 20)):
         _write_idx(folder / f"{split}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
         _write_idx(folder / f"{split}-labels-idx1-ubyte.gz", np.arange(n) % 10)
-    ds = FashionMNIST(name="fashion_mnist", num_classes=10, shape=[1, 28, 28], pool_per_class=2, download=False, **META)
+    ds = FashionMNIST(name="fashion_mnist", num_classes=10, shape=[1, 28, 28], pool_per_class=2, **META)
     data = ds.load(tmp_path)
     assert data.train.x.shape == (30, 1, 28, 28) and data.test.x.dtype == torch.uint8
     with pytest.raises(DataNotFoundError, match="put the four IDX files .* or set paths.data"):
@@ -96,7 +98,7 @@ def test_image_folder_decodes_and_caches(tmp_path):
                 img = torch.full((3, 8, 8), 40 * c + i, dtype=torch.uint8)
                 (root / "imgs" / split / name / f"{i}.png").write_bytes(encode_png(img).numpy().tobytes())
     ds = ImageFolder(folder="imgs", name="tiny_folder", num_classes=3, shape=[3, 8, 8], pool_per_class=1,
-                     mean=[0.5] * 3, std=[0.5] * 3, augment={}, defense_augment={})
+                     **{**META, "mean": [0.5] * 3, "std": [0.5] * 3})
     data = ds.load(root, cache_dir=tmp_path / "cache")
     assert data.train.x.shape == (12, 3, 8, 8)
     assert data.train.y.tolist() == [0] * 4 + [1] * 4 + [2] * 4
@@ -113,7 +115,7 @@ def image_folder(tmp_path, classes=("cat", "ant", "dog")):
                 img = torch.full((3, 8, 8), 40 * c + i, dtype=torch.uint8)
                 (root / "imgs" / split / name / f"{i}.png").write_bytes(encode_png(img).numpy().tobytes())
     ds = ImageFolder(folder="imgs", name="tiny_folder", num_classes=len(classes), shape=[3, 8, 8],
-                     pool_per_class=1, mean=[0.5] * 3, std=[0.5] * 3, augment={}, defense_augment={})
+                     pool_per_class=1, **{**META, "mean": [0.5] * 3, "std": [0.5] * 3})
     return root, ds
 
 
@@ -149,8 +151,10 @@ def test_two_cold_runs_share_one_decode(tmp_path):
     import sys
 
     root, _ = image_folder(tmp_path)
-    script = (f"from bench.data import ImageFolder; ds = ImageFolder(folder='imgs', name='tiny_folder', num_classes=3, "
-              f"shape=[3, 8, 8], pool_per_class=1, mean=[0.5] * 3, std=[0.5] * 3, augment={{}}, defense_augment={{}}); "
+    script = (f"from bench.augment import Augment; from bench.data import ImageFolder; a = Augment(crop_padding=0, "
+              f"hflip=False); ds = ImageFolder(folder='imgs', name='tiny_folder', num_classes=3, shape=[3, 8, 8], "
+              f"pool_per_class=1, mean=[0.5] * 3, std=[0.5] * 3, augment=a, defense_augment=a, pool_seed=0, "
+              f"subset={{}}, download=False); "
               f"print(int(ds.load('{root}', cache_dir='{tmp_path / 'cache'}').train.x.sum()))")
     runs = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             for _ in range(2)]

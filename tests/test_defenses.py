@@ -7,17 +7,27 @@ import re
 import pytest
 import torch
 
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
 from bench.augment import Augment
 from bench.models import create_model
-from defenses.base import CleanData, DefenseContext
 from bench.validate import CONF_DIR
+from conftest import configured
+from defenses.base import CleanData, DefenseContext
 from defenses.clp import CLP
 from defenses.finetune import finetune, step_count
-from defenses.ft import FineTuning
-from defenses.synthesis import DeepInversion, total_variation
+from defenses.synthesis import total_variation
+
+NO_AUG = Augment(crop_padding=0, hflip=False)
 
 CTX = DefenseContext(num_classes=10, input_shape=(1, 16, 16), device=torch.device("cpu"), seed=0,
                      progress=lambda it, **kw: it)
+
+
+def schedule(**values):
+    """BackdoorBench's fine-tuning schedule from conf/, with ``values`` changed."""
+    return configured("defense.schedule", "defense=ft", **values)
 
 
 def model():
@@ -61,14 +71,13 @@ def test_finetune_learns_in_train_mode_and_freezes_only_when_asked():
     m = model()
     bn = m.conv_bn_pairs()[0][1]
     before = bn.running_mean.clone()
-    report = finetune(m, CleanData(x, y, "real"), CTX, epochs=1, batch_size=256, min_steps=60, lr=0.05,
-                      momentum=0.9, weight_decay=0.0, augment=Augment(), batchnorm="train")
+    report = finetune(m, CleanData(x, y, "real"), CTX, schedule(epochs=1, min_steps=60, lr=0.05, weight_decay=0.0), NO_AUG)
     assert report["steps"] == 60 and report["batchnorm"] == "train"
     assert not torch.equal(bn.running_mean, before)  # batch statistics were used and stored
     assert (m(x).argmax(1) == y).float().mean() == 1.0  # it did fit the ten images
     frozen = model()
-    report = finetune(frozen, CleanData(x, y, "real"), CTX, epochs=1, batch_size=256, min_steps=5, lr=0.05,
-                      momentum=0.9, weight_decay=0.0, augment=Augment(), batchnorm="frozen")
+    report = finetune(frozen, CleanData(x, y, "real"), CTX,
+                      schedule(epochs=1, min_steps=5, lr=0.05, weight_decay=0.0, batchnorm="frozen"), NO_AUG)
     assert report["batchnorm"] == "frozen"
     assert torch.equal(frozen.conv_bn_pairs()[0][1].running_mean, before)
 
@@ -84,8 +93,8 @@ def test_batchnorm_mode_does_not_depend_on_the_model(degenerate):
     seen = []
     hook = m.conv_bn_pairs()[0][1].register_forward_pre_hook(lambda mod, _i: seen.append(mod.training))
     x, y = torch.rand(10, 1, 16, 16), torch.arange(10)
-    finetune(m, CleanData(x, y, "real"), CTX, epochs=1, batch_size=256, min_steps=3, lr=0.01, momentum=0.9,
-             weight_decay=0.0, augment=Augment(), batchnorm="frozen")
+    finetune(m, CleanData(x, y, "real"), CTX, schedule(epochs=1, min_steps=3, weight_decay=0.0, batchnorm="frozen"),
+             NO_AUG)
     hook.remove()
     assert seen == [False, False, False]
 
@@ -93,19 +102,22 @@ def test_batchnorm_mode_does_not_depend_on_the_model(degenerate):
 @pytest.mark.parametrize("name", ["ft", "fp", "nc", "nad", "argd", "anp", "ar_purification", "linf_pruning",
                                   "suspiciousness"])
 def test_every_fine_tuning_config_trains_batchnorm_by_default(name):
-    text = (CONF_DIR / "defense" / f"{name}.yaml").read_text()
-    assert "bn_min_batch" not in text
-    assert re.findall(r"batchnorm: (\w+)", text) and set(re.findall(r"batchnorm: (\w+)", text)) == {"train"}
+    """Every BatchNorm policy a defense composes to (its schedules included) is train mode."""
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=[f"defense={name}"])
+    modes = re.findall(r"batchnorm: (\w+)", OmegaConf.to_yaml(cfg.defense))
+    assert modes and set(modes) == {"train"}
 
 
 def test_a_bad_batchnorm_mode_is_refused_before_compute():
     with pytest.raises(ValueError, match="batchnorm='eval'; valid: train, frozen"):
-        FineTuning(epochs=1, batch_size=8, min_steps=1, lr=0.1, momentum=0.0, weight_decay=0.0, augment={},
-                   batchnorm="eval", grad_clip=None)
+        finetune(model(), CleanData(torch.rand(2, 1, 16, 16), torch.arange(2), "real"), CTX,
+                 schedule(batchnorm="eval"), NO_AUG)
 
 
 def test_deepinversion_gives_labelled_images_in_range():
-    short, long = DeepInversion(per_class=2, iterations=3), DeepInversion(per_class=2, iterations=60)
+    short = configured("synthesis", per_class=2, iterations=3)
+    long = configured("synthesis", per_class=2, iterations=60)
     short(model(), CTX)
     clean = long(model(), CTX)
     assert clean.x.shape == (20, 1, 16, 16) and clean.source == "synthetic"
@@ -125,5 +137,5 @@ def test_divergence_says_how_batchnorm_ran():
     """A diverged cell's record keeps only the error: it must say whether the statistics were frozen."""
     x, y = torch.rand(10, 1, 16, 16), torch.arange(10)
     with pytest.raises(FloatingPointError, match=r"batch 10, batchnorm=frozen, grad_clip=None\)"):
-        finetune(model(), CleanData(x, y, "real"), CTX, epochs=1, batch_size=256, min_steps=50, lr=1e8,
-                 momentum=0.9, weight_decay=0.0, augment=Augment(), batchnorm="frozen")
+        finetune(model(), CleanData(x, y, "real"), CTX,
+                 schedule(epochs=1, min_steps=50, lr=1e8, weight_decay=0.0, batchnorm="frozen"), NO_AUG)

@@ -6,13 +6,16 @@ import math
 
 import torch
 
+from bench.augment import Augment
 from bench.models import create_model
-from defenses.ar_purification import ARPurification, ar_penalty
+from conftest import configured
+from defenses.ar_purification import ar_penalty
 from defenses.argd import CrossLayerAttention, edge_distances
 from defenses.attention import at_loss, attention
 from defenses.base import CleanData, DefenseContext
 from defenses.masks import conv_neurons
 
+NO_AUG = Augment(crop_padding=0, hflip=False)
 CTX = DefenseContext(num_classes=10, input_shape=(1, 16, 16), device=torch.device("cpu"), seed=0,
                      progress=lambda it, **kw: it)
 
@@ -59,9 +62,10 @@ def test_adaptive_regularization_shrinks_infected_parameters_at_the_spec_rate():
     whatever its scale, and every other parameter is untouched."""
     torch.manual_seed(0)
     model = create_model("fmnist_cnn", num_classes=10, shape=(1, 16, 16), mean=[0.5], std=[0.5]).eval()
-    schedule = dict(epochs=0, batch_size=64, min_steps=40, lr=0.0, momentum=0.0, weight_decay=0.0, batchnorm="train", grad_clip=None)
-    ar = ARPurification(augment={}, variant="neuron", q=0.05, scored_groups=0, reg="adaptive", rho_end=0.01,
-                        neuron_schedule=schedule, final_prune=False, copies=2)
+    schedule = configured("defense.neuron_schedule", "defense=ar_purification", epochs=0, min_steps=40, lr=0.0,
+                          momentum=0.0, weight_decay=0.0)
+    ar = configured("defense", "defense=ar_purification", augment=NO_AUG, variant="neuron", q=0.05, scored_groups=0,
+                    reg="adaptive", rho_end=0.01, neuron_schedule=schedule, final_prune=False, copies=2)
     clean = CleanData(torch.rand(20, 1, 16, 16), torch.arange(20) % 10, "real")
     repaired = ar.apply(model, clean, CTX)
     report = ar.report()
@@ -85,7 +89,8 @@ def test_weight_grad_salience_by_hand():
     torch.manual_seed(0)
     model = create_model("fmnist_cnn", num_classes=10, shape=(1, 16, 16), mean=[0.5], std=[0.5]).eval()
     x, y = torch.rand(20, 1, 16, 16), torch.arange(20) % 10
-    ar = ARPurification(augment={}, variant="neuron", salience="weight_grad", copies=1)
+    ar = configured("defense", "defense=ar_purification", augment=NO_AUG, variant="neuron", salience="weight_grad",
+                    copies=1)
     neurons = conv_neurons(model)
     salience = ar._benign_salience(model, neurons, CleanData(x, y, "real"), CTX)
     torch.nn.functional.cross_entropy(model(x), y).backward()

@@ -38,10 +38,10 @@ class Slow(Defense):
 
     runs: list[int] = []
 
-    def apply(self, model, clean, ctx):
+    def repair(self, model, clean, ctx):
         Slow.runs.append(1)
         time.sleep(1.0)
-        return model
+        return {}
 
 
 def test_two_processes_on_one_cell_run_its_defense_once(tiny_cfg, choices):
@@ -64,7 +64,7 @@ def test_a_failing_job_does_not_end_the_sweep_and_the_command_says_so(tmp_path):
     (tmp_path / "mod").mkdir()
     (tmp_path / "mod" / "broken_defense.py").write_text(
         "from defenses.base import Defense\n\n\nclass Broken(Defense):\n"
-        "    def apply(self, model, clean, ctx):\n        raise RuntimeError('broken on purpose')\n")
+        "    def repair(self, model, clean, ctx):\n        raise RuntimeError('broken on purpose')\n")
     (tmp_path / "conf" / "defense").mkdir(parents=True)
     (tmp_path / "conf" / "defense" / "broken.yaml").write_text("_target_: broken_defense.Broken\n")
     paths = [f"paths.data={DATA}", f"paths.cache={tmp_path / 'cache'}", f"paths.records={tmp_path / 'records'}",

@@ -24,7 +24,7 @@ class Snoop(Defense):
     def __init__(self, out: str) -> None:
         self.out = out
 
-    def apply(self, model, clean, ctx):
+    def repair(self, model, clean, ctx):
         from attacks.base import Attack
         from bench.data import DataBundle, ImageSet
 
@@ -46,7 +46,7 @@ class Snoop(Defense):
                                              if any(isinstance(v, Attack) for v in vars(m).values()))
         found["clean"] = list(clean.x.shape)
         Path(self.out).write_text(json.dumps(found))
-        return model
+        return {}
 
 
 def test_a_snooping_defense_finds_no_secret(tiny_cfg, choices, tmp_path):
@@ -64,19 +64,19 @@ def test_a_snooping_defense_finds_no_secret(tiny_cfg, choices, tmp_path):
 
 
 class Abort(Defense):
-    def apply(self, model, clean, ctx):
+    def repair(self, model, clean, ctx):
         os.abort()
 
 
 class Hog(Defense):
-    def apply(self, model, clean, ctx):
+    def repair(self, model, clean, ctx):
         hoard = []
         while True:
             hoard.append(torch.ones(2**26))  # 256 MB a step, without bound
 
 
 class Hang(Defense):
-    def apply(self, model, clean, ctx):
+    def repair(self, model, clean, ctx):
         time.sleep(600)
 
 

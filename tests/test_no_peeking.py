@@ -19,9 +19,9 @@ SEEN: dict = {}
 class SpyDefense(Defense):
     """Records what it is handed (instantiated by ``_target_: test_no_peeking.SpyDefense``)."""
 
-    def apply(self, model, clean, ctx):
+    def repair(self, model, clean, ctx):
         SEEN.update(model=model, clean=clean, ctx=ctx)
-        return model
+        return {}
 
 
 def test_apply_takes_only_model_clean_and_context():

@@ -82,7 +82,7 @@ def test_hydra_searchpath_adds_configs_and_names_are_checked_against_it(tmp_path
     from bench.errors import ConfigError
 
     (tmp_path / "conf" / "defense").mkdir(parents=True)
-    (tmp_path / "conf" / "defense" / "ft_short.yaml").write_text("defaults:\n  - ft\n  - _self_\n\nmin_steps: 7\n")
+    (tmp_path / "conf" / "defense" / "ft_short.yaml").write_text("defaults:\n  - ft\n  - _self_\n\nschedule:\n  min_steps: 7\n")
     searchpath = f"hydra.searchpath=[file://{tmp_path / 'conf'}]"
     (job,) = api._jobs(["defense=ft_short", searchpath, f"paths.data={DATA}"], multirun=False)
     assert "defense=ft_short" in job

@@ -13,14 +13,16 @@ from torch import nn
 
 from bench.augment import Augment
 from bench.models import create_model, list_models
+from conftest import configured
 from defenses.base import CleanData, DefenseContext
 from defenses import shap_pruning
 from defenses.guard import Guard, longest_passing_prefix
 from defenses.masks import coalition_logits, conv_neurons, masked, prefix_masks, prune_channels, pruned_count
-from defenses.reversal import TriggerReversal, mad_anomaly
-from defenses.shap_pruning import ShapPruning, robust_outliers
-from defenses.suspiciousness import Suspiciousness, activation_signals, channel_weight_bounds
+from defenses.reversal import mad_anomaly
+from defenses.shap_pruning import robust_outliers
+from defenses.suspiciousness import activation_signals, channel_weight_bounds
 
+NO_AUG = Augment(crop_padding=0, hflip=False)
 CTX = DefenseContext(num_classes=10, input_shape=(1, 16, 16), device=torch.device("cpu"), seed=0,
                      progress=lambda it, **kw: it)
 
@@ -136,8 +138,8 @@ def test_reversal_finds_and_detects_the_planted_target():
     x = 0.7 * nn.functional.interpolate(blocks, scale_factor=4)  # varied images, none bright enough to trigger
     y = PatchBackdoor()(x).argmax(1)
     assert len(y.unique()) >= 5
-    rev = TriggerReversal(steps=400, batch_per_label=16, check_every=5)(PatchBackdoor(), CleanData(x, y, "real"),
-                                                                     Augment(), CTX)
+    reversal = configured("nc_reversal", steps=400, batch_per_label=16, check_every=5)
+    rev = reversal(PatchBackdoor(), CleanData(x, y, "real"), NO_AUG, CTX)
     assert rev.target == 6 and rev.detected
     assert rev.l1[6] < 0.5 * rev.l1.median() and rev.rev_asr[6] > 0.9
     assert rev.masks[6, 0, :2, :2].mean() > rev.masks[6, 0, 4:, 4:].mean()  # the mask sits on the patch
@@ -180,8 +182,8 @@ def test_shapley_estimate_matches_exact_values_of_a_tiny_model():
                 with_i = s[:i] + (1,) + s[i + 1:]
                 size = sum(s)
                 exact[i] += math.factorial(size) * math.factorial(n - size - 1) / math.factorial(n) * (v[with_i] - v[s])
-    shap = ShapPruning(reversal={}, augment={}, images_per_pass={"cpu": 4096}, tau_d=-1.0, eps=1.0,
-                       max_walks=3000, min_walks=3000, rse_tol=0.0)
+    shap = configured("defense", "defense=shap_pruning", augment=NO_AUG, images_per_pass={"cpu": 4096}, tau_d=-1.0,
+                      eps=1.0, max_walks=3000, min_walks=3000, max_evaluations=10**9, rse_tol=0.0)
     ctx = DefenseContext(num_classes=2, input_shape=(1, 3, 3), device=torch.device("cpu"), seed=0,
                          progress=lambda it, **kw: it)
     phi, stats = shap._shapley(model, neurons, torch.arange(n), torch.ones(n), bd_x,
@@ -221,8 +223,9 @@ def test_suspiciousness_never_ranks_a_dead_channel():
     model = dead_channel_model()
     x = torch.rand(40, 1, 16, 16, generator=torch.Generator().manual_seed(0))
     clean = CleanData(x, model(x).argmax(1), "real")
-    bss = Suspiciousness(augment={}, images_per_pass={"cpu": 4096}, alpha=(1.0, 1.0, 1.0), weight="clp",
-                         chunk_frac=0.005, max_frac=0.05, min_agreement=0.0, delta_acc=1.0, copies=1)
+    bss = configured("defense", "defense=suspiciousness", augment=NO_AUG, images_per_pass={"cpu": 4096},
+                     alpha=(1.0, 1.0, 1.0), weight="clp", chunk_frac=0.005, max_frac=0.05, min_agreement=0.0,
+                     delta_acc=1.0, copies=1)
     repaired = bss.apply(model, clean, CTX)
     report = bss.report()
     assert report["dead_channels"] == 1
@@ -250,7 +253,7 @@ def mitigation_case(monkeypatch, passes: list[bool], n_outliers: int, k_max: int
         return torch.cat([torch.tensor([0.0, 10.0]).expand(len(masks), len(bd_x), 2), clean], dim=1)
 
     monkeypatch.setattr(shap_pruning, "coalition_logits", crafted)
-    shap = ShapPruning(reversal={}, augment={}, images_per_pass={"cpu": 4096}, **options)
+    shap = configured("defense", "defense=shap_pruning", augment=NO_AUG, images_per_pass={"cpu": 4096}, **options)
     chosen, info = shap._mitigate(model, neurons, torch.arange(n), 1, n_outliers, k_max, torch.ones(n), bd_x,
                                   guard, 4096, CTX)
     return len(chosen), info["guard"]
@@ -279,12 +282,12 @@ def test_shapley_walks_stop_on_convergence_not_on_a_stable_top_set():
                          progress=lambda it, **kw: it)
     args = (model, neurons, torch.arange(n), torch.ones(n), bd_x, CleanData(bd_x, torch.zeros(6, dtype=torch.long),
                                                                               "real"), 1, 4096, ctx)
-    strict = ShapPruning(reversal={}, augment={}, images_per_pass={"cpu": 4096}, tau_d=-1.0, min_walks=5,
-                         max_walks=200, rse_tol=1e-9)
+    strict = configured("defense", "defense=shap_pruning", augment=NO_AUG, images_per_pass={"cpu": 4096}, tau_d=-1.0,
+                        min_walks=5, max_walks=200, rse_tol=1e-9)
     _, stats = strict._shapley(*args, torch.Generator().manual_seed(0), top=1)
     assert stats["walks"] == 200 and stats["stop"] == "max_walks" and not stats["converged"]
-    loose = ShapPruning(reversal={}, augment={}, images_per_pass={"cpu": 4096}, tau_d=-1.0, min_walks=5,
-                        max_walks=200, rse_tol=0.5)
+    loose = configured("defense", "defense=shap_pruning", augment=NO_AUG, images_per_pass={"cpu": 4096}, tau_d=-1.0,
+                       min_walks=5, max_walks=200, rse_tol=0.5)
     _, stats = loose._shapley(*args, torch.Generator().manual_seed(0), top=1)
     assert stats["converged"] and 5 <= stats["walks"] < 200 and stats["top_rse"] <= 0.5
 
@@ -304,11 +307,11 @@ def test_relabelling_the_classes_does_not_change_which_trigger_is_found():
     """Published grids draw the target from the seed: detection must follow the trigger, not a label index."""
     blocks = torch.rand(40, 1, 4, 4, generator=torch.Generator().manual_seed(0))
     x = 0.7 * nn.functional.interpolate(blocks, scale_factor=4)
-    reversal = TriggerReversal(steps=400, batch_per_label=16, check_every=5)
+    reversal = configured("nc_reversal", steps=400, batch_per_label=16, check_every=5)
     found = []
     for perm in (torch.arange(10), torch.tensor([3, 7, 0, 9, 1, 8, 2, 5, 4, 6]), torch.arange(10).flip(0)):
         model = Relabelled(PatchBackdoor(), perm)
-        rev = reversal(model, CleanData(x, model(x).argmax(1), "real"), Augment(), CTX)
+        rev = reversal(model, CleanData(x, model(x).argmax(1), "real"), NO_AUG, CTX)
         assert int(rev.anomaly.argmax()) == int(perm[6]) == int(rev.l1.argmin())  # the planted trigger, renamed
         assert rev.masks[perm[6], 0, :2, :2].mean() > rev.masks[perm[6], 0, 4:, 4:].mean()
         found.append((float(rev.l1[perm[6]]), float(rev.anomaly[perm[6]])))
@@ -332,7 +335,7 @@ def test_reversal_defenses_leave_the_model_alone_when_nothing_is_flagged(name, w
 
     monkeypatch.setattr(reversal_module.TriggerReversal, "_reverse", undetected)
     cfg = tiny_cfg(f"defense={name}", f"nc_reversal.when_undetected={when}", "nc_reversal.steps=20",
-                   "defense.min_steps=5" if name == "nc" else "defense.max_walks=3" if name == "shap_pruning"
+                   "defense.schedule.min_steps=5" if name == "nc" else "defense.max_walks=3" if name == "shap_pruning"
                    else "defense.k_max_frac=0.5")
     if name == "shap_pruning":
         cfg.defense.min_walks = 1

@@ -15,6 +15,7 @@ from attacks.base import ATTACKS
 from bench.train import train
 from bench.models import MODELS, create_model, list_models
 from bench.plugins import plugin_conf_dirs
+from conftest import configured
 from bench.validate import CONF_DIR, options
 from defenses.base import DEFENSES, CleanData, DefenseContext
 
@@ -113,9 +114,7 @@ def test_every_defense_runs_and_leaves_its_input_alone(name, budget, tiny_model,
     n = 10 * budget
     clean = CleanData(torch.rand(n, 1, 16, 16), torch.arange(n) % 10, "real")
     if budget == 0 and not defense.data_free:
-        from defenses.synthesis import DeepInversion
-
-        clean = DeepInversion(per_class=2, iterations=2)(copy.deepcopy(tiny_model), _ctx())
+        clean = configured("synthesis", per_class=2, iterations=2)(copy.deepcopy(tiny_model), _ctx())
     before = copy.deepcopy(tiny_model.state_dict())
     repaired = defense.apply(tiny_model, clean, _ctx())
     assert repaired(torch.rand(3, 1, 16, 16)).shape == (3, 10)

@@ -10,11 +10,11 @@ from bench import runner
 from bench.runner import run_cell
 from defenses.base import CleanData, DefenseContext
 
-SHORT = ["nc_reversal.steps=40", "defense.min_steps=5"]
+SHORT = ["nc_reversal.steps=40", "defense.schedule.min_steps=5"]
 
 
 def test_one_reversal_per_model_and_budget_and_the_same_numbers(tiny_cfg, choices):
-    shrink = {"nc": ["defense.min_steps=5"], "linf_pruning": [], "shap_pruning": ["defense.max_walks=3",
+    shrink = {"nc": ["defense.schedule.min_steps=5"], "linf_pruning": [], "shap_pruning": ["defense.max_walks=3",
                                                                                    "defense.min_walks=1"]}
     records = {}
     for name in ("nc", "linf_pruning", "shap_pruning"):
@@ -26,7 +26,7 @@ def test_one_reversal_per_model_and_budget_and_the_same_numbers(tiny_cfg, choice
     assert per_label["nc"] == per_label["linf_pruning"] == per_label["shap_pruning"]
 
     # The same reversal as a defense computes alone (numbers unchanged by sharing).
-    cfg = tiny_cfg("defense=nc", "budget=2", "nc_reversal.steps=40", "defense.min_steps=5")
+    cfg = tiny_cfg("defense=nc", "budget=2", "nc_reversal.steps=40", "defense.schedule.min_steps=5")
     data = instantiate(cfg.dataset).load(cfg.paths.data, "cpu", cfg.paths.cache)
     model, _, _ = runner.poisoned_model(cfg, data, torch.device("cpu"))
     real = data.budget(2, int(cfg.seed))

@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from bench.models.base import ImageClassifier, register_model
+from bench.schema import PositiveInt
 
 
 def _stage(c_in: int, c_out: int) -> nn.Sequential:
@@ -21,7 +22,7 @@ class CifarCNN(ImageClassifier):
 
     groups = ("layer1", "layer2", "layer3")
 
-    def __init__(self, num_classes: int, shape, mean, std, width: int = 32) -> None:
+    def __init__(self, num_classes: int, shape, mean, std, *, width: PositiveInt) -> None:
         super().__init__(num_classes, shape, mean, std)
         c = self.shape[0]
         self.layer1 = _stage(c, width)

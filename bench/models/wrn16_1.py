@@ -8,11 +8,13 @@ pooling and a linear layer. 560 conv channels at depth 16, width 1 (1x1 shortcut
 from __future__ import annotations
 
 import math
+from typing import Annotated
 
 import torch.nn.functional as F
 from torch import nn
 
 from bench.models.base import ImageClassifier, register_model
+from bench.schema import PositiveInt, Range
 
 
 class WideBlock(nn.Module):
@@ -40,8 +42,8 @@ class WideBlock(nn.Module):
 class WideResNet(ImageClassifier):
     groups = ("block1", "block2", "block3")
 
-    def __init__(self, num_classes: int, shape, mean, std, depth: int = 16, widen: int = 1,
-                 drop_rate: float = 0.0) -> None:
+    def __init__(self, num_classes: int, shape, mean, std, *, depth: Annotated[int, Range(ge=10)], widen: PositiveInt,
+                 drop_rate: Annotated[float, Range(ge=0, lt=1)]) -> None:
         super().__init__(num_classes, shape, mean, std)
         if (depth - 4) % 6:
             raise ValueError(f"model.depth={depth}; valid: 6n + 4 (10, 16, 22, 28, 40, ...)")

@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 
 from attacks.base import StaticPoisonAttack
+from bench.schema import Count, Range, Rate
 
 
 class Checkerboard(StaticPoisonAttack):
     """``size`` x ``size`` checkerboard (alternating 0 and 255) stamped at the top-left corner."""
 
-    def __init__(self, *, target: int, poison_rate: float, size: int) -> None:
-        super().__init__(target, poison_rate)
-        if not 2 <= size <= 8:
-            raise ValueError(f"attack.size={size}; valid: 2..8")
+    def __init__(self, *, target: Count, poison_rate: Rate, size: Annotated[int, Range(ge=2, le=8)]) -> None:
+        super().__init__(target=target, poison_rate=poison_rate)
         self.size = size
         self.pattern: torch.Tensor | None = None
 

@@ -6,31 +6,22 @@ interface: ``Defense``, ``CleanData``, ``DefenseContext`` and the shared fine-tu
 
 from __future__ import annotations
 
-import copy
-
 from torch import nn
 
 from bench.augment import Augment
 from defenses.base import CleanData, Defense, DefenseContext
-from defenses.finetune import check_batchnorm, finetune
+from defenses.finetune import Schedule, finetune
 
 
 class HeadFineTuning(Defense):
-    def __init__(self, *, epochs: int, batch_size: int, min_steps: int, lr: float, momentum: float,
-                 weight_decay: float, augment: dict, batchnorm: str, grad_clip: float | None) -> None:
-        check_batchnorm(batchnorm)
-        self.schedule = dict(epochs=epochs, batch_size=batch_size, min_steps=min_steps, lr=lr, momentum=momentum,
-                             weight_decay=weight_decay, batchnorm=batchnorm, grad_clip=grad_clip)
-        self.augment = Augment(**augment)
-        self._report: dict = {}
+    """Every value comes from the config (``conf/defense/head_ft.yaml``); bdbench checks the config against
+    these hints before any compute and times ``repair`` on a copy of the model."""
 
-    def apply(self, model: nn.Module, clean: CleanData, ctx: DefenseContext) -> nn.Module:
-        model = copy.deepcopy(model)
+    def __init__(self, *, schedule: Schedule, augment: Augment) -> None:
+        self.schedule, self.augment = schedule, augment
+
+    def repair(self, model: nn.Module, clean: CleanData, ctx: DefenseContext) -> dict:
         head = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
-        self._report = finetune(model, clean, ctx, augment=self.augment, params=list(head.parameters()),
-                                desc="head_ft", **self.schedule)
-        self._report["parameters"] = sum(p.numel() for p in head.parameters())
-        return model
-
-    def report(self) -> dict:
-        return self._report
+        report = finetune(model, clean, ctx, self.schedule, self.augment, params=list(head.parameters()),
+                          desc="head_ft")
+        return {**report, "parameters": sum(p.numel() for p in head.parameters())}

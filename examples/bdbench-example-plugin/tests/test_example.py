@@ -9,8 +9,10 @@ from torch import nn
 
 from bdbench_example.checkerboard import Checkerboard
 from bdbench_example.head_ft import HeadFineTuning
+from bench.augment import Augment
 from bench.models import create_model
 from defenses.base import CleanData, DefenseContext
+from defenses.finetune import Schedule
 
 
 def test_checkerboard_stamps_a_checkerboard_and_round_trips():
@@ -28,8 +30,9 @@ def test_head_fine_tuning_changes_the_last_layer_only():
     torch.manual_seed(0)
     model = create_model("fmnist_cnn", num_classes=10, shape=(1, 16, 16), mean=[0.5], std=[0.5]).eval()
     before = copy.deepcopy(model.state_dict())
-    defense = HeadFineTuning(epochs=1, batch_size=10, min_steps=20, lr=0.1, momentum=0.9, weight_decay=0.0,
-                             augment={}, batchnorm="frozen", grad_clip=None)
+    schedule = Schedule(epochs=1, batch_size=10, min_steps=20, lr=0.1, momentum=0.9, weight_decay=0.0, nesterov=False,
+                        shape="cosine", piecewise=None, cutout_size=0, batchnorm="frozen", grad_clip=None)
+    defense = HeadFineTuning(schedule=schedule, augment=Augment(crop_padding=0, hflip=False))
     ctx = DefenseContext(num_classes=10, input_shape=(1, 16, 16), device=torch.device("cpu"), seed=0,
                          progress=lambda it, **kw: it)
     repaired = defense.apply(model, CleanData(torch.rand(10, 1, 16, 16), torch.arange(10), "real"), ctx)
