@@ -55,11 +55,10 @@ def write_gallery(data: DataBundle, attacks: dict[str, object], path: Path, n_im
 
 def gallery(cfgs: dict[str, DictConfig], device: torch.device) -> Path:
     """Load (or train, if not cached) every attack's poisoned model for one data set and draw the gallery."""
-    from hydra.utils import instantiate
-
     from bench.runner import poisoned_model
+    from bench.validate import build
 
     first = next(iter(cfgs.values()))
-    data = instantiate(first.dataset).load(first.paths.data, device, first.paths.cache)
+    data = build(first.dataset).load(first.paths.data, device, first.paths.cache)
     attacks = {name: poisoned_model(cfg, data, device)[1] for name, cfg in cfgs.items()}
     return write_gallery(data, attacks, Path(first.paths.output) / "gallery" / f"{data.spec.name}.png")

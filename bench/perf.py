@@ -22,7 +22,6 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
-from hydra.utils import instantiate
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
@@ -32,7 +31,7 @@ from bench.models import create_model
 from bench.report import markdown
 from bench.seeding import generator
 from bench.train import train
-from bench.validate import CONF_DIR
+from bench.validate import CONF_DIR, build
 from defenses.masks import coalition_logits, conv_neurons  # shared machinery, not a concrete defense
 
 MODEL_SHAPES = {"fmnist_cnn": ((1, 28, 28), [0.5], [0.5]), "cifar_cnn": ((3, 32, 32), [0.5] * 3, [0.25] * 3),
@@ -144,18 +143,18 @@ def pipeline(device: torch.device, overrides: list[str], train_images: int | Non
     """Seconds per training epoch and per test pass: the engine against DataLoader + PIL at each worker count."""
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         cfg = compose("config", overrides=list(overrides))
-    data = instantiate(cfg.dataset).load(cfg.paths.data, device, cfg.paths.cache)
+    data = build(cfg.dataset).load(cfg.paths.data, device, cfg.paths.cache)
     spec = data.spec
-    attack = instantiate(cfg.attack)
+    attack = build(cfg.attack)
     train_set = attack.prepare(data.train, data.poisonable(), generator(0, "poison"))
     if train_images is not None:
         train_set = train_set.subset(torch.arange(min(train_images, len(train_set)), device=device))
-    recipe = replace(instantiate(cfg.recipe), epochs=1, batch_size=batch_size, precision="fp32", channels_last=False)
+    recipe = replace(build(cfg.recipe), epochs=1, batch_size=batch_size, precision="fp32", channels_last=False)
     torch.manual_seed(0)
-    engine_model = instantiate(cfg.model, num_classes=spec.num_classes, shape=spec.shape, mean=spec.mean, std=spec.std)
+    engine_model = build(cfg.model, num_classes=spec.num_classes, shape=spec.shape, mean=spec.mean, std=spec.std)
     ones = [1.0] * len(spec.mean)
     torch.manual_seed(0)  # the same initial weights; the reference normalizes in its transforms instead
-    reference_model = instantiate(cfg.model, num_classes=spec.num_classes, shape=spec.shape, mean=[0.0] * len(ones), std=ones)
+    reference_model = build(cfg.model, num_classes=spec.num_classes, shape=spec.shape, mean=[0.0] * len(ones), std=ones)
     reference_model.to(device)
 
     def engine_train() -> None:

@@ -19,8 +19,9 @@ from bench.fsutil import atomic_write_json
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 3  # 2: cell.experiment and cell.setting; 3: metrics.collapsed, guard and reversal reports
-READABLE_SCHEMAS = (2, 3)  # what ``bdbench report`` reads: published schema-2 records keep their tables
+SCHEMA_VERSION = 4  # 2: cell.experiment and cell.setting; 3: metrics.collapsed, guard and reversal reports;
+                    # 4: display names, configs with nested _target_ components (schedules, reversal, augment)
+READABLE_SCHEMAS = (2, 3, 4)  # what ``bdbench report`` reads: published schema-2 records keep their tables
 PACKAGES = ("torch", "torchvision", "hydra-core", "omegaconf", "numpy", "pandas", "bdbench")
 
 

@@ -21,8 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from bench import records
 from bench.augment import Augment
@@ -35,7 +34,7 @@ from bench.isolation import DefenseWorker
 from bench.metrics import der, evaluate, predict
 from bench.seeding import derive, generator
 from bench.train import train
-from bench.validate import validate
+from bench.validate import build, display_name, strip_descriptive, validate
 from defenses.base import CleanData, DefenseContext  # the interface, never a concrete defense
 from defenses.reversal import Reversal  # shared machinery, as the channel masks
 
@@ -44,10 +43,6 @@ log = logging.getLogger(__name__)
 # The engine's own modules that shape a trained model; an edit to any of these invalidates the cache.
 ENGINE_MODULES = ("bench.train", "bench.data", "bench.augment", "bench.models.base", "attacks.base",
                   "bench.metrics")  # metrics: the cache stores the undefended model's metrics
-
-
-def _plain(node: DictConfig) -> dict:
-    return OmegaConf.to_container(node, resolve=True)  # type: ignore[return-value]
 
 
 def source_file(module: str) -> Path:
@@ -80,21 +75,19 @@ def cell_names(cfg: DictConfig, choices: dict[str, Any]) -> dict[str, Any]:
 
 def cell_config(cfg: DictConfig) -> dict:
     """The resolved config of a cell, without where files live or which device runs it."""
-    return {key: _plain(cfg[key]) if OmegaConf.is_config(cfg[key]) else cfg[key]
-            for key in cfg if key not in ("paths", "device", "hydra", "worker")}
+    return {key: strip_descriptive(cfg[key]) for key in cfg if key not in ("paths", "device", "hydra", "worker")}
 
 
 def poisoned_model(cfg: DictConfig, data: DataBundle, device: torch.device) -> tuple[torch.nn.Module, Any, dict]:
     """The poisoned model and its attack, from the cache or trained once under the key's lock."""
     spec = data.spec
-    attack = instantiate(cfg.attack)
+    attack = build(cfg.attack)
     torch.manual_seed(derive(cfg.seed, "init"))
-    model = instantiate(cfg.model, num_classes=spec.num_classes, shape=spec.shape, mean=spec.mean, std=spec.std)
-    recipe = instantiate(cfg.recipe)
+    model = build(cfg.model, num_classes=spec.num_classes, shape=spec.shape, mean=spec.mean, std=spec.std)
+    recipe = build(cfg.recipe)
     precision = recipe.precision if device.type == "cuda" else "fp32"
-    key_spec = {"dataset": _plain(cfg.dataset), "model": _plain(cfg.model), "attack": _plain(cfg.attack),
-                "recipe": _plain(cfg.recipe), "seed": int(cfg.seed), "precision": precision,
-                "code": code_version(attack, model)}
+    key_spec = {**{g: strip_descriptive(cfg[g]) for g in ("dataset", "model", "attack", "recipe")},
+                "seed": int(cfg.seed), "precision": precision, "code": code_version(attack, model)}
     key_spec["dataset"].pop("download", None)
     key = sha256_json(key_spec)[:32]
     cache = ModelCache(cfg.paths.cache)
@@ -168,13 +161,14 @@ def _run_cell(cfg: DictConfig, choices: dict[str, Any], path: Path) -> dict:
     device = resolve_device(cfg.device)
     names, config = cell_names(cfg, choices), cell_config(cfg)
     setting = sha256_json({k: v for k, v in config.items() if k not in ("seed", "budget")})[:12]
-    record: dict[str, Any] = {"cell": {**names, "id": path.stem, "setting": setting}, "config": config,
-                              "seed": int(cfg.seed)}
+    display = {g: display_name(cfg, g, names[g]) for g in ("dataset", "model", "attack", "defense")}
+    record: dict[str, Any] = {"cell": {**names, "id": path.stem, "setting": setting}, "display": display,
+                              "config": config, "seed": int(cfg.seed)}
     timings: dict[str, float] = {}
     phase = "data"
     start = t = time.perf_counter()
     try:
-        data = instantiate(cfg.dataset).load(cfg.paths.data, device, cfg.paths.cache)
+        data = build(cfg.dataset).load(cfg.paths.data, device, cfg.paths.cache)
         timings["data"] = time.perf_counter() - start
 
         phase, t = "train", time.perf_counter()
@@ -183,7 +177,7 @@ def _run_cell(cfg: DictConfig, choices: dict[str, Any], path: Path) -> dict:
         undefended = cache_info["undefended"]
 
         spec = data.spec
-        defense = instantiate(cfg.defense)
+        defense = build(cfg.defense)
         precision = cfg.recipe.precision if device.type == "cuda" else "fp32"
         ctx = DefenseContext(num_classes=spec.num_classes, input_shape=spec.shape, device=device, seed=int(cfg.seed),
                              precision=precision)
@@ -211,7 +205,8 @@ def _run_cell(cfg: DictConfig, choices: dict[str, Any], path: Path) -> dict:
         phase, t = "defense", time.perf_counter()
         seed = derive(int(cfg.seed), "defense")
         if cfg.worker.isolate:
-            outcome = defense_worker(cfg.worker).run(_plain(cfg.defense), copy.deepcopy(model), clean, ctx, seed)
+            outcome = defense_worker(cfg.worker).run(strip_descriptive(cfg.defense), copy.deepcopy(model), clean, ctx,
+                                                     seed)
             repaired, report, peak_rss = outcome.model, outcome.report, outcome.peak_rss_mb
         else:
             torch.manual_seed(seed)
@@ -258,8 +253,8 @@ def synthetic_set(cfg: DictConfig, model, attack, model_key: str, augment: Augme
                   ) -> tuple[CleanData, dict]:
     """The budget-0 set of a poisoned model: synthesized once per (model, synthesis config, seed) and
     shared by every defense of that model, like the model itself."""
-    synthesizer = instantiate(cfg.synthesis)
-    key = sha256_json({"model": model_key, "synthesis": _plain(cfg.synthesis), "seed": int(cfg.seed),
+    synthesizer = build(cfg.synthesis)
+    key = sha256_json({"model": model_key, "synthesis": strip_descriptive(cfg.synthesis), "seed": int(cfg.seed),
                        "precision": ctx.precision, "code": code_version(synthesizer)})[:32]
     cache = ModelCache(cfg.paths.cache)
     with cache.lock(f"synthetic-{key}"):
@@ -279,17 +274,17 @@ def shared_reversal(cfg: DictConfig, model, clean: CleanData, model_key: str, ct
     """The trigger reversal of a poisoned model on a cell's clean images under the defense's reversal config,
     computed once and kept in the verified cache: NC, ℓ∞ and ShapPruning at one budget share it (each used to
     reverse every label again). Returns (reversal, {key, reused, seconds})."""
-    reversal = instantiate(cfg.defense.reversal)
+    reversal = build(cfg.defense.reversal)
     digest = hashlib.sha256(clean.x.detach().cpu().numpy().tobytes() + clean.y.cpu().numpy().tobytes()).hexdigest()
     key = sha256_json({"model": model_key, "clean": digest, "source": clean.source,
-                       "reversal": _plain(cfg.defense.reversal), "augment": _plain(cfg.defense.augment),
+                       "reversal": strip_descriptive(cfg.defense.reversal), "augment": strip_descriptive(cfg.defense.augment),
                        "seed": int(cfg.seed), "precision": ctx.precision, "code": code_version(reversal)})[:32]
     cache = ModelCache(cfg.paths.cache)
     start = time.perf_counter()
     with cache.lock(f"reversal-{key}"):
         entry = cache.reversals.load(key)
         if entry is None:
-            rev = reversal(copy.deepcopy(model).eval(), clean, instantiate(cfg.defense.augment), ctx)
+            rev = reversal(copy.deepcopy(model).eval(), clean, build(cfg.defense.augment), ctx)
             fields = {f.name: getattr(rev, f.name) for f in dataclasses.fields(rev)}
             cache.reversals.store(key, {"reversal": {k: v.cpu() if torch.is_tensor(v) else v
                                                      for k, v in fields.items()}}, {})

@@ -50,10 +50,10 @@ def configured(node: str, *overrides: str, **values: Any) -> Any:
     target = OmegaConf.select(compose("config", overrides=list(overrides)), node)
     kwargs = {}
     for key, value in target.items():
-        if key.startswith("_") or key in values:
+        if key.startswith("_") or key in values or key in DESCRIPTIVE:
             continue
         if OmegaConf.is_dict(value) and "_target_" in value:
-            kwargs[key] = instantiate(value)
+            kwargs[key] = build(value)
         else:
             kwargs[key] = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
     return get_class(target["_target_"])(**kwargs, **values)
@@ -63,6 +63,32 @@ def check_choice(group: str, value: str, overrides: Sequence[str] = ()) -> None:
     valid = options(group, overrides)
     if value not in valid:
         raise ConfigError(f"{group}={value}: no such {group}; valid: {', '.join(valid)}")
+
+
+DESCRIPTIVE = ("display_name",)  # keys that name a component in tables and figures; they never configure it
+
+
+def strip_descriptive(node: Any) -> Any:
+    """A plain, resolved copy of a config node without its descriptive keys, at every depth (a cell's identity
+    and what a constructor receives)."""
+    if OmegaConf.is_config(node):
+        node = OmegaConf.to_container(node, resolve=True)
+    if isinstance(node, dict):
+        return {k: strip_descriptive(v) for k, v in node.items() if k not in DESCRIPTIVE}
+    if isinstance(node, list):
+        return [strip_descriptive(v) for v in node]
+    return node
+
+
+def build(node: Any, **kwargs: Any) -> Any:
+    """A component from its config node: Hydra's ``instantiate``, nested components included, without the
+    descriptive keys."""
+    return instantiate(strip_descriptive(node), **kwargs)
+
+
+def display_name(cfg: DictConfig, group: str, choice: str) -> str:
+    """What tables and figures call a component: its config's ``display_name``, else its config name."""
+    return str(OmegaConf.select(cfg, f"{group}.display_name", default=None) or choice)
 
 
 SIMPLE = (bool, int, float, str)
@@ -167,13 +193,13 @@ def validate(cfg: DictConfig, choices: dict[str, Any], check_data: bool = True) 
     for group in ("attack", "defense", "recipe", "synthesis", "dataset", "model"):
         check_types(group, cfg[group])
     try:  # constructors check the rest of their own values and do no compute
-        dataset = instantiate(cfg.dataset)
-        instantiate(cfg.model, num_classes=num_classes, shape=dataset.shape, mean=dataset.mean, std=dataset.std)
-        recipe = instantiate(cfg.recipe)
+        dataset = build(cfg.dataset)
+        build(cfg.model, num_classes=num_classes, shape=dataset.shape, mean=dataset.mean, std=dataset.std)
+        recipe = build(cfg.recipe)
         recipe.optimizer([torch.nn.Parameter(torch.zeros(1))])  # torch's own checks of lr, momentum, ...
-        instantiate(cfg.synthesis)
-        instantiate(cfg.attack).check_shape(dataset.shape)
-        instantiate(cfg.defense)
+        build(cfg.synthesis)
+        build(cfg.attack).check_shape(dataset.shape)
+        build(cfg.defense)
     except Exception as exc:
         raise _one_line(exc) from None
     dataset.check_data(cfg.paths.data, cfg.paths.cache, verify_files=check_data)

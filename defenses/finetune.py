@@ -117,8 +117,8 @@ def finetune(model: nn.Module, clean: CleanData, ctx: DefenseContext, schedule: 
         with autocast(ctx.device, ctx.precision):
             loss = loss_fn(model, x, clean.y[idx])
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"{desc} diverged: loss {float(loss)} at step {step} of {steps} (lr={s.lr}, "
-                                     f"batch {batch}, batchnorm={s.batchnorm}, grad_clip={s.grad_clip})")
+            raise FloatingPointError(f"{desc} diverged: loss {float(loss.detach())} at step {step} of {steps} "
+                                     f"(lr={s.lr}, batch {batch}, batchnorm={s.batchnorm}, grad_clip={s.grad_clip})")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if s.grad_clip is not None:

@@ -27,7 +27,7 @@ from bench.schema import Fraction, PositiveInt, Range
 from defenses.base import CleanData, Defense, DefenseContext, register_defense
 from defenses.finetune import Schedule, finetune
 from defenses.guard import Guard, largest_passing_count
-from defenses.masks import Neurons, coalition_logits, conv_neurons, prefix_masks, prune_channels
+from defenses.masks import Neurons, conv_neurons, prefix_masks, prune_channels
 from defenses.reversal import carriers
 
 WEIGHTS = ("clp", "in_l2", "out_l2")

@@ -14,7 +14,7 @@ from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
 from bench.errors import ConfigError
-from bench.validate import CONF_DIR, options, validate
+from bench.validate import CONF_DIR, DESCRIPTIVE, options, validate
 from conftest import DATA, compose_cell, fashion_mnist_available
 
 needs_fmnist = pytest.mark.skipif(not fashion_mnist_available(), reason=f"Fashion-MNIST IDX files not under {DATA}")
@@ -102,7 +102,6 @@ def test_an_image_folder_with_other_classes_than_configured_is_refused(tmp_path)
 
 def configured_nodes() -> list[tuple[str, DictConfig]]:
     """Every node with a ``_target_`` in every config under conf/ (as composed, so nested defaults count)."""
-    from conftest import compose_cell as _compose  # noqa: F401 (same composition as the tests)
     from hydra import compose, initialize_config_dir
 
     nodes = []
@@ -148,7 +147,7 @@ def test_every_configured_key_is_a_constructor_parameter():
         for klass in cls.__mro__:
             if "__init__" in vars(klass) and klass is not object:
                 names |= set(inspect.signature(klass.__init__).parameters)
-        missing = [k for k in node if not k.startswith("_") and k not in names]
+        missing = [k for k in node if not k.startswith("_") and k not in names and k not in DESCRIPTIVE]
         assert not missing, f"{where}: {missing} not taken by {cls.__name__}"
 
 
@@ -158,3 +157,13 @@ def test_the_yaml_schedules_are_one_type():
              if where.rsplit(".", 1)[-1] in ("schedule", "teacher", "student", "teacher_schedule", "code_schedule",
                                              "neuron_schedule")}
     assert kinds == {"defenses.finetune.Schedule"}
+
+
+def test_display_names_name_cells_without_changing_them(tiny_cfg, choices):
+    """A component's display_name is what tables print; renaming it neither reruns a cell nor retrains a model."""
+    from bench.runner import cell_path
+
+    cfg = tiny_cfg("attack=badnets", "defense=shap_pruning")
+    renamed = tiny_cfg("attack=badnets", "defense=shap_pruning", "defense.display_name=Shapley", "attack.display_name=X")
+    assert cell_path(cfg, choices(cfg)) == cell_path(renamed, choices(renamed))
+    assert cfg.defense.display_name == "ShapPruning" and cfg.attack.display_name == "BadNets"
