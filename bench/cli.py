@@ -266,6 +266,8 @@ def report_command(args: list[str]) -> None:
     parser.add_argument("--out", help="where the report goes (default: DIR/report)")
     parser.add_argument("--data", help="data root, for the trigger gallery (default: $BDBENCH_DATA)")
     parser.add_argument("--cache", help="model cache, for the trigger gallery (default: $BDBENCH_CACHE)")
+    parser.add_argument("--index", action="store_true", help="also rebuild the index page of the folder above DIR "
+                        "(results/index.html: a link to every sweep's report/index.html)")
     parser.add_argument("legacy_out", nargs="?", help=argparse.SUPPRESS)  # ``bdbench report DIR OUT`` still works
     parsed = parser.parse_args(args)
     for value in (parsed.records, parsed.legacy_out):
@@ -278,6 +280,10 @@ def report_command(args: list[str]) -> None:
         print(report(parsed.records, parsed.out or parsed.legacy_out, data_root=parsed.data, cache_root=parsed.cache))
     except FileNotFoundError as exc:
         raise ConfigError(str(exc)) from None
+    if parsed.index:
+        from bench.leaderboard import write_index
+
+        print(write_index(Path(parsed.records).resolve().parent))
 
 
 def main() -> None:

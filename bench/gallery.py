@@ -31,19 +31,29 @@ def _show(ax, img: torch.Tensor) -> None:
     ax.set_yticks([])
 
 
-def write_gallery(data: DataBundle, attacks: dict[str, object], path: Path, n_images: int = 6) -> Path:
-    """One PNG: a clean row, then per attack a triggered row and a residual row."""
+def write_gallery(data: DataBundle, attacks: dict[str, object], path: Path, n_images: int = 6,
+                  models: dict[str, torch.nn.Module] | None = None) -> Path:
+    """One PNG: a clean row, then per attack a triggered row and a residual row. Under each triggered image, the
+    attack's target label and, when its poisoned model is given, what that model predicts for the image."""
+    from bench.metrics import predict
+
     clean = pick_images(data, n_images)
-    rows: list[tuple[str, torch.Tensor]] = [("clean", clean)]
+    rows: list[tuple[str, torch.Tensor, list[str]]] = [("clean", clean, [f"label {int(y)}" for y in
+                                                                         range(len(clean))])]
     for name, attack in attacks.items():
         triggered = attack.apply_trigger(clean)
         residual = (triggered.float() - clean.float()).abs()
         gain = 255.0 / max(float(residual.max()), 1.0)
-        rows += [(name, triggered), (f"|residual| x{gain:.0f}", (residual * gain).round().to(torch.uint8))]
-    fig, axes = plt.subplots(len(rows), len(clean), figsize=(1.3 * len(clean), 1.3 * len(rows)), squeeze=False)
-    for r, (label, images) in enumerate(rows):
+        model = (models or {}).get(name)
+        pred = predict(model.eval(), triggered).tolist() if model is not None else [None] * len(clean)
+        notes = [f"target {attack.target}" + ("" if p is None else f", pred {p}") for p in pred]
+        rows += [(name, triggered, notes),
+                 (f"|residual| x{gain:.0f}", (residual * gain).round().to(torch.uint8), [""] * len(clean))]
+    fig, axes = plt.subplots(len(rows), len(clean), figsize=(1.4 * len(clean), 1.55 * len(rows)), squeeze=False)
+    for r, (label, images, notes) in enumerate(rows):
         for c in range(len(clean)):
             _show(axes[r][c], images[c])
+            axes[r][c].set_xlabel(notes[c], fontsize=6.5, labelpad=2)
         axes[r][0].set_ylabel(label, rotation=0, ha="right", va="center", fontsize=8)
     fig.suptitle(f"{data.spec.name}: triggers", fontsize=10)
     fig.tight_layout()
@@ -60,5 +70,7 @@ def gallery(cfgs: dict[str, DictConfig], device: torch.device) -> Path:
 
     first = next(iter(cfgs.values()))
     data = build(first.dataset).load(first.paths.data, device, first.paths.cache)
-    attacks = {name: poisoned_model(cfg, data, device)[1] for name, cfg in cfgs.items()}
-    return write_gallery(data, attacks, Path(first.paths.output) / "gallery" / f"{data.spec.name}.png")
+    poisoned = {name: poisoned_model(cfg, data, device) for name, cfg in cfgs.items()}
+    return write_gallery(data, {n: p[1] for n, p in poisoned.items()},
+                         Path(first.paths.output) / "gallery" / f"{data.spec.name}.png",
+                         models={n: p[0] for n, p in poisoned.items()})

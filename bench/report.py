@@ -1,21 +1,25 @@
 """``bdbench report DIR``: records in, paper tables and figures out.
 
 Reads every record under DIR into pandas and writes, under DIR/report (or --out):
-  tables/<metric>.{md,csv,tex}  ACC, ASR, RA, DER as mean ± std over seeds with n, per data set x model x
-                                recipe x attack x defense (rows) and budget (columns); every cell
-                                says how many seeds finished of how many ran, and what became of the
-                                others (diverged, failed, collapsed): none is averaged in
+  tables/<metric>.{md,tex}      ACC, ASR, RA, DER as mean ± std over seeds, per attack x defense (rows) and
+                                budget (columns), display names, the columns that hold one value on every
+                                row in the caption line; every cell says how many seeds finished of how
+                                many ran, and what became of the others (diverged, failed, collapsed): none
+                                is averaged in. LaTeX: booktabs through pandas' Styler, escaped
+  tables/<metric>.csv           the same as numbers: mean, std, finished, run and each outcome's count
   tables/undefended.*           the poisoned models' own ACC / ASR / RA per attack
   tables/cost.*                 defense wall time and peak memory
   tables/cells.csv              one row per record (the long format everything above is built from);
                                 failed cells appear in the tables as "failed" / "diverged" with their count
+  index.html                    the HTML leaderboard (bench.leaderboard): a sortable, filterable table of
+                                every cell with links to its records and config, the figures and galleries
   problems.md                   records that are failed, unreadable or of another schema, and the cells
                                 that ran on synthetic data
-  figures/                      ASR heatmaps per budget, ACC-ASR scatter, ASR against budget, where the
-                                time went (training per attack, each defense, synthesis, reversal,
-                                evaluation), and the
-                                trigger gallery of each data set when the records' poisoned models are in
-                                the cache (``BDBENCH_CACHE``) and the data under ``BDBENCH_DATA``
+  figures/                      (bench.figures; PNG, PDF, SVG) ASR and ACC heatmaps per budget with the
+                                undefended column, ACC-ASR scatter, ASR against budget, where the time went
+                                (training per attack, each defense, synthesis, reversal, evaluation), and
+                                the trigger gallery of each data set when the records' poisoned models are in
+                                the cache (``--cache``) and the data under ``--data``
 Tables are sorted and formatted deterministically, so the same records give the same bytes.
 """
 
@@ -25,25 +29,32 @@ import json
 import os
 from pathlib import Path
 
-import matplotlib
+import pandas as pd
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
-import seaborn as sns  # noqa: E402
-
-from bench.metrics import COLLAPSE_CHANCE_FACTOR  # noqa: E402
-from bench.records import READABLE_SCHEMAS  # noqa: E402
+from bench.metrics import COLLAPSE_CHANCE_FACTOR
+from bench.records import READABLE_SCHEMAS
 
 KEYS = ["dataset", "model", "recipe", "experiment", "attack", "defense"]
+NAMED = ("dataset", "model", "attack", "defense")  # the keys with display names
 METRICS = ["acc", "asr", "ra", "der"]
+LABELS = {"acc": "ACC", "asr": "ASR", "ra": "RA", "der": "DER"}
 
 
-def load(root: str | Path, triggers: dict | None = None) -> tuple[pd.DataFrame, list[dict]]:
+def display_names(rec: dict) -> dict[tuple[str, str], str]:
+    """(group, config name) -> what tables and figures call it: the record's display section (schema 4), else the
+    config name."""
+    cell, shown = rec["cell"], rec.get("display") or {}
+    return {(g, cell[g]): shown.get(g, cell[g]) for g in NAMED}
+
+
+def load(root: str | Path, triggers: dict | None = None, names: dict | None = None
+         ) -> tuple[pd.DataFrame, list[dict]]:
     """(one row per finished cell, one entry per record that is not a finished cell); ``triggers`` collects
-    one (dataset config, attack config, cache key) per data set and attack, for the gallery."""
+    one (dataset config, attack config, cache key, model config) per data set and attack, for the gallery;
+    ``names`` collects the display names."""
     root = Path(root)
     rows, problems = [], []
+    names = {} if names is None else names
     for path in sorted(root.rglob("*.json")):
         if "report" in path.relative_to(root).parts:
             continue
@@ -64,14 +75,17 @@ def load(root: str | Path, triggers: dict | None = None) -> tuple[pd.DataFrame, 
                                         f"{error[-1] if error else '?'}"})
             if "cell" in rec:  # the tables say the cell failed, rather than leave a gap
                 cell = rec["cell"]
+                names.update(display_names(rec))
                 rows.append({**{k: cell[k] for k in KEYS}, "budget": cell["budget"], "seed": cell["seed"],
                              "status": "diverged" if rec.get("status") == "diverged" else "failed",
                              "setting": cell["setting"], "record": str(path.relative_to(root))})
             continue
         cell, m, u = rec["cell"], rec["metrics"], rec["undefended"]
+        names.update(display_names(rec))
         if triggers is not None and cell["attack"] != "none":
             triggers.setdefault(cell["dataset"], {}).setdefault(
-                cell["attack"], (rec["config"]["dataset"], rec["config"]["attack"], rec["cache"]["key"]))
+                cell["attack"], (rec["config"]["dataset"], rec["config"]["attack"], rec["cache"]["key"],
+                                 rec["config"]["model"]))
         rows.append({**{k: cell[k] for k in KEYS}, "budget": cell["budget"], "seed": cell["seed"],
                      "status": "collapsed" if is_collapsed(rec) else "ok",
                      "setting": cell["setting"], "data_source": rec["data_source"], **{k: m.get(k) for k in METRICS},
@@ -123,6 +137,37 @@ def pivot(df: pd.DataFrame, column: str, scale: float = 100.0, digits: int = 1,
     return table.fillna("–").reset_index()
 
 
+def numeric(df: pd.DataFrame, column: str, scale: float = 100.0, finished: tuple[str, ...] = ("ok",),
+            keys: list[str] = KEYS + ["budget"]) -> pd.DataFrame:
+    """The machine-readable twin of a table: per row key, mean and std of the finished cells (in %), how many
+    finished of how many ran, and how many collapsed, diverged or failed. Numbers only."""
+    def stats(group: pd.DataFrame) -> pd.Series:
+        done = group["status"].isin(finished)
+        values = group.loc[done, column].dropna().astype(float) * scale
+        return pd.Series({"mean": round(values.mean(), 4) if len(values) else float("nan"),
+                          "std": round(values.std(), 4) if len(values) > 1 else float("nan"),
+                          "finished": int(done.sum()), "run": len(group),
+                          **{status: int((group["status"] == status).sum()) for status in OUTCOMES}})
+
+    table = df.groupby(keys)[["status", column]].apply(stats).reset_index()
+    return table.astype({c: int for c in ("finished", "run", *OUTCOMES)})
+
+
+OUTCOMES = ("collapsed", "diverged", "failed")
+
+
+def present(table: pd.DataFrame, names: dict) -> tuple[pd.DataFrame, str]:
+    """The table a reader sees: display names, and the columns that hold one value on every row (data set,
+    model, recipe, experiment) moved to a caption line."""
+    table = table.copy()
+    for group in NAMED:
+        if group in table:
+            table[group] = [names.get((group, v), v) for v in table[group]]
+    constant = [c for c in ("dataset", "model", "recipe", "experiment") if c in table and table[c].nunique() == 1]
+    caption = "; ".join(f"{c}: {table[c].iloc[0]}" for c in constant)
+    return table.drop(columns=constant), caption
+
+
 def markdown(table: pd.DataFrame) -> str:
     cols = [str(c) for c in table.columns]
     lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
@@ -130,102 +175,72 @@ def markdown(table: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_table(table: pd.DataFrame, folder: Path, name: str) -> None:
+LATEX = {"ℓ∞": r"$\ell_\infty$", "ℓ": r"$\ell$", "∞": r"$\infty$", "±": r"$\pm$", "–": "--", "≥": r"$\geq$"}
+
+
+def escape_latex(text: str) -> str:
+    """LaTeX's special characters in running text (the Styler escapes the cells and headers)."""
+    special = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{",
+               "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
+    return "".join(special.get(c, c) for c in text)
+
+
+def latex(table: pd.DataFrame, caption: str) -> str:
+    """A booktabs table through pandas' Styler, every cell and header escaped for LaTeX (underscores,
+    percent signs, ℓ∞, ±), so it compiles as it is: ``\\usepackage{booktabs}`` and ``\\input``."""
+    styler = table.style.hide(axis="index").format(escape="latex").format_index(escape="latex", axis=1)
+    tex = styler.to_latex(hrules=True, caption=escape_latex(caption) or None, position_float="centering",
+                          environment="table", column_format="l" * len(table.columns))
+    for text, command in LATEX.items():
+        tex = tex.replace(text, command)
+    return tex
+
+
+def write_table(table: pd.DataFrame, folder: Path, name: str, names: dict, numbers: pd.DataFrame | None = None,
+                title: str = "") -> None:
+    """``name``.md and .tex for readers (display names, constant columns in the caption), ``name``.csv with
+    numbers only (``numbers``, else the table itself)."""
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / f"{name}.md").write_text(markdown(table))
-    table.to_csv(folder / f"{name}.csv", index=False, lineterminator="\n")
-    (folder / f"{name}.tex").write_text(table.to_latex(index=False).replace("±", r"$\pm$"))
+    shown, caption = present(table, names)
+    caption = ". ".join(p for p in (title, caption) if p)
+    (folder / f"{name}.md").write_text((f"*{caption}*\n\n" if caption else "") + markdown(shown))
+    (numbers if numbers is not None else table).to_csv(folder / f"{name}.csv", index=False, lineterminator="\n")
+    (folder / f"{name}.tex").write_text(latex(shown, caption))
 
 
-def heat_labels(cells: pd.DataFrame, heat: pd.DataFrame) -> pd.DataFrame:
-    """The text of each heatmap cell: the mean ASR of the finished seeds, else what became of them
-    (collapsed, diverged, failed), else "n/a" for a cell that never ran. Only numbers get a colour."""
-    status = cells.groupby(["attack", "defense"])["status"].agg(lambda s: "/".join(sorted(set(s))))
-    return pd.DataFrame([[f"{v:.0f}" if pd.notna(v) else status.get((a, d), "n/a") for d, v in row.items()]
-                         for a, row in heat.iterrows()], index=heat.index, columns=heat.columns)
+def figures(cells: pd.DataFrame, names: dict, folder: Path) -> list[str]:
+    """Every figure of the report (bench.figures), each as PNG, PDF and SVG; the file stems written."""
+    from bench import figures as draw
 
-
-def figures(cells: pd.DataFrame, folder: Path) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    targeted = cells[~((cells["status"] == "ok") & cells["asr"].isna())]  # a clean model has no ASR to draw
-    for (dataset, model), everything in targeted.groupby(["dataset", "model"]):
-        part = everything[(everything["status"] == "ok") & everything["asr"].notna()]
-        if part.empty:
-            continue
-        for budget, all_sub in everything.groupby("budget"):
-            sub = all_sub[all_sub["status"] == "ok"]
-            heat = (sub.groupby(["attack", "defense"])["asr"].mean().unstack("defense") * 100).reindex(
-                index=sorted(all_sub["attack"].unique()), columns=sorted(all_sub["defense"].unique()))
-            heat = heat[sorted(heat.columns, key=lambda d: (d != "none", d))]  # undefended column first
-            fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * heat.shape[1] + 2), 0.6 * heat.shape[0] + 2.5))
-            ax.set_facecolor("0.85")  # a cell without a number is grey and hatched, never a colour of the scale
-            ax.patch.set_hatch("///")
-            labels = heat_labels(all_sub, heat)
-            sns.heatmap(heat, annot=labels, fmt="", vmin=0, vmax=100, cmap="rocket_r", ax=ax,
-                        cbar_kws={"label": "ASR (%)"}, annot_kws={"fontsize": 7})
-            for i, j in zip(*heat.isna().to_numpy().nonzero()):  # seaborn leaves cells without a number blank
-                ax.text(j + 0.5, i + 0.5, labels.iat[i, j], ha="center", va="center", fontsize=7,
-                        bbox={"facecolor": "white", "edgecolor": "none", "pad": 1})
-            ax.set_title(f"{dataset} / {model}: ASR (%), {budget} clean images per class", fontsize=9)
-            fig.tight_layout()
-            fig.savefig(folder / f"asr_heatmap_{dataset}_{model}_k{budget}.png", dpi=120)
-            plt.close(fig)
-        grid = sns.relplot(data=part.assign(ACC=part["acc"] * 100, ASR=part["asr"] * 100), x="ASR", y="ACC",
-                           hue="defense", style="attack", col="budget", height=3.2, facet_kws={"sharey": True})
-        grid.savefig(folder / f"acc_vs_asr_{dataset}_{model}.png", dpi=120)
-        plt.close(grid.figure)
-        grid = sns.relplot(data=part.assign(ASR=part["asr"] * 100), x="budget", y="ASR", hue="defense",
-                           col="attack", kind="line", marker="o", errorbar="sd", height=3.0)
-        grid.savefig(folder / f"asr_vs_budget_{dataset}_{model}.png", dpi=120)
-        plt.close(grid.figure)
-
-
-def time_breakdown(cells: pd.DataFrame, folder: Path) -> None:
-    """Where a sweep's time went, per data set and model: training each poisoned model (once per model, as the
-    cache does), each defense, the budget-0 synthesis, the shared trigger reversal and the evaluation, so the
-    next bottleneck shows without reading JSON."""
-    folder.mkdir(parents=True, exist_ok=True)
-    done = cells[cells["status"].isin(("ok", "collapsed"))]
-    for (dataset, model), part in done.groupby(["dataset", "model"]):
-        models = part.drop_duplicates("model_key")
-        rows = [("training", a, s) for a, s in models.groupby("attack")["train_seconds"].sum().items()]
-        rows += [("defense", d, s) for d, s in part.groupby("defense")["defense_seconds"].sum().items()]
-        rows += [(phase, phase, part[f"{phase}_seconds"].sum()) for phase in ("synthesis", "reversal", "eval")
-                 if f"{phase}_seconds" in part]
-        table = pd.DataFrame(rows, columns=["phase", "what", "seconds"]).assign(minutes=lambda t: t.seconds / 60)
-        table = table[table["minutes"] > 0].sort_values(["phase", "minutes"], ascending=[True, False])
-        fig, ax = plt.subplots(figsize=(7, 0.28 * len(table) + 1.5))
-        sns.barplot(data=table, y="what", x="minutes", hue="phase", dodge=False, ax=ax)
-        ax.set_xlabel("minutes (summed over cells; training once per poisoned model)")
-        ax.set_ylabel("")
-        ax.set_title(f"{dataset} / {model}: where the time went, {table.minutes.sum():.0f} min in all", fontsize=9)
-        fig.tight_layout()
-        fig.savefig(folder / f"time_{dataset}_{model}.png", dpi=120)
-        plt.close(fig)
+    return [stem for make in (draw.heatmaps, draw.scatter, draw.budget_lines, draw.time_breakdown)
+            for stem in make(cells, names, folder)]
 
 
 def galleries(triggers: dict, folder: Path, data_root: str, cache_root: str) -> list[dict]:
-    """The trigger gallery of each data set from the cached attacks of its records (no training).
-    Returns a problem line for each data set it could not draw."""
-    from hydra.utils import instantiate
-
+    """The trigger gallery of each data set from the cached attacks and poisoned models of its records (no
+    training): target label and the poisoned model's prediction under each triggered image. Returns a problem
+    line for each data set it could not draw."""
     from bench.cache import ModelCache
     from bench.gallery import write_gallery
+    from bench.validate import build
 
     cache, problems = ModelCache(cache_root), []
     for dataset, attacks in sorted(triggers.items()):
         try:
             data_cfg = next(iter(attacks.values()))[0]
-            data = instantiate({**data_cfg, "download": False}).load(data_root, "cpu", cache_root)
-            loaded = {}
-            for name, (_, attack_cfg, key) in sorted(attacks.items()):
+            data = build({**data_cfg, "download": False}).load(data_root, "cpu", cache_root)
+            spec, loaded, models = data.spec, {}, {}
+            for name, (_, attack_cfg, key, model_cfg) in sorted(attacks.items()):
                 entry = cache.load(key)
                 if entry is None:
                     raise FileNotFoundError(f"poisoned model {key[:12]} ({name}) is not in {cache_root}")
-                attack = instantiate(attack_cfg)
+                attack = build(attack_cfg)
                 attack.load_state_dict(entry.attack_state)
                 loaded[name] = attack
-            write_gallery(data, loaded, folder / f"gallery_{dataset}.png")
+                model = build(model_cfg, num_classes=spec.num_classes, shape=spec.shape, mean=spec.mean, std=spec.std)
+                model.load_state_dict(entry.weights)
+                models[name] = model
+            write_gallery(data, loaded, folder / f"gallery_{dataset}.png", models=models)
         except Exception as exc:  # the gallery is optional: the tables never depend on it
             problems.append({"record": f"gallery {dataset}", "problem": f"not drawn: {type(exc).__name__}: {exc}"})
     return problems
@@ -236,21 +251,29 @@ def report(root: str | Path, out: str | Path | None = None, data_root: str | Non
     root = Path(root)
     out = Path(out) if out else root / "report"
     triggers: dict = {}
-    df, problems = load(root, triggers)
+    names: dict = {}
+    df, problems = load(root, triggers, names)
     if df.empty or not df["status"].isin(("ok", "collapsed")).any():
         raise FileNotFoundError(f"no finished records under {root} ({len(problems)} records not used: failed, "
                                 f"unreadable or of another schema)")
     tables = out / "tables"
     for metric in METRICS:
-        write_table(pivot(df, metric), tables, metric)
+        write_table(pivot(df, metric), tables, metric, names, numeric(df, metric),
+                    f"{LABELS[metric]} (%), mean ± std over seeds (finished/run); k = clean images per class")
     models = ["dataset", "model", "recipe", "attack"]  # one poisoned model per seed, shared by its cells
-    undefended = (df[df["status"].isin(("ok", "collapsed"))].drop_duplicates(models + ["seed"]).groupby(models)
-                  .agg(**{k: (f"undefended_{k}", mean_std) for k in ("acc", "asr", "ra")}).reset_index())
-    write_table(undefended, tables, "undefended")
+    poisoned = df[df["status"].isin(("ok", "collapsed"))].drop_duplicates(models + ["seed"])
+    undefended = (poisoned.groupby(models).agg(**{k: (f"undefended_{k}", mean_std) for k in ("acc", "asr", "ra")})
+                  .reset_index())
+    undefended_numbers = pd.concat([numeric(poisoned.assign(status="ok"), f"undefended_{k}", keys=models)
+                                    .assign(metric=k) for k in ("acc", "asr", "ra")])
+    write_table(undefended, tables, "undefended", names, undefended_numbers,
+                "The poisoned models before any defense (%), mean ± std over seeds")
     ran = ("ok", "collapsed")  # a collapsed cell's cost is a real cost
     cost = pivot(df, "defense_seconds", scale=1.0, digits=2, finished=ran).merge(
         pivot(df, "peak_rss_mb", scale=1.0, digits=0, finished=ran), on=KEYS, suffixes=(" s", " MB"))
-    write_table(cost, tables, "cost")
+    cost_numbers = pd.concat([numeric(df, "defense_seconds", 1.0, ran).assign(metric="defense_seconds"),
+                              numeric(df, "peak_rss_mb", 1.0, ran).assign(metric="peak_rss_mb")])
+    write_table(cost, tables, "cost", names, cost_numbers, "Defense wall time (s) and peak memory (MB)")
     cells = df
     df = df[df["status"].isin(ran)]
     cells.sort_values(KEYS + ["budget", "seed"]).to_csv(tables / "cells.csv", index=False, lineterminator="\n")
@@ -259,10 +282,13 @@ def report(root: str | Path, out: str | Path | None = None, data_root: str | Non
     mixed = df.groupby(KEYS + ["budget"])["setting"].nunique()
     for key in mixed[mixed > 1].index:  # same names, different configs (e.g. an override): never silently averaged
         problems.append({"record": " / ".join(map(str, key)), "problem": "one row mixes cells of different settings"})
-    figures(cells, out / "figures")
-    time_breakdown(cells, out / "figures")
+    stems = figures(cells, names, out / "figures")
     gallery_problems = galleries(triggers, out / "figures", data_root or os.environ.get("BDBENCH_DATA", "data"),
                                  cache_root or os.environ.get("BDBENCH_CACHE", ".cache/bdbench"))
+    from bench.leaderboard import write_page
+
+    drawn = sorted(p.name for p in (out / "figures").glob("gallery_*.png"))
+    write_page(cells, names, root, out, stems, drawn, f"bdbench: {root.resolve().name}")
     collapsed = int((df["status"] == "collapsed").sum())
     lines = [f"# Report of {root}", "", f"{len(df)} finished cells ({collapsed} collapsed), {len(problems)} records "
              "not used.", ""]

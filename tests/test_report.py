@@ -29,16 +29,19 @@ def test_report_tables_figures_and_problems(tiny_cfg, choices, tmp_path):
     assert "± 0.0 (n=2)" in (out / "tables" / "undefended.md").read_text()
     assert (out / "figures" / "gallery_synthetic.png").is_file()  # the trigger, from the cached attack
     asr = (out / "tables" / "asr.md").read_text()
-    assert "| synthetic | fmnist_cnn | reference | - | badnets | clp |" in asr
+    assert "*ASR (%), mean ± std over seeds (finished/run); k = clean images per class. dataset: Synthetic; model: " \
+           "CNN (Fashion-MNIST); recipe: reference; experiment: -*" in asr  # constant columns: one caption line
+    assert "| BadNets | CLP |" in asr  # display names
     assert "(2/2)" in asr and "±" in asr and "k=0" in asr and "k=1" in asr
-    assert "| synthetic | fmnist_cnn | reference | - | badnets | nad | – | diverged (0/1) |" in asr  # not a gap
+    assert "| BadNets | nad | – | diverged (0/1) |" in asr  # not a gap (a record without display names: its name)
     cells = (out / "tables" / "cells.csv").read_text().splitlines()
     assert len(cells) == 1 + 7
     problems = (out / "problems.md").read_text()
     assert "6 finished cells (0 collapsed), 3 records not used" in problems
     assert "schema 1" in problems and "failed: FloatingPointError: diverged" in problems
-    assert (out / "figures" / "asr_heatmap_synthetic_fmnist_cnn_k1.png").is_file()
-    assert (out / "figures" / "time_synthetic_fmnist_cnn.png").is_file()  # where the sweep's time went
+    for stem in ("asr_heatmap_synthetic_fmnist_cnn_k1", "acc_vs_asr_synthetic_fmnist_cnn",
+                 "asr_vs_budget_synthetic_fmnist_cnn", "time_synthetic_fmnist_cnn"):  # time: where the sweep's went
+        assert all((out / "figures" / f"{stem}.{fmt}").is_file() for fmt in ("png", "pdf", "svg")), stem
     before = {p.name: p.read_bytes() for p in (out / "tables").iterdir()}
     report(records, tmp_path / "report", cache_root=str(tmp_path / "empty-cache"))  # no models: tables all the same
     assert "gallery synthetic | not drawn: FileNotFoundError" in (out / "problems.md").read_text()
@@ -67,21 +70,56 @@ def test_every_table_cell_counts_finished_seeds_and_names_the_rest(tiny_cfg, cho
     out = report(records, tmp_path / "report", cache_root=str(tmp_path / "none"))
     asr = (out / "tables" / "asr.md").read_text()
     first = json.loads(paths[0].read_text())["metrics"]["asr"] * 100
-    assert f"| badnets | clp | {first:.1f} (1/3; collapsed 1, diverged 1) |" in asr  # not averaged with 0.0
-    only_collapsed = {**collapsed, "cell": {**collapsed["cell"], "defense": "ft"}}
+    assert f"| BadNets | CLP | {first:.1f} (1/3; collapsed 1, diverged 1) |" in asr  # not averaged with 0.0
+    only_collapsed = {**collapsed, "cell": {**collapsed["cell"], "defense": "ft"},
+                      "display": {**collapsed["display"], "defense": "FT"}}
     (records / "extra.json").write_text(json.dumps(only_collapsed))
     asr = (report(records, tmp_path / "report2", cache_root=str(tmp_path / "none")) / "tables" / "asr.md").read_text()
-    assert "| badnets | ft | collapsed (0/1) |" in asr
+    assert "| BadNets | FT | collapsed (0/1) |" in asr
 
 
 def test_heatmap_cells_without_a_number_say_why():
-    """A cell that never ran was drawn white, like ASR 0; a collapsed one read as a low ASR."""
+    """A cell that never ran was drawn white, like ASR 0; a collapsed one read as a low ASR. Now only finished
+    cells get a number (a colour); the others say what became of them, and the undefended column comes first."""
     import pandas as pd
 
-    from bench.report import heat_labels
+    from bench.figures import cell_grid
 
     cells = pd.DataFrame({"attack": ["a", "a", "b"], "defense": ["x", "y", "x"], "status": ["ok", "collapsed", "ok"],
-                          "asr": [0.5, 0.0, 0.9]})
-    heat = pd.DataFrame({"x": [50.0, 90.0], "y": [float("nan"), float("nan")]}, index=["a", "b"])
-    labels = heat_labels(cells, heat)
+                          "asr": [0.5, 0.0, 0.9], "undefended_asr": [0.99, 0.99, 0.8]})
+    values, labels = cell_grid(cells, "asr")
+    assert list(values.columns) == ["undefended", "x", "y"]
     assert labels.loc["a", "x"] == "50" and labels.loc["a", "y"] == "collapsed" and labels.loc["b", "y"] == "n/a"
+    assert values.loc["a", "undefended"] == 99.0 and pd.isna(values.loc["a", "y"]) and pd.isna(values.loc["b", "y"])
+
+
+def test_tables_are_numeric_in_csv_and_compile_in_latex(tmp_path):
+    """The CSV twin of a table holds numbers (mean, std, finished, run, outcomes), not strings like "97.2 (n=1)";
+    the LaTeX is booktabs with every underscore, percent sign and ℓ∞ escaped, and compiles where pdflatex is."""
+    import shutil
+    import subprocess
+
+    import pandas as pd
+
+    from bench.report import latex, numeric, present
+
+    df = pd.DataFrame({"dataset": ["d"] * 3, "model": ["m"] * 3, "recipe": ["r"] * 3, "experiment": ["-"] * 3,
+                       "attack": ["badnets"] * 3, "defense": ["linf_pruning"] * 3, "budget": [1] * 3, "seed": [0, 1, 2],
+                       "status": ["ok", "ok", "diverged"], "asr": [0.5, 0.7, None]})
+    numbers = numeric(df, "asr")
+    row = numbers.iloc[0]
+    assert (row["mean"], row["std"], row["finished"], row["run"], row["diverged"]) == (60.0, round(20 ** 0.5 * 10 ** 0.5, 4), 2, 3, 1)
+    assert numbers[["finished", "run", "diverged"]].dtypes.eq("int64").all()
+    shown, caption = present(df[["dataset", "model", "attack", "defense"]].head(1),
+                             {("defense", "linf_pruning"): "ℓ∞ pruning", ("dataset", "d"): "Data_set"})
+    assert list(shown.columns) == ["attack", "defense"] and caption == "dataset: Data_set; model: m"
+    tex = latex(shown.assign(**{"k=1": ["60.0 ± 14.1 (2/3; diverged 1)"]}), "ASR (%) on " + caption)
+    assert r"\toprule" in tex and r"\bottomrule" in tex and r"badnets" in tex
+    assert r"$\ell_\infty$ pruning" in tex and r"$\pm$" in tex and r"ASR (\%) on dataset: Data\_set" in tex
+    assert "_" not in tex.replace(r"\_", "").replace(r"\ell_", "")  # no bare underscore anywhere
+    if shutil.which("pdflatex"):
+        (tmp_path / "t.tex").write_text("\\documentclass{article}\\usepackage{booktabs}\\begin{document}\n"
+                                        + tex + "\\end{document}\n")
+        done = subprocess.run(["pdflatex", "-halt-on-error", "-interaction=nonstopmode", "t.tex"], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stdout[-2000:]

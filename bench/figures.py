@@ -1,0 +1,229 @@
+"""The report's figures, each saved as PNG, PDF and SVG: ASR and ACC heatmaps with the undefended model beside
+the defenses, ACC against ASR, ASR against the clean budget, and where a sweep's time went.
+
+A value is drawn only where seeds finished: a cell that never ran, failed, diverged or collapsed is grey,
+hatched and labelled with what became of it, never a colour of the scale. Names are the configs'
+display names; defenses get a colour-blind-safe palette and a marker shape each, so more than eight stay
+apart; budgets are categories (0, 1, 10 images per class), not a linear axis.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import seaborn as sns  # noqa: E402
+
+FORMATS = ("png", "pdf", "svg")
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">", "h", "p", "d", "8")
+UNDEFENDED = "undefended"
+FINISHED = ("ok",)
+
+
+def save(fig: plt.Figure, folder: Path, stem: str) -> None:
+    """PNG for the page, PDF and SVG for papers; without creation dates, so unchanged figures keep their bytes."""
+    folder.mkdir(parents=True, exist_ok=True)
+    metadata = {"png": {"Software": None}, "pdf": {"CreationDate": None, "Producer": None}, "svg": {"Date": None}}
+    for fmt in FORMATS:
+        fig.savefig(folder / f"{stem}.{fmt}", dpi=150, metadata=metadata[fmt])
+    plt.close(fig)
+
+
+def budget_words(budget: int) -> str:
+    return "synthetic images (k = 0)" if budget == 0 else f"{budget} clean image{'' if budget == 1 else 's'} per class"
+
+
+def styles(defenses: list[str]) -> dict[str, tuple]:
+    """One (colour, marker) per defense: the colour-blind-safe palette, and a marker shape each."""
+    colours = sns.color_palette("colorblind", max(len(defenses), 1))
+    return {d: (colours[i % len(colours)], MARKERS[i % len(MARKERS)]) for i, d in enumerate(defenses)}
+
+
+def legend(fig: plt.Figure, axes: np.ndarray, order: list[str]) -> None:
+    """One legend for all panels, in a fixed order (undefended, then the defenses by name)."""
+    handles = {label: h for ax in axes.flat for h, label in zip(*ax.get_legend_handles_labels())}
+    fig.legend([handles[k] for k in order if k in handles], [k for k in order if k in handles], loc="center right",
+               fontsize=7, frameon=False)
+
+
+def named(cells: pd.DataFrame, names: dict) -> pd.DataFrame:
+    """Cells with display names in the attack and defense columns."""
+    out = cells.copy()
+    for group in ("attack", "defense", "dataset", "model"):
+        out[group] = [names.get((group, v), v) for v in out[group]]
+    return out
+
+
+def cell_grid(cells: pd.DataFrame, metric: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(attack x defense means in %, with the undefended column first; the text of every cell): a number where
+    seeds finished, else what became of them, else "n/a" for a cell that never ran."""
+    done = cells[cells["status"].isin(FINISHED)]
+    values = done.groupby(["attack", "defense"])[metric].mean().unstack("defense") * 100
+    attacks, defenses = sorted(cells["attack"].unique()), sorted(cells["defense"].unique())
+    values = values.reindex(index=attacks, columns=defenses)
+    poisoned = cells[cells["status"].isin(("ok", "collapsed"))]
+    values.insert(0, UNDEFENDED, poisoned.groupby("attack")[f"undefended_{metric}"].mean().reindex(attacks) * 100)
+    status = cells.groupby(["attack", "defense"])["status"].agg(lambda s: "/".join(sorted(set(s) - set(FINISHED))))
+    labels = pd.DataFrame([[f"{v:.0f}" if pd.notna(v) else (status.get((a, d)) or "n/a") for d, v in row.items()]
+                           for a, row in values.iterrows()], index=values.index, columns=values.columns)
+    return values, labels
+
+
+def draw_heatmap(ax: plt.Axes, values: pd.DataFrame, labels: pd.DataFrame, cmap: str, title: str,
+                 show_rows: bool) -> None:
+    ax.set_facecolor("0.88")  # a cell without a number: grey and hatched, never a colour of the scale
+    ax.patch.set_hatch("///")
+    ax.patch.set_edgecolor("0.65")
+    sns.heatmap(values, annot=labels, fmt="", vmin=0, vmax=100, cmap=cmap, ax=ax, linewidths=0.5,
+                linecolor="white", cbar_kws={"label": f"{title} (%)", "shrink": 0.8}, annot_kws={"fontsize": 7})
+    for i, j in zip(*values.isna().to_numpy().nonzero()):  # seaborn leaves cells without a number blank
+        ax.text(j + 0.5, i + 0.5, labels.iat[i, j], ha="center", va="center", fontsize=6.5,
+                bbox={"facecolor": "white", "edgecolor": "none", "pad": 1})
+    ax.axvline(1, color="black", linewidth=1.5)  # the undefended column apart from the defenses
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel("")
+    ax.set_ylabel("")
+    ax.tick_params(axis="x", labelrotation=45, labelsize=8)
+    plt.setp(ax.get_xticklabels(), ha="right", rotation_mode="anchor")
+    if not show_rows:
+        ax.set_yticklabels([])
+    else:
+        ax.tick_params(axis="y", labelrotation=0, labelsize=8)
+
+
+def heatmaps(cells: pd.DataFrame, names: dict, folder: Path) -> list[str]:
+    """ASR beside ACC, attacks x (undefended, defenses), one figure per data set, model and budget."""
+    stems = []
+    targeted = cells[~(cells["status"].isin(FINISHED) & cells["asr"].isna())]  # a clean model has no ASR
+    for (dataset, model, budget), part in targeted.groupby(["dataset", "model", "budget"]):
+        shown = named(part, names)
+        asr, asr_labels = cell_grid(shown, "asr")
+        acc, acc_labels = cell_grid(shown, "acc")
+        width = 0.55 * asr.shape[1] + 2.5
+        fig, (left, right) = plt.subplots(1, 2, figsize=(2 * width, 0.45 * asr.shape[0] + 2.6))
+        draw_heatmap(left, asr, asr_labels, "rocket_r", "ASR", show_rows=True)
+        draw_heatmap(right, acc, acc_labels, "mako", "ACC", show_rows=False)
+        fig.suptitle(f"{shown['dataset'].iloc[0]} / {shown['model'].iloc[0]}: {budget_words(budget)}; mean over "
+                     f"finished seeds, grey = not finished (n/a: never ran)", fontsize=9)
+        fig.tight_layout()
+        stem = f"asr_heatmap_{dataset}_{model}_k{budget}"
+        save(fig, folder, stem)
+        stems.append(stem)
+    return stems
+
+
+def scatter(cells: pd.DataFrame, names: dict, folder: Path) -> list[str]:
+    """ACC against ASR per attack and budget: every defense a colour and a marker, the undefended model a
+    black star; points are means over finished seeds."""
+    stems = []
+    done = cells[cells["status"].isin(FINISHED) & cells["asr"].notna()]
+    for (dataset, model), part in done.groupby(["dataset", "model"]):
+        shown = named(part, names)
+        defenses = sorted(shown["defense"].unique())
+        style = styles(defenses)
+        attacks, budgets = sorted(shown["attack"].unique()), sorted(shown["budget"].unique())
+        fig, axes = plt.subplots(len(attacks), len(budgets), figsize=(3.1 * len(budgets) + 1.8, 2.8 * len(attacks)),
+                                 squeeze=False, sharex=True, sharey=True)
+        means = shown.groupby(["attack", "budget", "defense"])[["asr", "acc"]].mean() * 100
+        for i, attack in enumerate(attacks):
+            undefended = shown[shown["attack"] == attack][["undefended_asr", "undefended_acc"]].mean() * 100
+            for j, budget in enumerate(budgets):
+                ax = axes[i][j]
+                ax.scatter(undefended["undefended_asr"], undefended["undefended_acc"], marker="*", s=160,
+                           color="black", zorder=3, label="undefended")
+                for defense in defenses:
+                    if (attack, budget, defense) in means.index:
+                        asr, acc = means.loc[(attack, budget, defense)]
+                        colour, marker = style[defense]
+                        ax.scatter(asr, acc, color=colour, marker=marker, s=42, alpha=0.85, edgecolor="white",
+                                   linewidth=0.5, label=defense, zorder=2)
+                ax.set_xlim(-4, 104)
+                ax.set_ylim(-4, 104)
+                ax.grid(alpha=0.3)
+                if i == 0:
+                    ax.set_title(budget_words(budget), fontsize=8)
+                if j == 0:
+                    ax.set_ylabel(f"{attack}\nACC (%)", fontsize=8)
+                if i == len(attacks) - 1:
+                    ax.set_xlabel("ASR (%)", fontsize=8)
+        legend(fig, axes, [UNDEFENDED, *defenses])
+        fig.suptitle(f"{shown['dataset'].iloc[0]} / {shown['model'].iloc[0]}: ACC against ASR (better: top left)",
+                     fontsize=9)
+        fig.tight_layout(rect=(0, 0, 0.84, 1))
+        stem = f"acc_vs_asr_{dataset}_{model}"
+        save(fig, folder, stem)
+        stems.append(stem)
+    return stems
+
+
+def budget_lines(cells: pd.DataFrame, names: dict, folder: Path) -> list[str]:
+    """ASR against the clean budget (categories 0, 1, 10, ...): mean over finished seeds, ± std as a band
+    clipped to [0, 100]."""
+    stems = []
+    done = cells[cells["status"].isin(FINISHED) & cells["asr"].notna()]
+    for (dataset, model), part in done.groupby(["dataset", "model"]):
+        shown = named(part, names)
+        defenses, attacks = sorted(shown["defense"].unique()), sorted(shown["attack"].unique())
+        budgets = sorted(shown["budget"].unique())
+        style = styles(defenses)
+        fig, axes = plt.subplots(1, len(attacks), figsize=(3.2 * len(attacks) + 1.8, 3.2), squeeze=False, sharey=True)
+        stats = shown.groupby(["attack", "defense", "budget"])["asr"].agg(["mean", "std"]) * 100
+        for ax, attack in zip(axes[0], attacks):
+            for defense in defenses:
+                if (attack, defense) not in stats.droplevel("budget").index:
+                    continue
+                rows = stats.loc[(attack, defense)].reindex(budgets)
+                x = np.arange(len(budgets))
+                colour, marker = style[defense]
+                ax.plot(x, rows["mean"], color=colour, marker=marker, markersize=5, linewidth=1.2, label=defense)
+                low = (rows["mean"] - rows["std"].fillna(0)).clip(0, 100)
+                high = (rows["mean"] + rows["std"].fillna(0)).clip(0, 100)
+                ax.fill_between(x, low, high, color=colour, alpha=0.12, linewidth=0)
+            ax.set_xticks(np.arange(len(budgets)), [str(b) for b in budgets])
+            ax.set_xlabel("clean images per class (0 = synthetic)", fontsize=8)
+            ax.set_ylim(0, 100)
+            ax.set_title(attack, fontsize=9)
+            ax.grid(alpha=0.3)
+        axes[0][0].set_ylabel("ASR (%)")
+        legend(fig, axes, defenses)
+        fig.suptitle(f"{shown['dataset'].iloc[0]} / {shown['model'].iloc[0]}: ASR against the clean budget "
+                     f"(mean ± std over finished seeds)", fontsize=9)
+        fig.tight_layout(rect=(0, 0, 0.84, 1))
+        stem = f"asr_vs_budget_{dataset}_{model}"
+        save(fig, folder, stem)
+        stems.append(stem)
+    return stems
+
+
+def time_breakdown(cells: pd.DataFrame, names: dict, folder: Path) -> list[str]:
+    """Where a sweep's time went, per data set and model: training each poisoned model (once per model, as the
+    cache does), each defense, the budget-0 synthesis, the shared trigger reversal and the evaluation, so the
+    next bottleneck shows without reading JSON."""
+    stems = []
+    done = cells[cells["status"].isin(("ok", "collapsed"))]
+    for (dataset, model), part in done.groupby(["dataset", "model"]):
+        shown = named(part, names)
+        models = shown.drop_duplicates("model_key")
+        rows = [("training", a, s) for a, s in models.groupby("attack")["train_seconds"].sum().items()]
+        rows += [("defense", d, s) for d, s in shown.groupby("defense")["defense_seconds"].sum().items()]
+        rows += [(phase, phase, shown[f"{phase}_seconds"].sum()) for phase in ("synthesis", "reversal", "eval")
+                 if f"{phase}_seconds" in shown]
+        table = pd.DataFrame(rows, columns=["phase", "what", "seconds"]).assign(minutes=lambda t: t.seconds / 60)
+        table = table[table["minutes"] > 0].sort_values(["phase", "minutes"], ascending=[True, False])
+        fig, ax = plt.subplots(figsize=(7, 0.28 * len(table) + 1.5))
+        sns.barplot(data=table, y="what", x="minutes", hue="phase", dodge=False, ax=ax,
+                    palette=sns.color_palette("colorblind", table["phase"].nunique()))
+        ax.set_xlabel("minutes (summed over cells; training once per poisoned model)")
+        ax.set_ylabel("")
+        ax.set_title(f"{shown['dataset'].iloc[0]} / {shown['model'].iloc[0]}: where the time went, "
+                     f"{table.minutes.sum():.0f} min in all", fontsize=9)
+        fig.tight_layout()
+        stem = f"time_{dataset}_{model}"
+        save(fig, folder, stem)
+        stems.append(stem)
+    return stems
