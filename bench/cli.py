@@ -3,9 +3,11 @@
     bdbench [overrides]           one cell (Hydra run)
     bdbench -m [overrides]        a sweep (Hydra multirun); cells whose record exists are skipped
     bdbench list [overrides]      the attacks, defenses, models, data sets and experiments it can compose
-    bdbench gallery [overrides]   the trigger gallery of one data set, every attack (cached models)
-    bdbench report DIR [--out DIR] [--data DIR] [--cache DIR]
-                                  tables (mean ± std over seeds) and figures from the records under DIR
+    bdbench gallery [overrides]   the trigger gallery of one data set, every attack (cached models; says what
+                                  it would train and for how long first; --help)
+    bdbench report DIR [--out DIR] [--data DIR] [--cache DIR] [--index]
+                                  tables (mean ± std over seeds), figures and the HTML leaderboard from the
+                                  records under DIR (--help)
     bdbench --version             bdbench's version
     bdbench perf NAME [k=v ...]   a benchmark (conf/perf/NAME.yaml), written to results/perf/
 
@@ -197,11 +199,54 @@ def run(cfg: DictConfig) -> None:
     print(summary(record), flush=True)
 
 
-def gallery_command(overrides: list[str]) -> None:
-    """``bdbench gallery``: one PNG of clean and triggered test images for every configured attack."""
+def gallery_plan(cfgs: dict[str, DictConfig], device) -> list[str]:
+    """What ``gallery`` will do before it does it: per attack, whether its poisoned model is in the cache or must
+    train, and for how long, estimated from the cache's models of the same data set and model."""
+    import json
+
+    from bench.cache import ModelCache
+    from bench.runner import poisoned_spec
+
+    lines = []
+    for name, cfg in cfgs.items():
+        made = poisoned_spec(cfg, device)
+        cache = ModelCache(cfg.paths.cache)
+        if (cache.path(made.key) / "manifest.json").is_file():
+            lines.append(f"  {name:<12} cached ({made.key[:12]})")
+            continue
+        per_epoch = []
+        for manifest in cache.root.glob("models/*/manifest.json"):
+            try:
+                other = json.loads(manifest.read_text())
+                same = (other["spec"]["dataset"]["name"] == cfg.dataset.name
+                        and other["spec"]["model"]["_target_"] == cfg.model._target_)
+                if same and other.get("history"):
+                    per_epoch.append(other["train_seconds"] / len(other["history"]))
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+        epochs = int(cfg.recipe.epochs)
+        guess = (f"about {sorted(per_epoch)[len(per_epoch) // 2] * epochs / 60:.0f} min, from {len(per_epoch)} "
+                 f"cached model(s) of this data set and model" if per_epoch else "time unknown: no model of this "
+                 "data set and model in the cache yet")
+        lines.append(f"  {name:<12} trains first: {epochs} epochs, {guess}")
+    return lines
+
+
+def gallery_command(args: list[str]) -> None:
+    """``bdbench gallery [overrides]``: one PNG of clean and triggered test images for every configured attack."""
+    import argparse
+
     from bench.gallery import gallery
     from bench.validate import options
 
+    parser = argparse.ArgumentParser(
+        prog="bdbench gallery", description="Draw one data set's test images, clean and under every attack's "
+        "trigger, with the target label and the poisoned model's prediction under each. Each attack's trigger "
+        "comes from its cached poisoned model; a model that is not cached trains first (the command says which "
+        "and for about how long before it starts). Writes <paths.output>/gallery/<dataset>.png.",
+        epilog="example: bdbench gallery dataset=fashion_mnist paths.data=../shared/data")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, as for a cell")
+    overrides = parser.parse_args(args).overrides
     names = [a for a in options("attack") if a != "none"]
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         try:
@@ -209,9 +254,21 @@ def gallery_command(overrides: list[str]) -> None:
             for cfg in cfgs.values():
                 validate(cfg, cfg.hydra.runtime.choices)
         except HydraException as exc:
-            raise ConfigError(str(exc).strip().splitlines()[0]) from None
+            raise explain(exc, overrides) from None
+    device = resolve_device(next(iter(cfgs.values())).device)
+    print("bdbench gallery: " + ", ".join(cfgs) + "\n" + "\n".join(gallery_plan(cfgs, device)), flush=True)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
-    print(gallery(cfgs, resolve_device(next(iter(cfgs.values())).device)))
+    print(gallery(cfgs, device))
+
+
+def help_text() -> str:
+    """``bdbench --help``: the subcommands, then the config groups and their options."""
+    from bench.validate import options
+
+    lines = [__doc__.strip(), "", "Config groups (bdbench GROUP=NAME; bdbench list describes each):"]
+    lines += [f"  {group:<11} {', '.join(options(group))}" for group in GROUPS]
+    lines += ["", "Hydra's own options: bdbench --hydra-help"]
+    return "\n".join(lines)
 
 
 def perf_command(args: list[str]) -> None:
@@ -300,6 +357,9 @@ def main() -> None:
             return
         if argv[:1] == ["report"]:
             report_command(argv[1:])
+            return
+        if argv in (["--help"], ["-h"]):
+            print(help_text())
             return
         if argv[:1] == ["--version"]:
             from bench import __version__

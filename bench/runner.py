@@ -78,9 +78,21 @@ def cell_config(cfg: DictConfig) -> dict:
     return {key: strip_descriptive(cfg[key]) for key in cfg if key not in ("paths", "device", "hydra", "worker")}
 
 
-def poisoned_model(cfg: DictConfig, data: DataBundle, device: torch.device) -> tuple[torch.nn.Module, Any, dict]:
-    """The poisoned model and its attack, from the cache or trained once under the key's lock."""
-    spec = data.spec
+@dataclasses.dataclass
+class PoisonedSpec:
+    """What a poisoned model is made of, before any data is read: its cache key and the parts that train it."""
+
+    key: str
+    key_spec: dict
+    attack: Any
+    model: torch.nn.Module
+    recipe: Any
+    precision: str
+
+
+def poisoned_spec(cfg: DictConfig, device: torch.device) -> PoisonedSpec:
+    """The cache key of a cell's poisoned model and freshly initialised parts (no data read, nothing trained)."""
+    spec = build(cfg.dataset)
     attack = build(cfg.attack)
     torch.manual_seed(derive(cfg.seed, "init"))
     model = build(cfg.model, num_classes=spec.num_classes, shape=spec.shape, mean=spec.mean, std=spec.std)
@@ -89,7 +101,15 @@ def poisoned_model(cfg: DictConfig, data: DataBundle, device: torch.device) -> t
     key_spec = {**{g: strip_descriptive(cfg[g]) for g in ("dataset", "model", "attack", "recipe")},
                 "seed": int(cfg.seed), "precision": precision, "code": code_version(attack, model)}
     key_spec["dataset"].pop("download", None)
-    key = sha256_json(key_spec)[:32]
+    return PoisonedSpec(sha256_json(key_spec)[:32], key_spec, attack, model, recipe, precision)
+
+
+def poisoned_model(cfg: DictConfig, data: DataBundle, device: torch.device) -> tuple[torch.nn.Module, Any, dict]:
+    """The poisoned model and its attack, from the cache or trained once under the key's lock."""
+    spec = data.spec
+    made = poisoned_spec(cfg, device)
+    key, key_spec, attack, model, recipe, precision = (made.key, made.key_spec, made.attack, made.model, made.recipe,
+                                                       made.precision)
     cache = ModelCache(cfg.paths.cache)
     with cache.lock(key):
         entry = cache.load(key)

@@ -163,6 +163,12 @@ def test_report_and_version_explain_themselves(tmp_path):
     assert not (tmp_path / "records").exists() and not list(tmp_path.glob("paths.data*"))
     version = run("--version")
     assert version.returncode == 0 and version.stdout.strip() == "bdbench 0.1.0"
+    top = run("--help")  # Hydra's help listed neither the subcommands nor where to find them
+    assert top.returncode == 0 and all(f"bdbench {c}" in top.stdout for c in ("list", "gallery", "report", "perf"))
+    assert "defense     anp, ar_purification" in top.stdout
+    gallery = run("gallery", "--help")  # was a lexer error: "--help" parsed as an override
+    assert gallery.returncode == 0 and "usage: bdbench gallery" in gallery.stdout and "poisoned model" in gallery.stdout
+    assert not (tmp_path / "outputs").exists()
     from bench.report import load
 
     assert load(str(tmp_path))[0].empty  # a string path works

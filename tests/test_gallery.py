@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import torch
-from hydra.utils import instantiate
 from PIL import Image
 
+from bench.cli import gallery_plan
 from bench.gallery import gallery, pick_images
+from bench.validate import build
 
 
 def test_gallery_png_has_a_row_pair_per_attack(tiny_cfg):
@@ -17,13 +18,16 @@ def test_gallery_png_has_a_row_pair_per_attack(tiny_cfg):
         if name == "input_aware":
             cfg.attack.mask_epochs, cfg.attack.mask_steps_per_epoch = 1, 2
         cfgs[name] = cfg
+    plan = gallery_plan(cfgs, torch.device("cpu"))  # said before anything trains
+    assert all("trains first: 1 epochs, time unknown" in line for line in plan), plan
     path = gallery(cfgs, torch.device("cpu"))
     assert path.name == "synthetic.png" and path.is_file()
+    assert all(" cached (" in line for line in gallery_plan(cfgs, torch.device("cpu")))  # the keys it trained under
     width, height = Image.open(path).size
     assert height > width  # 1 clean + 2 rows per attack = 9 rows of 6 images
 
 
 def test_gallery_uses_one_image_per_class(tiny_cfg):
-    data = instantiate(tiny_cfg().dataset).load("unused")
+    data = build(tiny_cfg().dataset).load("unused")
     images = pick_images(data, 6)
     assert images.shape == (6, 1, 16, 16)

@@ -11,6 +11,7 @@ from torch import nn
 
 from attacks.base import Attack
 from bench.data import DataBundle, ImageSet
+from bench.validate import build
 from defenses.base import CleanData, Defense, DefenseContext
 
 SEEN: dict = {}
@@ -50,7 +51,7 @@ def test_what_the_defense_receives_reveals_no_secret(tiny_cfg, choices):
     finally:
         runner.poisoned_model = real_poisoned_model
     attack = captured["attack"]
-    data = __import__("hydra").utils.instantiate(cfg.dataset).load(cfg.paths.data)
+    data = build(cfg.dataset).load(cfg.paths.data)
     clean, ctx, model = SEEN["clean"], SEEN["ctx"], SEEN["model"]
 
     # The clean images are exactly the budget drawn from the defender pool: no poisoned index, no test image.

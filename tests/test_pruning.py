@@ -14,6 +14,7 @@ from torch import nn
 from bench.augment import Augment
 from bench.models import create_model, list_models
 from conftest import configured
+from bench.validate import build
 from defenses.base import CleanData, DefenseContext
 from defenses import shap_pruning
 from defenses.guard import Guard, longest_passing_prefix
@@ -323,8 +324,7 @@ def test_relabelling_the_classes_does_not_change_which_trigger_is_found():
 @pytest.mark.parametrize("when", ["skip", "force"])
 def test_reversal_defenses_leave_the_model_alone_when_nothing_is_flagged(name, when, tiny_cfg, monkeypatch):
     """BackdoorBench's rule by default; before, all three acted on the argmax label (half the NC cells)."""
-    from hydra.utils import instantiate
-
+    
     from defenses import reversal as reversal_module
 
     real = reversal_module.TriggerReversal._reverse
@@ -339,7 +339,7 @@ def test_reversal_defenses_leave_the_model_alone_when_nothing_is_flagged(name, w
                    else "defense.k_max_frac=0.5")
     if name == "shap_pruning":
         cfg.defense.min_walks = 1
-    defense = instantiate(cfg.defense)
+    defense = build(cfg.defense)
     model = cnn()
     x = torch.rand(20, 1, 16, 16, generator=torch.Generator().manual_seed(0))
     repaired = defense.apply(model, CleanData(x, torch.arange(10).repeat(2), "real"), CTX)

@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 from omegaconf import OmegaConf
-from hydra.utils import get_class, instantiate
+from hydra.utils import get_class
 
 from attacks import list_attacks
 from attacks.base import ATTACKS
@@ -16,7 +16,7 @@ from bench.train import train
 from bench.models import MODELS, create_model, list_models
 from bench.plugins import plugin_conf_dirs
 from conftest import configured
-from bench.validate import CONF_DIR, options
+from bench.validate import CONF_DIR, build, options
 from defenses.base import DEFENSES, CleanData, DefenseContext
 
 
@@ -70,12 +70,12 @@ def test_every_attack_trains_triggers_and_round_trips(name, tiny_cfg):
     cfg = tiny_cfg(f"attack={name}")
     if "mask_epochs" in cfg.attack:
         cfg.attack.mask_epochs, cfg.attack.mask_steps_per_epoch = 1, 3
-    attack = instantiate(cfg.attack)
-    data = instantiate(cfg.dataset).load("unused")
+    attack = build(cfg.attack)
+    data = build(cfg.dataset).load("unused")
     train_set = attack.prepare(data.train, data.poisonable(), torch.Generator().manual_seed(0))
     assert train_set.x.dtype == torch.uint8 and train_set.x.shape == data.train.x.shape
     model = create_model("fmnist_cnn", num_classes=10, shape=(1, 16, 16), mean=[0.5], std=[0.5])
-    recipe = instantiate(cfg.recipe)
+    recipe = build(cfg.recipe)
     recipe.epochs = 1
     history = train(model, train_set, attack, recipe, data.spec.augment, torch.Generator().manual_seed(0))
     assert len(history) == 1 and history[0]["loss"] > 0
@@ -87,7 +87,7 @@ def test_every_attack_trains_triggers_and_round_trips(name, tiny_cfg):
         assert len(attack.poison_indices) == round(attack.poison_rate * len(data.train))
         assert not set(attack.poison_indices.tolist()) & set(data.pool.tolist())
         assert (train_set.y[attack.poison_indices] == attack.target).all()
-    clone = instantiate(cfg.attack)
+    clone = build(cfg.attack)
     clone.load_state_dict(attack.state_dict())
     assert torch.equal(clone.apply_trigger(data.test.x[:8]), triggered)
     assert all(0 <= v <= 1 for v in attack.extra_metrics(model, data.test).values())
@@ -110,7 +110,7 @@ def shrink(node) -> None:
 def test_every_defense_runs_and_leaves_its_input_alone(name, budget, tiny_model, tiny_cfg):
     cfg = tiny_cfg(f"defense={name}").defense
     shrink(cfg)
-    defense = instantiate(cfg)
+    defense = build(cfg)
     n = 10 * budget
     clean = CleanData(torch.rand(n, 1, 16, 16), torch.arange(n) % 10, "real")
     if budget == 0 and not defense.data_free:
@@ -141,7 +141,7 @@ def test_reports_carry_what_a_reviewer_recomputes(name, tiny_model, tiny_cfg):
     Reversal: whether a target was detected."""
     cfg = tiny_cfg(f"defense={name}", "nc_reversal.when_undetected=force").defense
     shrink(cfg)
-    defense = instantiate(cfg)
+    defense = build(cfg)
     clean = CleanData(torch.rand(20, 1, 16, 16), torch.arange(20) % 10, "real")
     defense.apply(tiny_model, clean, _ctx())
     report = defense.report()
@@ -178,7 +178,7 @@ def test_every_defense_runs_on_a_residual_model(name, tiny_cfg):
     shrink(cfg)
     slow_down(cfg)  # NAD's and ARGD's lr 0.1 diverges on noise images with frozen BN (a result, not a crash)
     clean = CleanData(torch.rand(10, 1, 16, 16), torch.arange(10), "real")
-    repaired = instantiate(cfg).apply(model, clean, _ctx())
+    repaired = build(cfg).apply(model, clean, _ctx())
     assert repaired(torch.rand(3, 1, 16, 16)).shape == (3, 10)
 
 
