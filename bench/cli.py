@@ -101,6 +101,9 @@ def prevalidate(argv: list[str]) -> list[Path] | None:
     """Compose and validate every job before any compute; their record paths (None when nothing will run).
     Raises ConfigError."""
     args = get_args_parser().parse_args(argv)
+    if args.multirun and (args.cfg or args.info):  # Hydra ends this in a traceback
+        raise ConfigError(f"--{'cfg' if args.cfg else 'info'} shows one cell and cannot be combined with -m; valid: "
+                          f"bdbench --cfg job [overrides] (one job of the sweep: its overrides without -m)")
     if args.help or args.hydra_help or args.cfg or args.info or args.shell_completion:
         return None
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):

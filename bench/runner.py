@@ -73,6 +73,17 @@ def cell_names(cfg: DictConfig, choices: dict[str, Any]) -> dict[str, Any]:
             "seed": int(cfg.seed)}
 
 
+def identity(node: Any) -> Any:
+    """What a cell's identity hashes: its config without null values, at every depth. Every configured key is
+    required (no Python defaults), so null never stands for an absent key; dropping nulls lets a later version
+    add an optional key (``attack.checkpoint: null``) without renaming, and so re-running, every finished cell."""
+    if isinstance(node, dict):
+        return {k: identity(v) for k, v in node.items() if v is not None}
+    if isinstance(node, list):
+        return [identity(v) for v in node]
+    return node
+
+
 def cell_config(cfg: DictConfig) -> dict:
     """The resolved config of a cell, without where files live or which device runs it."""
     return {key: strip_descriptive(cfg[key]) for key in cfg if key not in ("paths", "device", "hydra", "worker")}
@@ -153,7 +164,7 @@ def defense_worker(settings: DictConfig) -> DefenseWorker:
 
 def cell_path(cfg: DictConfig, choices: dict[str, Any]) -> Path:
     """Where a cell's record lives: named by the cell, unique by its resolved config."""
-    return records.record_path(cfg.paths.records, cell_names(cfg, choices), sha256_json(cell_config(cfg)))
+    return records.record_path(cfg.paths.records, cell_names(cfg, choices), sha256_json(identity(cell_config(cfg))))
 
 
 def run_cell(cfg: DictConfig, choices: dict[str, Any]) -> dict:
@@ -180,7 +191,7 @@ def run_cell(cfg: DictConfig, choices: dict[str, Any]) -> dict:
 def _run_cell(cfg: DictConfig, choices: dict[str, Any], path: Path) -> dict:
     device = resolve_device(cfg.device)
     names, config = cell_names(cfg, choices), cell_config(cfg)
-    setting = sha256_json({k: v for k, v in config.items() if k not in ("seed", "budget")})[:12]
+    setting = sha256_json(identity({k: v for k, v in config.items() if k not in ("seed", "budget")}))[:12]
     display = {g: display_name(cfg, g, names[g]) for g in ("dataset", "model", "attack", "defense")}
     record: dict[str, Any] = {"cell": {**names, "id": path.stem, "setting": setting}, "display": display,
                               "config": config, "seed": int(cfg.seed)}

@@ -166,6 +166,8 @@ def test_report_and_version_explain_themselves(tmp_path):
     top = run("--help")  # Hydra's help listed neither the subcommands nor where to find them
     assert top.returncode == 0 and all(f"bdbench {c}" in top.stdout for c in ("list", "gallery", "report", "perf"))
     assert "defense     anp, ar_purification" in top.stdout
+    cfg = run("-m", "experiment=smoke", "--cfg", "job")  # was Hydra's ValueError traceback
+    assert cfg.returncode == 2 and cfg.stderr.startswith("bdbench: error: --cfg shows one cell") and "Traceback" not in cfg.stderr
     gallery = run("gallery", "--help")  # was a lexer error: "--help" parsed as an override
     assert gallery.returncode == 0 and "usage: bdbench gallery" in gallery.stdout and "poisoned model" in gallery.stdout
     assert not (tmp_path / "outputs").exists()

@@ -167,3 +167,20 @@ def test_display_names_name_cells_without_changing_them(tiny_cfg, choices):
     renamed = tiny_cfg("attack=badnets", "defense=shap_pruning", "defense.display_name=Shapley", "attack.display_name=X")
     assert cell_path(cfg, choices(cfg)) == cell_path(renamed, choices(renamed))
     assert cfg.defense.display_name == "ShapPruning" and cfg.attack.display_name == "BadNets"
+
+
+def test_a_new_optional_key_renames_no_finished_cell(tiny_cfg, choices):
+    """A cell is named by its config without nulls: adding a key whose value is null (a later version's optional
+    ``attack.checkpoint``) keeps every finished cell's record name, so a resumed sweep re-runs nothing; any
+    non-null value of it is a different cell."""
+    from omegaconf import open_dict
+
+    from bench.runner import cell_path
+
+    cfg = tiny_cfg("attack=badnets", "defense=clp")
+    before = cell_path(cfg, choices(cfg))
+    with open_dict(cfg):
+        cfg.attack.checkpoint = None
+    assert cell_path(cfg, choices(cfg)) == before
+    cfg.attack.checkpoint = "model.pt"
+    assert cell_path(cfg, choices(cfg)) != before
