@@ -1,0 +1,102 @@
+"""Poisoned models trained elsewhere: read a checkpoint file into a registered model.
+
+Accepted files: a ``state_dict``, or a dict holding one under ``state_dict`` or ``model`` (the latter is
+BackdoorBench's ``attack_result.pt``), with or without DataParallel's ``module.`` prefix. Key layouts: the
+registered models' own, the WideResNet of the public NAD / ARGD code (``block1.layer.0.conv1.weight``,
+``convShortcut``, a final ``bn1``) and BackdoorBench's PreActResNet18 (``shortcut.0``). The file is read with
+``weights_only=True``: a checkpoint is data, never code. A file whose keys or shapes fit no layout is one
+error that names the first key that does not fit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import pickle
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from bench.errors import ConfigError
+
+# name -> [(pattern, replacement)], applied in order to every key of the file
+LAYOUTS: dict[str, list[tuple[str, str]]] = {
+    "bdbench": [],
+    "nad-wideresnet": [(r"^(block\d)\.layer\.(\d+)\.", r"\1.\2."), (r"\.convShortcut\.", ".shortcut."),
+                       (r"^bn1\.", "bn.")],
+    "backdoorbench-preactresnet": [(r"\.shortcut\.0\.", ".shortcut.")],
+}
+OWN = ("mean", "std")  # the model's normalization buffers come from its config, never from a file
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a checkpoint file, unwrapped from ``state_dict`` / ``model`` and DataParallel's prefix."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"attack.checkpoint={path}: no such file; valid: a torch.save file of a state_dict")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise ConfigError(f"attack.checkpoint={path}: not readable as tensors only ({first}); save the state_dict "
+                          f"alone: torch.save(torch.load(F, weights_only=False)['model'], 'model.pt')") from None
+    for key in ("state_dict", "model"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not all(torch.is_tensor(v) for v in obj.values()):
+        raise ConfigError(f"attack.checkpoint={path}: holds no state_dict (a dict of tensors, or one under "
+                          f"'state_dict' or 'model')")
+    state = {k.removeprefix("module."): v for k, v in obj.items()}
+    return {k: v for k, v in state.items() if k not in OWN}  # normalization is the model config's, not the file's
+
+
+def rename(state: dict[str, torch.Tensor], rules: list[tuple[str, str]]) -> dict[str, torch.Tensor]:
+    out = {}
+    for key, value in state.items():
+        for pattern, replacement in rules:
+            key = re.sub(pattern, replacement, key)
+        out[key] = value
+    return out
+
+
+def fit(model: nn.Module, state: dict[str, torch.Tensor]) -> tuple[int, str | None]:
+    """(how many of the model's keys the file has with the right shape, the first key in the model's order that
+    the file lacks or shapes differently, or else the first key of the file the model does not have; None when
+    every key fits)."""
+    own = {k: v for k, v in model.state_dict().items() if k not in OWN}
+    good = [k for k, v in own.items() if k in state and tuple(state[k].shape) == tuple(v.shape)]
+    for key, value in own.items():
+        if key not in state:
+            return len(good), f"{key} missing from the file"
+        if tuple(state[key].shape) != tuple(value.shape):
+            return len(good), f"{key} has shape {tuple(state[key].shape)} in the file, {tuple(value.shape)} in the model"
+    extra = [k for k in state if k not in own]
+    return len(good), (f"{extra[0]} is in the file, not in the model" if extra else None)
+
+
+def load_checkpoint(model: nn.Module, path: str | Path) -> dict:
+    """Load ``path`` into ``model`` in place; which layout fitted and the file's sha256 (its cache key)."""
+    state = read_state_dict(path)
+    tried = []
+    for layout, rules in LAYOUTS.items():
+        mapped = rename(state, rules)
+        good, misfit = fit(model, mapped)
+        if misfit is None:
+            own = {k: v for k, v in model.state_dict().items() if k in OWN}
+            model.load_state_dict({**own, **mapped})
+            return {"source": "checkpoint", "path": str(path), "sha256": sha256_file(Path(path)), "layout": layout}
+        tried.append((good, layout, misfit))
+    good, layout, misfit = max(tried, key=lambda t: t[0])  # the layout that came closest names the misfit
+    raise ConfigError(f"attack.checkpoint={path}: does not fit {type(model).__name__} (closest: the {layout} layout, "
+                      f"{good} keys fit): {misfit}; valid: a state_dict of this model in the layout of "
+                      f"{', '.join(LAYOUTS)}")

@@ -1,0 +1,150 @@
+"""Checkpoints trained elsewhere: files saved by short stand-ins of the NAD/ARGD WideResNet and of BackdoorBench's
+PreActResNet18 (their module layouts, so their key names) load into wrn16_1 / preact_resnet18, give the saving
+model's logits, and run through a defense; a file that does not fit names its first misfit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bench.checkpoints import load_checkpoint
+from bench.errors import ConfigError
+from bench.models import create_model
+from conftest import configured
+from defenses.base import CleanData, DefenseContext
+
+
+class NadBlock(nn.Module):
+    """The public NAD code's BasicBlock: bn1, relu1, conv1, bn2, relu2, conv2, convShortcut."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
+        super().__init__()
+        self.bn1, self.relu1 = nn.BatchNorm2d(c_in), nn.ReLU()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn2, self.relu2 = nn.BatchNorm2d(c_out), nn.ReLU()
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.equal = c_in == c_out
+        self.convShortcut = None if self.equal else nn.Conv2d(c_in, c_out, 1, stride, 0, bias=False)
+
+    def forward(self, x):
+        out = self.relu1(self.bn1(x))
+        shortcut = x if self.equal else self.convShortcut(out)
+        out = self.conv2(self.relu2(self.bn2(self.conv1(out))))
+        return shortcut + out
+
+
+class NadNetworkBlock(nn.Module):
+    def __init__(self, n: int, c_in: int, c_out: int, stride: int) -> None:
+        super().__init__()
+        self.layer = nn.Sequential(*[NadBlock(c_in if i == 0 else c_out, c_out, stride if i == 0 else 1)
+                                     for i in range(n)])
+
+    def forward(self, x):
+        return self.layer(x)
+
+
+class NadWideResNet(nn.Module):
+    """WRN-16-1 as the NAD / ARGD code writes it: raw [0, 1] pixels in, no normalization."""
+
+    def __init__(self, num_classes: int = 10, c: int = 3) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c, 16, 3, 1, 1, bias=False)
+        self.block1, self.block2, self.block3 = (NadNetworkBlock(2, 16, 16, 1), NadNetworkBlock(2, 16, 32, 2),
+                                                 NadNetworkBlock(2, 32, 64, 2))
+        self.bn1, self.relu = nn.BatchNorm2d(64), nn.ReLU()
+        self.fc = nn.Linear(64, num_classes)
+
+    def forward(self, x):
+        out = self.relu(self.bn1(self.block3(self.block2(self.block1(self.conv1(x))))))
+        return self.fc(F.adaptive_avg_pool2d(out, 1).flatten(1))
+
+
+class BbBlock(nn.Module):
+    """BackdoorBench's PreActBlock: the projection shortcut is an nn.Sequential (keys ``shortcut.0``)."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
+        super().__init__()
+        self.bn1, self.conv1 = nn.BatchNorm2d(c_in), nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn2, self.conv2 = nn.BatchNorm2d(c_out), nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(x))
+        shortcut = self.shortcut(out) if hasattr(self, "shortcut") else x
+        return self.conv2(F.relu(self.bn2(self.conv1(out)))) + shortcut
+
+
+class BbPreActResNet18(nn.Module):
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+        c_in, stages = 64, []
+        for i, w in enumerate((64, 128, 256, 512)):
+            stages.append(nn.Sequential(BbBlock(c_in, w, 1 if i == 0 else 2), BbBlock(w, w, 1)))
+            c_in = w
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.linear = nn.Linear(512, num_classes)
+
+    def forward(self, x):
+        out = self.layer4(self.layer3(self.layer2(self.layer1(self.conv1(x)))))
+        return self.linear(self.avgpool(out).flatten(1))
+
+
+def trained_like(model: nn.Module) -> nn.Module:
+    """Non-trivial BatchNorm statistics, as a trained model has (fresh ones would hide a mapping error)."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5), m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5), m.bias.uniform_(-0.2, 0.2)
+    return model.eval()
+
+
+def raw_pixels(name: str) -> nn.Module:
+    """A registered model that, like the NAD and BackdoorBench codes here, reads raw [0, 1] pixels."""
+    return create_model(name, num_classes=10, shape=(3, 32, 32), mean=[0.0] * 3, std=[1.0] * 3).eval()
+
+
+def test_a_nad_wideresnet_state_dict_loads_into_wrn16_1_with_the_same_logits(tmp_path):
+    theirs = trained_like(NadWideResNet())
+    torch.save(theirs.state_dict(), tmp_path / "nad.pth")
+    ours = raw_pixels("wrn16_1")
+    info = load_checkpoint(ours, tmp_path / "nad.pth")
+    assert info["layout"] == "nad-wideresnet" and len(info["sha256"]) == 64
+    x = torch.rand(4, 3, 32, 32)
+    torch.testing.assert_close(ours(x), theirs(x))
+    repaired = configured("defense", "defense=clp").apply(ours, CleanData(torch.empty(0), torch.empty(0), "none"),
+                                                          DefenseContext(10, (3, 32, 32), torch.device("cpu"), 0))
+    assert repaired(x).shape == (4, 10)  # and it runs through a defense
+
+
+def test_a_backdoorbench_attack_result_loads_into_preact_resnet18(tmp_path):
+    theirs = trained_like(BbPreActResNet18())
+    torch.save({"model_name": "preactresnet18", "num_classes": 10, "model": theirs.state_dict()},
+               tmp_path / "attack_result.pt")  # BackdoorBench keeps the weights under "model"
+    ours = raw_pixels("preact_resnet18")
+    assert load_checkpoint(ours, tmp_path / "attack_result.pt")["layout"] == "backdoorbench-preactresnet"
+    x = torch.rand(2, 3, 32, 32)
+    torch.testing.assert_close(ours(x), theirs(x))
+
+
+def test_own_layout_dataparallel_prefix_and_a_misfit(tmp_path):
+    mine = trained_like(raw_pixels("wrn16_1"))
+    torch.save({"state_dict": {f"module.{k}": v for k, v in mine.state_dict().items()}}, tmp_path / "dp.pt")
+    again = raw_pixels("wrn16_1")
+    assert load_checkpoint(again, tmp_path / "dp.pt")["layout"] == "bdbench"
+    x = torch.rand(2, 3, 32, 32)
+    torch.testing.assert_close(again(x), mine(x))
+    torch.save(trained_like(NadWideResNet()).state_dict(), tmp_path / "nad.pth")
+    wider = create_model("wrn16_1", num_classes=10, shape=(3, 32, 32), mean=[0.0] * 3, std=[1.0] * 3, widen=2)
+    with pytest.raises(ConfigError, match=r"closest: the nad-wideresnet layout.*block1\.0\.conv1\.weight has shape "
+                                          r"\(16, 16, 3, 3\) in the file, \(32, 16, 3, 3\) in the model"):
+        load_checkpoint(wider, tmp_path / "nad.pth")
+    (tmp_path / "code.pt").write_bytes(b"not a torch file")
+    with pytest.raises(ConfigError, match="not readable as tensors only"):
+        load_checkpoint(again, tmp_path / "code.pt")
