@@ -43,7 +43,7 @@ def bdbench(tmp_path: Path, *args: str, timeout: int = 2400) -> subprocess.Compl
         (["defense=ft", "defense.schedule.lr=abc"], "defense.schedule.lr='abc': invalid; valid: float > 0 (as Schedule declares it)"),
         (["attack=badnets", "attack.size=40"], "attack.size=40 with attack.margin=0 does not fit 28x28 images; valid: size + margin <= 28"),
         (["recipe.epochs=0"], "recipe.epochs=0: invalid; valid: int >= 1 (as Recipe declares it)"),
-        (["defense=ft", "defense.lr=0.1"], "defense.lr: no such key; valid: defense.augment, defense.schedule"),
+        (["defense=ft", "defense.lr=0.1"], "defense.lr: no such key; valid: defense.augment, defense.display_name, defense.schedule"),
         (["dataset=cifar10_jpeg", "paths.data=/nonexistent"], "no train/test folder under /nonexistent/cifar10-jpeg"),
     ],
 )
