@@ -9,10 +9,11 @@ indices: the runner holds those and a test checks that none of them reaches ``ap
 from __future__ import annotations
 
 import copy
+import sys
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Iterable
+from typing import Any, Callable, ClassVar, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -33,8 +34,28 @@ def list_defenses() -> list[str]:
     return DEFENSES.names()
 
 
+PROGRESS_EVERY = 60.0  # seconds between progress lines when stderr is not a terminal (a sweep's log file)
+
+
 def tqdm_progress(iterable: Iterable, desc: str = "", total: int | None = None) -> Iterable:
-    return tqdm(iterable, desc=desc, total=total, leave=False, disable=None)
+    """A bar on a terminal; in a log file, a line every ``PROGRESS_EVERY`` seconds (a ShapPruning cell ran 11
+    minutes without one), so a long defense phase is never silent."""
+    if sys.stderr.isatty():
+        return tqdm(iterable, desc=desc, total=total, leave=False)
+    return log_progress(iterable, desc, total)
+
+
+def log_progress(iterable: Iterable, desc: str, total: int | None, every: float | None = None) -> Iterator:
+    total = total if total is not None else (len(iterable) if hasattr(iterable, "__len__") else None)
+    start = last = time.perf_counter()
+    for i, item in enumerate(iterable):
+        now = time.perf_counter()
+        if i and now - last >= (PROGRESS_EVERY if every is None else every):
+            eta = f", ETA {(now - start) / i * (total - i):.0f} s at most" if total else ""
+            print(f"[progress] {desc}: {i}/{total if total else '?'} after {now - start:.0f} s{eta}", file=sys.stderr,
+                  flush=True)
+            last = now
+        yield item
 
 
 @dataclass(frozen=True)

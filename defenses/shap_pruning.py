@@ -131,7 +131,7 @@ class ShapPruning(Defense):
         chunk = max(1, per_pass // (len(bd_x) + (len(aug) if self.value == "asr_minus_acc" else 0)))
         v_full = float(self._values(model, neurons, base[None], bd_x, aug, target, per_pass, ctx)[0][0])
         evals, walks, reason, rse = 0, 0, "max_walks", math.inf
-        for walks in range(1, self.max_walks + 1):
+        for walks in ctx.progress(range(1, self.max_walks + 1), desc="shap_pruning walks (at most)"):
             est = total / count.clamp_min(1)
             perm = live[torch.randperm(len(live), generator=gen, device=dev)]
             if walks > 1 and torch.rand(1, generator=gen, device=dev).item() >= self.eps:  # exploit

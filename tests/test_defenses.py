@@ -139,3 +139,12 @@ def test_divergence_says_how_batchnorm_ran():
     with pytest.raises(FloatingPointError, match=r"batch 10, batchnorm=frozen, grad_clip=None\)"):
         finetune(model(), CleanData(x, y, "real"), CTX,
                  schedule(epochs=1, min_steps=50, lr=1e8, weight_decay=0.0, batchnorm="frozen"), NO_AUG)
+
+
+def test_long_phases_report_progress_in_a_log_file(capsys):
+    """Off a terminal (a sweep's log), progress is a line every so often with a count and an ETA, not silence."""
+    from defenses.base import log_progress
+
+    assert list(log_progress(range(4), "walks", None, every=0.0)) == [0, 1, 2, 3]
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[0].startswith("[progress] walks: 1/4 after ") and "ETA" in lines[0] and len(lines) == 3
