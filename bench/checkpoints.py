@@ -10,7 +10,6 @@ error that names the first key that does not fit.
 
 from __future__ import annotations
 
-import hashlib
 import pickle
 import re
 from pathlib import Path
@@ -19,6 +18,7 @@ import torch
 from torch import nn
 
 from bench.errors import ConfigError
+from bench.fsutil import sha256_file
 
 # name -> [(pattern, replacement)], applied in order to every key of the file
 LAYOUTS: dict[str, list[tuple[str, str]]] = {
@@ -28,14 +28,6 @@ LAYOUTS: dict[str, list[tuple[str, str]]] = {
     "backdoorbench-preactresnet": [(r"\.shortcut\.0\.", ".shortcut.")],
 }
 OWN = ("mean", "std")  # the model's normalization buffers come from its config, never from a file
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:

@@ -10,7 +10,7 @@ from importlib.resources import files
 from pathlib import Path
 from typing import Any, Sequence
 
-from hydra import initialize_config_dir
+from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
@@ -45,8 +45,6 @@ def configured(node: str, *overrides: str, **values: Any) -> Any:
     if not hydra.is_initialized():
         with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
             return configured(node, *overrides, **values)
-    from hydra import compose
-
     target = OmegaConf.select(compose("config", overrides=list(overrides)), node)
     kwargs = {}
     for key, value in target.items():
