@@ -353,7 +353,8 @@ def summary(record: dict) -> str:
     der_ = m.get("der")
     return (f"{c['dataset']} {c['model']} {c['attack']} + {c['defense']} k={c['budget']} seed={c['seed']}: "
             f"ACC {fmt(u['acc'])} -> {fmt(m['acc'])}  ASR {fmt(u['asr'])} -> {fmt(m['asr'])}  "
-            f"RA {fmt(u['ra'])} -> {fmt(m['ra'])}  DER {fmt(der_)}  ({record['data_source']} data)"
+            f"RA {fmt(u['ra'])} -> {fmt(m['ra'])}  DER {fmt(der_)}  "
+            f"({'no data: data-free' if record['data_source'] == 'none' else record['data_source'] + ' data'})"
             + ("  COLLAPSED (one class or chance: not a defense)" if m.get("collapsed") else ""))
 
 
