@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
@@ -14,41 +15,89 @@ CORNERS = ("bottom_right", "bottom_left", "top_right", "top_left")
 
 @register_attack("badnets")
 class BadNets(StaticPoisonAttack):
-    """``x' = (1 - M) * x + M * value`` with M a ``size``x``size`` square ``margin`` px from the corner.
+    """``x' = (1 - M) * x + M * P``: a patch P stamped at a fixed place, every pixel of it (black ones too).
 
-    BackdoorBench's trigger is a 3x3 white square flush with the bottom-right corner of 32x32
-    images; on 28x28 the same square sits at rows/cols 25-27 (our choice, spec §2.1).
+    The default patch is BackdoorBench's: a ``size`` x ``size`` square of ``value`` flush with the bottom-right
+    corner (on 28x28 images at rows/cols 25-27, our choice, spec §2.1). ``pattern`` gives any patch as a nested
+    list of uint8 values, H x W (the same on every channel) or H x W x C (NAD's 3x3 grid trigger is one);
+    ``position`` puts its top-left pixel at ``[row, col]`` instead of ``margin`` px from ``corner``.
     """
 
     def __init__(self, *, target: Count, poison_rate: Rate, size: PositiveInt, margin: Count,
-                 corner: Literal[CORNERS], value: Pixel) -> None:
+                 corner: Literal[CORNERS], value: Pixel, pattern: list | None, position: list[int] | None,
+                 checkpoint: str | None) -> None:
         super().__init__(target=target, poison_rate=poison_rate)
+        self.checkpoint = checkpoint
         self.size, self.margin, self.corner, self.value = size, margin, corner, value
+        self.pattern = None if pattern is None else self._pattern(pattern)
+        if position is not None and (len(position) != 2 or any(int(p) != p or p < 0 for p in position)):
+            raise ValueError(f"attack.position={list(position)}; valid: null or [row, col], two integers >= 0")
+        self.position = None if position is None else [int(p) for p in position]
         self.mask: torch.Tensor | None = None
+        self.stamp: torch.Tensor | None = None
+
+    @staticmethod
+    def _pattern(pattern: list) -> torch.Tensor:
+        """[C or 1, h, w] uint8 from a nested list H x W or H x W x C of integers in 0..255."""
+        def plain(v):  # a ListConfig from Hydra, or a list
+            return [plain(i) for i in v] if isinstance(v, Sequence) and not isinstance(v, str) else v
+
+        try:
+            values = torch.tensor(plain(pattern))
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"attack.pattern: not a rectangular nested list ({exc}); valid: H x W or H x W x C "
+                             f"integers in 0..255") from None
+        if values.dim() not in (2, 3) or values.is_floating_point() or values.min() < 0 or values.max() > 255:
+            raise ValueError(f"attack.pattern of shape {list(values.shape)}; valid: H x W or H x W x C integers in "
+                             f"0..255")
+        values = values.to(torch.uint8)
+        return values[None] if values.dim() == 2 else values.permute(2, 0, 1).contiguous()
+
+    def _patch(self, channels: int) -> torch.Tensor:
+        if self.pattern is None:
+            return torch.full((channels, self.size, self.size), self.value, dtype=torch.uint8)
+        return self.pattern.expand(channels, -1, -1) if self.pattern.shape[0] == 1 else self.pattern
+
+    def _top_left(self, h: int, w: int, ph: int, pw: int) -> tuple[int, int]:
+        if self.position is not None:
+            return self.position[0], self.position[1]
+        top = h - self.margin - ph if self.corner.startswith("bottom") else self.margin
+        left = w - self.margin - pw if self.corner.endswith("right") else self.margin
+        return top, left
 
     def check_shape(self, shape: tuple[int, int, int]) -> None:
-        side = min(shape[1:])
-        if self.size + self.margin > side:
-            raise ValueError(f"attack.size={self.size} with attack.margin={self.margin} does not fit {shape[1]}x"
-                             f"{shape[2]} images; valid: size + margin <= {side}")
+        c, h, w = shape
+        if self.pattern is not None and self.pattern.shape[0] not in (1, c):
+            raise ValueError(f"attack.pattern has {self.pattern.shape[0]} channels, the images {c}; valid: H x W or "
+                             f"H x W x {c}")
+        _, ph, pw = self._patch(c).shape
+        top, left = self._top_left(h, w, ph, pw)
+        if top < 0 or left < 0 or top + ph > h or left + pw > w:
+            where = f"attack.position={self.position}" if self.position is not None else f"attack.margin={self.margin}"
+            what = f"attack.size={self.size}" if self.pattern is None else f"a {ph}x{pw} attack.pattern"
+            valid = (f"size + margin <= {min(h, w)}" if self.pattern is None and self.position is None
+                     else f"a patch inside the {h}x{w} image")
+            raise ValueError(f"{what} with {where} does not fit {h}x{w} images; valid: {valid}")
 
     def build(self, shape: tuple[int, int, int]) -> None:
-        _, h, w = shape
+        c, h, w = shape
+        patch = self._patch(c)
+        _, ph, pw = patch.shape
+        top, left = self._top_left(h, w, ph, pw)
         mask = torch.zeros(1, 1, h, w, dtype=torch.bool)
-        top = h - self.margin - self.size if self.corner.startswith("bottom") else self.margin
-        left = w - self.margin - self.size if self.corner.endswith("right") else self.margin
-        mask[..., top : top + self.size, left : left + self.size] = True
-        self.mask = mask
+        stamp = torch.zeros(1, c, h, w, dtype=torch.uint8)
+        mask[..., top : top + ph, left : left + pw] = True
+        stamp[0, :, top : top + ph, left : left + pw] = patch
+        self.mask, self.stamp = mask, stamp
 
     def apply_trigger(self, x: torch.Tensor) -> torch.Tensor:
         if self.mask is None:
             self.build(tuple(x.shape[1:]))
-        mask = self.mask.to(x.device)
-        return torch.where(mask, torch.full_like(x, self.value), x)
+        return torch.where(self.mask.to(x.device), self.stamp.to(x.device, x.dtype), x)
 
     def state_dict(self):
-        return {**super().state_dict(), "mask": self.mask}
+        return {**super().state_dict(), "mask": self.mask, "stamp": self.stamp}
 
     def load_state_dict(self, state):
         super().load_state_dict(state)
-        self.mask = state["mask"]
+        self.mask, self.stamp = state["mask"], state["stamp"]

@@ -41,6 +41,7 @@ class Attack(ABC):
     name: str = "attack"
     target: int | None = None
     poison_rate: float = 0.0
+    checkpoint: str | None = None  # a poisoned model trained elsewhere, for attacks whose trigger the config fixes
 
     def __init__(self) -> None:
         self.poison_indices = torch.empty(0, dtype=torch.long)

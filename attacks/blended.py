@@ -20,8 +20,9 @@ class Blended(StaticPoisonAttack):
     """
 
     def __init__(self, *, target: Count, poison_rate: Rate, alpha: Annotated[float, Range(gt=0, le=1)],
-                 alpha_test: Annotated[float, Range(gt=0, le=1)] | None, seed_K: Count) -> None:
+                 alpha_test: Annotated[float, Range(gt=0, le=1)] | None, seed_K: Count, checkpoint: str | None) -> None:
         super().__init__(target=target, poison_rate=poison_rate)
+        self.checkpoint = checkpoint
         self.alpha, self.seed_K = alpha, seed_K
         self.alpha_test = alpha if alpha_test is None else alpha_test
         self.pattern: torch.Tensor | None = None

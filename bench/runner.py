@@ -26,10 +26,11 @@ from omegaconf import DictConfig
 from bench import records
 from bench.augment import Augment
 from bench.cache import ModelCache
+from bench.checkpoints import load_checkpoint
 from bench.data import DataBundle
 from bench.device import resolve_device
 from bench.errors import ConfigError
-from bench.fsutil import sha256_json
+from bench.fsutil import sha256_file, sha256_json
 from bench.isolation import DefenseWorker
 from bench.metrics import der, evaluate, predict
 from bench.seeding import derive, generator
@@ -112,6 +113,10 @@ def poisoned_spec(cfg: DictConfig, device: torch.device) -> PoisonedSpec:
     key_spec = {**{g: strip_descriptive(cfg[g]) for g in ("dataset", "model", "attack", "recipe")},
                 "seed": int(cfg.seed), "precision": precision, "code": code_version(attack, model)}
     key_spec["dataset"].pop("download", None)
+    if attack.checkpoint:  # a model trained elsewhere is the file's content, wherever the file lies
+        key_spec["attack"]["checkpoint"] = sha256_file(Path(attack.checkpoint))
+        for trained_here in ("recipe", "seed"):
+            key_spec.pop(trained_here)
     return PoisonedSpec(sha256_json(key_spec)[:32], key_spec, attack, model, recipe, precision)
 
 
@@ -125,7 +130,17 @@ def poisoned_model(cfg: DictConfig, data: DataBundle, device: torch.device) -> t
     with cache.lock(key):
         entry = cache.load(key)
         hit = entry is not None
-        if entry is None:
+        if entry is None and attack.checkpoint:
+            log.info("cache miss %s: loading %s", key[:12], attack.checkpoint)
+            source = load_checkpoint(model, attack.checkpoint)
+            attack.build(spec.shape)  # the trigger is the config's; no training set is poisoned here
+            model.to(device).eval()
+            undefended = {**evaluate(model, data.test, attack, recipe.eval_batch_size, precision),
+                          **attack.extra_metrics(model, data.test, recipe.eval_batch_size, precision)}
+            entry = cache.store(key, {k: v.cpu() for k, v in model.state_dict().items()}, attack.state_dict(),
+                                {"spec": key_spec, "history": [], "train_seconds": 0.0, "source": source,
+                                 "undefended": undefended, "attack_report": attack.report()})
+        elif entry is None:
             log.info("cache miss %s: training %s on %s (%d epochs)", key[:12], cfg.attack._target_, spec.name,
                      recipe.epochs)
             start = time.perf_counter()
@@ -136,7 +151,8 @@ def poisoned_model(cfg: DictConfig, data: DataBundle, device: torch.device) -> t
                           **attack.extra_metrics(model, data.test, recipe.eval_batch_size, precision)}
             entry = cache.store(key, {k: v.cpu() for k, v in model.state_dict().items()}, attack.state_dict(),
                                 {"spec": key_spec, "history": history, "train_seconds": seconds,
-                                 "undefended": undefended, "attack_report": attack.report()})
+                                 "source": {"source": "trained"}, "undefended": undefended,
+                                 "attack_report": attack.report()})
         else:
             log.info("cache hit %s", key[:12])
             model.load_state_dict(entry.weights)
@@ -145,6 +161,7 @@ def poisoned_model(cfg: DictConfig, data: DataBundle, device: torch.device) -> t
     attack.to(device)
     # The attack's report is the one written at training time: a reloaded attack has no training history.
     info = {"key": key, "hit": hit, "train_seconds": entry.manifest["train_seconds"],
+            "source": entry.manifest.get("source", {"source": "trained"}),
             "undefended": entry.manifest["undefended"], "history": entry.manifest["history"],
             "attack_report": entry.manifest["attack_report"]}
     return model, attack, info
@@ -230,7 +247,7 @@ def _run_cell(cfg: DictConfig, choices: dict[str, Any], path: Path) -> dict:
         record.update({"data_source": clean.source, "defense_images": len(clean), "undefended": undefended,
                        "reversal": reversal_info,
                        "attack": cache_info["attack_report"], "synthesis": synthesis,
-                       "cache": {k_: cache_info[k_] for k_ in ("key", "hit", "train_seconds")}})
+                       "cache": {k_: cache_info[k_] for k_ in ("key", "hit", "train_seconds", "source")}})
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         phase, t = "defense", time.perf_counter()

@@ -192,12 +192,17 @@ def validate(cfg: DictConfig, choices: dict[str, Any], check_data: bool = True) 
         check_types(group, cfg[group])
     try:  # constructors check the rest of their own values and do no compute
         dataset = build(cfg.dataset)
-        build(cfg.model, num_classes=num_classes, shape=dataset.shape, mean=dataset.mean, std=dataset.std)
+        model = build(cfg.model, num_classes=num_classes, shape=dataset.shape, mean=dataset.mean, std=dataset.std)
         recipe = build(cfg.recipe)
         recipe.optimizer([torch.nn.Parameter(torch.zeros(1))])  # torch's own checks of lr, momentum, ...
         build(cfg.synthesis)
-        build(cfg.attack).check_shape(dataset.shape)
+        attack = build(cfg.attack)
+        attack.check_shape(dataset.shape)
         build(cfg.defense)
     except Exception as exc:
         raise _one_line(exc) from None
+    if attack.checkpoint:  # the file fits the model (keys and shapes), or one line names its first misfit
+        from bench.checkpoints import load_checkpoint
+
+        load_checkpoint(model, attack.checkpoint)
     dataset.check_data(cfg.paths.data, cfg.paths.cache, verify_files=check_data)

@@ -46,3 +46,31 @@ def test_static_poisoning_follows_the_backdoorbench_rule():
     untouched[idx] = False
     assert torch.equal(poisoned.y[untouched], train.y[untouched]) and (poisoned.x[untouched] == 0).all()
     assert torch.bincount(train.y[idx], minlength=10).gt(0).sum() > 5  # drawn over all classes
+
+
+def test_badnets_stamps_any_pattern_black_pixels_included_at_any_position():
+    """NAD's 3x3 grid trigger: its black pixels are part of the trigger and must be stamped over the image."""
+    grid = [[255, 0, 255], [0, 255, 0], [255, 0, 255]]
+    attack = configured("attack", "attack=badnets", pattern=grid)
+    x = torch.full((2, 3, 32, 32), 128, dtype=torch.uint8)
+    out = attack.apply_trigger(x)
+    assert out[0, :, 29:, 29:].tolist() == [grid] * 3  # flush with the bottom-right corner, every channel
+    assert (out[:, :, :29, :] == 128).all() and (out[:, :, :, :29] == 128).all()
+    placed = configured("attack", "attack=badnets", pattern=grid, position=[2, 5]).apply_trigger(x)
+    assert placed[0, 0, 2:5, 5:8].tolist() == grid and (placed[0, 0, 29:, 29:] == 128).all()
+    colour = [[[255, 0, 0], [0, 0, 255]]]  # 1 x 2 x C
+    assert configured("attack", "attack=badnets", pattern=colour).apply_trigger(x)[0, :, 31, 30:].tolist() == \
+        [[255, 0], [0, 0], [0, 255]]
+    square = configured("attack", "attack=badnets").apply_trigger(x)  # the default is still the white square
+    assert (square[:, :, 29:, 29:] == 255).all()
+
+
+def test_badnets_patterns_that_cannot_work_are_refused():
+    import pytest
+
+    with pytest.raises(ValueError, match="attack.pattern of shape"):
+        configured("attack", "attack=badnets", pattern=[[0, 300]])
+    with pytest.raises(ValueError, match="does not fit 28x28 images"):
+        configured("attack", "attack=badnets", pattern=[[255] * 3] * 3, position=[26, 0]).check_shape((1, 28, 28))
+    with pytest.raises(ValueError, match="attack.pattern has 3 channels, the images 1"):
+        configured("attack", "attack=badnets", pattern=[[[1, 2, 3]]]).check_shape((1, 28, 28))

@@ -148,3 +148,27 @@ def test_own_layout_dataparallel_prefix_and_a_misfit(tmp_path):
     (tmp_path / "code.pt").write_bytes(b"not a torch file")
     with pytest.raises(ConfigError, match="not readable as tensors only"):
         load_checkpoint(again, tmp_path / "code.pt")
+
+
+def test_a_cell_defends_a_checkpoint_instead_of_training(tiny_cfg, choices, tmp_path):
+    """attack.checkpoint: the NAD-layout file is the poisoned model (raw pixels: model.normalize=false); the cache
+    keys it by content, the record says where it came from, and the undefended metrics are bdbench's own."""
+    from bench.metrics import evaluate
+    from bench.runner import run_cell
+    from bench.validate import build
+
+    theirs = trained_like(NadWideResNet(c=1))
+    torch.save({"state_dict": theirs.state_dict()}, tmp_path / "nad.pth")
+    cfg = tiny_cfg("model=wrn16_1", "model.normalize=false", "attack=badnets", f"attack.checkpoint={tmp_path / 'nad.pth'}",
+                   "defense=clp", "budget=0")
+    record = run_cell(cfg, choices(cfg))
+    assert record["status"] == "ok", record.get("error")
+    source = record["cache"]["source"]
+    assert source["source"] == "checkpoint" and source["layout"] == "nad-wideresnet" and record["cache"]["train_seconds"] == 0
+    data = build(cfg.dataset).load(cfg.paths.data, "cpu", cfg.paths.cache)
+    attack = build(cfg.attack)
+    expected = evaluate(theirs, data.test, attack, 256, "fp32")
+    assert record["undefended"]["acc"] == pytest.approx(expected["acc"]) and record["undefended"]["asr"] == pytest.approx(expected["asr"])
+    again = run_cell(cfg := tiny_cfg("model=wrn16_1", "model.normalize=false", "attack=badnets",
+                                     f"attack.checkpoint={tmp_path / 'nad.pth'}", "defense=none", "budget=0"), choices(cfg))
+    assert again["cache"]["hit"] and again["cache"]["key"] == record["cache"]["key"]  # the same file: one entry

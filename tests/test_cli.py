@@ -115,6 +115,14 @@ def test_smoke_sweep_writes_18_records_and_resumes_without_work(tmp_path):
     assert "cell 2 of 18 (0 skipped, 0 failed so far, ETA" in first.stdout + first.stderr
     assert "cache miss" not in log and "cache miss" in first.stdout + first.stderr
     assert {f: f.stat().st_mtime_ns for f in files} == mtimes
+    # Hydra's files: before, every call (even one that only skipped) added a run folder with logs and configs
+    # per job; now a sweep leaves one multirun.yaml under paths.output, and a single cell nothing
+    runs = sorted(p.relative_to(tmp_path) for p in (tmp_path / "outputs").rglob("*") if p.is_file())
+    assert len(runs) == 2 and all(p.name == "multirun.yaml" for p in runs), runs
+    one = bdbench(tmp_path, "experiment=smoke", "defense=clp", "budget=1")
+    assert one.returncode == 0 and "record exists, skipping" in one.stdout
+    assert sorted(p.relative_to(tmp_path) for p in (tmp_path / "outputs").rglob("*") if p.is_file()) == runs
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "outputs", "records"]
 
 
 def test_perf_coalitions_writes_its_tables(tmp_path):

@@ -23,10 +23,15 @@ class ImageClassifier(nn.Module, ABC):
 
     groups: tuple[str, ...] = ()
 
-    def __init__(self, num_classes: int, shape: Sequence[int], mean: Sequence[float], std: Sequence[float]) -> None:
+    def __init__(self, num_classes: int, shape: Sequence[int], mean: Sequence[float], std: Sequence[float],
+                 normalize: bool | None) -> None:
+        """``mean`` and ``std`` are the data set's; ``normalize=False`` makes the model read raw [0, 1] pixels, as
+        the NAD/ARGD and BackdoorBench codes train theirs (a checkpoint from them needs it); null = normalize."""
         super().__init__()
         self.num_classes = num_classes
         self.shape = tuple(shape)
+        if normalize is False:
+            mean, std = [0.0] * len(mean), [1.0] * len(std)
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
 

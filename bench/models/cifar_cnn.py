@@ -22,8 +22,8 @@ class CifarCNN(ImageClassifier):
 
     groups = ("layer1", "layer2", "layer3")
 
-    def __init__(self, num_classes: int, shape, mean, std, *, width: PositiveInt) -> None:
-        super().__init__(num_classes, shape, mean, std)
+    def __init__(self, num_classes: int, shape, mean, std, *, normalize: bool | None, width: PositiveInt) -> None:
+        super().__init__(num_classes, shape, mean, std, normalize)
         c = self.shape[0]
         self.layer1 = _stage(c, width)
         self.layer2 = _stage(width, 2 * width)

@@ -15,8 +15,8 @@ class FmnistCNN(ImageClassifier):
 
     groups = ("layer1", "layer2", "layer3")
 
-    def __init__(self, num_classes: int, shape, mean, std) -> None:
-        super().__init__(num_classes, shape, mean, std)
+    def __init__(self, num_classes: int, shape, mean, std, *, normalize: bool | None) -> None:
+        super().__init__(num_classes, shape, mean, std, normalize)
         c, h, w = self.shape
         self.layer1 = nn.Sequential(nn.Conv2d(c, 32, 3, 2, 1), nn.ReLU(inplace=True))
         self.layer2 = nn.Sequential(nn.BatchNorm2d(32), nn.ReLU(inplace=True), nn.Conv2d(32, 64, 3, 2, 1, bias=False))

@@ -31,8 +31,8 @@ class PreActResNet18(ImageClassifier):
 
     groups = ("layer1", "layer2", "layer3", "layer4")
 
-    def __init__(self, num_classes: int, shape, mean, std) -> None:
-        super().__init__(num_classes, shape, mean, std)
+    def __init__(self, num_classes: int, shape, mean, std, *, normalize: bool | None) -> None:
+        super().__init__(num_classes, shape, mean, std, normalize)
         self.conv1 = nn.Conv2d(self.shape[0], 64, 3, 1, 1, bias=False)
         widths, c_in, stages = (64, 128, 256, 512), 64, []
         for i, w in enumerate(widths):

@@ -42,9 +42,10 @@ class WideBlock(nn.Module):
 class WideResNet(ImageClassifier):
     groups = ("block1", "block2", "block3")
 
-    def __init__(self, num_classes: int, shape, mean, std, *, depth: Annotated[int, Range(ge=10)], widen: PositiveInt,
+    def __init__(self, num_classes: int, shape, mean, std, *, normalize: bool | None,
+                 depth: Annotated[int, Range(ge=10)], widen: PositiveInt,
                  drop_rate: Annotated[float, Range(ge=0, lt=1)]) -> None:
-        super().__init__(num_classes, shape, mean, std)
+        super().__init__(num_classes, shape, mean, std, normalize)
         if (depth - 4) % 6:
             raise ValueError(f"model.depth={depth}; valid: 6n + 4 (10, 16, 22, 28, 40, ...)")
         n = (depth - 4) // 6
