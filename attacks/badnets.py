@@ -100,4 +100,5 @@ class BadNets(StaticPoisonAttack):
 
     def load_state_dict(self, state):
         super().load_state_dict(state)
-        self.mask, self.stamp = state["mask"], state["stamp"]
+        # a state saved before patterns existed holds the mask alone: the config fixes the trigger, rebuild it
+        self.mask, self.stamp = (state["mask"], state["stamp"]) if "stamp" in state else (None, None)

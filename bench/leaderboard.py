@@ -116,8 +116,9 @@ render();
 
 
 def _mean(values: pd.Series) -> float | None:
-    values = values.dropna()
-    return None if values.empty else round(float(values.mean()) * 100, 2)
+    """In %, rounded as the tables print it (the page and the tables never disagree in the last digit)."""
+    values = values.dropna().astype(float) * 100
+    return None if values.empty else float(f"{values.mean():.1f}")
 
 
 def rows(cells: pd.DataFrame, names: dict, records_root: Path, page_dir: Path) -> list[dict]:

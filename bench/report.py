@@ -216,6 +216,19 @@ def figures(cells: pd.DataFrame, names: dict, folder: Path) -> list[str]:
             for stem in make(cells, names, folder)]
 
 
+def current(node: dict) -> dict:
+    """A component config from an older record, completed with the optional keys a later version added: a
+    keyword the constructor requires and the record lacks is null, as the cell's identity treats it."""
+    import inspect
+
+    from hydra.utils import get_class
+
+    cls = get_class(node["_target_"])
+    params = inspect.signature(cls.__init__).parameters.values()
+    return {**{p.name: None for p in params if p.kind == p.KEYWORD_ONLY and p.default is p.empty and p.name not in node},
+            **node}
+
+
 def galleries(triggers: dict, folder: Path, data_root: str, cache_root: str) -> list[dict]:
     """The trigger gallery of each data set from the cached attacks and poisoned models of its records (no
     training): target label and the poisoned model's prediction under each triggered image. Returns a problem
@@ -234,15 +247,17 @@ def galleries(triggers: dict, folder: Path, data_root: str, cache_root: str) -> 
                 entry = cache.load(key)
                 if entry is None:
                     raise FileNotFoundError(f"poisoned model {key[:12]} ({name}) is not in {cache_root}")
-                attack = build(attack_cfg)
+                attack = build(current(attack_cfg))
                 attack.load_state_dict(entry.attack_state)
                 loaded[name] = attack
-                model = build(model_cfg, num_classes=spec.num_classes, shape=spec.shape, mean=spec.mean, std=spec.std)
+                model = build(current(model_cfg), num_classes=spec.num_classes, shape=spec.shape, mean=spec.mean,
+                              std=spec.std)
                 model.load_state_dict(entry.weights)
                 models[name] = model
             write_gallery(data, loaded, folder / f"gallery_{dataset}.png", models=models)
         except Exception as exc:  # the gallery is optional: the tables never depend on it
-            problems.append({"record": f"gallery {dataset}", "problem": f"not drawn: {type(exc).__name__}: {exc}"})
+            first = (str(exc).strip().splitlines() or [""])[0]
+            problems.append({"record": f"gallery {dataset}", "problem": f"not drawn: {type(exc).__name__}: {first}"})
     return problems
 
 

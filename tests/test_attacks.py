@@ -74,3 +74,20 @@ def test_badnets_patterns_that_cannot_work_are_refused():
         configured("attack", "attack=badnets", pattern=[[255] * 3] * 3, position=[26, 0]).check_shape((1, 28, 28))
     with pytest.raises(ValueError, match="attack.pattern has 3 channels, the images 1"):
         configured("attack", "attack=badnets", pattern=[[[1, 2, 3]]]).check_shape((1, 28, 28))
+
+
+def test_badnets_reads_a_state_saved_before_patterns_and_a_config_without_their_keys():
+    """Models cached and records written before attack.pattern existed: the mask-only state and the config
+    without the new (null) keys still give the same square."""
+    from bench.report import current
+    from bench.validate import build
+
+    old = configured("attack", "attack=badnets")
+    x = torch.zeros(1, 1, 28, 28, dtype=torch.uint8)
+    expected = old.apply_trigger(x)
+    again = configured("attack", "attack=badnets")
+    again.load_state_dict({"poison_indices": torch.empty(0, dtype=torch.long), "mask": old.mask})
+    assert torch.equal(again.apply_trigger(x), expected)
+    record_config = {"_target_": "attacks.badnets.BadNets", "target": 4, "poison_rate": 0.1, "size": 3, "margin": 0,
+                     "corner": "bottom_right", "value": 255}  # as a schema-3 record holds it
+    assert torch.equal(build(current(record_config)).apply_trigger(x), expected)
