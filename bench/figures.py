@@ -14,10 +14,13 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
+matplotlib.rcParams["svg.hashsalt"] = "bdbench"  # SVG element ids from a fixed salt: the same figure, the same bytes
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
+
+from bench.report import named  # noqa: E402
 
 FORMATS = ("png", "pdf", "svg")
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">", "h", "p", "d", "8")
@@ -51,12 +54,11 @@ def legend(fig: plt.Figure, axes: np.ndarray, order: list[str]) -> None:
                fontsize=7, frameon=False)
 
 
-def named(cells: pd.DataFrame, names: dict) -> pd.DataFrame:
-    """Cells with display names in the attack and defense columns."""
-    out = cells.copy()
-    for group in ("attack", "defense", "dataset", "model"):
-        out[group] = [names.get((group, v), v) for v in out[group]]
-    return out
+def finished_panels(cells: pd.DataFrame, names: dict):
+    """(data set, model, its finished cells with an ASR under display names), one per data set and model."""
+    done = cells[cells["status"].isin(FINISHED) & cells["asr"].notna()]
+    for (dataset, model), part in done.groupby(["dataset", "model"]):
+        yield dataset, model, named(part, names)
 
 
 def cell_grid(cells: pd.DataFrame, metric: str) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -121,12 +123,9 @@ def scatter(cells: pd.DataFrame, names: dict, folder: Path) -> list[str]:
     """ACC against ASR per attack and budget: every defense a colour and a marker, the undefended model a
     black star; points are means over finished seeds."""
     stems = []
-    done = cells[cells["status"].isin(FINISHED) & cells["asr"].notna()]
-    for (dataset, model), part in done.groupby(["dataset", "model"]):
-        shown = named(part, names)
-        defenses = sorted(shown["defense"].unique())
+    for dataset, model, shown in finished_panels(cells, names):
+        defenses, attacks, budgets = (sorted(shown[c].unique()) for c in ("defense", "attack", "budget"))
         style = styles(defenses)
-        attacks, budgets = sorted(shown["attack"].unique()), sorted(shown["budget"].unique())
         fig, axes = plt.subplots(len(attacks), len(budgets), figsize=(3.1 * len(budgets) + 1.8, 2.8 * len(attacks)),
                                  squeeze=False, sharex=True, sharey=True)
         means = shown.groupby(["attack", "budget", "defense"])[["asr", "acc"]].mean() * 100
@@ -165,11 +164,8 @@ def budget_lines(cells: pd.DataFrame, names: dict, folder: Path) -> list[str]:
     """ASR against the clean budget (categories 0, 1, 10, ...): mean over finished seeds, ± std as a band
     clipped to [0, 100]."""
     stems = []
-    done = cells[cells["status"].isin(FINISHED) & cells["asr"].notna()]
-    for (dataset, model), part in done.groupby(["dataset", "model"]):
-        shown = named(part, names)
-        defenses, attacks = sorted(shown["defense"].unique()), sorted(shown["attack"].unique())
-        budgets = sorted(shown["budget"].unique())
+    for dataset, model, shown in finished_panels(cells, names):
+        defenses, attacks, budgets = (sorted(shown[c].unique()) for c in ("defense", "attack", "budget"))
         style = styles(defenses)
         fig, axes = plt.subplots(1, len(attacks), figsize=(3.2 * len(attacks) + 1.8, 3.2), squeeze=False, sharey=True)
         stats = shown.groupby(["attack", "defense", "budget"])["asr"].agg(["mean", "std"]) * 100

@@ -156,13 +156,19 @@ def numeric(df: pd.DataFrame, column: str, scale: float = 100.0, finished: tuple
 OUTCOMES = ("collapsed", "diverged", "failed")
 
 
+def named(frame: pd.DataFrame, names: dict) -> pd.DataFrame:
+    """A copy with display names in the data set, model, attack and defense columns it has."""
+    frame = frame.copy()
+    for group in NAMED:
+        if group in frame:
+            frame[group] = [names.get((group, v), v) for v in frame[group]]
+    return frame
+
+
 def present(table: pd.DataFrame, names: dict) -> tuple[pd.DataFrame, str]:
     """The table a reader sees: display names, and the columns that hold one value on every row (data set,
     model, recipe, experiment) moved to a caption line."""
-    table = table.copy()
-    for group in NAMED:
-        if group in table:
-            table[group] = [names.get((group, v), v) for v in table[group]]
+    table = named(table, names)
     constant = [c for c in ("dataset", "model", "recipe", "experiment") if c in table and table[c].nunique() == 1]
     caption = "; ".join(f"{c}: {table[c].iloc[0]}" for c in constant)
     return table.drop(columns=constant), caption

@@ -18,7 +18,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from omegaconf import DictConfig
@@ -90,8 +90,7 @@ def cell_config(cfg: DictConfig) -> dict:
     return {key: strip_descriptive(cfg[key]) for key in cfg if key not in ("paths", "device", "hydra", "worker")}
 
 
-@dataclasses.dataclass
-class PoisonedSpec:
+class PoisonedSpec(NamedTuple):
     """What a poisoned model is made of, before any data is read: its cache key and the parts that train it."""
 
     key: str
@@ -123,36 +122,30 @@ def poisoned_spec(cfg: DictConfig, device: torch.device) -> PoisonedSpec:
 def poisoned_model(cfg: DictConfig, data: DataBundle, device: torch.device) -> tuple[torch.nn.Module, Any, dict]:
     """The poisoned model and its attack, from the cache or trained once under the key's lock."""
     spec = data.spec
-    made = poisoned_spec(cfg, device)
-    key, key_spec, attack, model, recipe, precision = (made.key, made.key_spec, made.attack, made.model, made.recipe,
-                                                       made.precision)
+    key, key_spec, attack, model, recipe, precision = poisoned_spec(cfg, device)
     cache = ModelCache(cfg.paths.cache)
     with cache.lock(key):
         entry = cache.load(key)
         hit = entry is not None
-        if entry is None and attack.checkpoint:
-            log.info("cache miss %s: loading %s", key[:12], attack.checkpoint)
-            source = load_checkpoint(model, attack.checkpoint)
-            attack.build(spec.shape)  # the trigger is the config's; no training set is poisoned here
-            model.to(device).eval()
-            undefended = {**evaluate(model, data.test, attack, recipe.eval_batch_size, precision),
-                          **attack.extra_metrics(model, data.test, recipe.eval_batch_size, precision)}
-            entry = cache.store(key, {k: v.cpu() for k, v in model.state_dict().items()}, attack.state_dict(),
-                                {"spec": key_spec, "history": [], "train_seconds": 0.0, "source": source,
-                                 "undefended": undefended, "attack_report": attack.report()})
-        elif entry is None:
-            log.info("cache miss %s: training %s on %s (%d epochs)", key[:12], cfg.attack._target_, spec.name,
-                     recipe.epochs)
+        if entry is None:
             start = time.perf_counter()
-            train_set = attack.prepare(data.train, data.poisonable(), generator(cfg.seed, "poison"))
-            history = train(model, train_set, attack, recipe, spec.augment, generator(cfg.seed, "train", device))
-            seconds = time.perf_counter() - start
+            if attack.checkpoint:
+                log.info("cache miss %s: loading %s", key[:12], attack.checkpoint)
+                source, history = load_checkpoint(model, attack.checkpoint), []
+                attack.build(spec.shape)  # the trigger is the config's; no training set is poisoned here
+                model.to(device).eval()
+            else:
+                log.info("cache miss %s: training %s on %s (%d epochs)", key[:12], cfg.attack._target_, spec.name,
+                         recipe.epochs)
+                train_set = attack.prepare(data.train, data.poisonable(), generator(cfg.seed, "poison"))
+                history = train(model, train_set, attack, recipe, spec.augment, generator(cfg.seed, "train", device))
+                source = {"source": "trained"}
+            seconds = time.perf_counter() - start if history else 0.0
             undefended = {**evaluate(model, data.test, attack, recipe.eval_batch_size, precision),
                           **attack.extra_metrics(model, data.test, recipe.eval_batch_size, precision)}
             entry = cache.store(key, {k: v.cpu() for k, v in model.state_dict().items()}, attack.state_dict(),
-                                {"spec": key_spec, "history": history, "train_seconds": seconds,
-                                 "source": {"source": "trained"}, "undefended": undefended,
-                                 "attack_report": attack.report()})
+                                {"spec": key_spec, "history": history, "train_seconds": seconds, "source": source,
+                                 "undefended": undefended, "attack_report": attack.report()})
         else:
             log.info("cache hit %s", key[:12])
             model.load_state_dict(entry.weights)
