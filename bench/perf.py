@@ -7,6 +7,10 @@ fastest pass size per device is what ``coalition_images`` in ``conf/config.yaml`
 ``pipeline``: one epoch of poisoned training and one pass over the test set, the engine (uint8 data
 resident on the device, batched augmentation) against the pipeline BackdoorBench runs (torchvision
 DataLoader over PIL images, PIL transforms, fp32, batch 128), same poisoned data, model and initial weights.
+
+``datapath``: the engine's training epoch and test pass divided by the model's own forward/backward (and
+forward) time on pre-made float tensors of the same batch size, precision and memory format: what the
+engine adds around the model (gather, uint8 scaling, poisoning, augmentation, bookkeeping), as a ratio.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
+from bench.device import autocast, memory_format
 from bench.metrics import predict
 from bench.models import create_model
 from bench.report import markdown
@@ -203,6 +208,76 @@ def pipeline(device: torch.device, overrides: list[str], train_images: int | Non
                f"Against the fastest reference setting the engine is **{train_best:.2f}x** faster per training epoch "
                f"and **{eval_best:.2f}x** per test pass (engine eval batch {recipe.eval_batch_size}).")
     return Result("Engine against a DataLoader + PIL pipeline", df, summary, tag=spec.name)
+
+
+def datapath(device: torch.device, cases: list[dict], repeats: int = 2) -> Result:
+    """Per case (config overrides, training and test images): engine seconds / the model's own seconds."""
+    rows = []
+    for case in cases:
+        with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+            cfg = compose("config", overrides=list(case["overrides"]))
+        data = build(cfg.dataset).load(cfg.paths.data, device, cfg.paths.cache)
+        spec, attack = data.spec, build(cfg.attack)
+        train_set = attack.prepare(data.train, data.poisonable(), generator(0, "poison"))
+        train_set = train_set.subset(torch.arange(min(case.get("train_images") or len(train_set), len(train_set)),
+                                                  device=device))
+        test_x = data.test.x[: case.get("test_images") or len(data.test)]
+        recipe = replace(build(cfg.recipe), epochs=1)
+        torch.manual_seed(0)
+        model = build(cfg.model, num_classes=spec.num_classes, shape=spec.shape, mean=spec.mean, std=spec.std)
+        fmt = memory_format(device, recipe.channels_last)
+        model.to(device=device, memory_format=fmt)
+        steps = len(train_set) // recipe.batch_size if recipe.drop_last else -(-len(train_set) // recipe.batch_size)
+        gen = torch.Generator(device=device).manual_seed(0)
+        batches = [(torch.rand(recipe.batch_size, *spec.shape, generator=gen, device=device).contiguous(memory_format=fmt),
+                    torch.randint(spec.num_classes, (recipe.batch_size,), generator=gen, device=device))
+                   for _ in range(steps)]
+        test_batches = [torch.rand(len(chunk), *spec.shape, generator=gen, device=device).contiguous(memory_format=fmt)
+                        for chunk in test_x.split(recipe.eval_batch_size)]
+
+        def engine_train() -> None:
+            train(copy.deepcopy(model), train_set, attack, recipe, spec.augment, generator(0, "train", device), "perf")
+
+        def own_train() -> None:
+            own = copy.deepcopy(model).train()
+            optimizer = recipe.optimizer(own.parameters())
+            for x, y in batches:
+                with autocast(device, recipe.precision):
+                    loss = F.cross_entropy(own(x), y)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+
+        def engine_eval() -> None:
+            predict(model, test_x, batch_size=recipe.eval_batch_size, precision=recipe.precision)
+
+        @torch.no_grad()
+        def own_eval() -> None:
+            model.eval()
+            for x in test_batches:
+                with autocast(device, recipe.precision):
+                    model(x).argmax(1)
+
+        name = cfg.model._target_.rsplit(".", 1)[-1]
+        for phase, engine, own, images, batch in [
+                ("train", engine_train, own_train, steps * recipe.batch_size, recipe.batch_size),
+                ("eval", engine_eval, own_eval, len(test_x), recipe.eval_batch_size)]:
+            # alternate engine and model so that a change of load on the machine hits both alike
+            e, o = [], []
+            for _ in range(repeats):
+                e.append(_time(engine, device, 1, warmup=not e))
+                o.append(_time(own, device, 1, warmup=not o))
+            rows.append({"data": spec.name, "model": name, "attack": cfg.attack._target_.rsplit(".", 1)[-1],
+                         "phase": phase, "images": images, "batch": batch, "precision": recipe.precision,
+                         "engine_s": min(e), "model_s": min(o), "ratio": min(e) / min(o)})
+    df = _device_columns(pd.DataFrame(rows), device)
+    worst = df.loc[df["ratio"].idxmax()]
+    summary = ("`ratio` = the engine's seconds / the model's own seconds on pre-made float tensors (same model, "
+               "initial weights, batch, optimizer, precision and memory format), best of "
+               f"{repeats} alternating runs after a warm-up; the goal is <= 1.10. Highest: **{worst['ratio']:.2f}x** "
+               f"({worst['model']}, {worst['phase']}).")
+    shown = df.assign(**{c: df[c].map(lambda v: float(f"{v:.4g}")) for c in ("engine_s", "model_s", "ratio")})
+    return Result("Engine data path against the model's own compute", shown, summary)
 
 
 def write(result: Result, name: str, folder: Path, device: torch.device) -> Path:

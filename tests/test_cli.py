@@ -154,10 +154,25 @@ def test_perf_pipeline_times_engine_and_reference(tmp_path):
     assert "faster per training epoch" in (tmp_path / "pipeline-synthetic-cpu.md").read_text()
 
 
+def test_perf_datapath_divides_engine_by_the_models_own_time(tmp_path):
+    run = subprocess.run([sys.executable, "-m", "bench.cli", "perf", "datapath", f"out={tmp_path}", "repeats=1",
+                          "cases=[{overrides: [dataset=synthetic, model=fmnist_cnn, attack=badnets], train_images: 300}]",
+                          "device=cpu"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    import pandas as pd
+
+    df = pd.read_csv(tmp_path / "datapath-cpu.csv")
+    assert df["phase"].tolist() == ["train", "eval"]
+    assert df["images"].tolist() == [256, 500]  # 2 full batches of 128 (drop_last) of the 300; all 500 test images
+    assert (df["engine_s"] > 0).all() and (df["model_s"] > 0).all()
+    assert ((df["ratio"] - df["engine_s"] / df["model_s"]).abs() < 0.01 * df["ratio"] + 1e-3).all()
+    assert "the goal is <= 1.10" in (tmp_path / "datapath-cpu.md").read_text()
+
+
 def test_perf_unknown_benchmark_is_one_line(tmp_path):
     run = subprocess.run([sys.executable, "-m", "bench.cli", "perf", "walks"], capture_output=True, text=True)
     assert run.returncode == 2 and run.stderr.strip() == (
-        "bdbench: error: usage: bdbench perf NAME [key=value ...]; valid names: coalitions, pipeline")
+        "bdbench: error: usage: bdbench perf NAME [key=value ...]; valid names: coalitions, datapath, pipeline")
 
 
 def test_report_and_version_explain_themselves(tmp_path):
