@@ -8,6 +8,10 @@ fastest pass size per device is what ``coalition_images`` in ``conf/config.yaml`
 resident on the device, batched augmentation) against the pipeline BackdoorBench runs (torchvision
 DataLoader over PIL images, PIL transforms, fp32, batch 128), same poisoned data, model and initial weights.
 
+``tta``: time to a clean test accuracy, the engine with its recipe against the same DataLoader + PIL pipeline
+with BackdoorBench's recipe, on the same poisoned data and initial weights; test accuracy is measured after each
+epoch, off the clock.
+
 ``datapath``: the engine's training epoch and test pass divided by the model's own forward/backward (and
 forward) time on pre-made float tensors of the same batch size, precision and memory format: what the
 engine adds around the model (gather, uint8 scaling, poisoning, augmentation, bookkeeping), as a ratio.
@@ -31,7 +35,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
 from bench.device import autocast, memory_format
-from bench.metrics import predict
+from bench.metrics import accuracy, predict
 from bench.models import create_model
 from bench.report import markdown
 from bench.seeding import generator
@@ -208,6 +212,89 @@ def pipeline(device: torch.device, overrides: list[str], train_images: int | Non
                f"Against the fastest reference setting the engine is **{train_best:.2f}x** faster per training epoch "
                f"and **{eval_best:.2f}x** per test pass (engine eval batch {recipe.eval_batch_size}).")
     return Result("Engine against a DataLoader + PIL pipeline", df, summary, tag=spec.name)
+
+
+def tta(device: torch.device, overrides: list[str], engine_recipe: str, reference_recipe: str, target: float,
+        max_epochs: int, train_images: int | None, test_images: int | None, workers: int) -> Result:
+    """Seconds of training until the clean test accuracy first reaches ``target``, per pipeline."""
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=[*overrides, f"recipe={engine_recipe}"])
+        reference = build(compose("config", overrides=[*overrides, f"recipe={reference_recipe}"]).recipe)
+    data = build(cfg.dataset).load(cfg.paths.data, device, cfg.paths.cache)
+    spec, attack = data.spec, build(cfg.attack)
+    train_set = attack.prepare(data.train, data.poisonable(), generator(0, "poison"))
+    if train_images is not None:
+        train_set = train_set.subset(torch.arange(min(train_images, len(train_set)), device=device))
+    test = data.test.subset(torch.arange(min(test_images or len(data.test), len(data.test)), device=device))
+    recipe = build(cfg.recipe)
+    rows = []
+
+    def on_epoch(pipeline: str, epoch: int, seconds: float, acc: float) -> bool:
+        rows.append({"pipeline": pipeline, "epoch": epoch, "seconds": seconds, "test_acc": acc})
+        return acc >= target or epoch >= max_epochs
+
+    torch.manual_seed(0)
+    engine_model = build(cfg.model, num_classes=spec.num_classes, shape=spec.shape, mean=spec.mean, std=spec.std)
+    torch.manual_seed(0)  # the same initial weights; the reference normalizes in its transforms instead
+    ones = [1.0] * len(spec.mean)
+    reference_model = build(cfg.model, num_classes=spec.num_classes, shape=spec.shape, mean=[0.0] * len(ones),
+                            std=ones).to(device)
+    clock = [0.0]
+
+    def engine_epoch(row: dict, model: torch.nn.Module) -> bool:
+        clock[0] += row["seconds"]
+        return on_epoch(f"engine, recipe {engine_recipe}", row["epoch"], clock[0],
+                        accuracy(model, test, batch_size=recipe.eval_batch_size))
+
+    train(engine_model, train_set, attack, recipe, spec.augment, generator(0, "train", device), "tta", engine_epoch)
+
+    normalize = T.Normalize(spec.mean, spec.std)
+    augment = [T.RandomCrop(spec.shape[1], padding=spec.augment.crop_padding)] if spec.augment.crop_padding else []
+    augment += [T.RandomHorizontalFlip()] if spec.augment.hflip else []
+    loader = DataLoader(PILImages(train_set.x, train_set.y, T.Compose([*augment, T.ToTensor(), normalize])),
+                        batch_size=reference.batch_size, shuffle=True, drop_last=reference.drop_last,
+                        num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=workers > 0)
+    test_loader = DataLoader(PILImages(test.x, test.y, T.Compose([T.ToTensor(), normalize])), batch_size=1024)
+    optimizer = reference.optimizer(reference_model.parameters())
+    scheduler = reference.scheduler(optimizer) if reference.scheduler is not None else None
+    seconds = 0.0
+    for epoch in range(1, reference.epochs + 1):
+        _sync(device)
+        start = time.perf_counter()
+        _reference_epoch(reference_model, loader, optimizer, device)
+        if scheduler is not None:
+            scheduler.step()
+        _sync(device)
+        seconds += time.perf_counter() - start
+        if on_epoch(f"DataLoader + PIL, recipe {reference_recipe}", epoch, seconds,
+                    _reference_accuracy(reference_model, test_loader, device)):
+            break
+    df = pd.DataFrame(rows)
+    df["seconds"], df["test_acc"] = df["seconds"].round(1), df["test_acc"].round(4)
+    reached = df[df["test_acc"] >= target].groupby("pipeline", sort=False)["seconds"].min()
+    lines = []
+    for pipeline, group in df.groupby("pipeline", sort=False):
+        if pipeline in reached:
+            lines.append(f"{pipeline}: **{reached[pipeline]:.0f} s** ({group['epoch'][group['test_acc'] >= target].min()} "
+                         f"epochs)")
+        else:
+            lines.append(f"{pipeline}: not reached in {group['epoch'].max()} epochs ({group['seconds'].max():.0f} s; "
+                         f"best {100 * group['test_acc'].max():.2f} %)")
+    names = df["pipeline"].unique()  # engine first, then the reference
+    ratio = (f" The reference takes **{reached[names[1]] / reached[names[0]]:.2f}x** the engine's time."
+             if len(reached) == 2 else "")
+    summary = (f"Data set {spec.name}, model {cfg.model._target_.rsplit('.', 1)[-1]}, attack "
+               f"{cfg.attack._target_.rsplit('.', 1)[-1]}, {len(train_set)} training images, clean test accuracy on "
+               f"{len(test)} test images after each epoch (off the clock), same poisoned data and initial weights. "
+               f"Time to {100 * target:.0f} %: " + "; ".join(lines) + "." + ratio)
+    return Result(f"Time to {100 * target:.0f} % clean accuracy", _device_columns(df, device), summary, tag=spec.name)
+
+
+@torch.no_grad()
+def _reference_accuracy(model: torch.nn.Module, loader: DataLoader, device: torch.device) -> float:
+    model.eval()
+    correct = sum((model(x.to(device)).argmax(1).cpu() == y).sum().item() for x, y in loader)
+    return correct / len(loader.dataset)
 
 
 def datapath(device: torch.device, cases: list[dict], repeats: int = 2) -> Result:

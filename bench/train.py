@@ -59,8 +59,12 @@ class BatchStream:
 
 
 def train(model: nn.Module, data: ImageSet, attack, recipe: Recipe, augment: Augment,
-          gen: torch.Generator, desc: str = "train") -> list[dict]:
-    """Train ``model`` in place on ``data`` through ``attack.train_batch``; return per-epoch metrics."""
+          gen: torch.Generator, desc: str = "train",
+          on_epoch: Callable[[dict, nn.Module], bool | None] | None = None) -> list[dict]:
+    """Train ``model`` in place on ``data`` through ``attack.train_batch``; return per-epoch metrics.
+
+    ``on_epoch(row, model)`` runs after each epoch, outside its timing (``bdbench perf tta`` measures test
+    accuracy there); a true return ends training early."""
     device = data.x.device
     fmt = memory_format(device, recipe.channels_last)
     model.to(device=device, memory_format=fmt)
@@ -106,4 +110,6 @@ def train(model: nn.Module, data: ImageSet, attack, recipe: Recipe, augment: Aug
         history.append(row)
         log.info("%s epoch %d/%d  loss %.4f  acc %.4f  (%.1f s)", desc, row["epoch"], recipe.epochs,
                  row["loss"], row["acc"], row["seconds"])
+        if on_epoch is not None and on_epoch(row, model):
+            break
     return history

@@ -169,10 +169,26 @@ def test_perf_datapath_divides_engine_by_the_models_own_time(tmp_path):
     assert "the goal is <= 1.10" in (tmp_path / "datapath-cpu.md").read_text()
 
 
+def test_perf_tta_stops_each_pipeline_at_the_target_or_the_epoch_cap(tmp_path):
+    run = subprocess.run([sys.executable, "-m", "bench.cli", "perf", "tta", f"out={tmp_path}", "device=cpu",
+                          "overrides=[dataset=synthetic,model=fmnist_cnn,attack=badnets]", "engine_recipe=reference",
+                          "target=0.5", "max_epochs=4", "workers=0", "train_images=1000"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    import pandas as pd
+
+    df = pd.read_csv(tmp_path / "tta-synthetic-cpu.csv")
+    for pipeline, group in df.groupby("pipeline"):
+        assert group["epoch"].tolist() == list(range(1, len(group) + 1)) and group["seconds"].is_monotonic_increasing
+        reached = group["test_acc"] >= 0.5  # the last row is the first to reach the target, or epoch 4
+        assert not reached.iloc[:-1].any() and (reached.iloc[-1] or len(group) == 4), pipeline
+    assert "Time to 50 %" in (tmp_path / "tta-synthetic-cpu.md").read_text()
+
+
 def test_perf_unknown_benchmark_is_one_line(tmp_path):
     run = subprocess.run([sys.executable, "-m", "bench.cli", "perf", "walks"], capture_output=True, text=True)
     assert run.returncode == 2 and run.stderr.strip() == (
-        "bdbench: error: usage: bdbench perf NAME [key=value ...]; valid names: coalitions, datapath, pipeline")
+        "bdbench: error: usage: bdbench perf NAME [key=value ...]; valid names: coalitions, datapath, pipeline, tta")
 
 
 def test_report_and_version_explain_themselves(tmp_path):
