@@ -11,6 +11,8 @@ __version__ = "0.1.0"
 
 # ${target_of_seed:${seed},${dataset.num_classes}}: the published grids' target label (conf/experiment/).
 OmegaConf.register_new_resolver("target_of_seed", target_of_seed, replace=True)
+# ${sum:${recipe.epochs},1}: a length that follows another key (conf/recipe/onecycle.yaml).
+OmegaConf.register_new_resolver("sum", lambda *terms: sum(terms), replace=True)
 
 
 def _register_search_path_plugin() -> None:

@@ -13,7 +13,7 @@ import logging
 import time
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable, Literal
+from typing import Annotated, Callable, Literal
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from bench.augment import Augment
 from bench.data import ImageSet
 from bench.device import PRECISIONS, autocast, memory_format
-from bench.schema import PositiveInt
+from bench.schema import PositiveInt, Range
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,7 @@ class Recipe:
     channels_last: bool
     drop_last: bool  # steps per epoch: floor(n / batch) when true, else ceil
     eval_batch_size: PositiveInt
+    label_smoothing: Annotated[float, Range(ge=0, lt=1)] | None  # null = none (BackdoorBench)
 
 
 class BatchStream:
@@ -90,7 +91,7 @@ def train(model: nn.Module, data: ImageSet, attack, recipe: Recipe, augment: Aug
             x = x.contiguous(memory_format=fmt)
             with autocast(device, recipe.precision):
                 logits = model(x)
-                loss = F.cross_entropy(logits, y) + attack.batch_loss()
+                loss = F.cross_entropy(logits, y, label_smoothing=recipe.label_smoothing or 0.0) + attack.batch_loss()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
