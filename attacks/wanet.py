@@ -9,12 +9,14 @@ trigger); then the whole batch gets WaNet's own per-sample augmentation (crop, r
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Annotated
 
 import torch
 import torch.nn.functional as F
 
 from attacks.base import Attack, register_attack
+from bench.errors import ConfigError
 from bench.augment import random_crop, random_hflip
 from bench.data import ImageSet
 from bench.metrics import predict
@@ -35,8 +37,14 @@ def random_rotation(x: torch.Tensor, degrees: float, gen: torch.Generator) -> to
 class WaNet(Attack):
     def __init__(self, *, target: Count, poison_rate: Rate, k: Annotated[int, Range(ge=2)], s: Positive,
                  grid_rescale: Positive, cross_ratio: NonNegative, crop_padding: Count, crop_p: Fraction,
-                 rotation: Annotated[float, Range(ge=0, le=180)], rotation_p: Fraction, hflip: bool) -> None:
+                 rotation: Annotated[float, Range(ge=0, le=180)], rotation_p: Fraction, hflip: bool,
+                 checkpoint: str | None, field: str | None) -> None:
         super().__init__()
+        if checkpoint and not field:
+            raise ValueError(f"attack.checkpoint={checkpoint} with attack.field=null: a WaNet model is defended with "
+                             f"its warp; valid: attack.field=FILE holding identity_grid and noise_grid (the official "
+                             f"code and BackdoorBench save both in their checkpoint: FILE may be the checkpoint)")
+        self.checkpoint, self.field = checkpoint, field
         self.target, self.poison_rate = target, poison_rate
         self.k, self.s, self.grid_rescale, self.cross_ratio = k, s, grid_rescale, cross_ratio
         self.crop_padding, self.crop_p, self.rotation, self.rotation_p, self.hflip = (
@@ -61,6 +69,27 @@ class WaNet(Attack):
         identity = torch.stack((cols, rows), dim=2)[None]  # (x = column, y = row), grid_sample's order
         return ((identity + self.s * field / size) * self.grid_rescale).clamp(-1, 1)
 
+    def load_field(self, size: int) -> torch.Tensor:
+        """The warp of ``self.field``: its ``identity_grid`` and ``noise_grid`` (the official WaNet and BackdoorBench
+        checkpoints, 1 x H x W x 2 each) combined with this config's s and grid_rescale, as in those codes."""
+        path = Path(self.field)
+        if not path.is_file():
+            raise ConfigError(f"attack.field={path}: no such file; valid: a torch.save file holding identity_grid and "
+                              f"noise_grid")
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+        grids = [obj.get(k) if isinstance(obj, dict) else None for k in ("identity_grid", "noise_grid")]
+        if not all(torch.is_tensor(g) and tuple(g.shape) == (1, size, size, 2) for g in grids):
+            found = {k: tuple(v.shape) if torch.is_tensor(v) else type(v).__name__
+                     for k, v in (obj.items() if isinstance(obj, dict) else [])}
+            raise ConfigError(f"attack.field={path}: holds {found or type(obj).__name__}; valid: identity_grid and "
+                              f"noise_grid, each of shape (1, {size}, {size}, 2)")
+        identity, noise = (g.float() for g in grids)
+        return ((identity + self.s * noise / size) * self.grid_rescale).clamp(-1, 1)
+
+    def build(self, shape: tuple[int, int, int]) -> None:
+        """A defended checkpoint's trigger: the warp of its field file."""
+        self.grid = self.load_field(shape[-1])
+
     def warp(self, x: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
         grid = grid.to(x.device, x.dtype).expand(x.shape[0], -1, -1, -1)
         return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
@@ -72,7 +101,9 @@ class WaNet(Attack):
 
     # -- training ---------------------------------------------------------------------------------
     def prepare(self, train: ImageSet, candidates: torch.Tensor, gen: torch.Generator) -> ImageSet:
-        self.grid = self.make_grid(train.x.shape[-1], gen)
+        self.grid = self.make_grid(train.x.shape[-1], gen)  # drawn even from a field file: the same seeds follow
+        if self.field:
+            self.grid = self.load_field(train.x.shape[-1])
         seed = int(torch.randint(0, 2**62, (1,), generator=gen, device=gen.device))
         self.gen = torch.Generator(device=train.x.device).manual_seed(seed)
         return train

@@ -1,7 +1,7 @@
 """Poisoned models trained elsewhere: read a checkpoint file into a registered model.
 
-Accepted files: a ``state_dict``, or a dict holding one under ``state_dict`` or ``model`` (the latter is
-BackdoorBench's ``attack_result.pt``), with or without DataParallel's ``module.`` prefix. Key layouts: the
+Accepted files: a ``state_dict``, or a dict holding one under ``state_dict``, ``model`` (BackdoorBench's
+``attack_result.pt``) or ``netC`` (the ``state_dict.pt`` of the official WaNet code and of BackdoorBench's wanet), with or without DataParallel's ``module.`` prefix. Key layouts: the
 registered models' own, the WideResNet of the public NAD / ARGD code (``block1.layer.0.conv1.weight``,
 ``convShortcut``, a final ``bn1``) and BackdoorBench's PreActResNet18 (``shortcut.0``). The file is read with
 ``weights_only=True``: a checkpoint is data, never code. A file whose keys or shapes fit no layout is one
@@ -41,13 +41,13 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         first = str(exc).strip().splitlines()[0]
         raise ConfigError(f"attack.checkpoint={path}: not readable as tensors only ({first}); save the state_dict "
                           f"alone: torch.save(torch.load(F, weights_only=False)['model'], 'model.pt')") from None
-    for key in ("state_dict", "model"):
+    for key in ("state_dict", "model", "netC"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
             break
     if not isinstance(obj, dict) or not all(torch.is_tensor(v) for v in obj.values()):
         raise ConfigError(f"attack.checkpoint={path}: holds no state_dict (a dict of tensors, or one under "
-                          f"'state_dict' or 'model')")
+                          f"'state_dict', 'model' or 'netC')")
     state = {k.removeprefix("module."): v for k, v in obj.items()}
     return {k: v for k, v in state.items() if k not in OWN}  # normalization is the model config's, not the file's
 

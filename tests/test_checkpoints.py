@@ -172,3 +172,53 @@ def test_a_cell_defends_a_checkpoint_instead_of_training(tiny_cfg, choices, tmp_
     again = run_cell(cfg := tiny_cfg("model=wrn16_1", "model.normalize=false", "attack=badnets",
                                      f"attack.checkpoint={tmp_path / 'nad.pth'}", "defense=none", "budget=0"), choices(cfg))
     assert again["cache"]["hit"] and again["cache"]["key"] == record["cache"]["key"]  # the same file: one entry
+
+
+def official_wanet_grids(size: int, k: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """identity_grid and noise_grid as the official WaNet code (and BackdoorBench's wanet) make and save them."""
+    ins = torch.rand(1, 2, k, k) * 2 - 1
+    ins = ins / ins.abs().mean()
+    noise_grid = F.interpolate(ins, size=size, mode="bicubic", align_corners=True).permute(0, 2, 3, 1)
+    a = torch.linspace(-1, 1, steps=size)
+    x, y = torch.meshgrid(a, a, indexing="ij")
+    return torch.stack((y, x), 2)[None], noise_grid
+
+
+def test_wanet_defends_an_official_checkpoint_with_its_own_warp(tiny_cfg, choices, tmp_path):
+    """attack.checkpoint + attack.field on one official-format state_dict.pt (netC, identity_grid, noise_grid): the
+    trigger is the file's warp (s, grid_rescale from the config, the official formula), the cache keys both by
+    content, and another field file is another poisoned model."""
+    from bench.runner import run_cell
+
+    torch.manual_seed(3)
+    theirs = create_model("fmnist_cnn", num_classes=10, shape=(1, 16, 16), mean=[0.5], std=[0.5]).eval()
+    identity, noise = official_wanet_grids(16)
+    torch.save({"netC": theirs.state_dict(), "identity_grid": identity, "noise_grid": noise, "epoch_current": 3},
+               tmp_path / "state_dict.pt")
+    attack = configured("attack", "attack=wanet", checkpoint=str(tmp_path / "state_dict.pt"),
+                        field=str(tmp_path / "state_dict.pt"))
+    attack.build((1, 16, 16))
+    x = torch.randint(0, 256, (8, 1, 16, 16), dtype=torch.uint8)
+    grid = ((identity + attack.s * noise / 16) * attack.grid_rescale).clamp(-1, 1)  # the official warp, by hand
+    expected = F.grid_sample(x.float(), grid.expand(8, -1, -1, -1), align_corners=True).round().clamp(0, 255)
+    assert torch.equal(attack.apply_trigger(x), expected.to(torch.uint8))
+
+    overrides = ["attack=wanet", f"attack.checkpoint={tmp_path / 'state_dict.pt'}",
+                 f"attack.field={tmp_path / 'state_dict.pt'}", "defense=none", "budget=0"]
+    record = run_cell(cfg := tiny_cfg(*overrides), choices(cfg))
+    assert record["status"] == "ok", record.get("error")
+    source = record["cache"]["source"]
+    assert source["source"] == "checkpoint" and source["field"]["sha256"] == source["sha256"]
+    torch.save({"identity_grid": identity, "noise_grid": -noise}, tmp_path / "other_field.pt")
+    other = run_cell(cfg := tiny_cfg(*overrides[:2], f"attack.field={tmp_path / 'other_field.pt'}", *overrides[3:]),
+                     choices(cfg))
+    assert other["status"] == "ok" and other["cache"]["key"] != record["cache"]["key"] and not other["cache"]["hit"]
+
+
+def test_wanet_checkpoint_without_its_warp_or_with_a_wrong_one_is_one_error(tmp_path):
+    with pytest.raises(ValueError, match="attack.field=null"):
+        configured("attack", "attack=wanet", checkpoint="model.pt", field=None)
+    torch.save({"identity_grid": torch.zeros(1, 8, 8, 2)}, tmp_path / "field.pt")
+    attack = configured("attack", "attack=wanet", checkpoint=None, field=str(tmp_path / "field.pt"))
+    with pytest.raises(ConfigError, match=r"noise_grid, each of shape \(1, 16, 16, 2\)"):
+        attack.build((1, 16, 16))

@@ -10,7 +10,7 @@ from torch import nn
 from bench.augment import Augment
 from bench.data import ImageSet
 from bench.train import train
-from tests.conftest import configured
+from conftest import configured
 
 
 def test_onecycle_recipe_warms_up_peaks_early_and_ends_above_zero():
