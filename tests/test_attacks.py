@@ -50,10 +50,16 @@ def test_static_poisoning_follows_the_backdoorbench_rule():
 
 def test_badnets_stamps_any_pattern_black_pixels_included_at_any_position():
     """NAD's 3x3 grid trigger: its black pixels are part of the trigger and must be stamped over the image."""
-    grid = [[255, 0, 255], [0, 255, 0], [255, 0, 255]]
+    grid = [[0, 0, 255], [0, 255, 0], [255, 0, 255]]
     attack = configured("attack", "attack=badnets", pattern=grid)
     x = torch.full((2, 3, 32, 32), 128, dtype=torch.uint8)
     out = attack.apply_trigger(x)
+    nad = x[0].permute(1, 2, 0).clone()  # NAD's data_loader.py _gridTriger, on an H x W x C image, w = h = 32
+    w = h = 32
+    nad[w - 1][h - 1], nad[w - 1][h - 2], nad[w - 1][h - 3] = 255, 0, 255
+    nad[w - 2][h - 1], nad[w - 2][h - 2], nad[w - 2][h - 3] = 0, 255, 0
+    nad[w - 3][h - 1], nad[w - 3][h - 2], nad[w - 3][h - 3] = 255, 0, 0
+    assert torch.equal(out[0], nad.permute(2, 0, 1))
     assert out[0, :, 29:, 29:].tolist() == [grid] * 3  # flush with the bottom-right corner, every channel
     assert (out[:, :, :29, :] == 128).all() and (out[:, :, :, :29] == 128).all()
     placed = configured("attack", "attack=badnets", pattern=grid, position=[2, 5]).apply_trigger(x)

@@ -106,7 +106,7 @@ def trained_like(model: nn.Module) -> nn.Module:
 
 
 def raw_pixels(name: str) -> nn.Module:
-    """A registered model that, like the NAD and BackdoorBench codes here, reads raw [0, 1] pixels."""
+    """A registered model that reads raw [0, 1] pixels, as the NAD code's models do."""
     return create_model(name, num_classes=10, shape=(3, 32, 32), mean=[0.0] * 3, std=[1.0] * 3).eval()
 
 

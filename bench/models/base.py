@@ -26,7 +26,7 @@ class ImageClassifier(nn.Module, ABC):
     def __init__(self, num_classes: int, shape: Sequence[int], mean: Sequence[float], std: Sequence[float],
                  normalize: bool | None) -> None:
         """``mean`` and ``std`` are the data set's; ``normalize=False`` makes the model read raw [0, 1] pixels, as
-        the NAD/ARGD and BackdoorBench codes train theirs (a checkpoint from them needs it); null = normalize."""
+        the NAD/ARGD code trains its models (a checkpoint from it needs it); null = normalize, as BackdoorBench does."""
         super().__init__()
         self.num_classes = num_classes
         self.shape = tuple(shape)
