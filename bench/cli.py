@@ -8,6 +8,8 @@
     bdbench report DIR [--out DIR] [--data DIR] [--cache DIR] [--index]
                                   tables (mean ± std over seeds), figures and the HTML leaderboard from the
                                   records under DIR (--help)
+    bdbench reproduction [--published FILE] [--out FILE]
+                                  published rows beside bdbench's cells (results/reproduction.md; --help)
     bdbench --version             bdbench's version
     bdbench perf NAME [k=v ...]   a benchmark (conf/perf/NAME.yaml), written to results/perf/
 
@@ -346,6 +348,24 @@ def report_command(args: list[str]) -> None:
         print(write_index(Path(parsed.records).resolve().parent))
 
 
+def reproduction_command(args: list[str]) -> None:
+    """``bdbench reproduction [--published FILE] [--out FILE]``: published rows beside bdbench's cells."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="bdbench reproduction", description="Published ACC / ASR rows beside "
+                                     "bdbench's cells on the closest setting it runs, with a verdict per row.")
+    parser.add_argument("--published", default="results/reproduction.yaml",
+                        help="the published rows and their stand-in cells (default: %(default)s)")
+    parser.add_argument("--out", default="results/reproduction.md", help="the table (default: %(default)s)")
+    parsed = parser.parse_args(args)
+    if not Path(parsed.published).is_file():
+        raise ConfigError(f"--published {parsed.published}: no such file; valid: a YAML list of sources "
+                          f"(results/reproduction.yaml in the repository)")
+    from bench.reproduction import build
+
+    print(build(parsed.published, parsed.out))
+
+
 def main() -> None:
     argv = sys.argv[1:]
     try:
@@ -360,6 +380,9 @@ def main() -> None:
             return
         if argv[:1] == ["report"]:
             report_command(argv[1:])
+            return
+        if argv[:1] == ["reproduction"]:
+            reproduction_command(argv[1:])
             return
         if argv in (["--help"], ["-h"]):
             print(help_text())

@@ -204,7 +204,7 @@ def test_report_and_version_explain_themselves(tmp_path):
     version = run("--version")
     assert version.returncode == 0 and version.stdout.strip() == "bdbench 0.1.0"
     top = run("--help")  # Hydra's help listed neither the subcommands nor where to find them
-    assert top.returncode == 0 and all(f"bdbench {c}" in top.stdout for c in ("list", "gallery", "report", "perf"))
+    assert top.returncode == 0 and all(f"bdbench {c}" in top.stdout for c in ("list", "gallery", "report", "reproduction", "perf"))
     assert "defense     anp, ar_purification" in top.stdout
     cfg = run("-m", "experiment=smoke", "--cfg", "job")  # was Hydra's ValueError traceback
     assert cfg.returncode == 2 and cfg.stderr.startswith("bdbench: error: --cfg shows one cell") and "Traceback" not in cfg.stderr

@@ -1,0 +1,98 @@
+"""``bdbench reproduction``: published rows beside bdbench's cells on the closest setting it runs.
+
+The published numbers and the cells that stand in for them are data (``results/reproduction.yaml``): per source,
+its setting, what differs from it in bdbench's run, where the records are and which cells match. Each defense row
+compares the change a defense makes (after minus undefended, in points) with the published change: the direction
+agrees when both lower, both raise or both leave a metric within its tolerance; the size agrees when the two
+changes are within ``size`` points of each other. A row without finished cells says so, with its command.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+from omegaconf import OmegaConf
+
+from bench.report import load, markdown
+
+# points: below ``flat`` a change is "no change"; within ``size`` of the published change, the size agrees
+TOLERANCE = {"asr": {"flat": 5.0, "size": 15.0}, "acc": {"flat": 2.0, "size": 3.0}}
+
+
+def direction(change: float, metric: str) -> str:
+    flat = TOLERANCE[metric]["flat"]
+    return "lowers" if change <= -flat else "raises" if change >= flat else "keeps"
+
+
+def verdict(ours: dict[str, float], published: dict[str, float]) -> str:
+    """'agrees' (direction and size of both changes), 'direction only', or what differs, from changes in points."""
+    wrong = [m for m in ("asr", "acc") if direction(ours[m], m) != direction(published[m], m)]
+    if wrong:
+        return "disagrees: " + ", ".join(f"{m.upper()} {direction(ours[m], m)}, published {direction(published[m], m)}"
+                                         for m in wrong)
+    far = [m for m in ("asr", "acc") if abs(ours[m] - published[m]) > TOLERANCE[m]["size"]]
+    return "agrees" if not far else "direction only (" + ", ".join(
+        f"{m.upper()} {ours[m]:+.1f} vs {published[m]:+.1f}" for m in far) + ")"
+
+
+def _mean(values: pd.Series) -> str:
+    v = values.dropna() * 100
+    return "–" if v.empty else f"{v.mean():.1f}" if len(v) == 1 else f"{v.mean():.1f} ± {v.std():.1f}"
+
+
+def source_table(block: dict, cells: pd.DataFrame) -> pd.DataFrame:
+    """One row per published row of ``block``: published before/after, bdbench's, n, and the verdict."""
+    match = cells
+    for key, value in block["match"].items():
+        match = match[match[key].astype(str) == str(value)] if len(match) else match
+    base = block["rows"][0]  # the undefended row comes first
+    rows = []
+    for row in block["rows"]:
+        published = f"{row['acc']:.2f} / {row['asr']:.2f}"
+        if row["defense"] == "none":
+            ours = match[match["undefended_acc"].notna()].drop_duplicates("model_key") if len(match) else match
+            done, acc, asr = ours, ours.get("undefended_acc"), ours.get("undefended_asr")
+        else:
+            mine = match[match["defense"] == row["defense"]] if len(match) else match
+            done = mine[mine["status"] == "ok"] if len(mine) else mine
+            acc, asr = done.get("acc"), done.get("asr")
+        if not len(done):
+            rows.append({"defense": row["defense"], "published ACC / ASR": published, "bdbench ACC / ASR": "not run",
+                         "n": 0, "verdict": "–"})
+            continue
+        if row["defense"] == "none":
+            result = "baseline: ACC {:+.1f}, ASR {:+.1f} points".format(100 * acc.mean() - row["acc"],
+                                                                      100 * asr.mean() - row["asr"])
+        else:
+            ours = {"acc": 100 * (acc - done["undefended_acc"]).mean(), "asr": 100 * (asr - done["undefended_asr"]).mean()}
+            result = verdict(ours, {"acc": row["acc"] - base["acc"], "asr": row["asr"] - base["asr"]})
+        ran = len(match[match["defense"] == row["defense"]]) if row["defense"] != "none" else len(done)
+        rows.append({"defense": row["defense"], "published ACC / ASR": published,
+                     "bdbench ACC / ASR": f"{_mean(acc)} / {_mean(asr)}", "n": f"{len(done)}/{ran}",
+                     "verdict": result})
+    return pd.DataFrame(rows)
+
+
+def build(published: str | Path, out: str | Path) -> Path:
+    """Write ``out`` (Markdown) from the sources in ``published``, reading each source's records folder."""
+    published, out = Path(published), Path(out)
+    sources = OmegaConf.to_container(OmegaConf.load(published), resolve=True)
+    loaded: dict[str, pd.DataFrame] = {}
+    lines = ["# Reproduction: published rows beside bdbench's", "",
+             f"Rebuilt by `bdbench reproduction --published {published} --out {out}` from the records each section "
+             "names. ACC / ASR in %, bdbench's as mean ± std over its seeds. A defense row compares changes (after "
+             "minus undefended, in points): the direction agrees when both lower, both raise or both keep a metric "
+             f"(within {TOLERANCE['asr']['flat']:g} points of ASR, {TOLERANCE['acc']['flat']:g} of ACC); the size "
+             f"agrees when the changes are within {TOLERANCE['asr']['size']:g} points of ASR and "
+             f"{TOLERANCE['acc']['size']:g} of ACC of each other. The undefended row gives the differences.", ""]
+    for block in sources:
+        root = Path(block["records"])
+        if str(root) not in loaded:
+            loaded[str(root)] = load(root)[0] if root.is_dir() else pd.DataFrame()
+        lines += [f"## {block['source']}", "", f"Published setting: {block['setting']}.", "",
+                  f"bdbench's stand-in: {block['stand_in']}.", "", f"What differs: {block['differs']}.", "",
+                  markdown(source_table(block, loaded[str(root)])), "", f"Cells: `{block['command']}`", ""]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines))
+    return out
