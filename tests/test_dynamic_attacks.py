@@ -144,10 +144,12 @@ def test_artifacts_reproduce_the_asr_image_for_image(tiny_cfg, choices):
 
 @pytest.mark.parametrize("attack", ["wanet", "input_aware"])
 def test_cpu_schedules_on_cifar_cnn_win_over_the_grid_epochs_and_spare_the_gpu_grid(tmp_path, attack):
-    cpu = compose_cell(tmp_path, ["experiment=cifar10_grid", f"attack={attack}"])
+    cpu = compose_cell(tmp_path, ["experiment=cifar10_grid", "model=cifar_cnn", f"attack={attack}"])
     schedule = OmegaConf.load(CONF_DIR / "attack_model" / f"{attack}_cifar_cnn.yaml")
-    assert cpu.recipe.epochs == schedule.recipe.epochs != 15  # cifar10_grid trains the other attacks 15
-    assert compose_cell(tmp_path, ["experiment=cifar10_grid", "attack=badnets"]).recipe.epochs == 15
+    grid = compose_cell(tmp_path, ["experiment=cifar10_grid", "model=cifar_cnn", "attack=badnets"]).recipe.epochs
+    assert cpu.recipe.epochs == schedule.recipe.epochs != grid  # the grid trains the other attacks its own length
+    wrn = compose_cell(tmp_path, ["experiment=cifar10_grid", f"attack={attack}"])
+    assert wrn.model._target_.endswith("WideResNet") and wrn.recipe.epochs == grid  # one recipe for every attack
     gpu = compose_cell(tmp_path, ["experiment=paper_grid_gpu", f"attack={attack}"])
     plain = compose_cell(tmp_path, ["dataset=cifar10_jpeg", f"attack={attack}", f"attack.target={gpu.attack.target}"])
     assert gpu.recipe.epochs == 100 and gpu.attack == plain.attack  # the same attack, its target drawn from the seed
