@@ -215,7 +215,8 @@ def pipeline(device: torch.device, overrides: list[str], train_images: int | Non
 
 
 def tta(device: torch.device, overrides: list[str], engine_recipe: str, reference_recipe: str, target: float,
-        max_epochs: int, train_images: int | None, test_images: int | None, workers: int) -> Result:
+        max_epochs: int, max_seconds: float | None, train_images: int | None, test_images: int | None,
+        workers: int) -> Result:
     """Seconds of training until the clean test accuracy first reaches ``target``, per pipeline."""
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         cfg = compose("config", overrides=[*overrides, f"recipe={engine_recipe}"])
@@ -231,7 +232,7 @@ def tta(device: torch.device, overrides: list[str], engine_recipe: str, referenc
 
     def on_epoch(pipeline: str, epoch: int, seconds: float, acc: float) -> bool:
         rows.append({"pipeline": pipeline, "epoch": epoch, "seconds": seconds, "test_acc": acc})
-        return acc >= target or epoch >= max_epochs
+        return acc >= target or epoch >= max_epochs or (max_seconds is not None and seconds >= max_seconds)
 
     torch.manual_seed(0)
     engine_model = build(cfg.model, num_classes=spec.num_classes, shape=spec.shape, mean=spec.mean, std=spec.std)
