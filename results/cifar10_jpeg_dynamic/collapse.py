@@ -31,7 +31,7 @@ from bench.validate import CONF_DIR, build
 
 SETTING = ["experiment=cifar10_grid", "model=cifar_cnn", "recipe=reference", "attack=wanet",
            "dataset.subset.train=20000", "attack_target=0", "seed=0", "budget=10", "defense=clp"]
-SWEEP_IMAGES = 2000  # test images per single-channel check (the full test set for the CLP rows)
+SWEEP_IMAGES = 500  # test images per single-channel check (the full test set for the CLP rows)
 
 
 def bn_layers(model: nn.Module) -> list[nn.BatchNorm2d]:
@@ -66,7 +66,7 @@ def remove(model: nn.Module, channels: list[int], mode: str, clean: torch.Tensor
     for index in channels:
         bn, c = locate(out, index)
         bn.weight[c] = 0
-        bn.bias[c] = means[locate(model, index)[0]][c] if mode == "mean" else 0
+        bn.bias[c] = means[bn][c] if mode == "mean" else 0
     if mode == "zero + BN":
         for bn in bn_layers(out):
             bn.reset_running_stats()
