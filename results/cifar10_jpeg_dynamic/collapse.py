@@ -109,8 +109,9 @@ def main(overrides: list[str]) -> None:
     real = data.budget(int(cfg.budget), int(cfg.seed))
     clean = real.x.float().div(255)
     classes = data.spec.num_classes
-    test, sweep_x = data.test, data.test.x[:SWEEP_IMAGES]
-    sweep_y = data.test.y[:SWEEP_IMAGES]
+    test = data.test  # class folders: the first images are all one class, so the sweep draws a seeded sample
+    pick = torch.randperm(len(test), generator=torch.Generator().manual_seed(0))[:SWEEP_IMAGES].to(test.x.device)
+    sweep_x, sweep_y = test.x[pick], test.y[pick]
 
     def score(m: nn.Module, full: bool) -> dict:
         if full:
@@ -162,7 +163,7 @@ def main(overrides: list[str]) -> None:
             f"{len(clean)} images). "
             f"`top`: the share of the most predicted class. ACC, ASR, top in %.", "",
             "## CLP's channels, full test set", "", markdown(pd.DataFrame(pct(rows))), "",
-            f"## Every single channel zeroed ({sum(sizes)} channels, first {SWEEP_IMAGES} test images)", "",
+            f"## Every single channel zeroed ({sum(sizes)} channels, {SWEEP_IMAGES} test images drawn with seed 0)", "",
             f"{len(collapsing)} of {sum(sizes)} single channels collapse the model when zeroed (ACC <= "
             f"{100 * COLLAPSE_CHANCE_FACTOR / classes:.0f} % or one class >= {100 * COLLAPSE_TOP_SHARE:.0f} % of the "
             f"predictions). Median ACC with one channel zeroed: "
