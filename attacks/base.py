@@ -42,6 +42,7 @@ class Attack(ABC):
     target: int | None = None
     poison_rate: float = 0.0
     checkpoint: str | None = None  # a poisoned model trained elsewhere, for attacks whose trigger the config fixes
+    trigger_files: tuple[str, ...] = ()  # keys naming files a defended checkpoint's trigger is read from
 
     def __init__(self) -> None:
         self.poison_indices = torch.empty(0, dtype=torch.long)

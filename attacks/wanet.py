@@ -35,6 +35,8 @@ def random_rotation(x: torch.Tensor, degrees: float, gen: torch.Generator) -> to
 
 @register_attack("wanet")
 class WaNet(Attack):
+    trigger_files = ("field",)
+
     def __init__(self, *, target: Count, poison_rate: Rate, k: Annotated[int, Range(ge=2)], s: Positive,
                  grid_rescale: Positive, cross_ratio: NonNegative, crop_padding: Count, crop_p: Fraction,
                  rotation: Annotated[float, Range(ge=0, le=180)], rotation_p: Fraction, hflip: bool,
@@ -67,7 +69,11 @@ class WaNet(Attack):
         a = torch.linspace(-1, 1, size)
         rows, cols = torch.meshgrid(a, a, indexing="ij")
         identity = torch.stack((cols, rows), dim=2)[None]  # (x = column, y = row), grid_sample's order
-        return ((identity + self.s * field / size) * self.grid_rescale).clamp(-1, 1)
+        return self.combine(identity, field, size)
+
+    def combine(self, identity: torch.Tensor, noise: torch.Tensor, size: int) -> torch.Tensor:
+        """The warp grid from the identity grid and the upsampled field, at strength s / H (spec §4.1)."""
+        return ((identity + self.s * noise / size) * self.grid_rescale).clamp(-1, 1)
 
     def load_field(self, size: int) -> torch.Tensor:
         """The warp of ``self.field``: its ``identity_grid`` and ``noise_grid`` (the official WaNet and BackdoorBench
@@ -84,7 +90,7 @@ class WaNet(Attack):
             raise ConfigError(f"attack.field={path}: holds {found or type(obj).__name__}; valid: identity_grid and "
                               f"noise_grid, each of shape (1, {size}, {size}, 2)")
         identity, noise = (g.float() for g in grids)
-        return ((identity + self.s * noise / size) * self.grid_rescale).clamp(-1, 1)
+        return self.combine(identity, noise, size)
 
     def build(self, shape: tuple[int, int, int]) -> None:
         """A defended checkpoint's trigger: the warp of its field file."""

@@ -113,8 +113,8 @@ def poisoned_spec(cfg: DictConfig, device: torch.device) -> PoisonedSpec:
                 "seed": int(cfg.seed), "precision": precision, "code": code_version(attack, model)}
     key_spec["dataset"].pop("download", None)
     if attack.checkpoint:  # a model trained elsewhere is the file's content, wherever the file lies
-        for key in ("checkpoint", "field"):  # the field: WaNet's warp, when it comes from a file too
-            if getattr(attack, key, None):
+        for key in ("checkpoint", *attack.trigger_files):  # e.g. WaNet's field: its warp, from a file too
+            if getattr(attack, key):
                 key_spec["attack"][key] = sha256_file(Path(getattr(attack, key)))
         for trained_here in ("recipe", "seed"):
             key_spec.pop(trained_here)
@@ -134,8 +134,8 @@ def poisoned_model(cfg: DictConfig, data: DataBundle, device: torch.device) -> t
             if attack.checkpoint:
                 log.info("cache miss %s: loading %s", key[:12], attack.checkpoint)
                 source, history = load_checkpoint(model, attack.checkpoint), []
-                if getattr(attack, "field", None):
-                    source["field"] = {"path": str(attack.field), "sha256": key_spec["attack"]["field"]}
+                source.update({key: {"path": str(getattr(attack, key)), "sha256": key_spec["attack"][key]}
+                               for key in attack.trigger_files if getattr(attack, key)})
                 attack.build(spec.shape)  # the trigger is the config's; no training set is poisoned here
                 model.to(device).eval()
             else:
