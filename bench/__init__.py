@@ -15,13 +15,15 @@ OmegaConf.register_new_resolver("target_of_seed", target_of_seed, replace=True)
 OmegaConf.register_new_resolver("sum", lambda *terms: sum(terms), replace=True)
 
 
-def _register_search_path_plugin() -> None:
+def _register_hydra_plugins() -> None:
     """Hydra finds ``hydra_plugins.bdbench`` by walking the hydra_plugins namespace; an editable install
-    maps it through setuptools' import hook, which that walk cannot list, so register it by hand too."""
+    maps it through setuptools' import hook, which that walk cannot list, so register them by hand too."""
     from hydra.core.plugins import Plugins
     from hydra_plugins.bdbench import BdbenchSearchPathPlugin
+    from hydra_plugins.bdbench.sweeper import SkipRecordedSweeper
 
     Plugins.instance().register(BdbenchSearchPathPlugin)
+    Plugins.instance().register(SkipRecordedSweeper)
 
 
-_register_search_path_plugin()
+_register_hydra_plugins()

@@ -36,10 +36,12 @@ from hydra.errors import HydraException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from bench import records
 from bench.device import resolve_device
 from bench.errors import ConfigError
 from bench.runner import cell_path, fail, run_cell, summary
 from bench.validate import CONF_DIR, GROUPS, check_choice, validate
+from hydra_plugins.bdbench.sweeper import RECORDED, job_key
 
 log = logging.getLogger("bdbench")
 
@@ -101,7 +103,8 @@ def validate_jobs(jobs: list[list[str]]) -> list[Path]:
 
 def prevalidate(argv: list[str]) -> list[Path] | None:
     """Compose and validate every job before any compute; their record paths (None when nothing will run).
-    Raises ConfigError."""
+    A sweep's jobs whose record exists go into the sweeper's ``RECORDED``: it does not launch them. Raises
+    ConfigError."""
     args = get_args_parser().parse_args(argv)
     if args.multirun and (args.cfg or args.info):  # Hydra ends this in a traceback
         raise ConfigError(f"--{'cfg' if args.cfg else 'info'} shows one cell and cannot be combined with -m; valid: "
@@ -113,7 +116,11 @@ def prevalidate(argv: list[str]) -> list[Path] | None:
             jobs = expand_jobs(args.overrides, args.multirun)
         except HydraException as exc:
             raise explain(exc, args.overrides) from None
-        return validate_jobs(jobs)
+        paths = validate_jobs(jobs)
+    if args.multirun:
+        RECORDED.clear()
+        RECORDED.update(job_key(job) for job, path in zip(jobs, paths) if records.read_record(path) is not None)
+    return paths
 
 
 def outcome(paths: list[Path], seconds: float) -> tuple[str, bool]:
@@ -396,7 +403,9 @@ def main() -> None:
     except ConfigError as exc:
         fail(str(exc))
     start = time.perf_counter()
-    PROGRESS.total, PROGRESS.start = len(paths or []), start
+    PROGRESS.total, PROGRESS.start = len(paths or []) - len(RECORDED), start
+    if RECORDED:
+        log.info("%d of %d cells have a record: not launched", len(RECORDED), len(paths or []))
     run()
     if paths is not None:
         line, ok = outcome(paths, time.perf_counter() - start)

@@ -47,7 +47,8 @@ def test_sigkill_mid_sweep_then_resume(tmp_path):
     records = [json.loads(p.read_text()) for p in finished(tmp_path)]
     cells = [(r["cell"]["attack"], r["cell"]["defense"], r["cell"]["budget"]) for r in records]
     assert sorted(cells) == sorted(CELLS) and all(r["status"] == "ok" for r in records)  # each exactly once
-    assert out.count("record exists, skipping") == len(survivors)
+    assert f"{len(survivors)} of {len(CELLS)} cells have a record: not launched" in out
+    assert f"Launching {len(CELLS) - len(survivors)} jobs" in out
     assert {p: p.stat().st_mtime_ns for p in survivors} == survivors  # finished records never rewritten
     models_after = {p.name for p in (tmp_path / "cache" / "models").iterdir() if not p.name.startswith(".")}
     assert len(models_after) == 2  # one poisoned model per attack
