@@ -51,7 +51,17 @@ def test_the_wheel_carries_every_config(venv):
     names = zipfile.ZipFile(next((venv / "dist").glob("bdbench-*.whl"))).namelist()
     shipped = {n.split("bench/conf/", 1)[1] for n in names if n.startswith("bench/conf/") and n.endswith(".yaml")}
     in_tree = {p.relative_to(ROOT / "conf").as_posix() for p in (ROOT / "conf").rglob("*.yaml")}
-    assert shipped == in_tree and "hydra_plugins/bdbench/__init__.py" in names
+    assert shipped == in_tree and {"hydra_plugins/bdbench/__init__.py", "hydra_plugins/bdbench/sweeper.py"} <= set(names)
+
+
+def test_hydra_finds_bdbench_plugins_when_it_imports_them_first(venv):
+    """Hydra's plugin scan imports ``hydra_plugins.bdbench`` before anything imports bench (``python -m hydra``,
+    another tool's sweep): before, that import failed on a circular import with bench's own registration."""
+    python = venv / "venv" / "bin" / "python"
+    found = sh(python, "-c", "import hydra_plugins.bdbench\n"
+               "from hydra.core.plugins import Plugins\nfrom hydra.plugins.sweeper import Sweeper\n"
+               "print(sorted(c.__name__ for c in Plugins.instance().discover(Sweeper)))", cwd=venv).stdout
+    assert "SkipRecordedSweeper" in found
 
 
 def test_bdbench_list_shows_the_plugin_with_its_package(venv):
