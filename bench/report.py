@@ -9,6 +9,8 @@ Reads every record under DIR into pandas and writes, under DIR/report (or --out)
   tables/<metric>.csv           the same as numbers: mean, std, finished, run and each outcome's count
   tables/undefended.*           the poisoned models' own ACC / ASR / RA per attack
   tables/cost.*                 defense wall time and peak memory
+  tables/walltime.*             minutes per seed and attack from an empty cache (training once per model,
+                                synthesis, reversal, defenses, evaluation) and in all
   tables/cells.csv              one row per record (the long format everything above is built from);
                                 failed cells appear in the tables as "failed" / "diverged" with their count
   index.html                    the HTML leaderboard (bench.leaderboard): a sortable, filterable table of
@@ -92,6 +94,7 @@ def load(root: str | Path, triggers: dict | None = None, names: dict | None = No
                      **{f"undefended_{k}": u.get(k) for k in ("acc", "asr", "ra")},
                      "defense_seconds": rec["timings"].get("defense"),
                      **{f"{phase}_seconds": rec["timings"].get(phase) for phase in ("synthesis", "reversal", "eval")},
+                     "cell_seconds": rec["timings"]["total"] - rec["timings"].get("train", 0.0),
                      "model_key": rec["cache"]["key"], "train_seconds": rec["cache"]["train_seconds"],
                      "peak_rss_mb": rec["peak_memory"]["rss_mb"],
                      "cuda_mb": rec["peak_memory"].get("cuda_mb"), "record": str(path.relative_to(root))})
@@ -154,6 +157,23 @@ def numeric(df: pd.DataFrame, column: str, scale: float = 100.0, finished: tuple
 
 
 OUTCOMES = ("collapsed", "diverged", "failed")
+
+
+def wall_time(df: pd.DataFrame) -> pd.DataFrame:
+    """Minutes per seed and attack, each phase a column, and a total per sweep setting (the row ``all``)."""
+    keys = ["dataset", "model", "recipe", "experiment"]
+
+    def minutes(group: pd.DataFrame) -> pd.Series:
+        training = group.drop_duplicates("model_key")["train_seconds"].sum()
+        phases = {p: group[f"{p}_seconds"].fillna(0).sum() for p in ("synthesis", "reversal", "defense", "eval")}
+        spent = (pd.Series({"training": training, **phases, "total": training + group["cell_seconds"].sum()})
+                 / 60).round(1)
+        return pd.concat([pd.Series({"cells": len(group)}), spent]).astype(object)
+
+    per_seed = df.groupby(keys + ["seed", "attack"])[list(df.columns)].apply(minutes).reset_index()
+    total = df.groupby(keys)[list(df.columns)].apply(minutes).reset_index().assign(seed="all", attack="all")
+    table = pd.concat([per_seed.astype({"seed": str}), total], ignore_index=True)
+    return table.rename(columns={"defense": "defenses", "eval": "evaluation"})
 
 
 def named(frame: pd.DataFrame, names: dict) -> pd.DataFrame:
@@ -295,6 +315,10 @@ def report(root: str | Path, out: str | Path | None = None, data_root: str | Non
     cost_numbers = pd.concat([numeric(df, "defense_seconds", 1.0, ran).assign(metric="defense_seconds"),
                               numeric(df, "peak_rss_mb", 1.0, ran).assign(metric="peak_rss_mb")])
     write_table(cost, tables, "cost", names, cost_numbers, "Defense wall time (s) and peak memory (MB)")
+    write_table(wall_time(df[df["status"].isin(ran)]), tables, "walltime", names,
+                title="Wall time (min) from an empty cache, per seed and attack, from the records' timings: training "
+                      "once per poisoned model, the other phases summed over its cells; not counted: composing and "
+                      "validating the sweep, process start-up")
     cells = df
     df = df[df["status"].isin(ran)]
     cells.sort_values(KEYS + ["budget", "seed"]).to_csv(tables / "cells.csv", index=False, lineterminator="\n")

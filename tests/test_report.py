@@ -123,3 +123,21 @@ def test_tables_are_numeric_in_csv_and_compile_in_latex(tmp_path):
         done = subprocess.run(["pdflatex", "-halt-on-error", "-interaction=nonstopmode", "t.tex"], cwd=tmp_path,
                               capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, done.stdout[-2000:]
+
+
+def test_wall_time_counts_each_model_once_and_every_phase_of_its_cells():
+    """The README's wall time is this table: training once per poisoned model (three cells share model m1, trained
+    in 120 s), each other phase summed over the cells, the total = training + the cells' time outside training."""
+    import pandas as pd
+
+    from bench.report import wall_time
+
+    df = pd.DataFrame({"dataset": ["d"] * 4, "model": ["m"] * 4, "recipe": ["r"] * 4, "experiment": ["e"] * 4,
+                       "seed": [0, 0, 0, 1], "attack": ["a"] * 4, "model_key": ["m1", "m1", "m1", "m2"],
+                       "train_seconds": [120.0, 120.0, 120.0, 60.0], "synthesis_seconds": [30.0, None, None, None],
+                       "reversal_seconds": [None, 6.0, None, None], "defense_seconds": [12.0, 18.0, 6.0, 6.0],
+                       "eval_seconds": [6.0, 6.0, 6.0, 6.0], "cell_seconds": [48.0, 30.0, 12.0, 12.0]})
+    table = wall_time(df).set_index("seed")
+    assert table.loc["0", ["cells", "training", "synthesis", "reversal", "defenses", "evaluation", "total"]].tolist() \
+        == [3, 2.0, 0.5, 0.1, 0.6, 0.3, 3.5]  # (120 + 48 + 30 + 12) / 60
+    assert table.loc["all", ["cells", "training", "total"]].tolist() == [4, 3.0, 4.7]  # (180 + 102) / 60
