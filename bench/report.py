@@ -172,7 +172,7 @@ def wall_time(df: pd.DataFrame) -> pd.DataFrame:
 
     per_seed = df.groupby(keys + ["seed", "attack"])[list(df.columns)].apply(minutes).reset_index()
     total = df.groupby(keys)[list(df.columns)].apply(minutes).reset_index().assign(seed="all", attack="all")
-    table = pd.concat([per_seed.astype({"seed": str}), total], ignore_index=True)
+    table = pd.concat([per_seed.astype({"seed": str}), total], ignore_index=True).astype({"cells": int})
     return table.rename(columns={"defense": "defenses", "eval": "evaluation"})
 
 
