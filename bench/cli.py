@@ -41,7 +41,6 @@ from bench.device import resolve_device
 from bench.errors import ConfigError
 from bench.runner import cell_path, fail, run_cell, summary
 from bench.validate import CONF_DIR, GROUPS, check_choice, validate
-from hydra_plugins.bdbench.sweeper import RECORDED, job_key
 
 log = logging.getLogger("bdbench")
 
@@ -103,7 +102,7 @@ def validate_jobs(jobs: list[list[str]]) -> list[Path]:
 
 def prevalidate(argv: list[str]) -> list[Path] | None:
     """Compose and validate every job before any compute; their record paths (None when nothing will run).
-    A sweep's jobs whose record exists go into the sweeper's ``RECORDED``: it does not launch them. Raises
+    A sweep's jobs whose record exists go into ``records.RECORDED``: it does not launch them. Raises
     ConfigError."""
     args = get_args_parser().parse_args(argv)
     if args.multirun and (args.cfg or args.info):  # Hydra ends this in a traceback
@@ -118,8 +117,9 @@ def prevalidate(argv: list[str]) -> list[Path] | None:
             raise explain(exc, args.overrides) from None
         paths = validate_jobs(jobs)
     if args.multirun:
-        RECORDED.clear()
-        RECORDED.update(job_key(job) for job, path in zip(jobs, paths) if records.read_record(path) is not None)
+        records.RECORDED.clear()
+        records.RECORDED.update(records.job_key(job) for job, path in zip(jobs, paths)
+                                if records.read_record(path) is not None)
     return paths
 
 
@@ -403,9 +403,9 @@ def main() -> None:
     except ConfigError as exc:
         fail(str(exc))
     start = time.perf_counter()
-    PROGRESS.total, PROGRESS.start = len(paths or []) - len(RECORDED), start
-    if RECORDED:
-        log.info("%d of %d cells have a record: not launched", len(RECORDED), len(paths or []))
+    PROGRESS.total, PROGRESS.start = len(paths or []) - len(records.RECORDED), start
+    if records.RECORDED:
+        print(f"{len(records.RECORDED)} of {len(paths or [])} cells have a record: not launched", flush=True)
     run()
     if paths is not None:
         line, ok = outcome(paths, time.perf_counter() - start)

@@ -9,21 +9,32 @@ sweep costs the validation pass alone.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from typing import Any
 
-from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-
-# The override lists (as sorted tuples) of the jobs whose record exists; set by bench.cli before the sweep starts.
-RECORDED: set[tuple[str, ...]] = set()
+from hydra.plugins.sweeper import Sweeper
 
 
-def job_key(overrides: Iterable[str]) -> tuple[str, ...]:
-    """A job's identity as its overrides, independent of their order."""
-    return tuple(sorted(overrides))
+class SkipRecordedSweeper(Sweeper):
+    """Launches only the jobs not in ``bench.records.RECORDED``; job numbers stay those of the full sweep.
 
+    It wraps Hydra's basic sweeper instead of subclassing it, and keeps no state of its own: Hydra's plugin scan
+    re-executes plugin modules (its own included), so a base class or a set bound when this module was first
+    imported would not be the one in use when the sweep runs.
+    """
 
-class SkipRecordedSweeper(BasicSweeper):
-    """Launches only the jobs not in ``RECORDED``; job numbers stay those of the full sweep's order."""
+    def __init__(self, max_batch_size: int | None = None, params: dict[str, str] | None = None) -> None:
+        self.max_batch_size, self.params = max_batch_size, params
+        self.basic: Any = None
 
-    def get_job_batch(self) -> Sequence[Sequence[str]]:
-        return [job for job in super().get_job_batch() if job_key(job) not in RECORDED]
+    def setup(self, *, hydra_context: Any, task_function: Any, config: Any) -> None:
+        from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+
+        from bench.records import RECORDED, job_key
+
+        self.basic = BasicSweeper(self.max_batch_size, self.params)
+        batch = self.basic.get_job_batch
+        self.basic.get_job_batch = lambda: [job for job in batch() if job_key(job) not in RECORDED]
+        self.basic.setup(hydra_context=hydra_context, task_function=task_function, config=config)
+
+    def sweep(self, arguments: list[str]) -> Any:
+        return self.basic.sweep(arguments)
