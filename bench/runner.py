@@ -90,6 +90,14 @@ def cell_config(cfg: DictConfig) -> dict:
     return {key: strip_descriptive(cfg[key]) for key in cfg if key not in ("paths", "device", "hydra", "worker")}
 
 
+def cell_setting(cfg: DictConfig) -> str:
+    """What one table row averages over: the cell's config with seed and budget set aside. Both are fixed before
+    the config resolves, so a value drawn from the seed (the published grids' target label) is not a setting."""
+    canon = copy.deepcopy(cfg)
+    canon.seed, canon.budget = 0, 0
+    return sha256_json(identity({k: v for k, v in cell_config(canon).items() if k not in ("seed", "budget")}))[:12]
+
+
 class PoisonedSpec(NamedTuple):
     """What a poisoned model is made of, before any data is read: its cache key and the parts that train it."""
 
@@ -205,7 +213,7 @@ def run_cell(cfg: DictConfig, choices: dict[str, Any]) -> dict:
 def _run_cell(cfg: DictConfig, choices: dict[str, Any], path: Path) -> dict:
     device = resolve_device(cfg.device)
     names, config = cell_names(cfg, choices), cell_config(cfg)
-    setting = sha256_json(identity({k: v for k, v in config.items() if k not in ("seed", "budget")}))[:12]
+    setting = cell_setting(cfg)
     display = {g: display_name(cfg, g, names[g]) for g in ("dataset", "model", "attack", "defense")}
     record: dict[str, Any] = {"cell": {**names, "id": path.stem, "setting": setting}, "display": display,
                               "config": config, "seed": int(cfg.seed)}

@@ -88,6 +88,19 @@ def test_published_grids_draw_the_target_from_the_seed(experiment, tmp_path):
     assert compose_cell(tmp_path, [f"experiment={experiment}", "attack=badnets", "attack.target=3"]).attack.target == 3
 
 
+def test_seeds_of_a_grid_share_a_setting_and_a_changed_key_does_not(tmp_path):
+    """The report averages the seeds of a row only when they share a setting. The setting hashed the resolved
+    config, so the target label drawn from the seed made every row of paper_grid read as mixed settings."""
+    from bench.runner import cell_setting
+
+    def setting(*overrides: str) -> str:
+        return cell_setting(compose_cell(tmp_path, ["experiment=paper_grid", "attack=badnets", "defense=ft", *overrides]))
+
+    assert setting("seed=0", "budget=10") == setting("seed=1", "budget=10") == setting("seed=2", "budget=1")
+    assert setting("seed=0") != setting("seed=0", "defense.schedule.min_steps=7")  # a real change of setting still shows
+    assert setting("seed=0") != setting("seed=1", "attack.target=3")  # so does a target set by hand
+
+
 @pytest.mark.parametrize("experiment", ["paper_grid", "cifar10_grid", "paper_grid_gpu"])
 def test_published_grids_run_both_readings_of_ar_purification(experiment, tmp_path):
     """The default row was the code sketch alone, which measures fine-tuning plus an L1 term."""
