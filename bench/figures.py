@@ -223,3 +223,33 @@ def time_breakdown(cells: pd.DataFrame, names: dict, folder: Path) -> list[str]:
         save(fig, folder, stem)
         stems.append(stem)
     return stems
+
+
+def training_curves(curves: pd.DataFrame, names: dict, folder: Path, target: float | None = None) -> list[str]:
+    """Each poisoned model's clean test ACC and ASR against the minutes it trained (test passes not counted), per
+    data set and model: one colour per attack, one line per seed; the time-to-accuracy view of a recipe, with
+    ``target`` (ACC in %) as a dashed line when given."""
+    stems = []
+    measured = curves.dropna(subset=["test_acc"])
+    for (dataset, model), part in measured.groupby(["dataset", "model"]):
+        shown = named(part, names)
+        fig, axes = plt.subplots(1, 2, figsize=(9.5, 3.4), sharex=True)
+        for ax, metric, label in zip(axes, ("test_acc", "test_asr"), ("clean test ACC (%)", "ASR (%)")):
+            sns.lineplot(data=shown, x="minutes", y=metric, hue="attack", units="seed", estimator=None, marker="o",
+                         markersize=3, linewidth=1, palette="colorblind", ax=ax, legend=ax is axes[1])
+            ax.set_ylim(-2, 102)
+            ax.set_ylabel(label)
+            ax.set_xlabel("minutes of training")
+            ax.grid(alpha=0.3)
+        if target is not None:
+            axes[0].axhline(target, color="black", linestyle="--", linewidth=0.8)
+            axes[0].annotate(f"{target:g} %", (0, target), xytext=(2, 2), textcoords="offset points", fontsize=7)
+        if axes[1].get_legend() is not None:
+            sns.move_legend(axes[1], "lower right", fontsize=7, title=None, frameon=False)
+        fig.suptitle(f"{shown['dataset'].iloc[0]} / {shown['model'].iloc[0]}: the poisoned models while they train "
+                     f"(one line per seed)", fontsize=9)
+        fig.tight_layout()
+        stem = f"training_{dataset}_{model}"
+        save(fig, folder, stem)
+        stems.append(stem)
+    return stems

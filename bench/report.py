@@ -11,6 +11,8 @@ Reads every record under DIR into pandas and writes, under DIR/report (or --out)
   tables/cost.*                 defense wall time and peak memory
   tables/walltime.*             minutes per seed and attack from an empty cache (training once per model,
                                 synthesis, reversal, defenses, evaluation) and in all
+  tables/training.csv           each poisoned model's training curve, per epoch: minutes trained, train ACC
+                                and, where ``monitor.test_every`` measured them, clean test ACC and ASR
   tables/cells.csv              one row per record (the long format everything above is built from);
                                 failed cells appear in the tables as "failed" / "diverged" with their count
   index.html                    the HTML leaderboard (bench.leaderboard): a sortable, filterable table of
@@ -19,7 +21,8 @@ Reads every record under DIR into pandas and writes, under DIR/report (or --out)
                                 that ran on synthetic data
   figures/                      (bench.figures; PNG, PDF, SVG) ASR and ACC heatmaps per budget with the
                                 undefended column, ACC-ASR scatter, ASR against budget, where the time went
-                                (training per attack, each defense, synthesis, reversal, evaluation), and
+                                (training per attack, each defense, synthesis, reversal, evaluation), the
+                                poisoned models' test ACC and ASR against training minutes, and
                                 the trigger gallery of each data set when the records' poisoned models are in
                                 the cache (``--cache``) and the data under ``--data``
 Tables are sorted and formatted deterministically, so the same records give the same bytes.
@@ -49,11 +52,12 @@ def display_names(rec: dict) -> dict[tuple[str, str], str]:
     return {(g, cell[g]): shown.get(g, cell[g]) for g in NAMED}
 
 
-def load(root: str | Path, triggers: dict | None = None, names: dict | None = None
+def load(root: str | Path, triggers: dict | None = None, names: dict | None = None, curves: list | None = None
          ) -> tuple[pd.DataFrame, list[dict]]:
     """(one row per finished cell, one entry per record that is not a finished cell); ``triggers`` collects
     one (dataset config, attack config, cache key, model config) per data set and attack, for the gallery;
-    ``names`` collects the display names."""
+    ``names`` collects the display names; ``curves`` one row per epoch of each poisoned model's training
+    (``training_curves``)."""
     root = Path(root)
     rows, problems = [], []
     names = {} if names is None else names
@@ -88,6 +92,8 @@ def load(root: str | Path, triggers: dict | None = None, names: dict | None = No
             triggers.setdefault(cell["dataset"], {}).setdefault(
                 cell["attack"], (rec["config"]["dataset"], rec["config"]["attack"], rec["cache"]["key"],
                                  rec["config"]["model"]))
+        if curves is not None:
+            curves += training_rows(rec)
         rows.append({**{k: cell[k] for k in KEYS}, "budget": cell["budget"], "seed": cell["seed"],
                      "status": "collapsed" if is_collapsed(rec) else "ok",
                      "setting": cell["setting"], "data_source": rec["data_source"], **{k: m.get(k) for k in METRICS},
@@ -99,6 +105,36 @@ def load(root: str | Path, triggers: dict | None = None, names: dict | None = No
                      "peak_rss_mb": rec["peak_memory"]["rss_mb"],
                      "cuda_mb": rec["peak_memory"].get("cuda_mb"), "record": str(path.relative_to(root))})
     return pd.DataFrame(rows), problems
+
+
+def training_rows(rec: dict) -> list[dict]:
+    """One row per epoch of the record's poisoned-model training: the minutes trained so far (test passes not
+    counted) and, where ``monitor.test_every`` measured them, clean test ACC and ASR (%)."""
+    cell, minutes, rows = rec["cell"], 0.0, []
+    for row in rec.get("training") or []:
+        minutes += row["seconds"] / 60
+        rows.append({"dataset": cell["dataset"], "model": cell["model"], "recipe": cell["recipe"],
+                     "experiment": cell["experiment"], "attack": cell["attack"], "seed": cell["seed"], "model_key": rec["cache"]["key"],
+                     "epoch": row["epoch"], "minutes": minutes, "train_acc": 100 * row["acc"],
+                     "test_acc": None if row.get("test_acc") is None else 100 * row["test_acc"],
+                     "test_asr": None if row.get("test_asr") is None else 100 * row["test_asr"]})
+    return rows
+
+
+def time_to(curves: pd.DataFrame, target: float) -> pd.DataFrame:
+    """Per poisoned model (attack x seed): the first measured epoch whose clean test ACC reaches ``target`` (%),
+    the minutes trained until then (None: never reached), and the final epoch's ACC, ASR and minutes."""
+    rows = []
+    for (dataset, model, recipe, attack, seed), part in curves.groupby(
+            ["dataset", "model", "recipe", "attack", "seed"]):
+        measured, last = part.dropna(subset=["test_acc"]), part.iloc[-1]
+        hit = measured[measured["test_acc"] >= target]
+        rows.append({"dataset": dataset, "model": model, "recipe": recipe, "attack": attack, "seed": seed,
+                     f"epoch to {target:g} %": None if hit.empty else int(hit["epoch"].iloc[0]),
+                     f"min to {target:g} %": None if hit.empty else round(hit["minutes"].iloc[0], 1),
+                     "epochs": int(last["epoch"]), "min": round(last["minutes"], 1),
+                     "ACC": last["test_acc"], "ASR": last["test_asr"]})
+    return pd.DataFrame(rows)
 
 
 def is_collapsed(rec: dict) -> bool:
@@ -293,7 +329,9 @@ def report(root: str | Path, out: str | Path | None = None, data_root: str | Non
     out = Path(out) if out else root / "report"
     triggers: dict = {}
     names: dict = {}
-    df, problems = load(root, triggers, names)
+    curves: list = []
+    df, problems = load(root, triggers, names, curves)
+    curves = pd.DataFrame(curves).drop_duplicates(["model_key", "epoch"]) if curves else pd.DataFrame()
     if df.empty or not df["status"].isin(("ok", "collapsed")).any():
         raise FileNotFoundError(f"no finished records under {root} ({len(problems)} records not used: failed, "
                                 f"unreadable or of another schema)")
@@ -322,12 +360,19 @@ def report(root: str | Path, out: str | Path | None = None, data_root: str | Non
     cells = df
     df = df[df["status"].isin(ran)]
     cells.sort_values(KEYS + ["budget", "seed"]).to_csv(tables / "cells.csv", index=False, lineterminator="\n")
+    if not curves.empty:
+        curves.drop(columns="model_key").sort_values(["dataset", "model", "recipe", "attack", "seed", "epoch"]).to_csv(
+            tables / "training.csv", index=False, lineterminator="\n", float_format="%.4g")
     synthetic = (df[df["data_source"] == "synthetic"].groupby(KEYS + ["budget"])["seed"]
                  .apply(lambda s: ", ".join(map(str, sorted(s)))).reset_index(name="seeds"))
     mixed = df.groupby(KEYS + ["budget"])["setting"].nunique()
     for key in mixed[mixed > 1].index:  # same names, different configs (e.g. an override): never silently averaged
         problems.append({"record": " / ".join(map(str, key)), "problem": "one row mixes cells of different settings"})
     stems = figures(cells, names, out / "figures")
+    if not curves.empty and curves["test_acc"].notna().any():
+        from bench.figures import training_curves
+
+        stems += training_curves(curves, names, out / "figures")
     gallery_problems = galleries(triggers, out / "figures", data_root or os.environ.get("BDBENCH_DATA", "data"),
                                  cache_root or os.environ.get("BDBENCH_CACHE", ".cache/bdbench"))
     from bench.leaderboard import write_page

@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 from omegaconf import OmegaConf
 
-from bench.report import load, markdown
+from bench.report import load, markdown, time_to
 
 # points: below ``flat`` a change is "no change"; within ``size`` of the published change, the size agrees
 TOLERANCE = {"asr": {"flat": 5.0, "size": 15.0}, "acc": {"flat": 2.0, "size": 3.0}}
@@ -74,11 +74,31 @@ def source_table(block: dict, cells: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def time_to_accuracy(block: dict, curves: pd.DataFrame, out: Path) -> list[str]:
+    """Lines saying how long bdbench's matching poisoned models took to reach ``time_to`` % clean test ACC, per
+    seed, and a figure of their curves next to ``out`` (what the published baseline is held against)."""
+    target = float(block["time_to"])
+    if not curves.empty:
+        for key, value in block["match"].items():
+            if key in curves:
+                curves = curves[curves[key].astype(str) == str(value)]
+    if curves.empty or curves["test_acc"].isna().all():
+        return [f"Time to {target:g} % clean test ACC: not measured (no matching record has a training curve).", ""]
+    from bench.figures import training_curves
+
+    folder = out.parent / out.stem
+    stems = training_curves(curves, {}, folder, target)
+    table = time_to(curves, target).drop(columns=["dataset", "model", "recipe"])
+    return [f"Time to {target:g} % clean test ACC on 2 CPU cores (minutes of training, test passes not counted; "
+            f"`monitor.test_every` epochs apart):", "", markdown(table), "",
+            *[f"![training curves]({folder.name}/{stem}.png)" for stem in stems], ""]
+
+
 def build(published: str | Path, out: str | Path) -> Path:
     """Write ``out`` (Markdown) from the sources in ``published``, reading each source's records folder."""
     published, out = Path(published), Path(out)
     sources = OmegaConf.to_container(OmegaConf.load(published), resolve=True)
-    loaded: dict[str, pd.DataFrame] = {}
+    loaded: dict[str, tuple[pd.DataFrame, pd.DataFrame]] = {}
     lines = ["# Reproduction: published rows beside bdbench's", "",
              f"Rebuilt by `bdbench reproduction --published {published} --out {out}` from the records each section "
              "names. ACC / ASR in %, bdbench's as mean ± std over its seeds. A defense row compares changes (after "
@@ -89,10 +109,16 @@ def build(published: str | Path, out: str | Path) -> Path:
     for block in sources:
         root = Path(block["records"])
         if str(root) not in loaded:
-            loaded[str(root)] = load(root)[0] if root.is_dir() else pd.DataFrame()
+            curves: list = []
+            cells = load(root, curves=curves)[0] if root.is_dir() else pd.DataFrame()
+            loaded[str(root)] = cells, (pd.DataFrame(curves).drop_duplicates(["model_key", "epoch"]) if curves
+                                        else pd.DataFrame())
+        cells, curves = loaded[str(root)]
         lines += [f"## {block['source']}", "", f"Published setting: {block['setting']}.", "",
                   f"bdbench's stand-in: {block['stand_in']}.", "", f"What differs: {block['differs']}.", "",
-                  markdown(source_table(block, loaded[str(root)])), "", f"Cells: `{block['command']}`", ""]
+                  markdown(source_table(block, cells)), "", f"Cells: `{block['command']}`", ""]
+        if "time_to" in block:
+            lines += time_to_accuracy(block, curves, out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines))
     return out

@@ -87,7 +87,7 @@ def identity(node: Any) -> Any:
 
 def cell_config(cfg: DictConfig) -> dict:
     """The resolved config of a cell, without where files live or which device runs it."""
-    return {key: strip_descriptive(cfg[key]) for key in cfg if key not in ("paths", "device", "hydra", "worker")}
+    return {key: strip_descriptive(cfg[key]) for key in cfg if key not in ("paths", "device", "hydra", "worker", "monitor")}
 
 
 def cell_setting(cfg: DictConfig) -> str:
@@ -129,6 +129,28 @@ def poisoned_spec(cfg: DictConfig, device: torch.device) -> PoisonedSpec:
     return PoisonedSpec(sha256_json(key_spec)[:32], key_spec, attack, model, recipe, precision)
 
 
+@dataclasses.dataclass
+class TestMonitor:
+    """``train``'s ``on_epoch`` hook: adds clean test ACC and ASR (and the seconds they took, which are not training
+    time) to every ``every``-th epoch's row and the last one's. Returns None: it never stops training."""
+
+    every: int | None
+    epochs: int
+    test: Any
+    attack: Any
+    batch_size: int
+    precision: str
+
+    def __call__(self, row: dict, model: torch.nn.Module) -> None:
+        if not self.every or (row["epoch"] % self.every and row["epoch"] != self.epochs):
+            return
+        start = time.perf_counter()
+        metrics = evaluate(model, self.test, self.attack, self.batch_size, self.precision)
+        row.update(test_acc=metrics["acc"], test_asr=metrics["asr"], test_seconds=time.perf_counter() - start)
+        log.info("epoch %d: clean test ACC %.4f, ASR %s", row["epoch"], metrics["acc"],
+                 "-" if metrics["asr"] is None else f"{metrics['asr']:.4f}")
+
+
 def poisoned_model(cfg: DictConfig, data: DataBundle, device: torch.device) -> tuple[torch.nn.Module, Any, dict]:
     """The poisoned model and its attack, from the cache or trained once under the key's lock."""
     spec = data.spec
@@ -150,9 +172,13 @@ def poisoned_model(cfg: DictConfig, data: DataBundle, device: torch.device) -> t
                 log.info("cache miss %s: training %s on %s (%d epochs)", key[:12], cfg.attack._target_, spec.name,
                          recipe.epochs)
                 train_set = attack.prepare(data.train, data.poisonable(), generator(cfg.seed, "poison"))
-                history = train(model, train_set, attack, recipe, spec.augment, generator(cfg.seed, "train", device))
+                monitor = TestMonitor(cfg.monitor.test_every, recipe.epochs, data.test, attack, recipe.eval_batch_size,
+                                      precision)
+                history = train(model, train_set, attack, recipe, spec.augment, generator(cfg.seed, "train", device),
+                                on_epoch=monitor)
                 source = {"source": "trained"}
-            seconds = time.perf_counter() - start if history else 0.0
+            seconds = (time.perf_counter() - start - sum(row.get("test_seconds", 0.0) for row in history)
+                       if history else 0.0)
             undefended = {**evaluate(model, data.test, attack, recipe.eval_batch_size, precision),
                           **attack.extra_metrics(model, data.test, recipe.eval_batch_size, precision)}
             entry = cache.store(key, {k: v.cpu() for k, v in model.state_dict().items()}, attack.state_dict(),
@@ -252,7 +278,8 @@ def _run_cell(cfg: DictConfig, choices: dict[str, Any], path: Path) -> dict:
         record.update({"data_source": clean.source, "defense_images": len(clean), "undefended": undefended,
                        "reversal": reversal_info,
                        "attack": cache_info["attack_report"], "synthesis": synthesis,
-                       "cache": {k_: cache_info[k_] for k_ in ("key", "hit", "train_seconds", "source")}})
+                       "cache": {k_: cache_info[k_] for k_ in ("key", "hit", "train_seconds", "source")},
+                       "training": cache_info["history"]})
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         phase, t = "defense", time.perf_counter()

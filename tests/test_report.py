@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pandas as pd
+
 from bench.report import report
 from bench.runner import run_cell
 
@@ -12,8 +14,8 @@ from bench.runner import run_cell
 def test_report_tables_figures_and_problems(tiny_cfg, choices, tmp_path):
     for seed in (0, 1):
         for defense, budget in (("none", 1), ("clp", 0), ("clp", 1)):
-            run_cell(cfg := tiny_cfg(f"seed={seed}", f"defense={defense}", f"budget={budget}", "recipe.epochs=2"),
-                     choices(cfg))
+            run_cell(cfg := tiny_cfg(f"seed={seed}", f"defense={defense}", f"budget={budget}", "recipe.epochs=2",
+                                     "monitor.test_every=1"), choices(cfg))
     records = Path(cfg.paths.records)
     (records / "old.json").write_text(json.dumps({"schema_version": 1, "status": "ok"}))
     (records / "failed.json").write_text(json.dumps({"schema_version": 3, "status": "failed",
@@ -36,11 +38,14 @@ def test_report_tables_figures_and_problems(tiny_cfg, choices, tmp_path):
     assert "| BadNets | nad | – | diverged (0/1) |" in asr  # not a gap (a record without display names: its name)
     cells = (out / "tables" / "cells.csv").read_text().splitlines()
     assert len(cells) == 1 + 7
+    training = pd.read_csv(out / "tables" / "training.csv")  # one row per epoch of each seed's model, not per cell
+    assert training[["seed", "epoch"]].values.tolist() == [[0, 1], [0, 2], [1, 1], [1, 2]]
+    assert training["test_acc"].notna().all() and (training["minutes"].diff()[[1, 3]] > 0).all()
     problems = (out / "problems.md").read_text()
     assert "6 finished cells (0 collapsed), 3 records not used" in problems
     assert "schema 1" in problems and "failed: FloatingPointError: diverged" in problems
     for stem in ("asr_heatmap_synthetic_fmnist_cnn_k1", "acc_vs_asr_synthetic_fmnist_cnn",
-                 "asr_vs_budget_synthetic_fmnist_cnn", "time_synthetic_fmnist_cnn"):  # time: where the sweep's went
+                 "asr_vs_budget_synthetic_fmnist_cnn", "time_synthetic_fmnist_cnn", "training_synthetic_fmnist_cnn"):  # time: where the sweep's went
         assert all((out / "figures" / f"{stem}.{fmt}").is_file() for fmt in ("png", "pdf", "svg")), stem
     before = {p.name: p.read_bytes() for p in (out / "tables").iterdir()}
     report(records, tmp_path / "report", cache_root=str(tmp_path / "empty-cache"))  # no models: tables all the same
@@ -81,8 +86,6 @@ def test_every_table_cell_counts_finished_seeds_and_names_the_rest(tiny_cfg, cho
 def test_heatmap_cells_without_a_number_say_why():
     """A cell that never ran was drawn white, like ASR 0; a collapsed one read as a low ASR. Now only finished
     cells get a number (a colour); the others say what became of them, and the undefended column comes first."""
-    import pandas as pd
-
     from bench.figures import cell_grid
 
     cells = pd.DataFrame({"attack": ["a", "a", "b"], "defense": ["x", "y", "x"], "status": ["ok", "collapsed", "ok"],
@@ -141,3 +144,20 @@ def test_wall_time_counts_each_model_once_and_every_phase_of_its_cells():
     assert table.loc["0", ["cells", "training", "synthesis", "reversal", "defenses", "evaluation", "total"]].tolist() \
         == [3, 2.0, 0.5, 0.1, 0.6, 0.3, 3.5]  # (120 + 48 + 30 + 12) / 60
     assert table.loc["all", ["cells", "training", "total"]].tolist() == [4, 3.0, 4.7]  # (180 + 102) / 60
+
+
+def test_time_to_accuracy_is_the_first_measured_epoch_that_reaches_it():
+    """Minutes are summed training seconds (test passes excluded); unmeasured epochs never count; a model that never
+    reaches the target says so (None), and the final row is the last epoch's."""
+    from bench.report import time_to, training_rows
+
+    def rec(seed: int, accs: list) -> dict:
+        return {"cell": {"dataset": "d", "model": "m", "recipe": "r", "experiment": "e", "attack": "a", "seed": seed},
+                "cache": {"key": f"k{seed}"},
+                "training": [{"epoch": e + 1, "seconds": 60.0, "acc": 0.5, "test_seconds": 9.0,
+                              **({} if a is None else {"test_acc": a, "test_asr": 0.9})} for e, a in enumerate(accs)]}
+
+    rows = training_rows(rec(0, [None, 0.80, 0.86, 0.87])) + training_rows(rec(1, [0.5, 0.84]))
+    table = time_to(pd.DataFrame(rows), 85).set_index("seed")
+    assert table.loc[0, ["epoch to 85 %", "min to 85 %", "epochs", "min", "ACC"]].tolist() == [3, 3.0, 4, 4.0, 87.0]
+    assert pd.isna(table.loc[1, "epoch to 85 %"]) and table.loc[1, "ACC"] == 84.0

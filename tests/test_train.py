@@ -5,11 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from omegaconf import open_dict
 from torch import nn
 
 from bench.augment import Augment
 from bench.data import ImageSet
+from bench.runner import poisoned_model
 from bench.train import train
+from bench.validate import build
 from conftest import configured
 
 
@@ -45,3 +48,26 @@ def test_label_smoothing_is_the_loss_the_trainer_minimizes(smoothing):
     expected = F.cross_entropy(logits, data.y, label_smoothing=smoothing or 0.0).item()
     assert history[0]["loss"] == pytest.approx(expected, rel=1e-5)
     assert smoothing is None or abs(expected - F.cross_entropy(logits, data.y).item()) > 1e-3
+
+
+@pytest.mark.parametrize("attack", ["badnets", "wanet", "input_aware"])
+def test_watching_test_accuracy_while_training_changes_no_weight(tiny_cfg, attack):
+    """``monitor.test_every`` adds the time-to-accuracy curve to the history, reads the test set between epochs, and
+    trains the very same model: weights bit for bit, the same undefended metrics, the last row's ACC theirs."""
+    runs = {}
+    for every in (None, 2):
+        cfg = tiny_cfg(f"attack={attack}", "recipe.epochs=3", f"monitor.test_every={every or 'null'}",
+                       *(["attack.mask_epochs=1", "attack.mask_steps_per_epoch=2"] if attack == "input_aware" else []))
+        with open_dict(cfg):
+            cfg.paths.cache += f"-{every}"  # two caches: the second model is trained, not loaded
+        data = build(cfg.dataset).load(cfg.paths.data, "cpu", cfg.paths.cache)
+        runs[every] = poisoned_model(cfg, data, torch.device("cpu"))
+    (plain, _, plain_info), (watched, _, info) = runs[None], runs[2]
+    for key, value in plain.state_dict().items():
+        assert torch.equal(value, watched.state_dict()[key]), key
+    assert info["undefended"] == plain_info["undefended"]
+    assert [("test_acc" in row) for row in info["history"]] == [False, True, True]  # epoch 2, and the last
+    assert not any("test_acc" in row for row in plain_info["history"])
+    last = info["history"][-1]
+    assert last["test_acc"] == info["undefended"]["acc"] and last["test_asr"] == info["undefended"]["asr"]
+    assert last["test_seconds"] > 0
