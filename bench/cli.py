@@ -37,7 +37,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from bench import records
-from bench.device import resolve_device
+from bench.device import resolve_device, retain_freed_memory
 from bench.errors import ConfigError
 from bench.runner import cell_path, fail, run_cell, summary
 from bench.validate import CONF_DIR, GROUPS, check_choice, validate
@@ -375,6 +375,7 @@ def reproduction_command(args: list[str]) -> None:
 
 def main() -> None:
     argv = sys.argv[1:]
+    retain_freed_memory()  # before any tensor: every command trains, defends or times models
     try:
         if argv[:1] == ["list"]:
             print(list_command(argv[1:]))

@@ -27,6 +27,8 @@ import torch
 import torch.multiprocessing as mp
 from torch import nn
 
+from bench.device import retain_freed_memory
+
 log = logging.getLogger(__name__)
 
 
@@ -66,6 +68,7 @@ def _serve(conn, threads: int, memory_bytes: int | None) -> None:
     for name in [k for k in os.environ if k.startswith("BDBENCH_")]:
         del os.environ[name]  # where the cache and data live
     torch.set_num_threads(threads)
+    retain_freed_memory()
     if memory_bytes:
         resource.setrlimit(resource.RLIMIT_DATA, (memory_bytes, memory_bytes))
     from hydra.utils import instantiate

@@ -12,6 +12,9 @@ DataLoader over PIL images, PIL transforms, fp32, batch 128), same poisoned data
 with BackdoorBench's recipe, on the same poisoned data and initial weights; test accuracy is measured after each
 epoch, off the clock.
 
+``allocator``: training steps on pre-made tensors in a fresh process with glibc's default allocator settings
+against one that calls ``bench.device.retain_freed_memory`` first (as every ``bdbench`` process does), alternating.
+
 ``datapath``: the engine's training epoch and test pass divided by the model's own forward/backward (and
 forward) time on pre-made float tensors of the same batch size, precision and memory format: what the
 engine adds around the model (gather, uint8 scaling, poisoning, augmentation, bookkeeping), as a ratio.
@@ -21,6 +24,8 @@ from __future__ import annotations
 
 import copy
 import platform
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -366,6 +371,67 @@ def datapath(device: torch.device, cases: list[dict], repeats: int = 2) -> Resul
                f"({worst['model']}, {worst['phase']}).")
     shown = df.assign(**{c: df[c].map(lambda v: float(f"{v:.4g}")) for c in ("engine_s", "model_s", "ratio")})
     return Result("Engine data path against the model's own compute", shown, summary)
+
+
+ALLOCATOR_STEPS = """
+import resource, sys, time
+import torch, torch.nn.functional as F
+from hydra import compose, initialize_config_dir
+from bench.device import retain_freed_memory
+from bench.validate import CONF_DIR, build
+mode, model, dataset, batch, steps, threads = sys.argv[1:7]
+if mode == "retain":
+    assert retain_freed_memory()
+torch.set_num_threads(int(threads))
+with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+    cfg = compose("config", overrides=[f"model={model}", f"dataset={dataset}"])
+d = cfg.dataset
+torch.manual_seed(0)
+net = build(cfg.model, num_classes=d.num_classes, shape=tuple(d.shape), mean=list(d.mean), std=list(d.std)).train()
+optimizer = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
+x, y = torch.rand(int(batch), *d.shape), torch.randint(d.num_classes, (int(batch),))
+def step():
+    loss = F.cross_entropy(net(x), y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+step()
+before, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+for _ in range(int(steps)):
+    step()
+seconds, after = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF)
+print(seconds, after.ru_stime - before.ru_stime, after.ru_minflt - before.ru_minflt)
+"""
+
+
+def allocator(device: torch.device, cases: list[dict], images: int, repeats: int = 2) -> Result:
+    """Per case (model, data set, batch): seconds per ``images`` training images, kernel seconds and page faults,
+    glibc's defaults against ``retain_freed_memory``, each in a fresh process, best of ``repeats`` alternating runs."""
+    if device.type != "cpu":
+        raise ValueError("bdbench perf allocator measures host memory: device=cpu")
+    rows = []
+    for case in cases:
+        steps = max(1, images // case["batch"])
+        runs: dict[str, list[tuple[float, float, int]]] = {"default": [], "retain": []}
+        for _ in range(repeats):
+            for mode in runs:
+                out = subprocess.run([sys.executable, "-c", ALLOCATOR_STEPS, mode, case["model"], case["dataset"],
+                                      str(case["batch"]), str(steps), str(torch.get_num_threads())],
+                                     capture_output=True, text=True, check=True).stdout.split()
+                runs[mode].append((float(out[0]), float(out[1]), int(out[2])))
+        best = {mode: min(r) for mode, r in runs.items()}
+        rows.append({"model": case["model"], "batch": case["batch"], "images": steps * case["batch"],
+                     **{f"{mode}_s": best[mode][0] for mode in runs}, **{f"{mode}_sys_s": best[mode][1] for mode in runs},
+                     **{f"{mode}_faults": best[mode][2] for mode in runs},
+                     "speed-up": best["default"][0] / best["retain"][0]})
+    df = _device_columns(pd.DataFrame(rows), device)
+    summary = (f"Training steps (SGD, fp32) on pre-made tensors, {images} images per run, each run a fresh process; "
+               "`default_*`: glibc's allocator settings, `retain_*`: after `bench.device.retain_freed_memory()` (every "
+               "bdbench process calls it); `*_sys_s` kernel time, `*_faults` minor page faults; best of "
+               f"{repeats} alternating runs. `speed-up` = default seconds / retain seconds.")
+    shown = df.assign(**{c: df[c].map(lambda v: float(f"{v:.4g}")) for c in df.columns if c.endswith("_s") or
+                         c == "speed-up"})
+    return Result("Host allocator: glibc's defaults against retained freed memory", shown, summary)
 
 
 def write(result: Result, name: str, folder: Path, device: torch.device) -> Path:

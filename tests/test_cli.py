@@ -170,6 +170,21 @@ def test_perf_datapath_divides_engine_by_the_models_own_time(tmp_path):
     assert "the goal is <= 1.10" in (tmp_path / "datapath-cpu.md").read_text()
 
 
+def test_perf_allocator_compares_fresh_processes_with_and_without_retained_memory(tmp_path):
+    """Timings are not asserted (benchmarks report them); the mechanism is: at batch 512 an activation of the Fashion-
+    MNIST CNN (51 MB) is above glibc's mmap threshold, so the default process faults its pages in on every step."""
+    run = subprocess.run([sys.executable, "-m", "bench.cli", "perf", "allocator", f"out={tmp_path}", "repeats=1",
+                          "images=4096", "cases=[{model: fmnist_cnn, dataset: fashion_mnist, batch: 512}]"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    import pandas as pd
+
+    row = pd.read_csv(tmp_path / "allocator-cpu.csv").iloc[0]
+    assert (row["model"], row["batch"], row["images"]) == ("fmnist_cnn", 512, 4096)
+    assert row["default_faults"] > 5 * max(row["retain_faults"], 1000)  # 8 steps: ~80,000 against ~5,000
+    assert abs(row["speed-up"] - row["default_s"] / row["retain_s"]) < 0.01 * row["speed-up"]
+
+
 def test_perf_tta_stops_each_pipeline_at_the_target_or_the_epoch_cap(tmp_path):
     run = subprocess.run([sys.executable, "-m", "bench.cli", "perf", "tta", f"out={tmp_path}", "device=cpu",
                           "overrides=[dataset=synthetic,model=fmnist_cnn,attack=badnets]", "engine_recipe=reference",
@@ -189,7 +204,7 @@ def test_perf_tta_stops_each_pipeline_at_the_target_or_the_epoch_cap(tmp_path):
 def test_perf_unknown_benchmark_is_one_line(tmp_path):
     run = subprocess.run([sys.executable, "-m", "bench.cli", "perf", "walks"], capture_output=True, text=True)
     assert run.returncode == 2 and run.stderr.strip() == (
-        "bdbench: error: usage: bdbench perf NAME [key=value ...]; valid names: coalitions, datapath, pipeline, tta")
+        "bdbench: error: usage: bdbench perf NAME [key=value ...]; valid names: allocator, coalitions, datapath, pipeline, tta")
 
 
 def test_report_and_version_explain_themselves(tmp_path):
