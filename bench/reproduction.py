@@ -74,7 +74,7 @@ def source_table(block: dict, cells: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def time_to_accuracy(block: dict, curves: pd.DataFrame, out: Path) -> list[str]:
+def time_to_accuracy(block: dict, curves: pd.DataFrame, names: dict, out: Path) -> list[str]:
     """Lines saying how long bdbench's matching poisoned models took to reach ``time_to`` % clean test ACC, per
     seed, and a figure of their curves next to ``out`` (what the published baseline is held against)."""
     target = float(block["time_to"])
@@ -87,8 +87,10 @@ def time_to_accuracy(block: dict, curves: pd.DataFrame, out: Path) -> list[str]:
     from bench.figures import training_curves
 
     folder = out.parent / out.stem
-    stems = training_curves(curves, {}, folder, target)
+    stems = training_curves(curves, names, folder, target)
     table = time_to(curves, target).drop(columns=["dataset", "model", "recipe"])
+    table[["ACC", "ASR"]] = table[["ACC", "ASR"]].astype(float).round(1)
+    table = table.astype(object).where(table.notna(), "not reached")
     return [f"Time to {target:g} % clean test ACC on 2 CPU cores (minutes of training, test passes not counted; "
             f"`monitor.test_every` epochs apart):", "", markdown(table), "",
             *[f"![training curves]({folder.name}/{stem}.png)" for stem in stems], ""]
@@ -98,7 +100,7 @@ def build(published: str | Path, out: str | Path) -> Path:
     """Write ``out`` (Markdown) from the sources in ``published``, reading each source's records folder."""
     published, out = Path(published), Path(out)
     sources = OmegaConf.to_container(OmegaConf.load(published), resolve=True)
-    loaded: dict[str, tuple[pd.DataFrame, pd.DataFrame]] = {}
+    loaded: dict[str, tuple[pd.DataFrame, pd.DataFrame, dict]] = {}
     lines = ["# Reproduction: published rows beside bdbench's", "",
              f"Rebuilt by `bdbench reproduction --published {published} --out {out}` from the records each section "
              "names. ACC / ASR in %, bdbench's as mean ± std over its seeds. A defense row compares changes (after "
@@ -110,15 +112,16 @@ def build(published: str | Path, out: str | Path) -> Path:
         root = Path(block["records"])
         if str(root) not in loaded:
             curves: list = []
-            cells = load(root, curves=curves)[0] if root.is_dir() else pd.DataFrame()
+            names: dict = {}
+            cells = load(root, names=names, curves=curves)[0] if root.is_dir() else pd.DataFrame()
             loaded[str(root)] = cells, (pd.DataFrame(curves).drop_duplicates(["model_key", "epoch"]) if curves
-                                        else pd.DataFrame())
-        cells, curves = loaded[str(root)]
+                                        else pd.DataFrame()), names
+        cells, curves, names = loaded[str(root)]
         lines += [f"## {block['source']}", "", f"Published setting: {block['setting']}.", "",
                   f"bdbench's stand-in: {block['stand_in']}.", "", f"What differs: {block['differs']}.", "",
                   markdown(source_table(block, cells)), "", f"Cells: `{block['command']}`", ""]
         if "time_to" in block:
-            lines += time_to_accuracy(block, curves, out)
+            lines += time_to_accuracy(block, curves, names, out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines))
     return out
