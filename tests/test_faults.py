@@ -19,10 +19,10 @@ def test_a_failure_while_training_is_a_record_and_the_sweep_goes_on(tiny_cfg, ch
     """Before, a failure while training the poisoned model left no record, so the report showed nothing."""
     real = runner.train
 
-    def train(model, train_set, attack, *args):
+    def train(model, train_set, attack, *args, **kwargs):
         if type(attack).__name__ == "Blended":
             raise RuntimeError("out of memory (simulated)")
-        return real(model, train_set, attack, *args)
+        return real(model, train_set, attack, *args, **kwargs)
 
     monkeypatch.setattr(runner, "train", train)
     failed = run_cell(cfg := tiny_cfg("attack=blended", "defense=clp"), choices(cfg))
