@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import logging
 
 import torch
@@ -49,10 +48,9 @@ def retain_freed_memory() -> bool:
     33.5 MB) is a fresh mapping whose pages the kernel zeroes on first touch, every step: a WRN-16-1 epoch on 2 CPU
     cores took 158 s at batch 512 (a third of it in the kernel) and 89 s with this (`bdbench perf allocator`). It
     changes where memory comes from, not a single value computed. Returns whether it applied (False off glibc)."""
-    name = ctypes.util.find_library("c")
     try:
-        libc = ctypes.CDLL(name) if name else None
-        applied = bool(libc and libc.mallopt(M_MMAP_THRESHOLD, RETAIN_BYTES)
+        libc = ctypes.CDLL(None)  # the process's own symbols, libc's among them (no ldconfig lookup)
+        applied = bool(libc.mallopt(M_MMAP_THRESHOLD, RETAIN_BYTES)
                        and libc.mallopt(M_TRIM_THRESHOLD, 2 * RETAIN_BYTES - 1))
     except (OSError, AttributeError):  # not glibc (macOS, musl): its allocator as it is
         applied = False

@@ -73,6 +73,7 @@ def _serve(conn, threads: int, memory_bytes: int | None) -> None:
         resource.setrlimit(resource.RLIMIT_DATA, (memory_bytes, memory_bytes))
     from hydra.utils import instantiate
 
+    conn.send(("ready",))  # worker.timeout counts a defense's time, not this process's start-up
     while True:
         message = conn.recv()
         if message is None:
@@ -108,6 +109,9 @@ def _bare_preparation_data(name: str) -> dict:
 _original_preparation_data = spawn.get_preparation_data
 
 
+STARTUP_SECONDS = 300  # spawning and importing torch and bench (~3 s on 2 idle cores)
+
+
 class DefenseWorker:
     """A spawned worker for defenses; ``run`` raises what the defense raised (FloatingPointError stays one),
     or DefenseCrashed when the process died or timed out."""
@@ -130,6 +134,11 @@ class DefenseWorker:
         finally:
             spawn.get_preparation_data = original
         child.close()
+        if not self.conn.poll(STARTUP_SECONDS):
+            self.process.kill()
+            self.process = self.conn = None
+            raise DefenseCrashed(f"defense worker did not start within {STARTUP_SECONDS} s")
+        self.conn.recv()
 
     def stop(self) -> None:
         if self.process is not None and self.process.is_alive():

@@ -93,3 +93,10 @@ def test_a_crashing_defense_is_a_failed_cell_and_the_next_cell_runs(name, settin
     after = run_cell(cfg := tiny_cfg("budget=1", "defense=clp", *(f"worker.{k}={v}" for k, v in settings.items())),
                      choices(cfg))
     assert after["status"] == "ok"
+
+
+def test_worker_timeout_counts_the_defense_not_the_workers_start(tiny_cfg, choices):
+    """A fresh worker spends seconds importing torch; that counted against worker.timeout, so a 0.1-s defense
+    under a 1-s limit 'ran past' it, and a cell after a killed worker failed on a busy machine."""
+    record = run_cell(cfg := tiny_cfg("budget=1", "defense=clp", "worker.timeout=1"), choices(cfg))
+    assert record["status"] == "ok", record.get("error")
