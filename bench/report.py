@@ -121,6 +121,11 @@ def training_rows(rec: dict) -> list[dict]:
     return rows
 
 
+def training_frame(rows: list[dict]) -> pd.DataFrame:
+    """``load``'s training rows as a frame, each model once (its cells all carry the same history)."""
+    return pd.DataFrame(rows).drop_duplicates(["model_key", "epoch"]) if rows else pd.DataFrame()
+
+
 def time_to(curves: pd.DataFrame, target: float) -> pd.DataFrame:
     """Per poisoned model (attack x seed): the first measured epoch whose clean test ACC reaches ``target`` (%),
     the minutes trained until then (None: never reached), and the final epoch's ACC, ASR and minutes."""
@@ -331,7 +336,7 @@ def report(root: str | Path, out: str | Path | None = None, data_root: str | Non
     names: dict = {}
     curves: list = []
     df, problems = load(root, triggers, names, curves)
-    curves = pd.DataFrame(curves).drop_duplicates(["model_key", "epoch"]) if curves else pd.DataFrame()
+    curves = training_frame(curves)
     if df.empty or not df["status"].isin(("ok", "collapsed")).any():
         raise FileNotFoundError(f"no finished records under {root} ({len(problems)} records not used: failed, "
                                 f"unreadable or of another schema)")

@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 from omegaconf import OmegaConf
 
-from bench.report import load, markdown, time_to
+from bench.report import load, markdown, time_to, training_frame
 
 # points: below ``flat`` a change is "no change"; within ``size`` of the published change, the size agrees
 TOLERANCE = {"asr": {"flat": 5.0, "size": 15.0}, "acc": {"flat": 2.0, "size": 3.0}}
@@ -114,8 +114,7 @@ def build(published: str | Path, out: str | Path) -> Path:
             curves: list = []
             names: dict = {}
             cells = load(root, names=names, curves=curves)[0] if root.is_dir() else pd.DataFrame()
-            loaded[str(root)] = cells, (pd.DataFrame(curves).drop_duplicates(["model_key", "epoch"]) if curves
-                                        else pd.DataFrame()), names
+            loaded[str(root)] = cells, training_frame(curves), names
         cells, curves, names = loaded[str(root)]
         lines += [f"## {block['source']}", "", f"Published setting: {block['setting']}.", "",
                   f"bdbench's stand-in: {block['stand_in']}.", "", f"What differs: {block['differs']}.", "",

@@ -130,7 +130,7 @@ def poisoned_spec(cfg: DictConfig, device: torch.device) -> PoisonedSpec:
 
 
 @dataclasses.dataclass
-class TestMonitor:
+class EpochMonitor:
     """``train``'s ``on_epoch`` hook: adds clean test ACC and ASR (and the seconds they took, which are not training
     time) to every ``every``-th epoch's row and the last one's. Returns None: it never stops training."""
 
@@ -172,8 +172,8 @@ def poisoned_model(cfg: DictConfig, data: DataBundle, device: torch.device) -> t
                 log.info("cache miss %s: training %s on %s (%d epochs)", key[:12], cfg.attack._target_, spec.name,
                          recipe.epochs)
                 train_set = attack.prepare(data.train, data.poisonable(), generator(cfg.seed, "poison"))
-                monitor = TestMonitor(cfg.monitor.test_every, recipe.epochs, data.test, attack, recipe.eval_batch_size,
-                                      precision)
+                monitor = EpochMonitor(cfg.monitor.test_every, recipe.epochs, data.test, attack, recipe.eval_batch_size,
+                                       precision)
                 history = train(model, train_set, attack, recipe, spec.augment, generator(cfg.seed, "train", device),
                                 on_epoch=monitor)
                 source = {"source": "trained"}
