@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from bench.augment import Augment
@@ -13,6 +14,7 @@ from defenses.ar_purification import ar_penalty
 from defenses.argd import CrossLayerAttention, edge_distances
 from defenses.attention import at_loss, attention
 from defenses.base import CleanData, DefenseContext
+from defenses.finetune import piecewise_lr
 from defenses.masks import conv_neurons
 
 NO_AUG = Augment(crop_padding=0, hflip=False)
@@ -100,3 +102,16 @@ def test_weight_grad_salience_by_hand():
     expected = sum((p * p.grad).abs().reshape(len(p), -1).sum(1) for p in params)
     torch.testing.assert_close(salience[:neurons.sizes[0]], expected / expected.norm())
     assert salience.shape == (neurons.n,) and all(p.grad is not None for p in params)
+
+
+def test_nad_schedules_follow_the_code_epoch_by_epoch():
+    """NAD's utils.adjust_learning_rate gives lr 0.1 in epochs 0-1 and 0.01 after; the README's teacher is that
+    code with beta = 0 for 10 epochs, the student 20 epochs. On 2,500 images at batch 64 (40 steps an epoch):
+    80 steps at 0.1 in both, then 0.01, to the step."""
+    nad = configured("defense", "defense=nad")
+    for schedule, epochs in ((nad.teacher, 10), (nad.student, 20)):
+        steps, batch = schedule.steps(2500)
+        assert (steps, batch, schedule.lr) == (epochs * 40, 64, 0.1)
+        factor = piecewise_lr(schedule.piecewise, steps)
+        lrs = [schedule.lr * factor(step) for step in range(steps)]
+        assert lrs == [0.1] * 80 + [pytest.approx(0.01)] * (steps - 80)
