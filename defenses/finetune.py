@@ -75,12 +75,15 @@ def set_train_mode(model: nn.Module, batchnorm: str) -> None:
 
 
 def cutout(x: torch.Tensor, size: int, gen: torch.Generator) -> torch.Tensor:
-    """Cutout (DeVries & Taylor): one ``size`` x ``size`` square per image, centre uniform, clipped at the border."""
+    """Cutout as DeVries & Taylor's and NAD's/ARGD's code compute it: one hole per image, centre (y, x) uniform,
+    rows [y - size//2, y + size//2) and the same columns, clipped at the border. An odd ``size`` makes a hole of
+    side size - 1 (``Cutout(1, 3)`` blanks 2 x 2 pixels), as in those codes."""
     n, _, h, w = x.shape
     cy = torch.randint(0, h, (n, 1, 1), generator=gen, device=gen.device).to(x.device)
     cx = torch.randint(0, w, (n, 1, 1), generator=gen, device=gen.device).to(x.device)
     rows, cols = torch.arange(h, device=x.device)[None, :, None], torch.arange(w, device=x.device)[None, None, :]
-    hole = ((rows - cy).abs() <= size // 2) & ((cols - cx).abs() <= size // 2)
+    half = size // 2
+    hole = (rows >= cy - half) & (rows < cy + half) & (cols >= cx - half) & (cols < cx + half)
     return x * (~hole)[:, None].to(x.dtype)
 
 

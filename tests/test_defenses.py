@@ -16,7 +16,7 @@ from bench.validate import CONF_DIR
 from conftest import configured
 from defenses.base import CleanData, DefenseContext
 from defenses.clp import CLP
-from defenses.finetune import finetune, step_count
+from defenses.finetune import cutout, finetune, step_count
 from defenses.synthesis import total_variation
 
 NO_AUG = Augment(crop_padding=0, hflip=False)
@@ -39,6 +39,20 @@ def test_step_rule():
     assert step_count(n=10, epochs=100, batch_size=256, min_steps=300) == (300, 10)      # k = 1
     assert step_count(n=100, epochs=100, batch_size=256, min_steps=300) == (300, 100)    # k = 10
     assert step_count(n=2500, epochs=100, batch_size=256, min_steps=300) == (1000, 256)  # BackdoorBench's 5 %
+
+
+@pytest.mark.parametrize("size, side", [(3, 2), (4, 4), (16, 16)])
+def test_cutout_blanks_the_hole_the_reference_code_blanks(size, side):
+    """NAD's and ARGD's Cutout(1, size): rows and columns [c - size//2, c + size//2), clipped: a 2 x 2 hole for
+    size 3. Every image loses side**2 pixels on every channel where its centre is far from the border."""
+    x = torch.ones(500, 3, 32, 32)
+    out = cutout(x, size, torch.Generator().manual_seed(0))
+    holes = (out == 0).all(1)  # [N, H, W]: blanked on every channel
+    assert torch.equal((out == 0).any(1), holes)
+    ys, xs = holes.any(2).float().argmax(1), holes.any(1).float().argmax(1)  # the hole's top-left corner
+    inside = (ys > 0) & (xs > 0) & (ys + side < 32) & (xs + side < 32)
+    assert inside.sum() > 50 and (holes.sum((1, 2))[inside] == side * side).all()
+    assert (holes.sum((1, 2)) <= side * side).all()
 
 
 def test_clp_prunes_exactly_the_planted_outlier():
