@@ -9,6 +9,7 @@ by the step rule, and its checkpointing by test metrics is not replicated: the f
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import torch.nn.functional as F
 
@@ -31,9 +32,11 @@ def teacher_of(model, clean: CleanData, ctx: DefenseContext, schedule: Schedule,
 @register_defense("nad")
 class NAD(Defense):
     def __init__(self, *, augment: Augment, teacher: Schedule, student: Schedule, betas: list[float],
-                 p: Positive) -> None:
+                 p: Positive, lr0: Positive | None) -> None:
         if len(betas) < 1:
             raise ValueError(f"nad betas={list(betas)!r}; valid: one weight per distilled feature group")
+        if lr0 is not None:  # a named deviation: teacher and student start at lr0 instead of the code's 0.1
+            teacher, student = dataclasses.replace(teacher, lr=lr0), dataclasses.replace(student, lr=lr0)
         self.augment, self.teacher, self.student = augment, teacher, student
         self.betas, self.p = tuple(betas), p
 

@@ -10,6 +10,7 @@ import torch
 from bench.augment import Augment
 from bench.models import create_model
 from conftest import configured
+from bench.validate import configured as bench_configured
 from defenses.ar_purification import ar_penalty
 from defenses.argd import CrossLayerAttention, edge_distances
 from defenses.attention import at_loss, attention
@@ -115,3 +116,15 @@ def test_nad_schedules_follow_the_code_epoch_by_epoch():
         factor = piecewise_lr(schedule.piecewise, steps)
         lrs = [schedule.lr * factor(step) for step in range(steps)]
         assert lrs == [0.1] * 80 + [pytest.approx(0.01)] * (steps - 80)
+
+
+@pytest.mark.parametrize("name, teacher", [("nad", "teacher"), ("argd", "teacher_schedule")])
+def test_lr0_starts_teacher_and_student_lower_and_only_where_configured(name, teacher):
+    """``lr0`` is one named deviation for both stages: CIFAR-10 keeps the code's 0.1, Fashion-MNIST (where 0.1
+    diverges) starts teacher and student at 0.01, and the schedule's shape stays the code's."""
+    code = bench_configured("defense", f"defense={name}", "dataset=cifar10_jpeg")
+    fmnist = bench_configured("defense", f"defense={name}", "dataset=fashion_mnist")
+    for stage in (teacher, "student"):
+        ours, theirs = getattr(fmnist, stage), getattr(code, stage)
+        assert (theirs.lr, ours.lr) == (0.1, 0.01)
+        assert ours.piecewise == theirs.piecewise and ours.epochs == theirs.epochs
