@@ -86,6 +86,14 @@ class Attack(ABC):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.poison_indices = state["poison_indices"]
 
+    def training_state(self) -> dict[str, Any]:
+        """What a resumed training run needs beyond ``before_training`` (the attack's optimizers, generators,
+        batch order): the state after an epoch, so that training continues exactly."""
+        return {}
+
+    def load_training_state(self, state: dict[str, Any]) -> None:
+        """Restore ``training_state()`` after ``before_training`` has run again."""
+
     def to(self, device: torch.device | str) -> "Attack":
         """Move trigger tensors to ``device``."""
         return self

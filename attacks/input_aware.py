@@ -195,6 +195,23 @@ class InputAware(Attack):
     def after_epoch(self) -> None:
         self._scheduler.step()
 
+    def training_state(self):
+        """G and M with their optimizer and schedule, the second loader's order, and G's accumulated gradients."""
+        return {"pattern_generator": self.pattern_gen.state_dict(), "mask_generator": self.mask_gen.state_dict(),
+                "optimizer": self._optimizer.state_dict(), "scheduler": self._scheduler.state_dict(),
+                "order": self._stream.order, "grads": [p.grad for p in self.pattern_gen.parameters()],
+                "mask_history": self.history["mask"]}
+
+    def load_training_state(self, state):
+        self.pattern_gen.load_state_dict(state["pattern_generator"])
+        self.mask_gen.load_state_dict(state["mask_generator"])
+        self._optimizer.load_state_dict(state["optimizer"])
+        self._scheduler.load_state_dict(state["scheduler"])
+        self._stream.order = state["order"].to(self._stream.order.device)
+        for p, grad in zip(self.pattern_gen.parameters(), state["grads"]):
+            p.grad = None if grad is None else grad.to(p.device)
+        self.history["mask"] = state["mask_history"]
+
     # -- test time --------------------------------------------------------------------------------
     @torch.no_grad()
     def apply_trigger(self, x: torch.Tensor) -> torch.Tensor:

@@ -140,6 +140,12 @@ class WaNet(Attack):
         x = torch.where(pick(self.rotation_p), random_rotation(x, self.rotation, gen), x)
         return random_hflip(x, gen) if self.hflip else x
 
+    def training_state(self):
+        return {"gen": self.gen.get_state()}  # its own generator: which samples get the trigger and the noise
+
+    def load_training_state(self, state):
+        self.gen.set_state(state["gen"])
+
     # -- test time --------------------------------------------------------------------------------
     def apply_trigger(self, x: torch.Tensor) -> torch.Tensor:
         """Warp uint8 images and quantize back to uint8 by rounding (ASR is measured on these)."""

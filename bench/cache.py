@@ -7,6 +7,9 @@ on every load, and a corrupt or unreadable entry is reported, removed and rebuil
 per entry keeps two processes from building the same one. Files and folders take the user's umask (a cache
 shared by a group on a cluster needs group bits), not the 0600 / 0700 of Python's temp files.
 
+A poisoned model in training keeps its state after every epoch under its key (kind ``training``), verified the
+same way, so a killed run resumes; the entry goes once the model is cached.
+
 A poisoned model's key is the hash of everything that determines it: the resolved data set, model, attack and
 recipe configs, the seed, the effective precision and the source of the modules that train it.
 """
@@ -90,6 +93,24 @@ class Store:
 
 
 @dataclass
+class TrainingCheckpoint:
+    """``train``'s checkpoint for one poisoned model (``bench.train.Checkpoint``), a verified cache entry."""
+
+    store: Store
+    key: str
+
+    def load(self) -> dict[str, Any] | None:
+        entry = self.store.load(self.key)
+        return None if entry is None else entry.objects["state"]
+
+    def save(self, state: dict[str, Any]) -> None:
+        self.store.store(self.key, {"state": state}, {"epochs": len(state["history"])})
+
+    def remove(self) -> None:
+        shutil.rmtree(self.store.path(self.key), ignore_errors=True)
+
+
+@dataclass
 class CacheEntry:
     weights: dict[str, torch.Tensor]
     attack_state: dict[str, Any]
@@ -101,8 +122,8 @@ class ModelCache:
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
-        self.models, self.synthetic, self.datasets, self.reversals = (
-            Store(self.root, k) for k in ("models", "synthetic", "datasets", "reversals"))
+        self.models, self.synthetic, self.datasets, self.reversals, self.training = (
+            Store(self.root, k) for k in ("models", "synthetic", "datasets", "reversals", "training"))
 
     def path(self, key: str) -> Path:
         return self.models.path(key)
@@ -126,6 +147,10 @@ class ModelCache:
     def store(self, key: str, weights: dict, attack_state: dict, manifest: dict) -> CacheEntry:
         entry = self.models.store(key, {"weights": weights, "attack": attack_state}, manifest)
         return CacheEntry(weights, attack_state, entry.manifest)
+
+    def training_checkpoint(self, key: str) -> TrainingCheckpoint:
+        """Where the poisoned model ``key`` keeps its training state between epochs (use under its lock)."""
+        return TrainingCheckpoint(self.training, key)
 
     def load_synthetic(self, key: str) -> dict[str, Any] | None:
         """A cached synthetic clean set (tensors and stats), verified like a model."""

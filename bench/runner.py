@@ -174,16 +174,17 @@ def poisoned_model(cfg: DictConfig, data: DataBundle, device: torch.device) -> t
                 train_set = attack.prepare(data.train, data.poisonable(), generator(cfg.seed, "poison"))
                 monitor = EpochMonitor(cfg.monitor.test_every, recipe.epochs, data.test, attack, recipe.eval_batch_size,
                                        precision)
+                prepared = time.perf_counter() - start
                 history = train(model, train_set, attack, recipe, spec.augment, generator(cfg.seed, "train", device),
-                                on_epoch=monitor)
+                                on_epoch=monitor, checkpoint=cache.training_checkpoint(key))
                 source = {"source": "trained"}
-            seconds = (time.perf_counter() - start - sum(row.get("test_seconds", 0.0) for row in history)
-                       if history else 0.0)
+            seconds = prepared + history[-1]["elapsed"] if history else 0.0
             undefended = {**evaluate(model, data.test, attack, recipe.eval_batch_size, precision),
                           **attack.extra_metrics(model, data.test, recipe.eval_batch_size, precision)}
             entry = cache.store(key, {k: v.cpu() for k, v in model.state_dict().items()}, attack.state_dict(),
                                 {"spec": key_spec, "history": history, "train_seconds": seconds, "source": source,
                                  "undefended": undefended, "attack_report": attack.report()})
+            cache.training_checkpoint(key).remove()
         else:
             log.info("cache hit %s", key[:12])
             model.load_state_dict(entry.weights)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import platform
 import subprocess
 import sys
@@ -10,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from omegaconf import open_dict
+from pathlib import Path
 from torch import nn
 
 from bench.augment import Augment
@@ -75,6 +77,43 @@ def test_watching_test_accuracy_while_training_changes_no_weight(tiny_cfg, attac
     last = info["history"][-1]
     assert last["test_acc"] == info["undefended"]["acc"] and last["test_asr"] == info["undefended"]["asr"]
     assert last["test_seconds"] > 0
+
+
+class Killed(Exception):
+    """Stands in for a sweep killed between two epochs."""
+
+
+@pytest.mark.parametrize("attack", ["badnets", "wanet", "input_aware"])
+def test_a_killed_training_resumes_where_it_stopped_and_ends_with_the_same_weights(tiny_cfg, attack, monkeypatch):
+    """Killed after epoch 1 of 3, the next run restores model, optimizer, schedule, generator, batch order and the
+    attack's own state (WaNet's generator, Input-aware's G, M, their optimizer and G's accumulated gradients) and
+    trains epochs 2 and 3 only: the weights and metrics of an uninterrupted run, bit for bit."""
+    extra = ["attack.mask_epochs=1", "attack.mask_steps_per_epoch=2"] if attack == "input_aware" else []
+    runs = {}
+    for name in ("straight", "killed"):
+        cfg = tiny_cfg(f"attack={attack}", "recipe.epochs=3", *extra)
+        with open_dict(cfg):
+            cfg.paths.cache += f"-{name}"
+        data = build(cfg.dataset).load(cfg.paths.data, "cpu", cfg.paths.cache)
+        if name == "killed":
+            with monkeypatch.context() as m:
+                def kill(self, row, model):
+                    if row["epoch"] == 2:
+                        raise Killed
+                m.setattr("bench.runner.EpochMonitor.__call__", kill)
+                with pytest.raises(Killed):
+                    poisoned_model(cfg, data, torch.device("cpu"))
+            saved = list((Path(cfg.paths.cache) / "training").iterdir())
+            assert len(saved) == 1 and json.loads((saved[0] / "manifest.json").read_text())["epochs"] == 1
+        runs[name] = poisoned_model(cfg, data, torch.device("cpu"))
+    (plain, _, plain_info), (resumed, _, info) = runs["straight"], runs["killed"]
+    for key, value in plain.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[key]), key
+    assert info["undefended"] == plain_info["undefended"]
+    assert [row.get("resumed", False) for row in info["history"]] == [False, True, False]
+    assert [row["loss"] for row in info["history"]] == [row["loss"] for row in plain_info["history"]]
+    assert info["train_seconds"] >= info["history"][-1]["elapsed"] > info["history"][0]["elapsed"] > 0
+    assert not any((Path(cfg.paths.cache) / "training").iterdir())  # the model is cached: its checkpoint is gone
 
 
 ALLOCATE_AND_FREE = """
