@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pandas as pd
+from omegaconf import OmegaConf
 
 from bench.reproduction import source_table, verdict
 
@@ -48,7 +50,9 @@ def test_the_command_writes_a_page_with_every_source_and_says_what_did_not_run(t
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr[-2000:]
     text = (tmp_path / "r.md").read_text()
-    assert text.count("\n## ") == 6 and "85.65 / 100.00" in text and "BackdoorBench leaderboard, CIFAR-10, WaNet" in text
+    sources = OmegaConf.load(Path(__file__).resolve().parent.parent / "results" / "reproduction.yaml")
+    assert [line[3:] for line in text.splitlines() if line.startswith("## ")] == [b.source for b in sources]
+    assert "85.65 / 100.00" in text and "lr0=0.01" in text
     missing = subprocess.run([sys.executable, "-m", "bench.cli", "reproduction", "--published", "nope.yaml"],
                              capture_output=True, text=True)
     assert missing.returncode == 2 and "--published nope.yaml: no such file" in missing.stderr
