@@ -161,6 +161,7 @@ def poisoned_model(cfg: DictConfig, data: DataBundle, device: torch.device) -> t
         hit = entry is not None
         if entry is None:
             start = time.perf_counter()
+            checkpoint = cache.training_checkpoint(key)  # train()'s state between epochs, gone once the model is stored
             if attack.checkpoint:
                 log.info("cache miss %s: loading %s", key[:12], attack.checkpoint)
                 source, history = load_checkpoint(model, attack.checkpoint), []
@@ -176,7 +177,7 @@ def poisoned_model(cfg: DictConfig, data: DataBundle, device: torch.device) -> t
                                        precision)
                 prepared = time.perf_counter() - start
                 history = train(model, train_set, attack, recipe, spec.augment, generator(cfg.seed, "train", device),
-                                on_epoch=monitor, checkpoint=cache.training_checkpoint(key))
+                                on_epoch=monitor, checkpoint=checkpoint)
                 source = {"source": "trained"}
             seconds = prepared + history[-1]["elapsed"] if history else 0.0
             undefended = {**evaluate(model, data.test, attack, recipe.eval_batch_size, precision),
@@ -184,7 +185,7 @@ def poisoned_model(cfg: DictConfig, data: DataBundle, device: torch.device) -> t
             entry = cache.store(key, {k: v.cpu() for k, v in model.state_dict().items()}, attack.state_dict(),
                                 {"spec": key_spec, "history": history, "train_seconds": seconds, "source": source,
                                  "undefended": undefended, "attack_report": attack.report()})
-            cache.training_checkpoint(key).remove()
+            checkpoint.remove()
         else:
             log.info("cache hit %s", key[:12])
             model.load_state_dict(entry.weights)

@@ -10,7 +10,6 @@ statistics: ``train_arg_module=false`` (default) reproduces that, ``true`` train
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Literal
 
@@ -82,9 +81,8 @@ class ARGD(Defense):
                  p: Positive, arg_dim: PositiveInt) -> None:
         if len(vertex_weights) != 3:
             raise ValueError(f"argd vertex_weights={list(vertex_weights)!r}; valid: three weights")
-        if lr0 is not None:  # a named deviation: teacher and student start at lr0 instead of the code's 0.1
-            teacher_schedule = dataclasses.replace(teacher_schedule, lr=lr0)
-            student = dataclasses.replace(student, lr=lr0)
+        # lr0, a named deviation: teacher and student start at lr0 instead of the code's 0.1
+        teacher_schedule, student = teacher_schedule.starting_at(lr0), student.starting_at(lr0)
         self.augment, self.teacher_schedule, self.student, self.clp_teacher = augment, teacher_schedule, student, clp_teacher
         self.vertex_weights, self.w_vertex, self.w_edge, self.w_global = tuple(vertex_weights), w_vertex, w_edge, w_global
         self.train_arg_module, self.teacher, self.p, self.arg_dim = train_arg_module, teacher, p, arg_dim

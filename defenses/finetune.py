@@ -13,6 +13,7 @@ named variant too; null = none, as the references.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Callable, Literal
@@ -57,6 +58,10 @@ class Schedule:
 
     def steps(self, n: int) -> tuple[int, int]:
         return step_count(n, self.epochs, self.batch_size, self.min_steps)
+
+    def starting_at(self, lr: float | None) -> "Schedule":
+        """This schedule from learning rate ``lr`` (its shape unchanged); itself when ``lr`` is None."""
+        return self if lr is None else dataclasses.replace(self, lr=lr)
 
 
 def freeze_batchnorm(model: nn.Module) -> None:

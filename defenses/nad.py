@@ -9,7 +9,6 @@ by the step rule, and its checkpointing by test metrics is not replicated: the f
 from __future__ import annotations
 
 import copy
-import dataclasses
 
 import torch.nn.functional as F
 
@@ -35,9 +34,8 @@ class NAD(Defense):
                  p: Positive, lr0: Positive | None) -> None:
         if len(betas) < 1:
             raise ValueError(f"nad betas={list(betas)!r}; valid: one weight per distilled feature group")
-        if lr0 is not None:  # a named deviation: teacher and student start at lr0 instead of the code's 0.1
-            teacher, student = dataclasses.replace(teacher, lr=lr0), dataclasses.replace(student, lr=lr0)
-        self.augment, self.teacher, self.student = augment, teacher, student
+        # lr0, a named deviation: teacher and student start at lr0 instead of the code's 0.1
+        self.augment, self.teacher, self.student = augment, teacher.starting_at(lr0), student.starting_at(lr0)
         self.betas, self.p = tuple(betas), p
 
     def repair(self, student, clean: CleanData, ctx: DefenseContext) -> dict:

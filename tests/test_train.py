@@ -128,7 +128,7 @@ print(applied, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc", reason="glibc only")
+@pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's: elsewhere retain_freed_memory() changes nothing and returns False")
 def test_freed_tensor_memory_is_reused_instead_of_faulted_in_again():
     """A 64 MB tensor allocated and freed ten times: glibc maps fresh pages each time (16,384 page faults each),
     unless ``retain_freed_memory`` keeps them (what made a WRN-16-1 epoch at batch 512 take 158 s instead of 89)."""
