@@ -39,11 +39,11 @@ class LinfPruning(Defense):
     def __init__(self, *, reversal: TriggerReversal, augment: Augment, images_per_pass: dict[str, int],
                  norm: Literal[NORMS], score: Literal[SCORES], last_k_groups: PositiveInt, tau_asr: Fraction,
                  delta_acc: Fraction, min_agreement: Fraction, k_max_frac: Fraction, copies_single: PositiveInt,
-                 copies: PositiveInt, finetune: bool, schedule: Schedule) -> None:
+                 copies: PositiveInt, max_carriers: PositiveInt, finetune: bool, schedule: Schedule) -> None:
         self.reversal, self.augment, self.images_per_pass = reversal, augment, images_per_pass
         self.norm, self.score, self.last_k_groups = norm, score, last_k_groups
         self.tau_asr, self.delta_acc, self.min_agreement, self.k_max_frac = tau_asr, delta_acc, min_agreement, k_max_frac
-        self.copies_single, self.copies = copies_single, copies
+        self.copies_single, self.copies, self.max_carriers = copies_single, copies, max_carriers
         self.finetune, self.schedule = finetune, schedule
 
     def repair(self, model, clean: CleanData, ctx: DefenseContext) -> dict:
@@ -52,7 +52,7 @@ class LinfPruning(Defense):
         if not rev.act:  # nothing flagged and when_undetected=skip: BackdoorBench returns the model unchanged
             return {**rev.report(), "pruned": 0}
         aug = carriers(clean, self.augment, carrier_copies(clean, ctx.num_classes, self.copies_single, self.copies),
-                       len(clean) * self.copies_single, ctx.generator("linf_pruning"))
+                       min(len(clean) * self.copies_single, self.max_carriers), ctx.generator("linf_pruning"))
         x = aug.x[aug.y != rev.target]
         bd_x = rev.stamp(x)
         neurons = group_neurons(model, model.groups[-self.last_k_groups:])

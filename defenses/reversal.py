@@ -71,11 +71,18 @@ class Reversal:
 
 
 def carriers(clean: CleanData, augment: Augment, copies: int, limit: int, gen: torch.Generator) -> CleanData:
-    """Up to ``limit`` augmented copies of the clean images (at most ``copies`` of each), class-balanced."""
+    """Up to ``limit`` augmented copies of the clean images (at most ``copies`` of each). Where ``limit`` cuts,
+    every class keeps as many as the others (+-1), its distinct images before their repeats: the clean images
+    come sorted by class, so a plain cut would keep the first classes only (at 250 per class, 256 carriers were
+    class 0 and six images of class 1)."""
     reps = max(1, min(copies, math.ceil(limit / max(len(clean), 1))))
     x, y = clean.x.repeat(reps, 1, 1, 1), clean.y.repeat(reps)
     x = augment(x, gen)
-    return CleanData(x[:limit], y[:limit], clean.source)
+    if limit < len(y):
+        rank = (F.one_hot(y).cumsum(0) - 1).gather(1, y[:, None]).squeeze(1)  # place within its class
+        keep = (rank * (int(y.max()) + 1) + y).argsort(stable=True)[:limit].sort().values  # round robin
+        x, y = x[keep], y[keep]
+    return CleanData(x, y, clean.source)
 
 
 class TriggerReversal:

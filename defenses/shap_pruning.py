@@ -53,14 +53,15 @@ class ShapPruning(Defense):
                  c_d: PositiveInt, eps: Fraction, k_g_frac: Fraction, max_walks: PositiveInt,
                  max_evaluations: PositiveInt, min_walks: PositiveInt, rse_tol: Positive, outlier_mads: Positive,
                  tau_asr: Fraction, delta_acc: Fraction, min_agreement: Fraction, k_max_frac: Fraction,
-                 exceed_k_max: bool, rounds: PositiveInt, copies_single: PositiveInt, copies: PositiveInt) -> None:
+                 exceed_k_max: bool, rounds: PositiveInt, copies_single: PositiveInt, copies: PositiveInt,
+                 max_carriers: PositiveInt) -> None:
         self.reversal, self.augment, self.images_per_pass = reversal, augment, images_per_pass
         self.players, self.value, self.lambda_acc = players, value, lambda_acc
         self.tau_d, self.c_d, self.eps, self.k_g_frac = tau_d, c_d, eps, k_g_frac
         self.max_walks, self.max_evaluations, self.min_walks, self.rse_tol = max_walks, max_evaluations, min_walks, rse_tol
         self.outlier_mads, self.tau_asr, self.delta_acc, self.min_agreement = outlier_mads, tau_asr, delta_acc, min_agreement
         self.k_max_frac, self.exceed_k_max, self.rounds = k_max_frac, exceed_k_max, rounds
-        self.copies_single, self.copies = copies_single, copies
+        self.copies_single, self.copies, self.max_carriers = copies_single, copies, max_carriers
 
     def repair(self, model, clean: CleanData, ctx: DefenseContext) -> dict:
         per_pass = self.images_per_pass[ctx.device.type]
@@ -72,7 +73,7 @@ class ShapPruning(Defense):
             return {**rev.report(), "neurons": n, "pruned": 0, "k_max": k_max}
         gen = ctx.generator("shap_pruning")
         aug = carriers(clean, self.augment, carrier_copies(clean, ctx.num_classes, self.copies_single, self.copies),
-                       len(clean) * self.copies_single, gen)
+                       min(len(clean) * self.copies_single, self.max_carriers), gen)
         bd_x = rev.stamp(aug.x[aug.y != rev.target])
         players = self._players(model, neurons)
         guard = Guard(model, neurons, aug, mode="acc", delta_acc=self.delta_acc, min_agreement=self.min_agreement,

@@ -125,19 +125,21 @@ def activation_signals(model: nn.Module, neurons: Neurons, x: torch.Tensor, ctx:
 class Suspiciousness(Defense):
     def __init__(self, *, augment: Augment, images_per_pass: dict[str, int], alpha: list[float],
                  weight: Literal[WEIGHTS], weights_only: bool, chunk_frac: Annotated[float, Range(gt=0, le=1)],
-                 max_frac: Fraction, min_agreement: Fraction, delta_acc: Fraction, copies: PositiveInt, finetune: bool,
+                 max_frac: Fraction, min_agreement: Fraction, delta_acc: Fraction, copies: PositiveInt,
+                 max_carriers: PositiveInt, finetune: bool,
                  schedule: Schedule) -> None:
         if len(alpha) != 3:
             raise ValueError(f"suspiciousness alpha={list(alpha)!r}; valid: three weights (activation, weight, correlation)")
         self.augment, self.images_per_pass = augment, images_per_pass
         self.alpha = (0.0, 1.0, 0.0) if weights_only else tuple(alpha)
         self.weight, self.weights_only, self.chunk_frac, self.max_frac = weight, weights_only, chunk_frac, max_frac
-        self.min_agreement, self.delta_acc, self.copies = min_agreement, delta_acc, copies
+        self.min_agreement, self.delta_acc, self.copies, self.max_carriers = min_agreement, delta_acc, copies, max_carriers
         self.finetune, self.schedule = finetune, schedule
 
     def repair(self, model, clean: CleanData, ctx: DefenseContext) -> dict:
         per_pass = self.images_per_pass[ctx.device.type]
-        aug = carriers(clean, self.augment, self.copies, len(clean) * self.copies, ctx.generator("suspiciousness"))
+        aug = carriers(clean, self.augment, self.copies, min(len(clean) * self.copies, self.max_carriers),
+                       ctx.generator("suspiciousness"))
         neurons = conv_neurons(model)
         mus, rhos, dead = activation_signals(model, neurons, aug.x, ctx)
         ws = channel_weight_bounds(model, self.weight)

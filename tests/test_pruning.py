@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import importlib
 import itertools
 import math
 
@@ -19,7 +20,7 @@ from defenses.base import CleanData, DefenseContext
 from defenses import shap_pruning
 from defenses.guard import Guard, longest_passing_prefix
 from defenses.masks import coalition_logits, conv_neurons, masked, prefix_masks, prune_channels, pruned_count
-from defenses.reversal import mad_anomaly
+from defenses.reversal import carriers, mad_anomaly
 from defenses.shap_pruning import robust_outliers
 from defenses.suspiciousness import activation_signals, channel_weight_bounds
 
@@ -351,3 +352,41 @@ def test_reversal_defenses_leave_the_model_alone_when_nothing_is_flagged(name, w
         assert unchanged and report.get("pruned", 0) == 0 and not report.get("unlearned", False)
     elif name == "nc":
         assert not unchanged and report["unlearned"]
+
+
+def test_carriers_keep_every_class_where_the_limit_cuts():
+    """Clean images come sorted by class: before, a cut kept the first classes only (at 250 per class the 256
+    reversal carriers were class 0 and six images of class 1)."""
+    x = torch.arange(15, dtype=torch.float32).view(15, 1, 1, 1).expand(15, 1, 2, 2).contiguous()
+    clean = CleanData(x, torch.arange(3).repeat_interleave(5), "real")
+    cut = carriers(clean, NO_AUG, copies=4, limit=6, gen=torch.Generator())
+    assert torch.bincount(cut.y).tolist() == [2, 2, 2]
+    repeated = carriers(clean, NO_AUG, copies=4, limit=20, gen=torch.Generator())  # two copies, 30 -> 20
+    assert torch.bincount(repeated.y).tolist() == [7, 7, 6]
+    for c in range(3):  # every distinct image of a class before any repeat of it
+        assert set(repeated.x[repeated.y == c, 0, 0, 0].tolist()) == set(range(5 * c, 5 * c + 5))
+    whole = carriers(clean, NO_AUG, copies=2, limit=100, gen=torch.Generator())  # no cut: every copy, in order
+    assert torch.equal(whole.x, x.repeat(2, 1, 1, 1)) and torch.equal(whole.y, clean.y.repeat(2))
+
+
+@pytest.mark.parametrize("name", ["suspiciousness", "linf_pruning", "shap_pruning"])
+def test_carrier_defenses_hold_to_max_carriers_at_a_large_budget(name, tiny_cfg, monkeypatch):
+    """At 250 per class BSS built 40,000 carriers (16 copies) and its one forward pass ran out of 24 GiB on
+    WRN-16-1; ShapPruning and ℓ∞ would have evaluated 10,000 per coalition. Now at most ``max_carriers``,
+    class-balanced."""
+    module = importlib.import_module(f"defenses.{name}")
+    seen = []
+
+    def spy(*args, **kwargs):
+        out = carriers(*args, **kwargs)
+        seen.append(torch.bincount(out.y, minlength=10).tolist())
+        return out
+
+    monkeypatch.setattr(module, "carriers", spy)
+    cfg = tiny_cfg(f"defense={name}", "defense.max_carriers=40", "nc_reversal.when_undetected=force",
+                   "nc_reversal.steps=20", "defense.max_walks=3" if name == "shap_pruning" else "defense.copies=4")
+    if name == "shap_pruning":
+        cfg.defense.min_walks = 1
+    x = torch.rand(200, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    build(cfg.defense).apply(cnn(), CleanData(x, torch.arange(10).repeat_interleave(20), "real"), CTX)
+    assert seen == [[4] * 10]
