@@ -318,7 +318,7 @@ def datapath(device: torch.device, cases: list[dict], repeats: int = 2) -> Resul
         recipe = replace(build(cfg.recipe), epochs=1)
         torch.manual_seed(0)
         model = build(cfg.model, num_classes=spec.num_classes, shape=spec.shape, mean=spec.mean, std=spec.std)
-        fmt = memory_format(device, recipe.channels_last)
+        fmt = memory_format(recipe.channels_last)
         model.to(device=device, memory_format=fmt)
         steps = len(train_set) // recipe.batch_size if recipe.drop_last else -(-len(train_set) // recipe.batch_size)
         gen = torch.Generator(device=device).manual_seed(0)

@@ -28,7 +28,7 @@ from bench.augment import Augment
 from bench.cache import ModelCache
 from bench.checkpoints import load_checkpoint
 from bench.data import DataBundle
-from bench.device import resolve_device
+from bench.device import memory_format, resolve_device
 from bench.errors import ConfigError
 from bench.fsutil import sha256_file, sha256_json
 from bench.isolation import DefenseWorker
@@ -43,7 +43,8 @@ log = logging.getLogger(__name__)
 
 # The engine's own modules that shape a trained model; an edit to any of these invalidates the cache.
 ENGINE_MODULES = ("bench.train", "bench.data", "bench.augment", "bench.models.base", "attacks.base",
-                  "bench.metrics")  # metrics: the cache stores the undefended model's metrics
+                  "bench.metrics",  # metrics: the cache stores the undefended model's metrics
+                  "bench.device")   # precision and memory format of training
 
 
 def source_file(module: str) -> Path:
@@ -190,7 +191,8 @@ def poisoned_model(cfg: DictConfig, data: DataBundle, device: torch.device) -> t
             log.info("cache hit %s", key[:12])
             model.load_state_dict(entry.weights)
             attack.load_state_dict(entry.attack_state)
-    model.to(device).eval()
+    # Defenses and evaluation run in the recipe's memory format, whether the model was trained here or loaded.
+    model.to(device=device, memory_format=memory_format(recipe.channels_last)).eval()
     attack.to(device)
     # The attack's report is the one written at training time: a reloaded attack has no training history.
     info = {"key": key, "hit": hit, "train_seconds": entry.manifest["train_seconds"],

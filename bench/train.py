@@ -95,7 +95,7 @@ def train(model: nn.Module, data: ImageSet, attack, recipe: Recipe, augment: Aug
     ``on_epoch`` excluded, summed over resumed runs (each of which fits the attack's own networks again)."""
     begun = time.perf_counter()
     device = data.x.device
-    fmt = memory_format(device, recipe.channels_last)
+    fmt = memory_format(recipe.channels_last)
     model.to(device=device, memory_format=fmt)
     optimizer = recipe.optimizer(model.parameters())
     scheduler = recipe.scheduler(optimizer) if recipe.scheduler is not None else None

@@ -166,10 +166,13 @@ def slow_down(node) -> None:
 
 
 @pytest.mark.parametrize("name", options("defense"))
-def test_every_defense_runs_on_a_residual_model(name, tiny_cfg):
-    """Skip connections (WRN-16-1, like PreAct-ResNet18) through masks, pruning, taps and fine-tuning."""
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_every_defense_runs_on_a_residual_model(name, channels_last, tiny_cfg):
+    """Skip connections (WRN-16-1, like PreAct-ResNet18) through masks, pruning, taps and fine-tuning, in both memory
+    formats: the grid's recipe hands WRN-16-1 to its defenses in channels_last."""
     torch.manual_seed(0)
     model = create_model("wrn16_1", num_classes=10, shape=(1, 16, 16), mean=[0.5], std=[0.5]).train()
+    model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     with torch.no_grad():  # BatchNorm statistics of real activations, as a trained model has (defenses freeze them)
         for _ in range(10):
             model(torch.rand(64, 1, 16, 16))
@@ -179,7 +182,8 @@ def test_every_defense_runs_on_a_residual_model(name, tiny_cfg):
     slow_down(cfg)  # NAD's and ARGD's lr 0.1 diverges on noise images with frozen BN (a result, not a crash)
     clean = CleanData(torch.rand(10, 1, 16, 16), torch.arange(10), "real")
     repaired = build(cfg).apply(model, clean, _ctx())
-    assert repaired(torch.rand(3, 1, 16, 16)).shape == (3, 10)
+    out = repaired(torch.rand(3, 1, 16, 16))
+    assert out.shape == (3, 10) and torch.isfinite(out).all()
 
 
 def _ctx() -> DefenseContext:
