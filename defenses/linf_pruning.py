@@ -21,8 +21,8 @@ from defenses.base import CleanData, Defense, DefenseContext, register_defense
 from defenses.finetune import Schedule, finetune
 from defenses.guard import Guard, largest_passing_count
 from defenses.masks import coalition_logits, group_neurons, prefix_masks, prune_channels
-from defenses.reversal import TriggerReversal, carriers
-from defenses.shap_pruning import carrier_copies
+from defenses.reversal import TriggerReversal
+from defenses.shap_pruning import pruning_carriers
 
 NORMS = ("linf", "l1", "l2")
 SCORES = ("diff", "raw")
@@ -51,8 +51,8 @@ class LinfPruning(Defense):
         rev = self.reversal(model, clean, self.augment, ctx)
         if not rev.act:  # nothing flagged and when_undetected=skip: BackdoorBench returns the model unchanged
             return {**rev.report(), "pruned": 0}
-        aug = carriers(clean, self.augment, carrier_copies(clean, ctx.num_classes, self.copies_single, self.copies),
-                       min(len(clean) * self.copies_single, self.max_carriers), ctx.generator("linf_pruning"))
+        aug = pruning_carriers(clean, self.augment, ctx.num_classes, self.copies_single, self.copies, self.max_carriers,
+                               ctx.generator("linf_pruning"))
         x = aug.x[aug.y != rev.target]
         bd_x = rev.stamp(x)
         neurons = group_neurons(model, model.groups[-self.last_k_groups:])

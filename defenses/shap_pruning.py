@@ -41,9 +41,12 @@ def robust_outliers(values: torch.Tensor, mads: float) -> torch.Tensor:
     return out[values[out].argsort(descending=True)]
 
 
-def carrier_copies(clean: CleanData, num_classes: int, single: int, default: int) -> int:
-    """A = 16 augmentations per image with one image per class, 4 otherwise (defenses.md §2.2)."""
-    return single if len(clean) <= num_classes else default
+def pruning_carriers(clean: CleanData, augment, num_classes: int, single: int, default: int, max_carriers: int,
+                     gen: torch.Generator) -> CleanData:
+    """ShapPruning's and ℓ∞ pruning's carriers: A = 16 augmentations per image with one image per class, 4 otherwise
+    (defenses.md §2.2), at most ``max_carriers``."""
+    copies = single if len(clean) <= num_classes else default
+    return carriers(clean, augment, copies, min(len(clean) * single, max_carriers), gen)
 
 
 @register_defense("shap_pruning")
@@ -72,8 +75,8 @@ class ShapPruning(Defense):
         if not rev.act:  # nothing flagged and when_undetected=skip: BackdoorBench returns the model unchanged
             return {**rev.report(), "neurons": n, "pruned": 0, "k_max": k_max}
         gen = ctx.generator("shap_pruning")
-        aug = carriers(clean, self.augment, carrier_copies(clean, ctx.num_classes, self.copies_single, self.copies),
-                       min(len(clean) * self.copies_single, self.max_carriers), gen)
+        aug = pruning_carriers(clean, self.augment, ctx.num_classes, self.copies_single, self.copies, self.max_carriers,
+                               gen)
         bd_x = rev.stamp(aug.x[aug.y != rev.target])
         players = self._players(model, neurons)
         guard = Guard(model, neurons, aug, mode="acc", delta_acc=self.delta_acc, min_agreement=self.min_agreement,
