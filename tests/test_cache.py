@@ -134,3 +134,21 @@ def test_the_poisoned_model_comes_in_the_recipes_memory_format_trained_or_cached
     cached = run_cell(cfg := tiny_cfg("defense=clp", "budget=0", f"recipe.channels_last={channels_last}"), choices(cfg))
     assert trained["cache"]["hit"] is False and cached["cache"]["hit"] is True
     assert seen == [channels_last] * 3  # undefended after training, then after each defense
+
+
+def test_a_second_cell_of_the_model_triggers_no_test_image_again(tiny_cfg, choices, monkeypatch):
+    from attacks.badnets import BadNets
+
+    calls = []
+    real = BadNets.apply_trigger
+
+    def counting(self, x):
+        calls.append(len(x))
+        return real(self, x)
+
+    monkeypatch.setattr(BadNets, "apply_trigger", counting)
+    first = run_cell(cfg := tiny_cfg("defense=none"), choices(cfg))
+    triggered = len(calls)  # training's poisoning and undefended evaluation, then the cell's evaluation
+    second = run_cell(cfg := tiny_cfg("defense=clp", "budget=0"), choices(cfg))
+    assert len(calls) == triggered and second["cache"]["hit"] is True
+    assert first["metrics"] == first["undefended"] | {"der": first["metrics"]["der"]}

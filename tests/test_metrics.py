@@ -108,3 +108,31 @@ def test_der_subtracting_formula(before, after, expected):
 
 def test_der_undefined_without_asr():
     assert der({"acc": 0.9, "asr": None}, {"acc": 0.9, "asr": None}) is None
+
+
+class CountingStamp(StampAttack):
+    def __init__(self):
+        self.calls = 0
+
+    def apply_trigger(self, x):
+        self.calls += 1
+        return super().apply_trigger(x)
+
+
+def test_a_models_triggered_test_images_are_computed_once_and_give_the_fresh_metrics():
+    """Input-aware's trigger (two generator passes) was 13.5 s of a Fashion-MNIST cell's 14.6 s of evaluation,
+    repeated in each of a model's 36 cells; the runner now keeps the triggered images per poisoned model."""
+    from bench.runner import RememberedTrigger
+
+    test = make_test_set([1, 2, 3, 4, 5, 6], [1, 2, 3, 4, 5, 0])
+    attack = CountingStamp()
+    fresh = evaluate(LookupModel(), test, attack, batch_size=4)
+    assert attack.calls == 2  # 5 non-target images in batches of 4
+    first = evaluate(LookupModel(), test, RememberedTrigger(attack, "model-a"), batch_size=4)
+    again = evaluate(LookupModel(), test, RememberedTrigger(attack, "model-a"), batch_size=4)
+    assert first == again == fresh and attack.calls == 4  # the second cell triggers nothing
+    changed = make_test_set([1, 2, 3, 4, 7, 6], [1, 2, 3, 4, 5, 0])
+    evaluate(LookupModel(), changed, RememberedTrigger(attack, "model-a"), batch_size=4)
+    assert attack.calls == 5  # only the batch whose pixels differ is triggered again
+    evaluate(LookupModel(), test, RememberedTrigger(attack, "model-b"), batch_size=4)
+    assert attack.calls == 7  # another poisoned model: another trigger
