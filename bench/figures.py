@@ -20,7 +20,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
-from bench.report import named  # noqa: E402
+from bench.report import RAN, named  # noqa: E402
 
 FORMATS = ("png", "pdf", "svg")
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">", "h", "p", "d", "8")
@@ -68,7 +68,7 @@ def cell_grid(cells: pd.DataFrame, metric: str) -> tuple[pd.DataFrame, pd.DataFr
     values = done.groupby(["attack", "defense"])[metric].mean().unstack("defense") * 100
     attacks, defenses = sorted(cells["attack"].unique()), sorted(cells["defense"].unique())
     values = values.reindex(index=attacks, columns=defenses)
-    poisoned = cells[cells["status"].isin(("ok", "collapsed"))]
+    poisoned = cells[cells["status"].isin(RAN)]
     values.insert(0, UNDEFENDED, poisoned.groupby("attack")[f"undefended_{metric}"].mean().reindex(attacks) * 100)
     status = cells.groupby(["attack", "defense"])["status"].agg(lambda s: "/".join(sorted(set(s) - set(FINISHED))))
     labels = pd.DataFrame([[f"{v:.0f}" if pd.notna(v) else (status.get((a, d)) or "n/a") for d, v in row.items()]
@@ -201,7 +201,7 @@ def time_breakdown(cells: pd.DataFrame, names: dict, folder: Path) -> list[str]:
     cache does), each defense, the budget-0 synthesis, the shared trigger reversal and the evaluation, so the
     next bottleneck shows without reading JSON."""
     stems = []
-    done = cells[cells["status"].isin(("ok", "collapsed"))]
+    done = cells[cells["status"].isin(RAN)]
     for (dataset, model), part in done.groupby(["dataset", "model"]):
         shown = named(part, names)
         models = shown.drop_duplicates("model_key")

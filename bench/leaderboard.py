@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from bench.report import RAN
+
 COLUMNS = [  # (key, header, kind): what each row shows; numbers sort numerically, text alphabetically
     ("dataset", "data set", "text"), ("model", "model", "text"), ("budget", "k", "num"),
     ("attack", "attack", "text"), ("defense", "defense", "text"), ("asr", "ASR %", "num"),
@@ -132,7 +134,7 @@ def rows(cells: pd.DataFrame, names: dict, records_root: Path, page_dir: Path) -
         others = group.loc[group["status"] != "ok", "status"].value_counts().sort_index()
         record_files = sorted(group["record"])
         config = json.loads((records_root / record_files[0]).read_text()).get("config")
-        poisoned = group[group["status"].isin(("ok", "collapsed"))]
+        poisoned = group[group["status"].isin(RAN)]
         out.append({
             "id": i, **{g: names.get((g, cell[g]), cell[g]) for g in ("dataset", "model", "attack", "defense")},
             "budget": int(cell["budget"]), "recipe": cell["recipe"], "experiment": cell["experiment"],

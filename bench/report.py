@@ -4,8 +4,9 @@ Reads every record under DIR into pandas and writes, under DIR/report (or --out)
   tables/<metric>.{md,tex}      ACC, ASR, RA, DER as mean ± std over seeds, per attack x defense (rows) and
                                 budget (columns), display names, the columns that hold one value on every
                                 row in the caption line; every cell says how many seeds finished of how
-                                many ran, and what became of the others (diverged, failed, collapsed): none
-                                is averaged in. LaTeX: booktabs through pandas' Styler, escaped
+                                many ran, and what became of the others (diverged, failed, collapsed, no backdoor: the
+                                poisoned model's own ASR below NO_BACKDOOR_ASR): none is averaged in. LaTeX:
+                                booktabs through pandas' Styler, escaped
   tables/<metric>.csv           the same as numbers: mean, std, finished, run and each outcome's count
   tables/undefended.*           the poisoned models' own ACC / ASR / RA per attack
   tables/cost.*                 defense wall time and peak memory
@@ -43,6 +44,10 @@ KEYS = ["dataset", "model", "recipe", "experiment", "attack", "defense"]
 NAMED = ("dataset", "model", "attack", "defense")  # the keys with display names
 METRICS = ["acc", "asr", "ra", "der"]
 LABELS = {"acc": "ACC", "asr": "ASR", "ra": "RA", "der": "DER"}
+# A poisoned model whose own ASR is below this share has no backdoor to remove: a defense's low ASR on it says
+# nothing, so its cells are "no backdoor" (as a collapsed model's are "collapsed"), never averaged into a row.
+NO_BACKDOOR_ASR = 0.5
+RAN = ("ok", "collapsed", "no backdoor")  # cells that ran to the end: their costs and undefended models count
 
 
 def display_names(rec: dict) -> dict[tuple[str, str], str]:
@@ -95,7 +100,7 @@ def load(root: str | Path, triggers: dict | None = None, names: dict | None = No
         if curves is not None:
             curves += training_rows(rec)
         rows.append({**{k: cell[k] for k in KEYS}, "budget": cell["budget"], "seed": cell["seed"],
-                     "status": "collapsed" if is_collapsed(rec) else "ok",
+                     "status": status(rec),
                      "setting": cell["setting"], "data_source": rec["data_source"], **{k: m.get(k) for k in METRICS},
                      **{f"undefended_{k}": u.get(k) for k in ("acc", "asr", "ra")},
                      "defense_seconds": rec["timings"].get("defense"),
@@ -140,6 +145,14 @@ def time_to(curves: pd.DataFrame, target: float) -> pd.DataFrame:
                      "epochs": int(last["epoch"]), "min": round(last["minutes"], 1),
                      "ACC": last["test_acc"], "ASR": last["test_asr"]})
     return pd.DataFrame(rows)
+
+
+def status(rec: dict) -> str:
+    """A finished cell's outcome: its poisoned model had no backdoor, its defended model collapsed, or ok."""
+    asr = rec["undefended"].get("asr")
+    if asr is not None and asr < NO_BACKDOOR_ASR:
+        return "no backdoor"
+    return "collapsed" if is_collapsed(rec) else "ok"
 
 
 def is_collapsed(rec: dict) -> bool:
@@ -197,7 +210,7 @@ def numeric(df: pd.DataFrame, column: str, scale: float = 100.0, finished: tuple
     return table.astype({c: int for c in ("finished", "run", *OUTCOMES)})
 
 
-OUTCOMES = ("collapsed", "diverged", "failed")
+OUTCOMES = ("collapsed", "no backdoor", "diverged", "failed")
 
 
 def wall_time(df: pd.DataFrame) -> pd.DataFrame:
@@ -337,7 +350,7 @@ def report(root: str | Path, out: str | Path | None = None, data_root: str | Non
     curves: list = []
     df, problems = load(root, triggers, names, curves)
     curves = training_frame(curves)
-    if df.empty or not df["status"].isin(("ok", "collapsed")).any():
+    if df.empty or not df["status"].isin(RAN).any():
         raise FileNotFoundError(f"no finished records under {root} ({len(problems)} records not used: failed, "
                                 f"unreadable or of another schema)")
     tables = out / "tables"
@@ -345,25 +358,24 @@ def report(root: str | Path, out: str | Path | None = None, data_root: str | Non
         write_table(pivot(df, metric), tables, metric, names, numeric(df, metric),
                     f"{LABELS[metric]} (%), mean ± std over seeds (finished/run); k = clean images per class")
     models = ["dataset", "model", "recipe", "attack"]  # one poisoned model per seed, shared by its cells
-    poisoned = df[df["status"].isin(("ok", "collapsed"))].drop_duplicates(models + ["seed"])
+    poisoned = df[df["status"].isin(RAN)].drop_duplicates(models + ["seed"])
     undefended = (poisoned.groupby(models).agg(**{k: (f"undefended_{k}", mean_std) for k in ("acc", "asr", "ra")})
                   .reset_index())
     undefended_numbers = pd.concat([numeric(poisoned.assign(status="ok"), f"undefended_{k}", keys=models)
                                     .assign(metric=k) for k in ("acc", "asr", "ra")])
     write_table(undefended, tables, "undefended", names, undefended_numbers,
                 "The poisoned models before any defense (%), mean ± std over seeds")
-    ran = ("ok", "collapsed")  # a collapsed cell's cost is a real cost
-    cost = pivot(df, "defense_seconds", scale=1.0, digits=2, finished=ran).merge(
-        pivot(df, "peak_rss_mb", scale=1.0, digits=0, finished=ran), on=KEYS, suffixes=(" s", " MB"))
-    cost_numbers = pd.concat([numeric(df, "defense_seconds", 1.0, ran).assign(metric="defense_seconds"),
-                              numeric(df, "peak_rss_mb", 1.0, ran).assign(metric="peak_rss_mb")])
+    cost = pivot(df, "defense_seconds", scale=1.0, digits=2, finished=RAN).merge(
+        pivot(df, "peak_rss_mb", scale=1.0, digits=0, finished=RAN), on=KEYS, suffixes=(" s", " MB"))
+    cost_numbers = pd.concat([numeric(df, "defense_seconds", 1.0, RAN).assign(metric="defense_seconds"),
+                              numeric(df, "peak_rss_mb", 1.0, RAN).assign(metric="peak_rss_mb")])
     write_table(cost, tables, "cost", names, cost_numbers, "Defense wall time (s) and peak memory (MB)")
-    write_table(wall_time(df[df["status"].isin(ran)]), tables, "walltime", names,
+    write_table(wall_time(df[df["status"].isin(RAN)]), tables, "walltime", names,
                 title="Wall time (min) from an empty cache, per seed and attack, from the records' timings: training "
                       "once per poisoned model, the other phases summed over its cells; not counted: composing and "
                       "validating the sweep, process start-up")
     cells = df
-    df = df[df["status"].isin(ran)]
+    df = df[df["status"].isin(RAN)]
     cells.sort_values(KEYS + ["budget", "seed"]).to_csv(tables / "cells.csv", index=False, lineterminator="\n")
     if not curves.empty:
         curves.drop(columns="model_key").sort_values(["dataset", "model", "recipe", "attack", "seed", "epoch"]).to_csv(
@@ -384,9 +396,9 @@ def report(root: str | Path, out: str | Path | None = None, data_root: str | Non
 
     drawn = sorted(p.name for p in (out / "figures").glob("gallery_*.png"))
     write_page(cells, names, root, out, stems, drawn, f"bdbench: {root.resolve().name}")
-    collapsed = int((df["status"] == "collapsed").sum())
-    lines = [f"# Report of {root}", "", f"{len(df)} finished cells ({collapsed} collapsed), {len(problems)} records "
-             "not used.", ""]
+    collapsed, no_backdoor = (int((df["status"] == s).sum()) for s in ("collapsed", "no backdoor"))
+    lines = [f"# Report of {root}", "", f"{len(df)} finished cells ({collapsed} collapsed, {no_backdoor} on a poisoned "
+             f"model without a backdoor: ASR below {NO_BACKDOOR_ASR:.0%}), {len(problems)} records not used.", ""]
     if problems:
         lines += ["## Records not used", "", markdown(pd.DataFrame(problems))]
     lines += ["## Cells whose defense ran on synthetic data (budget 0)", ""]

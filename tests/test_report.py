@@ -42,7 +42,8 @@ def test_report_tables_figures_and_problems(tiny_cfg, choices, tmp_path):
     assert training[["seed", "epoch"]].values.tolist() == [[0, 1], [0, 2], [1, 1], [1, 2]]
     assert training["test_acc"].notna().all() and (training["minutes"].diff()[[1, 3]] > 0).all()
     problems = (out / "problems.md").read_text()
-    assert "6 finished cells (0 collapsed), 3 records not used" in problems
+    assert "6 finished cells (0 collapsed, 0 on a poisoned model without a backdoor: ASR below 50%), 3 records not " \
+           "used" in problems
     assert "schema 1" in problems and "failed: FloatingPointError: diverged" in problems
     for stem in ("asr_heatmap_synthetic_fmnist_cnn_k1", "acc_vs_asr_synthetic_fmnist_cnn",
                  "asr_vs_budget_synthetic_fmnist_cnn", "time_synthetic_fmnist_cnn", "training_synthetic_fmnist_cnn"):  # time: where the sweep's went
@@ -74,13 +75,24 @@ def test_every_table_cell_counts_finished_seeds_and_names_the_rest(tiny_cfg, cho
     paths[2].write_text(json.dumps(collapsed))
     out = report(records, tmp_path / "report", cache_root=str(tmp_path / "none"))
     asr = (out / "tables" / "asr.md").read_text()
-    first = json.loads(paths[0].read_text())["metrics"]["asr"] * 100
+    first_metrics = json.loads(paths[0].read_text())["metrics"]
+    first = first_metrics["asr"] * 100
     assert f"| BadNets | CLP | {first:.1f} (1/3; collapsed 1, diverged 1) |" in asr  # not averaged with 0.0
     only_collapsed = {**collapsed, "cell": {**collapsed["cell"], "defense": "ft"},
                       "display": {**collapsed["display"], "defense": "FT"}}
     (records / "extra.json").write_text(json.dumps(only_collapsed))
     asr = (report(records, tmp_path / "report2", cache_root=str(tmp_path / "none")) / "tables" / "asr.md").read_text()
     assert "| BadNets | FT | collapsed (0/1) |" in asr
+    no_backdoor = {**only_collapsed, "cell": {**collapsed["cell"], "defense": "nad", "seed": 3}, "seed": 3,  # its model
+                   "display": {**collapsed["display"], "defense": "NAD"},
+                   "undefended": {**collapsed["undefended"], "asr": 0.124}, "metrics": first_metrics}  # WaNet, WRN-16-1
+    (records / "no-backdoor.json").write_text(json.dumps(no_backdoor))
+    out = report(records, tmp_path / "report3", cache_root=str(tmp_path / "none"))
+    asr = (out / "tables" / "asr.md").read_text()
+    assert "| BadNets | NAD | no backdoor (0/1) |" in asr  # a low ASR after a defense, but there was none to remove
+    models = pd.Series([json.loads(paths[i].read_text())["undefended"]["asr"] for i in (0, 2)] + [0.124]) * 100
+    assert f"{models.mean():.1f} ± {models.std():.1f} (n=3)" in (out / "tables" / "undefended.md").read_text()
+    assert "(2 collapsed, 1 on a poisoned model without a backdoor" in (out / "problems.md").read_text()
 
 
 def test_heatmap_cells_without_a_number_say_why():
