@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 from omegaconf import OmegaConf
 
-from bench.report import load, markdown, time_to, training_frame
+from bench.report import NO_BACKDOOR_ASR, load, markdown, time_to, training_frame
 
 # points: below ``flat`` a change is "no change"; within ``size`` of the published change, the size agrees
 TOLERANCE = {"asr": {"flat": 5.0, "size": 15.0}, "acc": {"flat": 2.0, "size": 3.0}}
@@ -58,12 +58,17 @@ def source_table(block: dict, cells: pd.DataFrame) -> pd.DataFrame:
             done = mine[mine["status"] == "ok"] if len(mine) else mine
             acc, asr = done.get("acc"), done.get("asr")
         if not len(done):
-            rows.append({"defense": row["defense"], "published ACC / ASR": published, "bdbench ACC / ASR": "not run",
-                         "n": 0, "verdict": "–"})
+            ran = match[match["defense"] == row["defense"]] if len(match) and row["defense"] != "none" else done
+            outcome = ", ".join(f"{s} {n}" for s, n in ran["status"].value_counts().sort_index().items()) if len(ran) \
+                else "not run"  # cells that ran and did not finish say what became of them
+            rows.append({"defense": row["defense"], "published ACC / ASR": published, "bdbench ACC / ASR": outcome,
+                         "n": f"0/{len(ran)}" if len(ran) else 0, "verdict": "–"})
             continue
         if row["defense"] == "none":
             result = "baseline: ACC {:+.1f}, ASR {:+.1f} points".format(100 * acc.mean() - row["acc"],
                                                                       100 * asr.mean() - row["asr"])
+            if asr.mean() < NO_BACKDOOR_ASR:
+                result += f"; no backdoor (ASR below {NO_BACKDOOR_ASR:.0%}): the defense rows measure nothing"
         else:
             ours = {"acc": 100 * (acc - done["undefended_acc"]).mean(), "asr": 100 * (asr - done["undefended_asr"]).mean()}
             result = verdict(ours, {"acc": row["acc"] - base["acc"], "asr": row["asr"] - base["asr"]})

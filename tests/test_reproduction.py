@@ -45,6 +45,16 @@ def test_a_table_row_averages_finished_seeds_and_counts_the_rest():
     assert table.loc["nad", "n"] == "1/1" and table.loc["anp", "bdbench ACC / ASR"] == "not run"
 
 
+def test_a_model_without_a_backdoor_says_so_instead_of_a_defense_result():
+    """WaNet on WRN-16-1 ended at 12.4 % ASR: its cells are 'no backdoor', which read as 'not run' here before."""
+    rows = [{**cell("ft", 0, 0.80, 0.05), "status": "no backdoor", "undefended_asr": 0.124}]
+    table = source_table(BLOCK, pd.DataFrame(rows)).set_index("defense")
+    assert table.loc["ft", "bdbench ACC / ASR"] == "no backdoor 1" and table.loc["ft", "n"] == "0/1"
+    assert table.loc["none", "verdict"].endswith("ASR -87.6 points; no backdoor (ASR below 50%): the defense rows "
+                                                 "measure nothing")
+    assert table.loc["nad", "bdbench ACC / ASR"] == "not run"
+
+
 def test_the_command_writes_a_page_with_every_source_and_says_what_did_not_run(tmp_path):
     run = subprocess.run([sys.executable, "-m", "bench.cli", "reproduction", "--out", str(tmp_path / "r.md")],
                          capture_output=True, text=True, timeout=120)
