@@ -58,11 +58,11 @@ def source_table(block: dict, cells: pd.DataFrame) -> pd.DataFrame:
             done = mine[mine["status"] == "ok"] if len(mine) else mine
             acc, asr = done.get("acc"), done.get("asr")
         if not len(done):
-            ran = match[match["defense"] == row["defense"]] if len(match) and row["defense"] != "none" else done
-            outcome = ", ".join(f"{s} {n}" for s, n in ran["status"].value_counts().sort_index().items()) if len(ran) \
-                else "not run"  # cells that ran and did not finish say what became of them
+            tried = match[match["defense"] == row["defense"]] if len(match) and row["defense"] != "none" else done
+            outcome = ", ".join(f"{s} {n}" for s, n in tried["status"].value_counts().sort_index().items()) \
+                if len(tried) else "not run"  # cells that ran and did not finish say what became of them
             rows.append({"defense": row["defense"], "published ACC / ASR": published, "bdbench ACC / ASR": outcome,
-                         "n": f"0/{len(ran)}" if len(ran) else 0, "verdict": "–"})
+                         "n": f"0/{len(tried)}" if len(tried) else 0, "verdict": "–"})
             continue
         if row["defense"] == "none":
             result = "baseline: ACC {:+.1f}, ASR {:+.1f} points".format(100 * acc.mean() - row["acc"],
