@@ -19,7 +19,7 @@ from attacks.base import Attack, register_attack
 from bench.errors import ConfigError
 from bench.augment import random_crop, random_hflip
 from bench.data import ImageSet
-from bench.metrics import predict
+from bench.metrics import backdoor_test_set, predict
 from bench.schema import Count, Fraction, NonNegative, Positive, Range, Rate
 
 
@@ -40,7 +40,7 @@ class WaNet(Attack):
     def __init__(self, *, target: Count, poison_rate: Rate, k: Annotated[int, Range(ge=2)], s: Positive,
                  grid_rescale: Positive, cross_ratio: NonNegative, crop_padding: Count, crop_p: Fraction,
                  rotation: Annotated[float, Range(ge=0, le=180)], rotation_p: Fraction, hflip: bool,
-                 checkpoint: str | None, field: str | None) -> None:
+                 quantize: bool, checkpoint: str | None, field: str | None) -> None:
         super().__init__()
         if checkpoint and not field:
             raise ValueError(f"attack.checkpoint={checkpoint} with attack.field=null: a WaNet model is defended with "
@@ -51,6 +51,7 @@ class WaNet(Attack):
         self.k, self.s, self.grid_rescale, self.cross_ratio = k, s, grid_rescale, cross_ratio
         self.crop_padding, self.crop_p, self.rotation, self.rotation_p, self.hflip = (
             crop_padding, crop_p, rotation, rotation_p, hflip)
+        self.quantize = quantize
         self.grid: torch.Tensor | None = None  # [1, H, W, 2], the trigger
         self.gen: torch.Generator | None = None
 
@@ -130,6 +131,8 @@ class WaNet(Attack):
         y[:n_a] = self.target
         x[n_a : n_a + n_n] = F.grid_sample(x[n_a : n_a + n_n], self.noise_grid(n_n, x.device, self.gen),
                                            mode="bilinear", padding_mode="zeros", align_corners=True)
+        if self.quantize:  # the warped samples on uint8 levels, as the test images ASR is measured on
+            x[: n_a + n_n] = x[: n_a + n_n].mul(255).round_().div_(255)
         return self.post_augment(x), y
 
     def post_augment(self, x: torch.Tensor) -> torch.Tensor:
@@ -152,7 +155,10 @@ class WaNet(Attack):
         return self.warp(x.float(), self.grid).round().clamp(0, 255).to(torch.uint8)
 
     def extra_metrics(self, model, test: ImageSet, batch_size: int = 1024, precision: str = "fp32") -> dict:
-        """Noise accuracy: all test images under a fresh random noise warp each, scored on true labels."""
+        """Noise accuracy: all test images under a fresh random noise warp each, scored on true labels. And the
+        ASR on the warped images before rounding (``asr_float``, the official code's measurement): a model can
+        learn the warp's sub-quantization interpolation pattern instead of the warp, which rounding erases (the
+        grid's WRN-16-1 model: 93.3 % on floats, 12.4 % on uint8, 3,000 test images)."""
         gen = torch.Generator(device=test.x.device).manual_seed(0)
 
         def noisy(xb: torch.Tensor) -> torch.Tensor:
@@ -161,7 +167,11 @@ class WaNet(Attack):
             return warped.round().clamp(0, 255).to(torch.uint8)
 
         pred = predict(model, test.x, transform=noisy, batch_size=batch_size, precision=precision)
-        return {"noise_acc": (pred == test.y).float().mean().item()}
+        bd = backdoor_test_set(test, self.target)
+        warped = predict(model, bd.x, transform=lambda xb: self.warp(xb.float(), self.grid), batch_size=batch_size,
+                         precision=precision)
+        return {"noise_acc": (pred == test.y).float().mean().item(),
+                "asr_float": (warped == self.target).float().mean().item()}
 
     def state_dict(self):
         return {**super().state_dict(), "grid": self.grid}
