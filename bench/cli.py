@@ -334,7 +334,8 @@ def report_command(args: list[str]) -> None:
     parser.add_argument("records", metavar="DIR", help="a folder of records (searched recursively)")
     parser.add_argument("--out", help="where the report goes (default: DIR/report)")
     parser.add_argument("--data", help="data root, for the trigger gallery (default: $BDBENCH_DATA)")
-    parser.add_argument("--cache", help="model cache, for the trigger gallery (default: $BDBENCH_CACHE)")
+    parser.add_argument("--cache", help="model cache, for the trigger gallery (default: DIR/cache if it "
+                        "exists, else $BDBENCH_CACHE)")
     parser.add_argument("--index", action="store_true", help="also rebuild the index page of the folder above DIR "
                         "(results/index.html: a link to every sweep's report/index.html)")
     parser.add_argument("legacy_out", nargs="?", help=argparse.SUPPRESS)  # ``bdbench report DIR OUT`` still works

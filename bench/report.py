@@ -67,7 +67,7 @@ def load(root: str | Path, triggers: dict | None = None, names: dict | None = No
     rows, problems = [], []
     names = {} if names is None else names
     for path in sorted(root.rglob("*.json")):
-        if "report" in path.relative_to(root).parts:
+        if {"report", "cache"} & set(path.relative_to(root).parts):  # a sweep's report and published cache
             continue
         try:
             rec = json.loads(path.read_text())
@@ -341,6 +341,12 @@ def galleries(triggers: dict, folder: Path, data_root: str, cache_root: str) -> 
     return problems
 
 
+def published_cache(root: Path) -> str:
+    """The cache a published sweep keeps beside its records (``paths.cache=results/<sweep>/cache``), else
+    $BDBENCH_CACHE, else the default cache."""
+    return str(root / "cache") if (root / "cache").is_dir() else os.environ.get("BDBENCH_CACHE", ".cache/bdbench")
+
+
 def report(root: str | Path, out: str | Path | None = None, data_root: str | None = None,
            cache_root: str | None = None) -> Path:
     root = Path(root)
@@ -391,7 +397,7 @@ def report(root: str | Path, out: str | Path | None = None, data_root: str | Non
 
         stems += training_curves(curves, names, out / "figures")
     gallery_problems = galleries(triggers, out / "figures", data_root or os.environ.get("BDBENCH_DATA", "data"),
-                                 cache_root or os.environ.get("BDBENCH_CACHE", ".cache/bdbench"))
+                                 cache_root or published_cache(root))
     from bench.leaderboard import write_page
 
     drawn = sorted(p.name for p in (out / "figures").glob("gallery_*.png"))

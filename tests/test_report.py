@@ -173,3 +173,19 @@ def test_time_to_accuracy_is_the_first_measured_epoch_that_reaches_it():
     table = time_to(pd.DataFrame(rows), 85).set_index("seed")
     assert table.loc[0, ["epoch to 85 %", "min to 85 %", "epochs", "min", "ACC"]].tolist() == [3, 3.0, 4, 4.0, 87.0]
     assert pd.isna(table.loc[1, "epoch to 85 %"]) and table.loc[1, "ACC"] == 84.0
+
+
+def test_a_published_sweep_keeps_its_cache_beside_its_records(tiny_cfg, choices, tmp_path, monkeypatch):
+    """``paths.cache=results/<sweep>/cache``: the cache's manifests are no records, and the gallery draws the
+    trigger from that cache without being told where it is."""
+    sweep = tmp_path / "sweep"
+    cfg = tiny_cfg("defense=clp", "budget=1", "recipe.epochs=2")
+    cfg.paths.records, cfg.paths.cache = str(sweep / "records"), str(sweep / "cache")
+    run_cell(cfg, choices(cfg))
+    assert list((sweep / "cache").rglob("manifest.json"))
+    monkeypatch.delenv("BDBENCH_CACHE", raising=False)
+    monkeypatch.chdir(tmp_path)  # no .cache/bdbench here: the gallery can only come from sweep/cache
+    out = report(sweep, data_root="unused")
+    assert "1 finished cells" in (out / "problems.md").read_text()
+    assert "0 records not used" in (out / "problems.md").read_text()
+    assert (out / "figures" / "gallery_synthetic.png").is_file()
