@@ -23,7 +23,6 @@ engine adds around the model (gather, uint8 scaling, poisoning, augmentation, bo
 from __future__ import annotations
 
 import copy
-import platform
 import subprocess
 import sys
 import time
@@ -42,6 +41,7 @@ from torchvision import transforms as T
 from bench.device import autocast, memory_format
 from bench.metrics import accuracy, predict
 from bench.models import create_model
+from bench.records import cpu_name
 from bench.report import markdown
 from bench.seeding import generator
 from bench.train import train
@@ -82,7 +82,7 @@ def _time(fn, device: torch.device, repeats: int, warmup: bool = True) -> float:
 
 
 def _device_columns(df: pd.DataFrame, device: torch.device) -> pd.DataFrame:
-    df.insert(0, "device", torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu")
+    df.insert(0, "device", torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name())
     df.insert(1, "threads", torch.get_num_threads())
     return df
 

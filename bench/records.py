@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import platform
 import subprocess
 import sys
@@ -87,6 +88,18 @@ def _git() -> dict[str, Any]:
 _git()  # read once, when the engine is imported: the commit of the code this process runs
 
 
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo on Linux): timings are comparable only between records that share it,
+    and Python's ``platform.processor()`` is empty on Linux, which left records saying ``x86_64``."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def environment(device: torch.device) -> dict[str, Any]:
     versions = {}
     for pkg in PACKAGES:
@@ -94,12 +107,13 @@ def environment(device: torch.device) -> dict[str, Any]:
             versions[pkg] = version(pkg)
         except PackageNotFoundError:
             versions[pkg] = None
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
     return {
         "python": sys.version.split()[0],
         "packages": versions,
         "platform": platform.platform(),
-        "device": {"type": device.type, "name": name, "threads": torch.get_num_threads(),
+        "device": {"type": device.type, "name": name, "cpu": cpu_name(), "cores": len(os.sched_getaffinity(0)),
+                   "threads": torch.get_num_threads(),
                    "cuda": torch.version.cuda if device.type == "cuda" else None},
         "git": _git(),
     }

@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 
 import pytest
+import torch
 
 from bench.records import SCHEMA_VERSION
 from bench.runner import run_cell
@@ -124,3 +125,19 @@ def test_records_name_the_commit_the_process_started_with(monkeypatch):
     started = records.environment(__import__("torch").device("cpu"))["git"]
     monkeypatch.setattr(subprocess, "run", lambda *a, **k: (_ for _ in ()).throw(AssertionError("git asked again")))
     assert records.environment(__import__("torch").device("cpu"))["git"] == started
+
+
+def test_records_name_the_cpu_their_timings_were_measured_on():
+    """Timings from two CPUs are not comparable (a republish spread over sessions ran on more than one):
+    the record names the CPU model and the cores the process may use, not just ``x86_64``."""
+    import os
+
+    from bench.records import environment
+
+    device = environment(torch.device("cpu"))["device"]
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.is_file():
+        pytest.skip("no /proc/cpuinfo on this system")
+    names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")]
+    assert names and device["cpu"] == device["name"] == names[0]
+    assert device["cores"] == len(os.sched_getaffinity(0)) and device["threads"] >= 1
