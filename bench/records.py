@@ -88,6 +88,7 @@ def _git() -> dict[str, Any]:
 _git()  # read once, when the engine is imported: the commit of the code this process runs
 
 
+@functools.cache
 def cpu_name() -> str:
     """The CPU's model name (/proc/cpuinfo on Linux): timings are comparable only between records that share it,
     and Python's ``platform.processor()`` is empty on Linux, which left records saying ``x86_64``."""
@@ -107,12 +108,13 @@ def environment(device: torch.device) -> dict[str, Any]:
             versions[pkg] = version(pkg)
         except PackageNotFoundError:
             versions[pkg] = None
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
+    cpu = cpu_name()
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu
     return {
         "python": sys.version.split()[0],
         "packages": versions,
         "platform": platform.platform(),
-        "device": {"type": device.type, "name": name, "cpu": cpu_name(), "cores": len(os.sched_getaffinity(0)),
+        "device": {"type": device.type, "name": name, "cpu": cpu, "cores": len(os.sched_getaffinity(0)),
                    "threads": torch.get_num_threads(),
                    "cuda": torch.version.cuda if device.type == "cuda" else None},
         "git": _git(),

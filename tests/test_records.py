@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import pytest
@@ -130,8 +131,6 @@ def test_records_name_the_commit_the_process_started_with(monkeypatch):
 def test_records_name_the_cpu_their_timings_were_measured_on():
     """Timings from two CPUs are not comparable (a republish spread over sessions ran on more than one):
     the record names the CPU model and the cores the process may use, not just ``x86_64``."""
-    import os
-
     from bench.records import environment
 
     device = environment(torch.device("cpu"))["device"]
