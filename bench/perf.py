@@ -26,7 +26,9 @@ import copy
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -60,6 +62,7 @@ class Result:
     rows: pd.DataFrame
     summary: str
     tag: str = ""  # in the file name, after the benchmark's (the data set of a pipeline run)
+    plot: Callable[[pd.DataFrame, Path], None] | None = None  # draws the rows into a PNG beside the tables
 
 
 def _sync(device: torch.device) -> None:
@@ -219,10 +222,12 @@ def pipeline(device: torch.device, overrides: list[str], train_images: int | Non
     return Result("Engine against a DataLoader + PIL pipeline", df, summary, tag=spec.name)
 
 
-def tta(device: torch.device, overrides: list[str], engine_recipe: str, reference_recipe: str, target: float,
+def tta(device: torch.device, overrides: list[str], engine_recipe: str, reference_recipe: str, targets: list[float],
         max_epochs: int, max_seconds: float | None, train_images: int | None, test_images: int | None,
         workers: int) -> Result:
-    """Seconds of training until the clean test accuracy first reaches ``target``, per pipeline."""
+    """Seconds of training until the clean test accuracy first reaches each of ``targets``, per pipeline. A pipeline
+    stops at the highest target, at ``max_epochs`` or after ``max_seconds`` of training, whichever comes first."""
+    targets = sorted(targets)
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         cfg = compose("config", overrides=[*overrides, f"recipe={engine_recipe}"])
         reference = build(compose("config", overrides=[*overrides, f"recipe={reference_recipe}"]).recipe)
@@ -237,7 +242,8 @@ def tta(device: torch.device, overrides: list[str], engine_recipe: str, referenc
 
     def on_epoch(pipeline: str, epoch: int, seconds: float, acc: float) -> bool:
         rows.append({"pipeline": pipeline, "epoch": epoch, "seconds": seconds, "test_acc": acc})
-        return acc >= target or epoch >= max_epochs or (max_seconds is not None and seconds >= max_seconds)
+        print(f"tta {pipeline}: epoch {epoch}, {seconds:.0f} s trained, clean test ACC {100 * acc:.2f} %", flush=True)
+        return acc >= targets[-1] or epoch >= max_epochs or (max_seconds is not None and seconds >= max_seconds)
 
     torch.manual_seed(0)
     engine_model = build(cfg.model, num_classes=spec.num_classes, shape=spec.shape, mean=spec.mean, std=spec.std)
@@ -277,23 +283,53 @@ def tta(device: torch.device, overrides: list[str], engine_recipe: str, referenc
             break
     df = pd.DataFrame(rows)
     df["seconds"], df["test_acc"] = df["seconds"].round(1), df["test_acc"].round(4)
-    reached = df[df["test_acc"] >= target].groupby("pipeline", sort=False)["seconds"].min()
-    lines = []
-    for pipeline, group in df.groupby("pipeline", sort=False):
-        if pipeline in reached:
-            lines.append(f"{pipeline}: **{reached[pipeline]:.0f} s** ({group['epoch'][group['test_acc'] >= target].min()} "
-                         f"epochs)")
-        else:
-            lines.append(f"{pipeline}: not reached in {group['epoch'].max()} epochs ({group['seconds'].max():.0f} s; "
-                         f"best {100 * group['test_acc'].max():.2f} %)")
     names = df["pipeline"].unique()  # engine first, then the reference
-    ratio = (f" The reference takes **{reached[names[1]] / reached[names[0]]:.2f}x** the engine's time."
-             if len(reached) == 2 else "")
+    parts = []
+    for target in targets:
+        reached = df[df["test_acc"] >= target].groupby("pipeline", sort=False)["seconds"].min()
+        lines = []
+        for pipeline, group in df.groupby("pipeline", sort=False):
+            if pipeline in reached:
+                lines.append(f"{pipeline}: **{reached[pipeline]:.0f} s** "
+                             f"({group['epoch'][group['test_acc'] >= target].min()} epochs)")
+            else:
+                lines.append(f"{pipeline}: not reached in {group['epoch'].max()} epochs "
+                             f"({group['seconds'].max():.0f} s; best {100 * group['test_acc'].max():.2f} %)")
+        if len(reached) == 2:
+            ratio = f"; the reference takes **{reached[names[1]] / reached[names[0]]:.2f}x** the engine's time"
+        elif len(names) == 2 and names[0] in reached:
+            ratio = f"; the reference takes more than **{df['seconds'][df['pipeline'] == names[1]].max() / reached[names[0]]:.2f}x**"
+        else:
+            ratio = ""
+        parts.append(f"Time to {100 * target:.0f} %: " + "; ".join(lines) + ratio + ".")
     summary = (f"Data set {spec.name}, model {cfg.model._target_.rsplit('.', 1)[-1]}, attack "
                f"{cfg.attack._target_.rsplit('.', 1)[-1]}, {len(train_set)} training images, clean test accuracy on "
-               f"{len(test)} test images after each epoch (off the clock), same poisoned data and initial weights. "
-               f"Time to {100 * target:.0f} %: " + "; ".join(lines) + "." + ratio)
-    return Result(f"Time to {100 * target:.0f} % clean accuracy", _device_columns(df, device), summary, tag=spec.name)
+               f"{len(test)} test images after each epoch (off the clock), same poisoned data and initial weights; "
+               f"each pipeline stops at {100 * targets[-1]:.0f} %, after {max_epochs} epochs"
+               + (f" or {max_seconds:.0f} s of training" if max_seconds is not None else "") + ". " + " ".join(parts))
+    return Result(f"Time to {', '.join(f'{100 * t:.0f}' for t in targets)} % clean accuracy",
+                  _device_columns(df, device), summary, tag=spec.name, plot=partial(_tta_figure, targets=targets))
+
+
+def _tta_figure(df: pd.DataFrame, path: Path, targets: list[float]) -> None:
+    """Clean test accuracy against minutes of training, one line per pipeline, the targets as dashed lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    sns.lineplot(data=df.assign(minutes=df["seconds"] / 60, acc=100 * df["test_acc"]), x="minutes", y="acc",
+                 hue="pipeline", marker="o", markersize=3, ax=ax)
+    for target in targets:
+        ax.axhline(100 * target, color="grey", linestyle="--", linewidth=0.8)
+    ax.set(xlabel=f"minutes of training ({df['device'].iloc[0]}, {df['threads'].iloc[0]} threads)",
+           ylabel="clean test accuracy (%)")
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 @torch.no_grad()
@@ -442,5 +478,8 @@ def write(result: Result, name: str, folder: Path, device: torch.device) -> Path
     df = result.rows
     text = (f"# {result.name} ({device.type})\n\nTorch {torch.__version__}, {df['threads'].iloc[0]} threads, "
             f"device {df['device'].iloc[0]}. {result.summary}\n\n" + markdown(df.drop(columns=["device", "threads"])))
+    if result.plot is not None:
+        result.plot(df, stem.with_suffix(".png"))
+        text += f"\n![{result.name}]({stem.with_suffix('.png').name})\n"
     stem.with_suffix(".md").write_text(text)
     return stem.with_suffix(".md")
