@@ -75,7 +75,10 @@ def _serve(conn, threads: int, memory_bytes: int | None) -> None:
 
     conn.send(("ready",))  # worker.timeout counts a defense's time, not this process's start-up
     while True:
-        message = conn.recv()
+        try:
+            message = conn.recv()
+        except EOFError:  # the runner is gone (a killed sweep): nothing left to serve, nothing to report
+            return
         if message is None:
             return
         defense_cfg, model, clean, ctx, seed = message

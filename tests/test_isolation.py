@@ -100,3 +100,16 @@ def test_worker_timeout_counts_the_defense_not_the_workers_start(tiny_cfg, choic
     under a 1-s limit 'ran past' it, and a cell after a killed worker failed on a busy machine."""
     record = run_cell(cfg := tiny_cfg("budget=1", "defense=clp", "worker.timeout=1"), choices(cfg))
     assert record["status"] == "ok", record.get("error")
+
+
+def test_a_worker_whose_runner_is_gone_exits_quietly(capfd):
+    """A killed sweep closes the worker's pipe: the worker ends with exit code 0 and no EOFError traceback."""
+    from bench.isolation import DefenseWorker
+
+    worker = DefenseWorker(timeout=None, threads=1, memory_gb=None)
+    worker._start()
+    process = worker.process
+    worker.conn.close()  # what the runner's death does to the worker's end of the pipe
+    process.join(60)
+    assert process.exitcode == 0
+    assert "EOFError" not in capfd.readouterr().err
