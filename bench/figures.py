@@ -253,3 +253,18 @@ def training_curves(curves: pd.DataFrame, names: dict, folder: Path, target: flo
         save(fig, folder, stem)
         stems.append(stem)
     return stems
+
+
+def tta_curves(df: pd.DataFrame, path: Path, targets: list[float]) -> None:
+    """Clean test accuracy against minutes of training, one line per pipeline, the targets as dashed lines."""
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    sns.lineplot(data=df.assign(minutes=df["seconds"] / 60, acc=100 * df["test_acc"]), x="minutes", y="acc",
+                 hue="pipeline", marker="o", markersize=3, ax=ax)
+    for target in targets:
+        ax.axhline(100 * target, color="grey", linestyle="--", linewidth=0.8)
+    ax.set(xlabel=f"minutes of training ({df['device'].iloc[0]}, {df['threads'].iloc[0]} threads)",
+           ylabel="clean test accuracy (%)")
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -41,6 +41,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
 from bench.device import autocast, memory_format
+from bench.figures import tta_curves
 from bench.metrics import accuracy, predict
 from bench.models import create_model
 from bench.records import cpu_name
@@ -308,28 +309,7 @@ def tta(device: torch.device, overrides: list[str], engine_recipe: str, referenc
                f"each pipeline stops at {100 * targets[-1]:.0f} %, after {max_epochs} epochs"
                + (f" or {max_seconds:.0f} s of training" if max_seconds is not None else "") + ". " + " ".join(parts))
     return Result(f"Time to {', '.join(f'{100 * t:.0f}' for t in targets)} % clean accuracy",
-                  _device_columns(df, device), summary, tag=spec.name, plot=partial(_tta_figure, targets=targets))
-
-
-def _tta_figure(df: pd.DataFrame, path: Path, targets: list[float]) -> None:
-    """Clean test accuracy against minutes of training, one line per pipeline, the targets as dashed lines."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import seaborn as sns
-
-    fig, ax = plt.subplots(figsize=(6, 3.6))
-    sns.lineplot(data=df.assign(minutes=df["seconds"] / 60, acc=100 * df["test_acc"]), x="minutes", y="acc",
-                 hue="pipeline", marker="o", markersize=3, ax=ax)
-    for target in targets:
-        ax.axhline(100 * target, color="grey", linestyle="--", linewidth=0.8)
-    ax.set(xlabel=f"minutes of training ({df['device'].iloc[0]}, {df['threads'].iloc[0]} threads)",
-           ylabel="clean test accuracy (%)")
-    ax.legend(fontsize="small")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+                  _device_columns(df, device), summary, tag=spec.name, plot=partial(tta_curves, targets=targets))
 
 
 @torch.no_grad()
