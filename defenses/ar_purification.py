@@ -121,7 +121,8 @@ class ARPurification(Defense):
     def _benign_salience(self, model, neurons: Neurons, clean: CleanData, ctx) -> torch.Tensor:
         """Per channel, over the augmented images: Taylor-FO |sum_hw h * dCE/dh| (``taylor``), the mean
         activation (``activation``) or sum |theta * dCE/dtheta| over its incoming parameters
-        (``weight_grad``); L2-normalised per layer."""
+        (``weight_grad``); L2-normalised per layer. BatchNorm is in eval mode, so the images are scored in
+        batches of the schedule's size: 5 % of CIFAR-10 times 16 copies in one pass held 22 GB of activations."""
         x = self.augment(clean.x.repeat(self.copies, 1, 1, 1), ctx.generator("benign salience"))
         y = clean.y.repeat(self.copies)
         acts: list[torch.Tensor] = []
@@ -131,24 +132,26 @@ class ARPurification(Defense):
             acts.append(out)
 
         model.eval()
+        model.zero_grad(set_to_none=True)
+        sums: list[torch.Tensor] = []
         hooks = [m.register_forward_hook(keep) for m in neurons.modules]
         try:
-            model.zero_grad(set_to_none=True)
-            F.cross_entropy(model(x), y).backward()
+            for idx in torch.arange(len(x), device=x.device).split(self.neuron_schedule.batch_size):
+                acts.clear()
+                F.cross_entropy(model(x[idx]), y[idx], reduction="sum").backward()  # weight grads add up
+                if self.salience == "weight_grad":
+                    continue
+                per_layer = [(a * a.grad).sum((2, 3)).abs().sum(0) if self.salience == "taylor"
+                             else a.detach().relu().mean((2, 3)).sum(0) for a in acts]
+                sums = per_layer if not sums else [s + t for s, t in zip(sums, per_layer)]
         finally:
             for h in hooks:
                 h.remove()
-        scores = []
-        for layer, a in enumerate(acts):
-            if self.salience == "taylor":
-                s = (a * a.grad).sum((2, 3)).abs().mean(0)
-            elif self.salience == "activation":
-                s = a.detach().relu().mean((0, 2, 3))
-            else:
-                s = sum((t * t.grad).abs().reshape(len(t), -1).sum(1) for t in self._layer_params(model, neurons, layer))
-            scores.append(s / s.norm().clamp_min(1e-12))
+        if self.salience == "weight_grad":
+            sums = [sum((t * t.grad).abs().reshape(len(t), -1).sum(1) for t in self._layer_params(model, neurons, i))
+                    for i in range(len(neurons.modules))]
         model.zero_grad(set_to_none=True)
-        return torch.cat(scores).detach()
+        return torch.cat([s / s.norm().clamp_min(1e-12) for s in sums]).detach()
 
     @staticmethod
     def _layer_params(model, neurons: Neurons, layer: int) -> list[torch.Tensor]:
