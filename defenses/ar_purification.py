@@ -141,8 +141,9 @@ class ARPurification(Defense):
                 F.cross_entropy(model(x[idx]), y[idx], reduction="sum").backward()  # weight grads add up
                 if self.salience == "weight_grad":
                     continue
-                per_layer = [(a * a.grad).sum((2, 3)).abs().sum(0) if self.salience == "taylor"
-                             else a.detach().relu().mean((2, 3)).sum(0) for a in acts]
+                with torch.no_grad():  # no graph from one batch to the next: each batch's activations are freed
+                    per_layer = [(a * a.grad).sum((2, 3)).abs().sum(0) if self.salience == "taylor"
+                                 else a.relu().mean((2, 3)).sum(0) for a in acts]
                 sums = per_layer if not sums else [s + t for s, t in zip(sums, per_layer)]
         finally:
             for h in hooks:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import weakref
 
 import pytest
 import torch
@@ -117,10 +118,27 @@ def test_salience_runs_in_batches_and_equals_one_pass(salience):
                     copies=2, neuron_schedule=schedule)
     neurons = conv_neurons(model)
     seen: list[int] = []
-    hook = model.register_forward_pre_hook(lambda _m, args: seen.append(len(args[0])))
-    salience_scores = ar._benign_salience(model, neurons, CleanData(x, y, "real"), CTX)
+    alive: list[int] = []  # tensors saved for backward by earlier batches, still held when a batch starts
+    saved: list[weakref.ref] = []
+
+    class Saved:
+        def __init__(self, t):
+            self.t = t
+
+    def pack(t):
+        box = Saved(t)
+        saved.append(weakref.ref(box))
+        return box
+
+    def start(_m, args):
+        seen.append(len(args[0]))
+        alive.append(sum(r() is not None for r in saved))
+
+    hook = model.register_forward_pre_hook(start)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda box: box.t):
+        salience_scores = ar._benign_salience(model, neurons, CleanData(x, y, "real"), CTX)
     hook.remove()
-    assert seen == [8, 8, 8, 8, 8]
+    assert seen == [8, 8, 8, 8, 8] and alive == [0, 0, 0, 0, 0]
     acts = []
 
     def keep(_m, _i, out):
