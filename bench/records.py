@@ -43,8 +43,9 @@ RECORDED: set[tuple[str, ...]] = set()
 
 
 def job_key(overrides: list[str] | tuple[str, ...]) -> tuple[str, ...]:
-    """A job's identity as its overrides, independent of their order."""
-    return tuple(sorted(overrides))
+    """A job's identity as its overrides, independent of their order and without Hydra's own: the sweeper's
+    jobs never hold ``hydra.sweeper.params.seed=0`` or ``hydra/launcher=parallel``, the command line's may."""
+    return tuple(sorted(o for o in overrides if not o.lstrip("+~").startswith(("hydra.", "hydra/"))))
 
 
 def read_record(path: Path) -> dict | None:

@@ -72,3 +72,19 @@ def test_parallel_workers_train_a_shared_model_once(tmp_path):
     assert len(list((tmp_path / "cache" / "models").iterdir())) == 1
     cores = len(__import__("os").sched_getaffinity(0))
     assert {r["env"]["device"]["threads"] for r in records} == {max(1, cores // min(2, cores))}  # no fight for cores
+
+
+def test_a_hydra_override_does_not_relaunch_recorded_cells(tmp_path):
+    """The published grids' command sets the seed as ``hydra.sweeper.params.seed=0``: Hydra's sweeper never sees
+    that override in a job, so a job key that kept it matched no job and every recorded cell was launched again
+    (192 of 192 on the CIFAR-10 grid, each only to find its record)."""
+    paths = [f"paths.cache={tmp_path / 'cache'}", f"paths.records={tmp_path / 'records'}",
+             f"paths.output={tmp_path / 'outputs'}", "device=cpu"]
+    grid = [sys.executable, "-m", "bench.cli", "-m", *TINY, "attack=badnets", "defense=none,clp", "budget=1",
+            "+hydra.sweeper.params.seed=0", *paths]
+    first = subprocess.run(grid, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0 and len(finished(tmp_path)) == 2, first.stderr[-3000:]
+    second = subprocess.run(grid, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    out = second.stdout + second.stderr
+    assert second.returncode == 0 and "2 of 2 cells have a record: not launched" in out
+    assert "Launching 0 jobs" in out and "record exists, skipping" not in out
