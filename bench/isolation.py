@@ -16,6 +16,7 @@ import logging
 import os
 import resource
 import sys
+import threading
 import time
 import traceback
 from dataclasses import dataclass
@@ -62,8 +63,17 @@ def _reset_peak_rss() -> None:
         pass
 
 
-def _serve(conn, threads: int, memory_bytes: int | None) -> None:
+def _end_when_orphaned(runner: int) -> None:
+    """A runner killed by a signal runs no clean-up, and the worker reads its pipe only between cells: without
+    this it would compute the cell it holds to the end (minutes, on cores the next sweep needs) for no reader."""
+    while os.getppid() == runner:
+        time.sleep(1)
+    os._exit(0)
+
+
+def _serve(conn, threads: int, memory_bytes: int | None, runner: int) -> None:
     """The worker's loop: (defense config, model, clean, context) in, (model, report, peak memory) out."""
+    threading.Thread(target=_end_when_orphaned, args=(runner,), daemon=True, name="orphan-watch").start()
     sys.argv = ["bdbench-defense-worker"]  # already so (_bare_preparation_data); kept for other start paths
     for name in [k for k in os.environ if k.startswith("BDBENCH_")]:
         del os.environ[name]  # where the cache and data live
@@ -128,8 +138,8 @@ class DefenseWorker:
     def _start(self) -> None:
         context = mp.get_context("spawn")
         self.conn, child = context.Pipe()
-        self.process = context.Process(target=_serve, args=(child, self.threads, self.memory), daemon=True,
-                                       name="bdbench-defense-worker")
+        self.process = context.Process(target=_serve, args=(child, self.threads, self.memory, os.getpid()),
+                                       daemon=True, name="bdbench-defense-worker")
         original = spawn.get_preparation_data
         spawn.get_preparation_data = _bare_preparation_data
         try:

@@ -113,3 +113,38 @@ def test_a_worker_whose_runner_is_gone_exits_quietly(capfd):
     process.join(60)
     assert process.exitcode == 0
     assert "EOFError" not in capfd.readouterr().err
+
+
+RUNNER = """
+import sys, torch
+from bench.isolation import DefenseWorker
+worker = DefenseWorker(timeout=None, threads=1, memory_gb=None)
+worker._start()
+print(worker.process.pid, flush=True)
+worker.run({"_target_": "test_isolation.Hang"}, torch.nn.Linear(1, 1), None, None, 0)
+"""
+
+
+def test_a_worker_ends_when_its_runner_is_killed_mid_cell(tmp_path):
+    """SIGTERM on a sweep (``pkill -f "bdbench -m ..."``) killed the runner, but its worker went on computing the
+    cell it had started (minutes of ANP on two cores shared with the next sweep): it only read its pipe between
+    cells. The worker now watches its parent and ends within seconds of its death."""
+    import signal
+    import subprocess
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), *sys.path])}
+    runner = subprocess.Popen([sys.executable, "-c", RUNNER], stdout=subprocess.PIPE, text=True, env=env)
+    worker_pid = int(runner.stdout.readline())
+    time.sleep(2)  # the worker has the cell and sleeps in Hang.repair
+    os.kill(worker_pid, 0)  # alive
+    runner.send_signal(signal.SIGTERM)
+    runner.wait(30)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            os.kill(worker_pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+    os.kill(worker_pid, signal.SIGKILL)
+    pytest.fail(f"worker {worker_pid} outlived its killed runner by 30 s")
