@@ -116,7 +116,7 @@ def test_a_worker_whose_runner_is_gone_exits_quietly(capfd):
 
 
 RUNNER = """
-import sys, torch
+import torch
 from bench.isolation import DefenseWorker
 worker = DefenseWorker(timeout=None, threads=1, memory_gb=None)
 worker._start()
@@ -125,7 +125,7 @@ worker.run({"_target_": "test_isolation.Hang"}, torch.nn.Linear(1, 1), None, Non
 """
 
 
-def test_a_worker_ends_when_its_runner_is_killed_mid_cell(tmp_path):
+def test_a_worker_ends_when_its_runner_is_killed_mid_cell():
     """SIGTERM on a sweep (``pkill -f "bdbench -m ..."``) killed the runner, but its worker went on computing the
     cell it had started (minutes of ANP on two cores shared with the next sweep): it only read its pipe between
     cells. The worker now watches its parent and ends within seconds of its death."""
