@@ -37,6 +37,21 @@ def save(fig: plt.Figure, folder: Path, stem: str) -> None:
     plt.close(fig)
 
 
+def finish(fig: plt.Figure, folder: Path, stem: str, title: str | None = None,
+           rect: tuple[float, float, float, float] = (0, 0, 1, 1)) -> str:
+    """Title, lay out and save a figure (``rect`` leaves room for a legend outside the axes); returns its stem."""
+    if title is not None:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout(rect=rect)
+    save(fig, folder, stem)
+    return stem
+
+
+def panel(shown: pd.DataFrame) -> str:
+    """The data set and model a figure shows, as its title starts."""
+    return f"{shown['dataset'].iloc[0]} / {shown['model'].iloc[0]}"
+
+
 def budget_words(budget: int) -> str:
     return "synthetic images (k = 0)" if budget == 0 else f"{budget} clean image{'' if budget == 1 else 's'} per class"
 
@@ -110,12 +125,9 @@ def heatmaps(cells: pd.DataFrame, names: dict, folder: Path) -> list[str]:
         fig, (left, right) = plt.subplots(1, 2, figsize=(2 * width, 0.45 * asr.shape[0] + 2.6))
         draw_heatmap(left, asr, asr_labels, "rocket_r", "ASR", show_rows=True)
         draw_heatmap(right, acc, acc_labels, "mako", "ACC", show_rows=False)
-        fig.suptitle(f"{shown['dataset'].iloc[0]} / {shown['model'].iloc[0]}: {budget_words(budget)}; mean over "
-                     f"finished seeds, grey = not finished (n/a: never ran)", fontsize=9)
-        fig.tight_layout()
-        stem = f"asr_heatmap_{dataset}_{model}_k{budget}"
-        save(fig, folder, stem)
-        stems.append(stem)
+        stems.append(finish(fig, folder, f"asr_heatmap_{dataset}_{model}_k{budget}",
+                            f"{panel(shown)}: {budget_words(budget)}; mean over finished seeds, grey = not finished "
+                            f"(n/a: never ran)"))
     return stems
 
 
@@ -151,12 +163,8 @@ def scatter(cells: pd.DataFrame, names: dict, folder: Path) -> list[str]:
                 if i == len(attacks) - 1:
                     ax.set_xlabel("ASR (%)", fontsize=8)
         legend(fig, axes, [UNDEFENDED, *defenses])
-        fig.suptitle(f"{shown['dataset'].iloc[0]} / {shown['model'].iloc[0]}: ACC against ASR (better: top left)",
-                     fontsize=9)
-        fig.tight_layout(rect=(0, 0, 0.84, 1))
-        stem = f"acc_vs_asr_{dataset}_{model}"
-        save(fig, folder, stem)
-        stems.append(stem)
+        stems.append(finish(fig, folder, f"acc_vs_asr_{dataset}_{model}",
+                            f"{panel(shown)}: ACC against ASR (better: top left)", rect=(0, 0, 0.84, 1)))
     return stems
 
 
@@ -187,12 +195,9 @@ def budget_lines(cells: pd.DataFrame, names: dict, folder: Path) -> list[str]:
             ax.grid(alpha=0.3)
         axes[0][0].set_ylabel("ASR (%)")
         legend(fig, axes, defenses)
-        fig.suptitle(f"{shown['dataset'].iloc[0]} / {shown['model'].iloc[0]}: ASR against the clean budget "
-                     f"(mean ± std over finished seeds)", fontsize=9)
-        fig.tight_layout(rect=(0, 0, 0.84, 1))
-        stem = f"asr_vs_budget_{dataset}_{model}"
-        save(fig, folder, stem)
-        stems.append(stem)
+        stems.append(finish(fig, folder, f"asr_vs_budget_{dataset}_{model}",
+                            f"{panel(shown)}: ASR against the clean budget (mean ± std over finished seeds)",
+                            rect=(0, 0, 0.84, 1)))
     return stems
 
 
@@ -216,12 +221,8 @@ def time_breakdown(cells: pd.DataFrame, names: dict, folder: Path) -> list[str]:
                     palette=sns.color_palette("colorblind", table["phase"].nunique()))
         ax.set_xlabel("minutes (summed over cells; training once per poisoned model)")
         ax.set_ylabel("")
-        ax.set_title(f"{shown['dataset'].iloc[0]} / {shown['model'].iloc[0]}: where the time went, "
-                     f"{table.minutes.sum():.0f} min in all", fontsize=9)
-        fig.tight_layout()
-        stem = f"time_{dataset}_{model}"
-        save(fig, folder, stem)
-        stems.append(stem)
+        ax.set_title(f"{panel(shown)}: where the time went, {table.minutes.sum():.0f} min in all", fontsize=9)
+        stems.append(finish(fig, folder, f"time_{dataset}_{model}"))
     return stems
 
 
@@ -246,12 +247,8 @@ def training_curves(curves: pd.DataFrame, names: dict, folder: Path, target: flo
             axes[0].annotate(f"{target:g} %", (0, target), xytext=(2, 2), textcoords="offset points", fontsize=7)
         if axes[1].get_legend() is not None:
             sns.move_legend(axes[1], "lower right", fontsize=7, title=None, frameon=False)
-        fig.suptitle(f"{shown['dataset'].iloc[0]} / {shown['model'].iloc[0]}: the poisoned models while they train "
-                     f"(one line per seed)", fontsize=9)
-        fig.tight_layout()
-        stem = f"training_{dataset}_{model}"
-        save(fig, folder, stem)
-        stems.append(stem)
+        stems.append(finish(fig, folder, f"training_{dataset}_{model}",
+                            f"{panel(shown)}: the poisoned models while they train (one line per seed)"))
     return stems
 
 
