@@ -403,8 +403,10 @@ def report(root: str | Path, out: str | Path | None = None, data_root: str | Non
     drawn = sorted(p.name for p in (out / "figures").glob("gallery_*.png"))
     write_page(cells, names, root, out, stems, drawn, f"bdbench: {root.resolve().name}")
     collapsed, no_backdoor = (int((df["status"] == s).sum()) for s in ("collapsed", "no backdoor"))
-    lines = [f"# Report of {root}", "", f"{len(df)} finished cells ({collapsed} collapsed, {no_backdoor} on a poisoned "
-             f"model without a backdoor: ASR below {NO_BACKDOOR_ASR:.0%}), {len(problems)} records not used.", ""]
+    finished = len(df) - collapsed - no_backdoor  # the issue tracker's and README's sense: not collapsed either
+    lines = [f"# Report of {root}", "", f"{len(df)} cells ran to the end: {finished} finished, {collapsed} collapsed, "
+             f"{no_backdoor} on a poisoned model without a backdoor (ASR below {NO_BACKDOOR_ASR:.0%}); "
+             f"{len(problems)} records not used.", ""]
     if problems:
         lines += ["## Records not used", "", markdown(pd.DataFrame(problems))]
     lines += ["## Cells whose defense ran on synthetic data (budget 0)", ""]

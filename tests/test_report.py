@@ -42,8 +42,8 @@ def test_report_tables_figures_and_problems(tiny_cfg, choices, tmp_path):
     assert training[["seed", "epoch"]].values.tolist() == [[0, 1], [0, 2], [1, 1], [1, 2]]
     assert training["test_acc"].notna().all() and (training["minutes"].diff()[[1, 3]] > 0).all()
     problems = (out / "problems.md").read_text()
-    assert "6 finished cells (0 collapsed, 0 on a poisoned model without a backdoor: ASR below 50%), 3 records not " \
-           "used" in problems
+    assert "6 cells ran to the end: 6 finished, 0 collapsed, 0 on a poisoned model without a backdoor (ASR below " \
+           "50%); 3 records not used" in problems
     assert "schema 1" in problems and "failed: FloatingPointError: diverged" in problems
     for stem in ("asr_heatmap_synthetic_fmnist_cnn_k1", "acc_vs_asr_synthetic_fmnist_cnn",
                  "asr_vs_budget_synthetic_fmnist_cnn", "time_synthetic_fmnist_cnn", "training_synthetic_fmnist_cnn"):  # time: where the sweep's went
@@ -92,7 +92,8 @@ def test_every_table_cell_counts_finished_seeds_and_names_the_rest(tiny_cfg, cho
     assert "| BadNets | NAD | no backdoor (0/1) |" in asr  # a low ASR after a defense, but there was none to remove
     models = pd.Series([json.loads(paths[i].read_text())["undefended"]["asr"] for i in (0, 2)] + [0.124]) * 100
     assert f"{models.mean():.1f} ± {models.std():.1f} (n=3)" in (out / "tables" / "undefended.md").read_text()
-    assert "(2 collapsed, 1 on a poisoned model without a backdoor" in (out / "problems.md").read_text()
+    assert ("4 cells ran to the end: 1 finished, 2 collapsed, 1 on a poisoned model without a backdoor (ASR below 50%); "
+            "1 records not used") in (out / "problems.md").read_text()  # finished: neither collapsed nor backdoor-free
 
 
 def test_heatmap_cells_without_a_number_say_why():
@@ -186,6 +187,6 @@ def test_a_published_sweep_keeps_its_cache_beside_its_records(tiny_cfg, choices,
     monkeypatch.delenv("BDBENCH_CACHE", raising=False)
     monkeypatch.chdir(tmp_path)  # no .cache/bdbench here: the gallery can only come from sweep/cache
     out = report(sweep, data_root="unused")
-    assert "1 finished cells" in (out / "problems.md").read_text()
+    assert "1 cells ran to the end: 1 finished" in (out / "problems.md").read_text()
     assert "0 records not used" in (out / "problems.md").read_text()
     assert (out / "figures" / "gallery_synthetic.png").is_file()
