@@ -402,8 +402,7 @@ def report(root: str | Path, out: str | Path | None = None, data_root: str | Non
 
     drawn = sorted(p.name for p in (out / "figures").glob("gallery_*.png"))
     write_page(cells, names, root, out, stems, drawn, f"bdbench: {root.resolve().name}")
-    collapsed, no_backdoor = (int((df["status"] == s).sum()) for s in ("collapsed", "no backdoor"))
-    finished = len(df) - collapsed - no_backdoor  # the issue tracker's and README's sense: not collapsed either
+    finished, collapsed, no_backdoor = (int((df["status"] == s).sum()) for s in RAN)  # finished: "ok" alone
     lines = [f"# Report of {root}", "", f"{len(df)} cells ran to the end: {finished} finished, {collapsed} collapsed, "
              f"{no_backdoor} on a poisoned model without a backdoor (ASR below {NO_BACKDOOR_ASR:.0%}); "
              f"{len(problems)} records not used.", ""]
