@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 from pathlib import Path
 
 import pandas as pd
@@ -57,12 +58,12 @@ def display_names(rec: dict) -> dict[tuple[str, str], str]:
     return {(g, cell[g]): shown.get(g, cell[g]) for g in NAMED}
 
 
-def load(root: str | Path, triggers: dict | None = None, names: dict | None = None, curves: list | None = None
-         ) -> tuple[pd.DataFrame, list[dict]]:
+def load(root: str | Path, triggers: dict | None = None, names: dict | None = None, curves: list | None = None,
+         recipes: dict | None = None) -> tuple[pd.DataFrame, list[dict]]:
     """(one row per finished cell, one entry per record that is not a finished cell); ``triggers`` collects
     one (dataset config, attack config, cache key, model config) per data set and attack, for the gallery;
     ``names`` collects the display names; ``curves`` one row per epoch of each poisoned model's training
-    (``training_curves``)."""
+    (``training_curves``); ``recipes`` each attack's flattened recipe config per sweep setting (``recipe_note``)."""
     root = Path(root)
     rows, problems = [], []
     names = {} if names is None else names
@@ -79,6 +80,9 @@ def load(root: str | Path, triggers: dict | None = None, names: dict | None = No
             problems.append({"record": str(path.relative_to(root)),
                              "problem": f"schema {rec.get('schema_version')} (this version reads {readable})"})
             continue
+        if recipes is not None and "cell" in rec and "config" in rec:
+            cell = rec["cell"]
+            recipes.setdefault(tuple(cell[k] for k in KEYS[:-1]), pd.json_normalize(rec["config"]["recipe"]).iloc[0])
         if rec.get("status") != "ok":
             error = (rec.get("error") or "").strip().splitlines()
             problems.append({"record": str(path.relative_to(root)),
@@ -184,6 +188,28 @@ def summarize(group: pd.DataFrame, column: str, scale: float, digits: int, finis
     return f"{value} ({tally})"
 
 
+def recipe_note(recipes: dict, names: dict) -> str:
+    """The recipe values on which the attacks of one sweep setting differ under one recipe name (a named
+    deviation, such as WaNet's 100 epochs on WRN-16-1), e.g. "recipe values that differ by attack: epochs 50
+    (WaNet: 100)": the caption's "recipe: onecycle" alone would claim one schedule for every attack. The value
+    most attacks share comes first; a key that varies exactly as one named before it (the scheduler's
+    total_steps with epochs) is left out."""
+    table = pd.DataFrame(recipes.values(), index=pd.MultiIndex.from_tuples(recipes.keys(), names=KEYS[:-1])).astype(str)
+    settings = ["dataset", "model", "recipe", "experiment"]
+    groups, notes = table.groupby(level=settings), []
+    for setting, part in groups:
+        part = part.droplevel(settings)
+        varying = part.loc[:, part.nunique() > 1]
+        patterns = pd.Series([tuple(pd.factorize(varying[key])[0]) for key in varying])
+        varying = varying.loc[:, ~patterns.duplicated().to_numpy()]
+        where = " / ".join(names.get((g, v), v) for g, v in zip(settings, setting)) + ": " if len(groups) > 1 else ""
+        for key, values in varying.items():
+            base = Counter(values).most_common(1)[0][0]
+            others = ", ".join(f"{names.get(('attack', a), a)}: {v}" for a, v in values.items() if v != base)
+            notes.append(f"{where}{key} {base} ({others})")
+    return "recipe values that differ by attack: " + "; ".join(notes) if notes else ""
+
+
 def pivot(df: pd.DataFrame, column: str, scale: float = 100.0, digits: int = 1,
           finished: tuple[str, ...] = ("ok",)) -> pd.DataFrame:
     """Rows: data set, model, recipe, attack, defense; columns: budget; cells: mean ± std of the finished
@@ -277,12 +303,12 @@ def latex(table: pd.DataFrame, caption: str) -> str:
 
 
 def write_table(table: pd.DataFrame, folder: Path, name: str, names: dict, numbers: pd.DataFrame | None = None,
-                title: str = "") -> None:
-    """``name``.md and .tex for readers (display names, constant columns in the caption), ``name``.csv with
-    numbers only (``numbers``, else the table itself)."""
+                title: str = "", note: str = "") -> None:
+    """``name``.md and .tex for readers (display names, constant columns and ``note`` in the caption),
+    ``name``.csv with numbers only (``numbers``, else the table itself)."""
     folder.mkdir(parents=True, exist_ok=True)
     shown, caption = present(table, names)
-    caption = ". ".join(p for p in (title, caption) if p)
+    caption = ". ".join(p for p in (title, caption, note) if p)
     (folder / f"{name}.md").write_text((f"*{caption}*\n\n" if caption else "") + markdown(shown))
     (numbers if numbers is not None else table).to_csv(folder / f"{name}.csv", index=False, lineterminator="\n")
     (folder / f"{name}.tex").write_text(latex(shown, caption))
@@ -354,7 +380,9 @@ def report(root: str | Path, out: str | Path | None = None, data_root: str | Non
     triggers: dict = {}
     names: dict = {}
     curves: list = []
-    df, problems = load(root, triggers, names, curves)
+    recipes: dict = {}
+    df, problems = load(root, triggers, names, curves, recipes)
+    note = recipe_note(recipes, names)
     curves = training_frame(curves)
     if df.empty or not df["status"].isin(RAN).any():
         raise FileNotFoundError(f"no finished records under {root} ({len(problems)} records not used: failed, "
@@ -362,7 +390,7 @@ def report(root: str | Path, out: str | Path | None = None, data_root: str | Non
     tables = out / "tables"
     for metric in METRICS:
         write_table(pivot(df, metric), tables, metric, names, numeric(df, metric),
-                    f"{LABELS[metric]} (%), mean ± std over seeds (finished/run); k = clean images per class")
+                    f"{LABELS[metric]} (%), mean ± std over seeds (finished/run); k = clean images per class", note)
     models = ["dataset", "model", "recipe", "attack"]  # one poisoned model per seed, shared by its cells
     poisoned = df[df["status"].isin(RAN)].drop_duplicates(models + ["seed"])
     undefended = (poisoned.groupby(models).agg(**{k: (f"undefended_{k}", mean_std) for k in ("acc", "asr", "ra")})
@@ -370,16 +398,16 @@ def report(root: str | Path, out: str | Path | None = None, data_root: str | Non
     undefended_numbers = pd.concat([numeric(poisoned.assign(status="ok"), f"undefended_{k}", keys=models)
                                     .assign(metric=k) for k in ("acc", "asr", "ra")])
     write_table(undefended, tables, "undefended", names, undefended_numbers,
-                "The poisoned models before any defense (%), mean ± std over seeds")
+                "The poisoned models before any defense (%), mean ± std over seeds", note)
     cost = pivot(df, "defense_seconds", scale=1.0, digits=2, finished=RAN).merge(
         pivot(df, "peak_rss_mb", scale=1.0, digits=0, finished=RAN), on=KEYS, suffixes=(" s", " MB"))
     cost_numbers = pd.concat([numeric(df, "defense_seconds", 1.0, RAN).assign(metric="defense_seconds"),
                               numeric(df, "peak_rss_mb", 1.0, RAN).assign(metric="peak_rss_mb")])
-    write_table(cost, tables, "cost", names, cost_numbers, "Defense wall time (s) and peak memory (MB)")
+    write_table(cost, tables, "cost", names, cost_numbers, "Defense wall time (s) and peak memory (MB)", note)
     write_table(wall_time(df[df["status"].isin(RAN)]), tables, "walltime", names,
                 title="Wall time (min) from an empty cache, per seed and attack, from the records' timings: training "
                       "once per poisoned model, the other phases summed over its cells; not counted: composing and "
-                      "validating the sweep, process start-up")
+                      "validating the sweep, process start-up", note=note)
     cells = df
     df = df[df["status"].isin(RAN)]
     cells.sort_values(KEYS + ["budget", "seed"]).to_csv(tables / "cells.csv", index=False, lineterminator="\n")

@@ -61,6 +61,26 @@ def test_report_flags_rows_that_mix_settings(tiny_cfg, choices, tmp_path):
     assert "one row mixes cells of different settings" in (out / "problems.md").read_text()
 
 
+def test_captions_name_the_recipe_values_one_attack_trains_with_apart_from_the_rest(tiny_cfg, choices, tmp_path):
+    """The CIFAR-10 grid's WaNet trains 100 epochs under the recipe name the other attacks train 50 with; the
+    captions said "recipe: onecycle" alone, as if one schedule served every attack."""
+    run_cell(cfg := tiny_cfg("defense=none", "budget=1", "recipe.epochs=1"), choices(cfg))
+    records = Path(cfg.paths.records)
+    rec = json.loads(next(records.glob("*.json")).read_text())
+    for attack, shown, epochs in (("blended", "Blended (noise)", 1), ("wanet", "WaNet", 3)):
+        recipe = rec["config"]["recipe"]
+        recipe = {**recipe, "epochs": epochs, "scheduler": {**recipe["scheduler"], "T_max": epochs}}
+        (records / f"{attack}.json").write_text(json.dumps({
+            **rec, "cell": {**rec["cell"], "attack": attack}, "display": {**rec["display"], "attack": shown},
+            "config": {**rec["config"], "recipe": recipe}}))
+    out = report(records, tmp_path / "report", cache_root=str(tmp_path / "none"))
+    for table in ("asr", "acc", "ra", "der", "undefended", "cost", "walltime"):  # T_max follows epochs: named once
+        caption = (out / "tables" / f"{table}.md").read_text().splitlines()[0]
+        assert "recipe: reference" in caption and caption.endswith(". recipe values that differ by attack: epochs 1 "
+                                                                   "(WaNet: 3)*"), table
+    assert "recipe values that differ by attack: epochs 1 (WaNet: 3)" in (out / "tables" / "asr.tex").read_text()
+
+
 def test_every_table_cell_counts_finished_seeds_and_names_the_rest(tiny_cfg, choices, tmp_path):
     """Before, a mean over the finished seeds alone read like a result of all of them (FT on BadNets at k=1
     showed 100 with two of three seeds diverged), and a collapsed model's low ASR read like a defense."""
