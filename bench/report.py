@@ -80,9 +80,9 @@ def load(root: str | Path, triggers: dict | None = None, names: dict | None = No
             problems.append({"record": str(path.relative_to(root)),
                              "problem": f"schema {rec.get('schema_version')} (this version reads {readable})"})
             continue
-        if recipes is not None and "cell" in rec and "config" in rec:
-            cell = rec["cell"]
-            recipes.setdefault(tuple(cell[k] for k in KEYS[:-1]), pd.json_normalize(rec["config"]["recipe"]).iloc[0])
+        recipe = (rec.get("config") or {}).get("recipe")
+        if recipes is not None and "cell" in rec and isinstance(recipe, dict):
+            recipes.setdefault(tuple(rec["cell"][k] for k in KEYS[:-1]), pd.json_normalize(recipe).iloc[0])
         if rec.get("status") != "ok":
             error = (rec.get("error") or "").strip().splitlines()
             problems.append({"record": str(path.relative_to(root)),
