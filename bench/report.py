@@ -41,7 +41,8 @@ import pandas as pd
 from bench.metrics import COLLAPSE_CHANCE_FACTOR
 from bench.records import READABLE_SCHEMAS
 
-KEYS = ["dataset", "model", "recipe", "experiment", "attack", "defense"]
+SETTING = ["dataset", "model", "recipe", "experiment"]  # what a sweep holds fixed; the tables' captions
+KEYS = [*SETTING, "attack", "defense"]
 NAMED = ("dataset", "model", "attack", "defense")  # the keys with display names
 METRICS = ["acc", "asr", "ra", "der"]
 LABELS = {"acc": "ACC", "asr": "ASR", "ra": "RA", "der": "DER"}
@@ -82,7 +83,9 @@ def load(root: str | Path, triggers: dict | None = None, names: dict | None = No
             continue
         recipe = (rec.get("config") or {}).get("recipe")
         if recipes is not None and "cell" in rec and isinstance(recipe, dict):
-            recipes.setdefault(tuple(rec["cell"][k] for k in KEYS[:-1]), pd.json_normalize(recipe).iloc[0])
+            key = tuple(rec["cell"][k] for k in (*SETTING, "attack"))
+            if key not in recipes:  # one per poisoned model's setting, not one per cell
+                recipes[key] = pd.json_normalize(recipe).iloc[0]
         if rec.get("status") != "ok":
             error = (rec.get("error") or "").strip().splitlines()
             problems.append({"record": str(path.relative_to(root)),
@@ -194,15 +197,15 @@ def recipe_note(recipes: dict, names: dict) -> str:
     (WaNet: 100)": the caption's "recipe: onecycle" alone would claim one schedule for every attack. The value
     most attacks share comes first; a key that varies exactly as one named before it (the scheduler's
     total_steps with epochs) is left out."""
-    table = pd.DataFrame(recipes.values(), index=pd.MultiIndex.from_tuples(recipes.keys(), names=KEYS[:-1])).astype(str)
-    settings = ["dataset", "model", "recipe", "experiment"]
-    groups, notes = table.groupby(level=settings), []
+    index = pd.MultiIndex.from_tuples(recipes.keys(), names=[*SETTING, "attack"])
+    table = pd.DataFrame(recipes.values(), index=index).astype(str)
+    groups, notes = table.groupby(level=SETTING), []
     for setting, part in groups:
-        part = part.droplevel(settings)
+        part = part.droplevel(SETTING)
         varying = part.loc[:, part.nunique() > 1]
         patterns = pd.Series([tuple(pd.factorize(varying[key])[0]) for key in varying])
         varying = varying.loc[:, ~patterns.duplicated().to_numpy()]
-        where = " / ".join(names.get((g, v), v) for g, v in zip(settings, setting)) + ": " if len(groups) > 1 else ""
+        where = " / ".join(names.get((g, v), v) for g, v in zip(SETTING, setting)) + ": " if len(groups) > 1 else ""
         for key, values in varying.items():
             base = Counter(values).most_common(1)[0][0]
             others = ", ".join(f"{names.get(('attack', a), a)}: {v}" for a, v in values.items() if v != base)
@@ -241,8 +244,6 @@ OUTCOMES = ("collapsed", "no backdoor", "diverged", "failed")
 
 def wall_time(df: pd.DataFrame) -> pd.DataFrame:
     """Minutes per seed and attack, each phase a column, and a total per sweep setting (the row ``all``)."""
-    keys = ["dataset", "model", "recipe", "experiment"]
-
     def minutes(group: pd.DataFrame) -> pd.Series:
         training = group.drop_duplicates("model_key")["train_seconds"].sum()
         phases = {p: group[f"{p}_seconds"].fillna(0).sum() for p in ("synthesis", "reversal", "defense", "eval")}
@@ -250,8 +251,8 @@ def wall_time(df: pd.DataFrame) -> pd.DataFrame:
                  / 60).round(1)
         return pd.concat([pd.Series({"cells": len(group)}), spent]).astype(object)
 
-    per_seed = df.groupby(keys + ["seed", "attack"])[list(df.columns)].apply(minutes).reset_index()
-    total = df.groupby(keys)[list(df.columns)].apply(minutes).reset_index().assign(seed="all", attack="all")
+    per_seed = df.groupby(SETTING + ["seed", "attack"])[list(df.columns)].apply(minutes).reset_index()
+    total = df.groupby(SETTING)[list(df.columns)].apply(minutes).reset_index().assign(seed="all", attack="all")
     table = pd.concat([per_seed.astype({"seed": str}), total], ignore_index=True).astype({"cells": int})
     return table.rename(columns={"defense": "defenses", "eval": "evaluation"})
 
@@ -269,7 +270,7 @@ def present(table: pd.DataFrame, names: dict) -> tuple[pd.DataFrame, str]:
     """The table a reader sees: display names, and the columns that hold one value on every row (data set,
     model, recipe, experiment) moved to a caption line."""
     table = named(table, names)
-    constant = [c for c in ("dataset", "model", "recipe", "experiment") if c in table and table[c].nunique() == 1]
+    constant = [c for c in SETTING if c in table and table[c].nunique() == 1]
     caption = "; ".join(f"{c}: {table[c].iloc[0]}" for c in constant)
     return table.drop(columns=constant), caption
 
