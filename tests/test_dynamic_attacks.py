@@ -166,7 +166,7 @@ def test_cpu_schedules_on_cifar_cnn_win_over_the_grid_epochs_and_spare_the_gpu_g
     grid = compose_cell(tmp_path, ["experiment=cifar10_grid", "model=cifar_cnn", "attack=badnets"]).recipe.epochs
     assert cpu.recipe.epochs == schedule.recipe.epochs != grid  # the grid trains the other attacks its own length
     wrn = compose_cell(tmp_path, ["experiment=cifar10_grid", f"attack={attack}"])
-    own = {"wanet": 100, "input_aware": grid}[attack]  # WaNet's named deviation (attack_model/wanet_wrn16_1.yaml)
+    own = {"wanet": 100, "input_aware": 60}[attack]  # named deviations (attack_model/<attack>_wrn16_1.yaml)
     assert wrn.model._target_.endswith("WideResNet") and wrn.recipe.epochs == own
     rest = [{**OmegaConf.to_container(c.recipe), "epochs": None}
             for c in (wrn, compose_cell(tmp_path, ["experiment=cifar10_grid"]))]
