@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from omegaconf import OmegaConf
 
@@ -30,6 +31,15 @@ def test_verdicts_follow_the_stated_tolerances():
     assert verdict({"acc": -2.5, "asr": -1.0}, {"acc": -3.3, "asr": -81.9}) == "disagrees: ASR keeps, published lowers"
     assert verdict({"acc": -1.9, "asr": -80.0}, {"acc": -3.3, "asr": -81.9}) == \
         "disagrees: ACC keeps, published lowers"  # 1.9 points is within the 2-point "no change" band
+
+
+def test_a_change_of_exactly_the_tolerance_is_not_decided_by_float32_noise():
+    """The grid's Input-aware ANP cell at k = 250: 8,288 of 10,000 test images right after the defense, 8,488
+    before, a drop of exactly 2.0 points, which the records' float32 fractions make -1.99999809."""
+    drop = 100 * (np.float32(0.8288).item() - np.float32(0.8488).item())  # float32 fractions, as records hold them
+    assert drop > -2.0  # the noise this guards against
+    assert verdict({"acc": drop, "asr": -92.5}, {"acc": -0.31, "asr": -96.62}) == \
+        "disagrees: ACC lowers, published keeps"
 
 
 def test_a_table_row_averages_finished_seeds_and_counts_the_rest():
