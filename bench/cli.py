@@ -102,8 +102,8 @@ def validate_jobs(jobs: list[list[str]]) -> list[Path]:
 
 def prevalidate(argv: list[str]) -> list[Path] | None:
     """Compose and validate every job before any compute; their record paths (None when nothing will run).
-    A sweep's jobs whose record exists go into ``records.RECORDED``: it does not launch them. Raises
-    ConfigError."""
+    A sweep's jobs whose record exists, or whose cell an earlier job of the sweep runs (a data-free defense at
+    every budget is one cell), go into ``records.NOT_LAUNCHED``: it does not launch them. Raises ConfigError."""
     args = get_args_parser().parse_args(argv)
     if args.multirun and (args.cfg or args.info):  # Hydra ends this in a traceback
         raise ConfigError(f"--{'cfg' if args.cfg else 'info'} shows one cell and cannot be combined with -m; valid: "
@@ -117,30 +117,35 @@ def prevalidate(argv: list[str]) -> list[Path] | None:
             raise explain(exc, args.overrides) from None
         paths = validate_jobs(jobs)
     if args.multirun:
-        records.RECORDED.clear()
-        records.RECORDED.update(records.job_key(job) for job, path in zip(jobs, paths)
-                                if records.read_record(path) is not None)
+        records.NOT_LAUNCHED.clear()
+        seen: set[Path] = set()
+        for job, path in zip(jobs, paths):
+            if path in seen or records.read_record(path) is not None:
+                records.NOT_LAUNCHED.add(records.job_key(job))
+            seen.add(path)
     return paths
 
 
-def outcome(paths: list[Path], seconds: float) -> tuple[str, bool]:
-    """The closing line of a sweep, read from its records (any launcher), and whether every cell finished."""
+def closing(paths: list[Path], seconds: float) -> tuple[str, bool]:
+    """The closing line of a sweep, read from its records (any launcher) and judged by ``bench.outcome``, and
+    whether every cell ran to the end. A data-free cell that several jobs share counts once."""
     import json
 
+    from bench.outcome import FAILED, NOT_OK, OK, of_record
+
     counts: dict[str, int] = {}
-    for path in paths:
+    cells = list(dict.fromkeys(paths))
+    for path in cells:
         try:
-            record = json.loads(path.read_text())
-            status = "collapsed" if (record.get("metrics") or {}).get("collapsed") else record.get("status", "failed")
+            status = of_record(json.loads(path.read_text()))
         except (OSError, ValueError):
             status = "missing"
         counts[status] = counts.get(status, 0) + 1
-    finished = sum(counts.get(s, 0) for s in ("ok", "collapsed", "diverged"))
-    bad = counts.get("failed", 0) + counts.get("missing", 0)
-    line = (f"bdbench: {len(paths)} cells: {finished} finished ({counts.get('collapsed', 0)} collapsed, "
-            f"{counts.get('diverged', 0)} diverged), {counts.get('failed', 0)} failed, {counts.get('missing', 0)} "
-            f"missing; {seconds / 60:.1f} min")
-    return line, bad == 0
+    ran = len(cells) - counts.get(FAILED, 0) - counts.get("missing", 0)
+    line = (f"bdbench: {len(cells)} cells: {ran} ran to the end ({counts.get(OK, 0)} finished, "
+            + ", ".join(f"{counts.get(s, 0)} {s}" for s in NOT_OK if s != FAILED)
+            + f"), {counts.get(FAILED, 0)} failed, {counts.get('missing', 0)} missing; {seconds / 60:.1f} min")
+    return line, ran == len(cells)
 
 
 def spread_over_gpus(job_num: int, device: str) -> None:
@@ -347,7 +352,8 @@ def report_command(args: list[str]) -> None:
     from bench.report import report
 
     try:
-        print(report(parsed.records, parsed.out or parsed.legacy_out, data_root=parsed.data, cache_root=parsed.cache))
+        print(report(parsed.records, parsed.out or parsed.legacy_out, data_root=parsed.data, cache_root=parsed.cache,
+                     echo=print))
     except FileNotFoundError as exc:
         raise ConfigError(str(exc)) from None
     if parsed.index:
@@ -405,12 +411,16 @@ def main() -> None:
     except ConfigError as exc:
         fail(str(exc))
     start = time.perf_counter()
-    PROGRESS.total, PROGRESS.start = len(paths or []) - len(records.RECORDED), start
-    if records.RECORDED:
-        print(f"{len(records.RECORDED)} of {len(paths or [])} cells have a record: not launched", flush=True)
+    PROGRESS.total, PROGRESS.start = len(paths or []) - len(records.NOT_LAUNCHED), start
+    if records.NOT_LAUNCHED:
+        cells = len(set(paths or []))
+        repeats = len(paths or []) - cells
+        print(f"{len(records.NOT_LAUNCHED) - repeats} of {cells} cells have a record"
+              + (f"; {repeats} jobs repeat a data-free cell at another budget" if repeats else "") + ": not launched",
+              flush=True)
     run()
     if paths is not None:
-        line, ok = outcome(paths, time.perf_counter() - start)
+        line, ok = closing(paths, time.perf_counter() - start)
         if len(paths) > 1:
             print(line, flush=True)
         if not ok:

@@ -32,9 +32,10 @@ def _show(ax, img: torch.Tensor) -> None:
 
 
 def write_gallery(data: DataBundle, attacks: dict[str, object], path: Path, n_images: int = 6,
-                  models: dict[str, torch.nn.Module] | None = None) -> Path:
+                  models: dict[str, torch.nn.Module] | None = None, source: str | None = None) -> Path:
     """One PNG: a clean row, then per attack a triggered row and a residual row. Under each triggered image, the
-    attack's target label and, when its poisoned model is given, what that model predicts for the image."""
+    attack's target label and, when its poisoned model is given, what that model predicts for the image.
+    ``source`` (the digest of what it shows, ``bench.figures.digest``) goes into the PNG's metadata."""
     from bench.metrics import predict
 
     clean = pick_images(data, n_images)
@@ -58,7 +59,7 @@ def write_gallery(data: DataBundle, attacks: dict[str, object], path: Path, n_im
     fig.suptitle(f"{data.spec.name}: triggers", fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, metadata={"Software": None, **({"Source": source} if source else {})})
     plt.close(fig)
     return path
 

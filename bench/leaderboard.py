@@ -4,6 +4,10 @@ No server and no network at view time: the cells are embedded as JSON, the table
 few lines of inline JavaScript, figures are files beside the page. Each row links to its records and shows
 the config it ran under. The state (sort key, filters) lives in the URL's fragment, so a view can be linked
 to, e.g. ``index.html#sort=-asr&budget=1``.
+
+Rows are ranked by outcome before any column (``bench.outcome.RANK``): whatever a reader sorts by, a row whose
+seeds finished comes before one whose model was damaged, collapsed or never finished, so no view puts a destroyed
+model above a working defense. The default order is DER, highest first: a low ASR and a kept accuracy together.
 """
 
 from __future__ import annotations
@@ -15,15 +19,18 @@ from pathlib import Path
 
 import pandas as pd
 
-from bench.report import RAN
+from bench.columns import budget_key
+from bench.outcome import DAMAGED, OK, RAN, RANK, Rule
 
 COLUMNS = [  # (key, header, kind): what each row shows; numbers sort numerically, text alphabetically
-    ("dataset", "data set", "text"), ("model", "model", "text"), ("budget", "k", "num"),
-    ("attack", "attack", "text"), ("defense", "defense", "text"), ("asr", "ASR %", "num"),
-    ("acc", "ACC %", "num"), ("der", "DER %", "num"), ("undefended_asr", "ASR before %", "num"),
-    ("undefended_acc", "ACC before %", "num"), ("n", "finished / run", "text"), ("records", "records", "links"),
+    ("dataset", "data set", "text"), ("model", "model", "text"), ("recipe", "recipe", "text"),
+    ("experiment", "experiment", "text"), ("budget", "k", "budget"), ("attack", "attack", "text"),
+    ("defense", "defense", "text"), ("outcome", "outcome", "text"), ("asr", "ASR %", "num"), ("acc", "ACC %", "num"),
+    ("der", "DER %", "num"), ("undefended_asr", "ASR before %", "num"), ("undefended_acc", "ACC before %", "num"),
+    ("n", "finished / run", "text"), ("records", "records", "links"),
 ]
-FILTERS = ("dataset", "attack", "defense", "budget")
+FILTERS = ("dataset", "model", "recipe", "experiment", "attack", "defense", "budget", "outcome")
+DEFAULT_SORT = "-der"
 
 PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{title}</title>
@@ -34,16 +41,20 @@ th, td {{ border-bottom: 1px solid #ddd; padding: 3px 8px; text-align: left; }}
 th {{ cursor: pointer; background: #f3f3f3; position: sticky; top: 0; }}
 th.sorted-asc::after {{ content: " \\25B2"; }} th.sorted-desc::after {{ content: " \\25BC"; }}
 td.num {{ text-align: right; font-variant-numeric: tabular-nums; }}
-td.bad {{ color: #a33; font-style: italic; }}
+td.bad {{ color: #a33; font-style: italic; }} tr.damaged td {{ background: #fbeeee; }}
+tr.lost td {{ background: #f1f1f1; color: #777; }}
 .filters label {{ margin-right: 1em; }} .figures img {{ max-width: 100%; border: 1px solid #eee; margin: .5em 0; }}
 dialog pre {{ max-height: 70vh; overflow: auto; font-size: 12px; }}
 </style></head>
 <body>
 <h1>{title}</h1>
 <p>{summary}</p>
-<p>Values are means over the seeds that finished; <i>collapsed</i>, <i>diverged</i> and <i>failed</i> cells are
-never averaged in (the last column counts them). k = clean images per class (0: synthetic images). Click a
-header to sort; the sort and filters are kept in the address (e.g. <code>#sort=-asr&amp;budget=1</code>).</p>
+<p>Values are means over the seeds that finished. Rows are ranked by outcome first, whatever column you sort by:
+<i>finished</i> rows, then <i>damaged</i> ones ({rule}; their numbers are shown, shaded, over the damaged seeds),
+then <i>collapsed</i>, <i>no backdoor</i>, <i>diverged</i> and <i>failed</i> ones, whose seeds are never averaged
+in (the "finished / run" column counts them). Default order: DER, highest first. k = clean images per class
+(0: synthetic images; <i>any</i>: a data-free defense, run once per poisoned model). Click a header to sort; the
+sort and filters are kept in the address (e.g. <code>#sort=-asr&amp;budget=1</code>).</p>
 <div class="filters" id="filters"></div>
 <table id="board"><thead><tr id="head"></tr></thead><tbody id="rows"></tbody></table>
 <dialog id="config"><pre id="config-text"></pre><form method="dialog"><button>close</button></form></dialog>
@@ -53,6 +64,18 @@ header to sort; the sort and filters are kept in the address (e.g. <code>#sort=-
 <script>
 const COLUMNS = {columns};
 const FILTERS = {filters};
+const DEFAULT_SORT = {default_sort};
+function budgetKey(v) {{ return v === "any" ? -1 : Number(v); }}
+// Outcome rank first (finished before damaged before ...), then the chosen column; missing values last.
+function compareRows(a, b, key, desc, kind) {{
+  if (a.rank !== b.rank) return a.rank - b.rank;
+  const x = a[key], y = b[key];
+  if (x === null || x === undefined) return (y === null || y === undefined) ? 0 : 1;
+  if (y === null || y === undefined) return -1;
+  const d = kind === "num" ? x - y : kind === "budget" ? budgetKey(x) - budgetKey(y)
+    : String(x).localeCompare(String(y));
+  return desc ? -d : d;
+}}
 const cells = JSON.parse(document.getElementById("cells").textContent);
 function state() {{
   const s = {{}};
@@ -71,24 +94,19 @@ function fmt(v, k) {{
 }}
 function render() {{
   const s = state();
-  const key = (s.sort || "asr").replace(/^-/, ""), desc = (s.sort || "").startsWith("-");
+  const sort = s.sort || DEFAULT_SORT;
+  const key = sort.replace(/^-/, ""), desc = sort.startsWith("-");
   const kind = (COLUMNS.find(c => c[0] === key) || [key, key, "text"])[2];
   let rows = cells.filter(c => FILTERS.every(f => !s[f] || String(c[f]) === s[f]));
-  rows.sort((a, b) => {{
-    const x = a[key], y = b[key];
-    if (x === null || x === undefined) return 1;
-    if (y === null || y === undefined) return -1;
-    const d = kind === "num" ? x - y : String(x).localeCompare(String(y));
-    return desc ? -d : d;
-  }});
+  rows.sort((a, b) => compareRows(a, b, key, desc, kind));
   document.getElementById("head").innerHTML = COLUMNS.map(([k, label]) =>
     `<th data-key="${{k}}" class="${{k === key ? (desc ? "sorted-desc" : "sorted-asc") : ""}}">${{label}}</th>`).join("");
-  document.getElementById("rows").innerHTML = rows.map(c => "<tr>" + COLUMNS.map(([k, , kind]) => {{
+  document.getElementById("rows").innerHTML = rows.map(c => `<tr class="${{c.rank === 0 ? "" : c.rank === 1 ? "damaged" : "lost"}}">` + COLUMNS.map(([k, , kind]) => {{
     if (kind === "links") return "<td>" + c.records.map((r, i) => `<a href="${{r}}">${{i + 1}}</a>`).join(" ") +
       ` <a href="#" class="cfg" data-cell="${{c.id}}">config</a></td>`;
     const bad = c[k] === null && c.status ? " bad" : "";
     const text = c[k] === null && c.status && (k === "asr" || k === "acc" || k === "der") ? c.status : fmt(c[k], k);
-    return `<td class="${{kind === "num" ? "num" : ""}}${{bad}}">${{text}}</td>`;
+    return `<td class="${{kind === "num" || kind === "budget" ? "num" : ""}}${{bad}}">${{text}}</td>`;
   }}).join("") + "</tr>").join("");
   for (const th of document.querySelectorAll("th")) th.onclick = () => {{
     const now = state(); const k = th.dataset.key;
@@ -124,32 +142,41 @@ def _mean(values: pd.Series) -> float | None:
 
 
 def rows(cells: pd.DataFrame, names: dict, records_root: Path, page_dir: Path) -> list[dict]:
-    """One row per (data set, model, recipe, experiment, attack, defense, budget): means over finished seeds,
-    the undefended model's, the outcome counts, links to the records and the config of the first."""
+    """One row per (data set, model, recipe, experiment, attack, defense, budget): its outcome and rank (the best
+    outcome among its seeds), means over its finished seeds (or, where none finished, over its damaged ones), the
+    undefended model's, the outcome counts, links to the records and the config of the first."""
     out = []
     keys = ["dataset", "model", "recipe", "experiment", "attack", "defense", "budget"]
-    for i, (key, group) in enumerate(cells.groupby(keys, sort=True)):
+    ordered = cells.assign(budget=cells["budget"].astype(str))
+    groups = sorted(ordered.groupby(keys, sort=False), key=lambda kv: (*kv[0][:6], budget_key(kv[0][6])))
+    for i, (key, group) in enumerate(groups):
         cell = dict(zip(keys, key))
-        done = group[group["status"] == "ok"]
-        others = group.loc[group["status"] != "ok", "status"].value_counts().sort_index()
+        present = [o for o in RANK if o in set(group["status"])]
+        outcome = present[0]
+        done = group[group["status"] == outcome] if outcome in (OK, DAMAGED) else group.iloc[:0]
+        others = group.loc[group["status"] != OK, "status"].value_counts().sort_index()
         record_files = sorted(group["record"])
         config = json.loads((records_root / record_files[0]).read_text()).get("config")
         poisoned = group[group["status"].isin(RAN)]
+        budget = cell["budget"]
         out.append({
             "id": i, **{g: names.get((g, cell[g]), cell[g]) for g in ("dataset", "model", "attack", "defense")},
-            "budget": int(cell["budget"]), "recipe": cell["recipe"], "experiment": cell["experiment"],
-            "asr": _mean(done["asr"]), "acc": _mean(done["acc"]), "der": _mean(done["der"]),
+            "budget": budget if budget == "any" else int(budget), "recipe": cell["recipe"],
+            "experiment": cell["experiment"], "outcome": "finished" if outcome == OK else outcome,
+            "rank": RANK.index(outcome),
+            "asr": _mean(done.get("asr", pd.Series(dtype=float))), "acc": _mean(done.get("acc", pd.Series(dtype=float))),
+            "der": _mean(done.get("der", pd.Series(dtype=float))),
             "undefended_asr": _mean(poisoned.get("undefended_asr", pd.Series(dtype=float))),
             "undefended_acc": _mean(poisoned.get("undefended_acc", pd.Series(dtype=float))),
-            "n": f"{len(done)}/{len(group)}" + "".join(f", {s} {n}" for s, n in others.items()),
-            "status": ", ".join(others.index) if done.empty and len(others) else None,
+            "n": f"{int((group['status'] == OK).sum())}/{len(group)}" + "".join(f", {s} {n}" for s, n in others.items()),
+            "status": outcome if outcome not in (OK, DAMAGED) else None,
             "records": [os.path.relpath(records_root / r, page_dir) for r in record_files], "config": config,
         })
     return out
 
 
 def write_page(cells: pd.DataFrame, names: dict, records_root: Path, out: Path, figure_stems: list[str],
-               galleries: list[str], title: str) -> Path:
+               galleries: list[str], title: str, rule: Rule | None = None) -> Path:
     """``out/index.html``: the sortable, filterable table, the figures and the trigger galleries."""
     out.mkdir(parents=True, exist_ok=True)
     data = rows(cells, names, records_root, out)
@@ -159,14 +186,18 @@ def write_page(cells: pd.DataFrame, names: dict, records_root: Path, out: Path, 
         for stem in figure_stems)
     figures += "".join(f'<figure><img src="figures/{g}" alt="{html.escape(g)}"><figcaption>trigger gallery: '
                        f'{html.escape(g)}</figcaption></figure>' for g in galleries)
-    finished = int((cells["status"] == "ok").sum())
+    rule = rule or Rule()
+    finished = int((cells["status"] == OK).sum())
+    counts = cells.loc[cells["status"] != OK, "status"].value_counts()
     summary = (f"{len(cells)} cells: {finished} finished, " + ", ".join(
-        f"{n} {s}" for s, n in cells.loc[cells["status"] != "ok", "status"].value_counts().sort_index().items())
-        ).rstrip(", ") + f"; {len(data)} rows (seeds pooled). Tables: <a href=\"tables/\">tables/</a>, " \
+        f"{counts[s]} {s}" for s in RANK if s in counts)).rstrip(", ") + \
+        f"; {len(data)} rows (seeds pooled). Tables: <a href=\"tables/\">tables/</a>, " \
         "problems: <a href=\"problems.md\">problems.md</a>."
     page = PAGE.format(title=html.escape(title), summary=summary, figures=figures,
                        cells=json.dumps(data, sort_keys=True).replace("</", "<\\/"),
-                       columns=json.dumps(COLUMNS), filters=json.dumps(list(FILTERS)))
+                       columns=json.dumps(COLUMNS), filters=json.dumps(list(FILTERS)),
+                       default_sort=json.dumps(DEFAULT_SORT),
+                       rule=html.escape(f"clean ACC more than {rule.max_acc_drop:g} points below the undefended model"))
     path = out / "index.html"
     path.write_text(page)
     return path

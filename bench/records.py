@@ -36,10 +36,11 @@ def record_path(records_dir: str | Path, names: dict[str, Any], digest: str) -> 
 # "diverged": the defense's loss went non-finite. Deterministic, so a result to report, not a crash to retry.
 FINISHED = ("ok", "diverged")
 
-# The jobs of the running sweep whose record exists, as job_key tuples: filled by the CLI's validation pass, read
-# by bdbench's sweeper (hydra_plugins.bdbench.sweeper), which does not launch them. Here, in a module that is
-# neither run as __main__ nor re-executed by Hydra's plugin scan, both see the same set.
-RECORDED: set[tuple[str, ...]] = set()
+# The jobs of the running sweep not to launch, as job_key tuples: those whose record exists, and those that repeat
+# an earlier job's cell (a data-free defense at another budget). Filled by the CLI's validation pass, read by
+# bdbench's sweeper (hydra_plugins.bdbench.sweeper). Here, in a module that is neither run as __main__ nor
+# re-executed by Hydra's plugin scan, both see the same set.
+NOT_LAUNCHED: set[tuple[str, ...]] = set()
 
 
 def job_key(overrides: list[str] | tuple[str, ...]) -> tuple[str, ...]:

@@ -4,9 +4,10 @@ Reads every record under DIR into pandas and writes, under DIR/report (or --out)
   tables/<metric>.{md,tex}      ACC, ASR, RA, DER as mean ± std over seeds, per attack x defense (rows) and
                                 budget (columns), display names, the columns that hold one value on every
                                 row in the caption line; every cell says how many seeds finished of how
-                                many ran, and what became of the others (diverged, failed, collapsed, no backdoor: the
-                                poisoned model's own ASR below NO_BACKDOOR_ASR): none is averaged in. LaTeX:
-                                booktabs through pandas' Styler, escaped
+                                many ran, and what became of the others (bench.outcome: damaged, collapsed, no
+                                backdoor, diverged, failed): none is averaged in; a cell whose every seed was
+                                damaged shows its number marked "damaged". Data-free defenses have one column,
+                                "any k". LaTeX: booktabs through pandas' Styler, escaped
   tables/<metric>.csv           the same as numbers: mean, std, finished, run and each outcome's count
   tables/undefended.*           the poisoned models' own ACC / ASR / RA per attack
   tables/cost.*                 defense wall time and peak memory
@@ -18,38 +19,41 @@ Reads every record under DIR into pandas and writes, under DIR/report (or --out)
                                 failed cells appear in the tables as "failed" / "diverged" with their count
   index.html                    the HTML leaderboard (bench.leaderboard): a sortable, filterable table of
                                 every cell with links to its records and config, the figures and galleries
-  problems.md                   records that are failed, unreadable or of another schema, and the cells
-                                that ran on synthetic data
+  problems.md                   records that are failed, unreadable or of another schema, cells refused because
+                                one row would mix settings, the cells that ran on synthetic data, figures
+                                not drawn
   figures/                      (bench.figures; PNG, PDF, SVG) ASR and ACC heatmaps per budget with the
                                 undefended column, ACC-ASR scatter, ASR against budget, where the time went
                                 (training per attack, each defense, synthesis, reversal, evaluation), the
                                 poisoned models' test ACC and ASR against training minutes, and
                                 the trigger gallery of each data set when the records' poisoned models are in
                                 the cache (``--cache``) and the data under ``--data``
-Tables are sorted and formatted deterministically, so the same records give the same bytes.
+Tables are sorted and formatted deterministically, so the same records give the same bytes. Every figure carries the
+digest of the numbers it draws (``bench.figures.Figure.digest``), so a committed picture is checked against its
+records without drawing it.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections import Counter
 from pathlib import Path
+from typing import Callable
 
 import pandas as pd
 
-from bench.metrics import COLLAPSE_CHANCE_FACTOR
+from bench import figures as draw
+from bench.columns import ANY, KEYS, NAMED, SETTING, budget_key, budget_label, named
+from bench.fsutil import sha256_json
+from bench.leaderboard import write_page
+from bench.outcome import DAMAGED, NOT_OK, OK, RAN, Rule, configured, of_record
 from bench.records import READABLE_SCHEMAS
 
-SETTING = ["dataset", "model", "recipe", "experiment"]  # what a sweep holds fixed; the tables' captions
-KEYS = [*SETTING, "attack", "defense"]
-NAMED = ("dataset", "model", "attack", "defense")  # the keys with display names
+__all__ = ["KEYS", "NAMED", "SETTING", "named", "RAN", "load", "report"]
 METRICS = ["acc", "asr", "ra", "der"]
 LABELS = {"acc": "ACC", "asr": "ASR", "ra": "RA", "der": "DER"}
-# A poisoned model whose own ASR is below this share has no backdoor to remove: a defense's low ASR on it says
-# nothing, so its cells are "no backdoor" (as a collapsed model's are "collapsed"), never averaged into a row.
-NO_BACKDOOR_ASR = 0.5
-RAN = ("ok", "collapsed", "no backdoor")  # cells that ran to the end: their costs and undefended models count
 
 
 def display_names(rec: dict) -> dict[tuple[str, str], str]:
@@ -59,13 +63,46 @@ def display_names(rec: dict) -> dict[tuple[str, str], str]:
     return {(g, cell[g]): shown.get(g, cell[g]) for g in NAMED}
 
 
+def model_setting(rec: dict) -> str | None:
+    """What makes two poisoned models of one attack row comparable: the data set, model, attack and recipe configs,
+    the attack's target set aside (the published grids draw it from the seed; a cell's own ``setting`` tells two
+    fixed targets apart). None for a record without a config (it compares with nothing)."""
+    config = rec.get("config")
+    if not config:
+        return None
+    attack = {k: v for k, v in (config.get("attack") or {}).items() if k != "target"}
+    dataset = {k: v for k, v in (config.get("dataset") or {}).items() if k != "download"}
+    return sha256_json({"dataset": dataset, "model": config.get("model"), "attack": attack,
+                        "recipe": config.get("recipe")})[:12]
+
+
+@functools.cache
+def data_free(target: str) -> bool:
+    """Whether the defense class ``target`` declares ``data_free`` (False when it cannot be imported here)."""
+    from hydra.utils import get_class
+
+    try:
+        return bool(getattr(get_class(target), "data_free", False))
+    except Exception:
+        return False
+
+
+def budget_of(rec: dict) -> int | str:
+    """A cell's budget; a data-free defense's cell recorded at a number by an older version is "any" like today's."""
+    budget = rec["cell"]["budget"]
+    target = ((rec.get("config") or {}).get("defense") or {}).get("_target_")
+    return ANY if str(budget) != ANY and target and data_free(target) else budget
+
+
 def load(root: str | Path, triggers: dict | None = None, names: dict | None = None, curves: list | None = None,
-         recipes: dict | None = None) -> tuple[pd.DataFrame, list[dict]]:
-    """(one row per finished cell, one entry per record that is not a finished cell); ``triggers`` collects
+         recipes: dict | None = None, rule: Rule | None = None) -> tuple[pd.DataFrame, list[dict]]:
+    """(one row per cell that has a record, one entry per record that is not a cell); every cell is judged by
+    ``rule`` (default: the configured one, bench.outcome) into its ``status``. ``triggers`` collects
     one (dataset config, attack config, cache key, model config) per data set and attack, for the gallery;
     ``names`` collects the display names; ``curves`` one row per epoch of each poisoned model's training
     (``training_curves``); ``recipes`` each attack's flattened recipe config per sweep setting (``recipe_note``)."""
     root = Path(root)
+    rule = rule or configured()
     rows, problems = [], []
     names = {} if names is None else names
     for path in sorted(root.rglob("*.json")):
@@ -94,9 +131,9 @@ def load(root: str | Path, triggers: dict | None = None, names: dict | None = No
             if "cell" in rec:  # the tables say the cell failed, rather than leave a gap
                 cell = rec["cell"]
                 names.update(display_names(rec))
-                rows.append({**{k: cell[k] for k in KEYS}, "budget": cell["budget"], "seed": cell["seed"],
-                             "status": "diverged" if rec.get("status") == "diverged" else "failed",
-                             "setting": cell["setting"], "record": str(path.relative_to(root))})
+                rows.append({**{k: cell[k] for k in KEYS}, "budget": budget_of(rec), "seed": cell["seed"],
+                             "status": of_record(rec, rule), "setting": cell["setting"],
+                             "model_setting": model_setting(rec), "record": str(path.relative_to(root))})
             continue
         cell, m, u = rec["cell"], rec["metrics"], rec["undefended"]
         names.update(display_names(rec))
@@ -106,9 +143,9 @@ def load(root: str | Path, triggers: dict | None = None, names: dict | None = No
                                  rec["config"]["model"]))
         if curves is not None:
             curves += training_rows(rec)
-        rows.append({**{k: cell[k] for k in KEYS}, "budget": cell["budget"], "seed": cell["seed"],
-                     "status": status(rec),
-                     "setting": cell["setting"], "data_source": rec["data_source"], **{k: m.get(k) for k in METRICS},
+        rows.append({**{k: cell[k] for k in KEYS}, "budget": budget_of(rec), "seed": cell["seed"],
+                     "status": of_record(rec, rule), "setting": cell["setting"],
+                     "model_setting": model_setting(rec), "data_source": rec["data_source"], **{k: m.get(k) for k in METRICS},
                      **{f"undefended_{k}": u.get(k) for k in ("acc", "asr", "ra")},
                      "defense_seconds": rec["timings"].get("defense"),
                      **{f"{phase}_seconds": rec["timings"].get(phase) for phase in ("synthesis", "reversal", "eval")},
@@ -116,7 +153,14 @@ def load(root: str | Path, triggers: dict | None = None, names: dict | None = No
                      "model_key": rec["cache"]["key"], "train_seconds": rec["cache"]["train_seconds"],
                      "peak_rss_mb": rec["peak_memory"]["rss_mb"],
                      "cuda_mb": rec["peak_memory"].get("cuda_mb"), "record": str(path.relative_to(root))})
-    return pd.DataFrame(rows), problems
+    df = pd.DataFrame(rows)
+    if df.empty:
+        return df, problems
+    repeated = df.assign(budget=df["budget"].astype(str)).duplicated(KEYS + ["budget", "seed", "setting"])
+    for record in df.loc[repeated, "record"]:  # an older grid ran a data-free defense once per budget
+        problems.append({"record": record, "problem": "repeats a data-free cell of another budget (an older version "
+                                                      "ran it at every budget): the first record is used"})
+    return df[~repeated].reset_index(drop=True), problems
 
 
 def training_rows(rec: dict) -> list[dict]:
@@ -154,21 +198,6 @@ def time_to(curves: pd.DataFrame, target: float) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def status(rec: dict) -> str:
-    """A finished cell's outcome: its poisoned model had no backdoor, its defended model collapsed, or ok."""
-    asr = rec["undefended"].get("asr")
-    if asr is not None and asr < NO_BACKDOOR_ASR:
-        return "no backdoor"
-    return "collapsed" if is_collapsed(rec) else "ok"
-
-
-def is_collapsed(rec: dict) -> bool:
-    """The record's own verdict; records written before it existed (schema 2) are judged by ACC alone."""
-    if "collapsed" in rec["metrics"]:
-        return bool(rec["metrics"]["collapsed"])
-    return rec["metrics"]["acc"] <= COLLAPSE_CHANCE_FACTOR / rec["config"]["dataset"]["num_classes"]
-
-
 def mean_std(values: pd.Series, scale: float = 100.0, digits: int = 1) -> str:
     v = values.dropna() * scale
     if v.empty:
@@ -178,17 +207,25 @@ def mean_std(values: pd.Series, scale: float = 100.0, digits: int = 1) -> str:
     return f"{v.mean():.{digits}f} ± {v.std():.{digits}f} (n={len(v)})"
 
 
-def summarize(group: pd.DataFrame, column: str, scale: float, digits: int, finished: tuple[str, ...] = ("ok",)
+def mean_text(values: pd.Series, digits: int) -> str:
+    return f"{values.iloc[0]:.{digits}f}" if len(values) == 1 else \
+        f"{values.mean():.{digits}f} ± {values.std():.{digits}f}"
+
+
+def summarize(group: pd.DataFrame, column: str, scale: float, digits: int, finished: tuple[str, ...] = (OK,)
               ) -> str:
     """mean ± std of the finished cells, then (finished/run; what became of the others), e.g.
-    ``97.2 ± 1.0 (2/3; diverged 1)`` or ``collapsed (0/1)``: a failure is never averaged in, never hidden."""
+    ``97.2 ± 1.0 (2/3; diverged 1)`` or ``collapsed (0/1)``: a failure is never averaged in, never hidden. A cell
+    whose seeds all ran but lost their accuracy keeps its number, marked: ``9.4 damaged (0/1)``."""
     done = group.loc[group["status"].isin(finished), column].dropna() * scale
     others = group.loc[~group["status"].isin(finished), "status"].value_counts().sort_index()
     tally = f"{len(done)}/{len(group)}" + ("; " + ", ".join(f"{s} {n}" for s, n in others.items()) if len(others) else "")
     if done.empty:
+        damaged = group.loc[group["status"] == DAMAGED, column].dropna() * scale
+        if len(damaged) and DAMAGED not in finished:
+            return f"{mean_text(damaged, digits)} {DAMAGED} ({tally.split(';')[0] if len(others) == 1 else tally})"
         return f"{others.index[0]} ({tally.split(';')[0]})" if len(others) == 1 else f"– ({tally})"
-    value = f"{done.iloc[0]:.{digits}f}" if len(done) == 1 else f"{done.mean():.{digits}f} ± {done.std():.{digits}f}"
-    return f"{value} ({tally})"
+    return f"{mean_text(done, digits)} ({tally})"
 
 
 def recipe_note(recipes: dict, names: dict) -> str:
@@ -214,19 +251,23 @@ def recipe_note(recipes: dict, names: dict) -> str:
 
 
 def pivot(df: pd.DataFrame, column: str, scale: float = 100.0, digits: int = 1,
-          finished: tuple[str, ...] = ("ok",)) -> pd.DataFrame:
-    """Rows: data set, model, recipe, attack, defense; columns: budget; cells: mean ± std of the finished
-    seeds and the count of each outcome (a defense that diverges or collapses is a result, not a gap)."""
-    table = (df.groupby(KEYS + ["budget"])[["status", column]]
+          finished: tuple[str, ...] = (OK,)) -> pd.DataFrame:
+    """Rows: data set, model, recipe, attack, defense; columns: budget ("any k" first: the data-free defenses'
+    one cell); cells: mean ± std of the finished seeds and the count of each outcome (a defense that diverges,
+    collapses or damages the model is a result, not a gap)."""
+    table = (df.assign(budget=df["budget"].astype(str)).groupby(KEYS + ["budget"])[["status", column]]
              .apply(lambda g: summarize(g, column, scale, digits, finished)).unstack("budget").sort_index())
-    table.columns = [f"k={k}" for k in table.columns]
+    table = table[sorted(table.columns, key=budget_key)]
+    table.columns = [budget_label(k) for k in table.columns]
     return table.fillna("–").reset_index()
 
 
-def numeric(df: pd.DataFrame, column: str, scale: float = 100.0, finished: tuple[str, ...] = ("ok",),
+def numeric(df: pd.DataFrame, column: str, scale: float = 100.0, finished: tuple[str, ...] = (OK,),
             keys: list[str] = KEYS + ["budget"]) -> pd.DataFrame:
     """The machine-readable twin of a table: per row key, mean and std of the finished cells (in %), how many
-    finished of how many ran, and how many collapsed, diverged or failed. Numbers only."""
+    finished of how many ran, and how many had each other outcome. Numbers only (budget "any": data-free)."""
+    if "budget" in keys:
+        df = df.assign(budget=df["budget"].astype(str))
     def stats(group: pd.DataFrame) -> pd.Series:
         done = group["status"].isin(finished)
         values = group.loc[done, column].dropna().astype(float) * scale
@@ -236,10 +277,13 @@ def numeric(df: pd.DataFrame, column: str, scale: float = 100.0, finished: tuple
                           **{status: int((group["status"] == status).sum()) for status in OUTCOMES}})
 
     table = df.groupby(keys)[["status", column]].apply(stats).reset_index()
-    return table.astype({c: int for c in ("finished", "run", *OUTCOMES)})
+    if "budget" in keys:
+        table = table.sort_values([*[k for k in keys if k != "budget"], "budget"],
+                                  key=lambda c: c.map(budget_key) if c.name == "budget" else c, kind="stable")
+    return table.astype({c: int for c in ("finished", "run", *OUTCOMES)}).reset_index(drop=True)
 
 
-OUTCOMES = ("collapsed", "no backdoor", "diverged", "failed")
+OUTCOMES = NOT_OK
 
 
 def wall_time(df: pd.DataFrame) -> pd.DataFrame:
@@ -255,15 +299,6 @@ def wall_time(df: pd.DataFrame) -> pd.DataFrame:
     total = df.groupby(SETTING)[list(df.columns)].apply(minutes).reset_index().assign(seed="all", attack="all")
     table = pd.concat([per_seed.astype({"seed": str}), total], ignore_index=True).astype({"cells": int})
     return table.rename(columns={"defense": "defenses", "eval": "evaluation"})
-
-
-def named(frame: pd.DataFrame, names: dict) -> pd.DataFrame:
-    """A copy with display names in the data set, model, attack and defense columns it has."""
-    frame = frame.copy()
-    for group in NAMED:
-        if group in frame:
-            frame[group] = [names.get((group, v), v) for v in frame[group]]
-    return frame
 
 
 def present(table: pd.DataFrame, names: dict) -> tuple[pd.DataFrame, str]:
@@ -315,12 +350,25 @@ def write_table(table: pd.DataFrame, folder: Path, name: str, names: dict, numbe
     (folder / f"{name}.tex").write_text(latex(shown, caption))
 
 
-def figures(cells: pd.DataFrame, names: dict, folder: Path) -> list[str]:
-    """Every figure of the report (bench.figures), each as PNG, PDF and SVG; the file stems written."""
-    from bench import figures as draw
-
-    return [stem for make in (draw.heatmaps, draw.scatter, draw.budget_lines, draw.time_breakdown)
-            for stem in make(cells, names, folder)]
+def one_setting(df: pd.DataFrame) -> tuple[pd.DataFrame, list[dict]]:
+    """The cells that can share a number, and a problem line for each group refused: a table cell (setting, attack,
+    defense, budget) whose records come from more than one configuration, or an attack row of one setting whose
+    poisoned models differ in kind (say, one seed trained with ``recipe.epochs=60``). Averaging either would
+    give a number no run measured, so neither is shown anywhere; each goes to problems.md with the reason."""
+    if df.empty:
+        return df, []
+    cell = df.assign(budget=df["budget"].astype(str)).groupby(KEYS + ["budget"])["setting"].transform("nunique") > 1
+    model = df.groupby(SETTING + ["attack"])["model_setting"].transform("nunique") > 1
+    problems = []
+    for (keys, reason), part in (((KEYS + ["budget"], "setting"), df[cell & ~model]), ((SETTING + ["attack"],
+                                                                                         "model_setting"), df[model])):
+        for key, group in part.assign(budget=part["budget"].astype(str)).groupby(keys):
+            what = "configurations of one cell" if reason == "setting" else "kinds of poisoned model in one attack row"
+            problems.append({"record": " / ".join(map(str, key)),
+                             "problem": f"refused: {len(group)} records of {group[reason].nunique()} {what} "
+                                        f"({', '.join(sorted(group[reason].unique()))}); averaging them would show a "
+                                        f"number no run measured: put each setting in its own folder or experiment"})
+    return df[~(cell | model)], problems
 
 
 def current(node: dict) -> dict:
@@ -336,10 +384,16 @@ def current(node: dict) -> dict:
             **node}
 
 
+def gallery_source(attacks: dict) -> pd.DataFrame:
+    """What a gallery draws: each attack's poisoned model, by cache key (its trigger and weights)."""
+    return pd.DataFrame([{"attack": name, "model_key": key} for name, (_, _, key, _) in sorted(attacks.items())])
+
+
 def galleries(triggers: dict, folder: Path, data_root: str, cache_root: str) -> list[dict]:
     """The trigger gallery of each data set from the cached attacks and poisoned models of its records (no
-    training): target label and the poisoned model's prediction under each triggered image. Returns a problem
-    line for each data set it could not draw."""
+    training): target label and the poisoned model's prediction under each triggered image, the models' keys in
+    its metadata. Returns a problem line for each data set it could not draw, saying whether the picture already
+    there shows these very models (then it is kept) or not (then it is removed: a stale picture is worse than none)."""
     from bench.cache import ModelCache
     from bench.gallery import write_gallery
     from bench.validate import build
@@ -361,10 +415,16 @@ def galleries(triggers: dict, folder: Path, data_root: str, cache_root: str) -> 
                               std=spec.std)
                 model.load_state_dict(entry.weights)
                 models[name] = model
-            write_gallery(data, loaded, folder / f"gallery_{dataset}.png", models=models)
+            write_gallery(data, loaded, folder / f"gallery_{dataset}.png", models=models,
+                          source=draw.digest(gallery_source(attacks)))
         except Exception as exc:  # the gallery is optional: the tables never depend on it
             first = (str(exc).strip().splitlines() or [""])[0]
-            problems.append({"record": f"gallery {dataset}", "problem": f"not drawn: {type(exc).__name__}: {first}"})
+            path = folder / f"gallery_{dataset}.png"
+            kept = path.is_file() and draw.read_digest(path) == draw.digest(gallery_source(attacks))
+            if path.is_file() and not kept:
+                path.unlink()
+            problems.append({"record": f"gallery {dataset}", "problem": f"not drawn: {type(exc).__name__}: {first}; "
+                             + ("the picture there shows these models and is kept" if kept else "no picture")})
     return problems
 
 
@@ -374,29 +434,51 @@ def published_cache(root: Path) -> str:
     return str(root / "cache") if (root / "cache").is_dir() else os.environ.get("BDBENCH_CACHE", ".cache/bdbench")
 
 
+def expected_pictures(root: str | Path) -> dict[str, str]:
+    """{file name: source digest} of every picture a report of the records under ``root`` shows: each figure in
+    every format, and each data set's trigger gallery. What a committed report is checked against."""
+    triggers: dict = {}
+    names: dict = {}
+    curves: list = []
+    df = one_setting(load(root, triggers, names, curves)[0])[0]
+    pictures = {f"{plan.stem}.{fmt}": plan.digest for plan in draw.plans(df, names, training_frame(curves), configured())
+                for fmt in draw.FORMATS}
+    pictures.update({f"gallery_{dataset}.png": draw.digest(gallery_source(attacks))
+                     for dataset, attacks in triggers.items()})
+    return pictures
+
+
 def report(root: str | Path, out: str | Path | None = None, data_root: str | None = None,
-           cache_root: str | None = None) -> Path:
+           cache_root: str | None = None, echo: Callable[[str], None] | None = None) -> Path:
+    """Tables, figures, leaderboard and problems.md from the records under ``root``; ``echo`` gets the closing
+    summary (cells used, refused and why, figures not drawn and why)."""
     root = Path(root)
     out = Path(out) if out else root / "report"
+    rule = configured()
     triggers: dict = {}
     names: dict = {}
     curves: list = []
     recipes: dict = {}
-    df, problems = load(root, triggers, names, curves, recipes)
+    df, problems = load(root, triggers, names, curves, recipes, rule)
+    unusable = len(problems)
     note = recipe_note(recipes, names)
     curves = training_frame(curves)
     if df.empty or not df["status"].isin(RAN).any():
         raise FileNotFoundError(f"no finished records under {root} ({len(problems)} records not used: failed, "
                                 f"unreadable or of another schema)")
+    df, refused = one_setting(df)
+    problems += refused
     tables = out / "tables"
+    outcomes = f"outcomes: {rule.words()}"
     for metric in METRICS:
         write_table(pivot(df, metric), tables, metric, names, numeric(df, metric),
-                    f"{LABELS[metric]} (%), mean ± std over seeds (finished/run); k = clean images per class", note)
-    models = ["dataset", "model", "recipe", "attack"]  # one poisoned model per seed, shared by its cells
+                    f"{LABELS[metric]} (%), mean ± std over seeds (finished/run); k = clean images per class (any k: "
+                    f"a data-free defense, run once per poisoned model); {outcomes}", note)
+    models = [*SETTING, "attack"]  # one poisoned model per seed, shared by its cells
     poisoned = df[df["status"].isin(RAN)].drop_duplicates(models + ["seed"])
     undefended = (poisoned.groupby(models).agg(**{k: (f"undefended_{k}", mean_std) for k in ("acc", "asr", "ra")})
                   .reset_index())
-    undefended_numbers = pd.concat([numeric(poisoned.assign(status="ok"), f"undefended_{k}", keys=models)
+    undefended_numbers = pd.concat([numeric(poisoned.assign(status=OK), f"undefended_{k}", keys=models)
                                     .assign(metric=k) for k in ("acc", "asr", "ra")])
     write_table(undefended, tables, "undefended", names, undefended_numbers,
                 "The poisoned models before any defense (%), mean ± std over seeds", note)
@@ -410,36 +492,45 @@ def report(root: str | Path, out: str | Path | None = None, data_root: str | Non
                       "once per poisoned model, the other phases summed over its cells; not counted: composing and "
                       "validating the sweep, process start-up", note=note)
     cells = df
-    df = df[df["status"].isin(RAN)]
-    cells.sort_values(KEYS + ["budget", "seed"]).to_csv(tables / "cells.csv", index=False, lineterminator="\n")
+    cells.assign(budget=cells["budget"].astype(str)).sort_values(KEYS + ["budget", "seed"], key=lambda c: c.map(
+        budget_key) if c.name == "budget" else c, kind="stable").to_csv(tables / "cells.csv", index=False,
+                                                                        lineterminator="\n")
     if not curves.empty:
         curves.drop(columns="model_key").sort_values(["dataset", "model", "recipe", "attack", "seed", "epoch"]).to_csv(
             tables / "training.csv", index=False, lineterminator="\n", float_format="%.4g")
-    synthetic = (df[df["data_source"] == "synthetic"].groupby(KEYS + ["budget"])["seed"]
+    ran = df[df["status"].isin(RAN)]
+    synthetic = (ran[ran["data_source"] == "synthetic"].groupby(KEYS + ["budget"])["seed"]
                  .apply(lambda s: ", ".join(map(str, sorted(s)))).reset_index(name="seeds"))
-    mixed = df.groupby(KEYS + ["budget"])["setting"].nunique()
-    for key in mixed[mixed > 1].index:  # same names, different configs (e.g. an override): never silently averaged
-        problems.append({"record": " / ".join(map(str, key)), "problem": "one row mixes cells of different settings"})
-    stems = figures(cells, names, out / "figures")
-    if not curves.empty and curves["test_acc"].notna().any():
-        from bench.figures import training_curves
-
-        stems += training_curves(curves, names, out / "figures")
+    plans = draw.plans(cells, names, curves, rule)
+    stems = [draw.save(plan, out / "figures") for plan in plans]
     gallery_problems = galleries(triggers, out / "figures", data_root or os.environ.get("BDBENCH_DATA", "data"),
                                  cache_root or published_cache(root))
-    from bench.leaderboard import write_page
-
+    shown = {f"{stem}.{fmt}" for stem in stems for fmt in draw.FORMATS}
+    shown |= {p.name for p in (out / "figures").glob("gallery_*.png")}
+    for stale in sorted((out / "figures").glob("*")):  # a figure this report did not draw is not its figure
+        if stale.name not in shown:
+            stale.unlink()
     drawn = sorted(p.name for p in (out / "figures").glob("gallery_*.png"))
-    write_page(cells, names, root, out, stems, drawn, f"bdbench: {root.resolve().name}")
-    finished, collapsed, no_backdoor = (int((df["status"] == s).sum()) for s in RAN)  # finished: "ok" alone
-    lines = [f"# Report of {root}", "", f"{len(df)} cells ran to the end: {finished} finished, {collapsed} collapsed, "
-             f"{no_backdoor} on a poisoned model without a backdoor (ASR below {NO_BACKDOOR_ASR:.0%}); "
-             f"{len(problems)} records not used.", ""]
+    write_page(cells, names, root, out, stems, drawn, f"bdbench: {root.resolve().name}", rule)
+    counts = {s: int((df["status"] == s).sum()) for s in RAN}
+    lines = [f"# Report of {root}", "", f"{len(ran)} cells ran to the end: {counts[OK]} finished, "
+             + ", ".join(f"{counts[s]} {s}" for s in RAN[1:]) + f" ({rule.words()}); {len(refused)} groups of cells "
+             f"refused (mixed settings); {unusable} records not used.", ""]
     if problems:
-        lines += ["## Records not used", "", markdown(pd.DataFrame(problems))]
+        lines += ["## Records not used, cells refused", "", markdown(pd.DataFrame(problems))]
     lines += ["## Cells whose defense ran on synthetic data (budget 0)", ""]
     lines += [markdown(synthetic)] if len(synthetic) else ["none", ""]
     if gallery_problems:
         lines += ["## Figures not drawn", "", markdown(pd.DataFrame(gallery_problems))]
     (out / "problems.md").write_text("\n".join(lines))
+    if echo is not None:
+        echo(f"bdbench report: {len(df)} cells used ({counts[OK]} finished, "
+             + ", ".join(f"{counts[s]} {s}" for s in RAN[1:]) + f", {len(df) - len(ran)} failed or diverged); "
+             f"{len(refused)} groups of cells refused (mixed settings); {unusable} records not used")
+        for problem in refused:
+            echo(f"  refused {problem['record']}: {problem['problem']}")
+        echo(f"  {len(stems)} figures drawn ({len(stems) * len(draw.FORMATS)} files) and {len(drawn)} trigger "
+             f"galleries present")
+        for problem in gallery_problems:
+            echo(f"  {problem['record']} {problem['problem']}")
     return out

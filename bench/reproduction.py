@@ -14,7 +14,8 @@ from pathlib import Path
 import pandas as pd
 from omegaconf import OmegaConf
 
-from bench.report import NO_BACKDOOR_ASR, load, markdown, time_to, training_frame
+from bench.outcome import DAMAGED, OK, configured
+from bench.report import load, markdown, time_to, training_frame
 
 # points: below ``flat`` a change is "no change"; within ``size`` of the published change, the size agrees
 TOLERANCE = {"asr": {"flat": 5.0, "size": 15.0}, "acc": {"flat": 2.0, "size": 3.0}}
@@ -60,7 +61,8 @@ def source_table(block: dict, cells: pd.DataFrame) -> pd.DataFrame:
             done, acc, asr = ours, ours.get("undefended_acc"), ours.get("undefended_asr")
         else:
             mine = match[match["defense"] == row["defense"]] if len(match) else match
-            done = mine[mine["status"] == "ok"] if len(mine) else mine
+            # a damaged cell is compared too: the published row may have lost accuracy as well; n says it was
+            done = mine[mine["status"].isin((OK, DAMAGED))] if len(mine) else mine
             acc, asr = done.get("acc"), done.get("asr")
         if not len(done):
             tried = match[match["defense"] == row["defense"]] if len(match) and row["defense"] != "none" else done
@@ -72,14 +74,17 @@ def source_table(block: dict, cells: pd.DataFrame) -> pd.DataFrame:
         if row["defense"] == "none":
             result = "baseline: ACC {:+.1f}, ASR {:+.1f} points".format(100 * acc.mean() - row["acc"],
                                                                       100 * asr.mean() - row["asr"])
-            if asr.mean() < NO_BACKDOOR_ASR:
-                result += f"; no backdoor (ASR below {NO_BACKDOOR_ASR:.0%}): the defense rows measure nothing"
+            if asr.mean() < configured().no_backdoor_asr:
+                result += (f"; no backdoor (ASR below {configured().no_backdoor_asr:.0%}): the defense rows measure "
+                           f"nothing")
         else:
             ours = {"acc": 100 * (acc - done["undefended_acc"]).mean(), "asr": 100 * (asr - done["undefended_asr"]).mean()}
             result = verdict(ours, {"acc": row["acc"] - base["acc"], "asr": row["asr"] - base["asr"]})
         ran = len(match[match["defense"] == row["defense"]]) if row["defense"] != "none" else len(done)
         rows.append({"defense": row["defense"], "published ACC / ASR": published,
-                     "bdbench ACC / ASR": f"{_mean(acc)} / {_mean(asr)}", "n": f"{len(done)}/{ran}",
+                     "bdbench ACC / ASR": f"{_mean(acc)} / {_mean(asr)}",
+                     "n": f"{len(done)}/{ran}" + (f" ({damaged} {DAMAGED})" if row["defense"] != "none" and (
+                         damaged := int((done["status"] == DAMAGED).sum())) else ""),
                      "verdict": result})
     return pd.DataFrame(rows)
 
@@ -94,10 +99,10 @@ def time_to_accuracy(block: dict, curves: pd.DataFrame, names: dict, out: Path) 
                 curves = curves[curves[key].astype(str) == str(value)]
     if curves.empty or curves["test_acc"].isna().all():
         return [f"Time to {target:g} % clean test ACC: not measured (no matching record has a training curve).", ""]
-    from bench.figures import training_curves
+    from bench.figures import save, training_curves
 
     folder = out.parent / out.stem
-    stems = training_curves(curves, names, folder, target)
+    stems = [save(plan, folder) for plan in training_curves(curves, names, target)]
     table = time_to(curves, target).drop(columns=["dataset", "model", "recipe"])
     table[["ACC", "ASR"]] = table[["ACC", "ASR"]].astype(float).round(1)
     table = table.astype(object).where(table.notna(), "not reached")

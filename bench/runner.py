@@ -21,9 +21,10 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
-from omegaconf import DictConfig
+from hydra.utils import get_class
+from omegaconf import DictConfig, OmegaConf
 
-from bench import records
+from bench import outcome, records
 from bench.augment import Augment
 from bench.cache import ModelCache
 from bench.checkpoints import load_checkpoint
@@ -69,9 +70,22 @@ def code_version(*objects: Any) -> str:
     return sha256_json({m: source_text(source_file(m)) for m in sorted(modules)})
 
 
+ANY_BUDGET = "any"  # the budget of a data-free defense's cell: it gets no images at any k, so it runs once a model
+
+
+def data_free(cfg: DictConfig) -> bool:
+    """Whether the cell's defense declares it needs no images (``Defense.data_free``): its cell is the same at every
+    budget, so every budget of a sweep maps to one cell (``ANY_BUDGET``), run once per poisoned model."""
+    return bool(getattr(get_class(cfg.defense._target_), "data_free", False))
+
+
+def cell_budget(cfg: DictConfig) -> int | str:
+    return ANY_BUDGET if data_free(cfg) else int(cfg.budget)
+
+
 def cell_names(cfg: DictConfig, choices: dict[str, Any]) -> dict[str, Any]:
     names = {g: str(choices[g]) for g in ("dataset", "model", "attack", "defense", "recipe")}
-    return {**names, "experiment": str(choices.get("experiment") or "-"), "budget": int(cfg.budget),
+    return {**names, "experiment": str(choices.get("experiment") or "-"), "budget": cell_budget(cfg),
             "seed": int(cfg.seed)}
 
 
@@ -86,9 +100,14 @@ def identity(node: Any) -> Any:
     return node
 
 
+NOT_IDENTITY = ("paths", "device", "hydra", "worker", "monitor", "outcome")  # where and how it runs, how it is judged
+
+
 def cell_config(cfg: DictConfig) -> dict:
-    """The resolved config of a cell, without where files live or which device runs it."""
-    return {key: strip_descriptive(cfg[key]) for key in cfg if key not in ("paths", "device", "hydra", "worker", "monitor")}
+    """The resolved config of a cell, without where files live, which device runs it or how it is judged; a
+    data-free defense's budget is ``ANY_BUDGET``."""
+    config = {key: strip_descriptive(cfg[key]) for key in cfg if key not in NOT_IDENTITY}
+    return {**config, "budget": cell_budget(cfg)}
 
 
 def cell_setting(cfg: DictConfig) -> str:
@@ -291,7 +310,7 @@ def _run_cell(cfg: DictConfig, choices: dict[str, Any], path: Path) -> dict:
         precision = cfg.recipe.precision if device.type == "cuda" else "fp32"
         ctx = DefenseContext(num_classes=spec.num_classes, input_shape=spec.shape, device=device, seed=int(cfg.seed),
                              precision=precision)
-        k = int(cfg.budget)
+        k = 0 if names["budget"] == ANY_BUDGET else int(cfg.budget)
         real = data.budget(k, int(cfg.seed))
         clean = CleanData(real.x.float().div(255), real.y.clone(), source="real" if k > 0 else "none")
         synthesis: dict | None = None
@@ -338,11 +357,13 @@ def _run_cell(cfg: DictConfig, choices: dict[str, Any], path: Path) -> dict:
             record.update(status="diverged", error=f"FloatingPointError: {exc}", metrics=None,
                           defense=getattr(exc, "report", None) or defense.report(), timings=timings,
                           env=records.environment(device))
+            record.update(judged(record, cfg))
             records.write_record(path, record)
             log.warning("defense diverged (%s); record written: %s", exc, path)
             return record
         record.update(status="failed", phase=phase, error=traceback.format_exc(limit=8), timings=timings,
                       env=records.environment(device))
+        record.update(judged(record, cfg))
         records.write_record(path, record)
         log.error("cell failed in phase %s (%s: %s); record written: %s", phase, type(exc).__name__, exc, path)
         return record
@@ -356,9 +377,16 @@ def _run_cell(cfg: DictConfig, choices: dict[str, Any], path: Path) -> dict:
                      "cuda_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None},
         env=records.environment(device),
     )
+    record.update(judged(record, cfg))
     records.write_record(path, record)
     log.info("record written: %s", path)
     return record
+
+
+def judged(record: dict, cfg: DictConfig) -> dict:
+    """The record's outcome under the configured rule, and the rule itself (bench.outcome)."""
+    rule = outcome.Rule(**OmegaConf.to_container(cfg.outcome))
+    return {"outcome": outcome.of_record(record, rule), "outcome_rule": dataclasses.asdict(rule)}
 
 
 def synthetic_set(cfg: DictConfig, model, attack, model_key: str, augment: Augment, ctx: DefenseContext
@@ -436,7 +464,11 @@ def summary(record: dict) -> str:
             f"ACC {fmt(u['acc'])} -> {fmt(m['acc'])}  ASR {fmt(u['asr'])} -> {fmt(m['asr'])}  "
             f"RA {fmt(u['ra'])} -> {fmt(m['ra'])}  DER {fmt(der_)}  "
             f"({'no data: data-free' if record['data_source'] == 'none' else record['data_source'] + ' data'})"
-            + ("  COLLAPSED (one class or chance: not a defense)" if m.get("collapsed") else ""))
+            + {"collapsed": "  COLLAPSED (one class or chance: not a defense)",
+               "damaged": f"  DAMAGED (ACC more than {record.get('outcome_rule', {}).get('max_acc_drop')} points "
+                          f"below the undefended model: not a defense)",
+               "no backdoor": "  NO BACKDOOR (the poisoned model's own ASR is low: nothing to remove)"}.get(
+                record.get("outcome") or outcome.of_record(record), ""))
 
 
 def fail(message: str) -> None:

@@ -199,6 +199,9 @@ def validate(cfg: DictConfig, choices: dict[str, Any], check_data: bool = True) 
         attack = build(cfg.attack)
         attack.check_shape(dataset.shape)
         build(cfg.defense)
+        from bench.outcome import Rule
+
+        Rule(**OmegaConf.to_container(cfg.outcome))
     except Exception as exc:
         raise _one_line(exc) from None
     if attack.checkpoint:  # the file fits the model (keys and shapes), or one line names its first misfit

@@ -90,31 +90,37 @@ def test_missing_fashion_mnist_says_where_to_put_it(tmp_path):
 
 
 @needs_fmnist
-def test_smoke_sweep_writes_18_records_and_resumes_without_work(tmp_path):
+def test_smoke_sweep_writes_10_records_and_resumes_without_work(tmp_path):
+    """18 jobs, 10 cells: the data-free rows (none, CLP) run once per poisoned model, not once per budget."""
     grid = ["-m", "experiment=smoke", "attack=badnets,blended", "defense=none,ft,clp", "budget=0,1,10"]
     first = bdbench(tmp_path, *grid)
     assert first.returncode == 0, first.stderr[-3000:]
     files = sorted((tmp_path / "records").glob("*.json"))
-    assert len(files) == 18
+    assert len(files) == 10
     records = [json.loads(f.read_text()) for f in files]
     assert {(r["cell"]["attack"], r["cell"]["defense"], r["cell"]["budget"]) for r in records} == {
-        (a, d, k) for a in ("badnets", "blended") for d in ("none", "ft", "clp") for k in (0, 1, 10)}
+        (a, d, k) for a in ("badnets", "blended") for d, ks in (("none", ["any"]), ("ft", [0, 1, 10]),
+                                                                  ("clp", ["any"])) for k in ks}
     assert sum(not r["cache"]["hit"] for r in records) == 2  # one poisoned model per attack
     sources = {(r["cell"]["defense"], r["cell"]["budget"]): r["data_source"] for r in records}
-    assert sources[("ft", 0)] == "synthetic" and sources[("clp", 0)] == "none" and sources[("ft", 10)] == "real"
+    assert sources[("ft", 0)] == "synthetic" and sources[("clp", "any")] == "none" and sources[("ft", 10)] == "real"
     # The backdoor took, and FT with 10 clean images per class lowers it.
     bd = {(r["cell"]["attack"], r["cell"]["defense"], r["cell"]["budget"]): r for r in records}
-    assert bd[("badnets", "none", 10)]["metrics"]["asr"] > 0.8
-    assert bd[("badnets", "ft", 10)]["metrics"]["asr"] < bd[("badnets", "none", 10)]["metrics"]["asr"]
+    assert bd[("badnets", "none", "any")]["metrics"]["asr"] > 0.8
+    assert bd[("badnets", "ft", 10)]["metrics"]["asr"] < bd[("badnets", "none", "any")]["metrics"]["asr"]
+    assert "Launching 10 jobs" in first.stdout + first.stderr  # 18 jobs, 10 launched
 
     mtimes = {f: f.stat().st_mtime_ns for f in files}
     second = bdbench(tmp_path, *grid)
     log = second.stdout + second.stderr  # Hydra logs to the console (stdout)
     # Every job has a record: none is launched (before, Hydra composed each twice more and the runner skipped it)
-    assert second.returncode == 0 and "18 of 18 cells have a record: not launched" in log
+    assert second.returncode == 0 and ("10 of 10 cells have a record; 8 jobs repeat a data-free cell at another "
+                                       "budget: not launched") in log
     assert "record exists, skipping" not in log and "Launching 0 jobs" in log
-    assert "bdbench: 18 cells: 18 finished (0 collapsed, 0 diverged), 0 failed, 0 missing" in second.stdout
-    assert "cell 2 of 18 (0 skipped, 0 failed so far, ETA" in first.stdout + first.stderr
+    counts = {s: sum(r.get("outcome") == s for r in records) for s in ("ok", "damaged", "collapsed")}
+    assert (f"bdbench: 10 cells: 10 ran to the end ({counts['ok']} finished, {counts['damaged']} damaged, "
+            f"{counts['collapsed']} collapsed, 0 no backdoor, 0 diverged), 0 failed, 0 missing") in second.stdout
+    assert "cell 2 of 10 (0 skipped, 0 failed so far, ETA" in first.stdout + first.stderr
     assert "cache miss" not in log and "cache miss" in first.stdout + first.stderr
     assert {f: f.stat().st_mtime_ns for f in files} == mtimes
     # Hydra's files: before, every call (even one that only skipped) added a run folder with logs and configs

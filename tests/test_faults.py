@@ -73,7 +73,8 @@ def test_a_failing_job_does_not_end_the_sweep_and_the_command_says_so(tmp_path):
     result = subprocess.run([sys.executable, "-m", "bench.cli", "-m", *TINY, "defense=broken,none", "budget=1",
                              *paths], cwd=tmp_path, capture_output=True, text=True, timeout=1800, env=env)
     assert result.returncode == 1, result.stderr[-3000:]
-    assert "bdbench: 2 cells: 1 finished (0 collapsed, 0 diverged), 1 failed, 0 missing" in result.stdout
+    assert ("bdbench: 2 cells: 1 ran to the end (1 finished, 0 damaged, 0 collapsed, 0 no backdoor, 0 diverged), "
+            "1 failed, 0 missing") in result.stdout
     statuses = {json.loads(p.read_text())["cell"]["defense"]: json.loads(p.read_text())["status"]
                 for p in (tmp_path / "records").glob("*.json")}
     assert statuses == {"broken": "failed", "none": "ok"}

@@ -13,14 +13,14 @@ from bench.runner import run_cell
 
 def test_report_tables_figures_and_problems(tiny_cfg, choices, tmp_path):
     for seed in (0, 1):
-        for defense, budget in (("none", 1), ("clp", 0), ("clp", 1)):
+        for defense, budget in (("none", 1), ("clp", 0), ("ft", 1)):
             run_cell(cfg := tiny_cfg(f"seed={seed}", f"defense={defense}", f"budget={budget}", "recipe.epochs=2",
                                      "monitor.test_every=1"), choices(cfg))
     records = Path(cfg.paths.records)
     (records / "old.json").write_text(json.dumps({"schema_version": 1, "status": "ok"}))
     (records / "failed.json").write_text(json.dumps({"schema_version": 3, "status": "failed",
                                                       "error": "Traceback\nFloatingPointError: diverged"}))
-    ok = json.loads(next(records.glob("*-none-k1-s0-*.json")).read_text())
+    ok = json.loads(next(records.glob("*-none-kany-s0-*.json")).read_text())
     cell = {**ok["cell"], "defense": "nad", "id": "nad-cell"}
     (records / "nad.json").write_text(json.dumps({"schema_version": 3, "status": "diverged", "cell": cell,
                                                    "error": "Traceback\nFloatingPointError: nad diverged: loss nan"}))
@@ -31,22 +31,24 @@ def test_report_tables_figures_and_problems(tiny_cfg, choices, tmp_path):
     assert "± 0.0 (n=2)" in (out / "tables" / "undefended.md").read_text()
     assert (out / "figures" / "gallery_synthetic.png").is_file()  # the trigger, from the cached attack
     asr = (out / "tables" / "asr.md").read_text()
-    assert "*ASR (%), mean ± std over seeds (finished/run); k = clean images per class. dataset: Synthetic; model: " \
-           "CNN (Fashion-MNIST); recipe: reference; experiment: -*" in asr  # constant columns: one caption line
+    assert "*ASR (%), mean ± std over seeds (finished/run); k = clean images per class (any k: a data-free defense, " \
+           "run once per poisoned model); outcomes: damaged: clean ACC more than 10 points below the undefended " \
+           "model; no backdoor: the poisoned model's own ASR below 50%. dataset: Synthetic; model: CNN " \
+           "(Fashion-MNIST); recipe: reference; experiment: -*" in asr  # constant columns: one caption line
     assert "| BadNets | CLP |" in asr  # display names
-    assert "(2/2)" in asr and "±" in asr and "k=0" in asr and "k=1" in asr
-    assert "| BadNets | nad | – | diverged (0/1) |" in asr  # not a gap (a record without display names: its name)
+    assert "(2/2)" in asr and "±" in asr and "| any k | k=1 |" in asr  # data-free: one column, not one per k
+    assert "| BadNets | nad | diverged (0/1) | – |" in asr  # not a gap (a record without display names: its name)
     cells = (out / "tables" / "cells.csv").read_text().splitlines()
     assert len(cells) == 1 + 7
     training = pd.read_csv(out / "tables" / "training.csv")  # one row per epoch of each seed's model, not per cell
     assert training[["seed", "epoch"]].values.tolist() == [[0, 1], [0, 2], [1, 1], [1, 2]]
     assert training["test_acc"].notna().all() and (training["minutes"].diff()[[1, 3]] > 0).all()
     problems = (out / "problems.md").read_text()
-    assert "6 cells ran to the end: 6 finished, 0 collapsed, 0 on a poisoned model without a backdoor (ASR below " \
-           "50%); 3 records not used" in problems
+    assert "6 cells ran to the end: " in problems and "3 records not used" in problems
     assert "schema 1" in problems and "failed: FloatingPointError: diverged" in problems
-    for stem in ("asr_heatmap_synthetic_fmnist_cnn_k1", "acc_vs_asr_synthetic_fmnist_cnn",
-                 "asr_vs_budget_synthetic_fmnist_cnn", "time_synthetic_fmnist_cnn", "training_synthetic_fmnist_cnn"):  # time: where the sweep's went
+    for stem in ("asr_heatmap_synthetic_fmnist_cnn_reference_k1", "acc_vs_asr_synthetic_fmnist_cnn_reference",
+                 "asr_vs_budget_synthetic_fmnist_cnn_reference", "time_synthetic_fmnist_cnn_reference",
+                 "training_synthetic_fmnist_cnn_reference"):  # time: where the sweep's went
         assert all((out / "figures" / f"{stem}.{fmt}").is_file() for fmt in ("png", "pdf", "svg")), stem
     before = {p.name: p.read_bytes() for p in (out / "tables").iterdir()}
     report(records, tmp_path / "report", cache_root=str(tmp_path / "empty-cache"))  # no models: tables all the same
@@ -54,11 +56,18 @@ def test_report_tables_figures_and_problems(tiny_cfg, choices, tmp_path):
     assert {p.name: p.read_bytes() for p in (out / "tables").iterdir()} == before
 
 
-def test_report_flags_rows_that_mix_settings(tiny_cfg, choices, tmp_path):
-    for epochs in (1, 2):  # same names, different recipe: must not be averaged silently
-        run_cell(cfg := tiny_cfg("defense=none", "budget=1", f"recipe.epochs={epochs}"), choices(cfg))
-    out = report(Path(cfg.paths.records), tmp_path / "report")
-    assert "one row mixes cells of different settings" in (out / "problems.md").read_text()
+def test_report_refuses_rows_that_mix_settings(tiny_cfg, choices, tmp_path):
+    """Same names, different recipe (one run with ``recipe.epochs=1``): averaged before, flagged in problems.md only.
+    Now neither is shown anywhere: the row goes to problems.md with the reason, and the other rows stay."""
+    for epochs in (1, 2):
+        run_cell(cfg := tiny_cfg("defense=ft", "budget=1", f"recipe.epochs={epochs}"), choices(cfg))
+    run_cell(cfg := tiny_cfg("attack=blended", "defense=ft", "budget=1", "recipe.epochs=2"), choices(cfg))
+    out = report(Path(cfg.paths.records), tmp_path / "report", cache_root=str(tmp_path / "none"))
+    problems = (out / "problems.md").read_text()
+    assert "refused: 2 records of 2 kinds of poisoned model in one attack row" in problems
+    asr = (out / "tables" / "asr.md").read_text()
+    assert "| Blended (noise) | FT |" in asr and "| BadNets |" not in asr
+    assert "BadNets" not in (out / "tables" / "undefended.md").read_text()
 
 
 def test_captions_name_the_recipe_values_one_attack_trains_with_apart_from_the_rest(tiny_cfg, choices, tmp_path):
@@ -112,8 +121,9 @@ def test_every_table_cell_counts_finished_seeds_and_names_the_rest(tiny_cfg, cho
     assert "| BadNets | NAD | no backdoor (0/1) |" in asr  # a low ASR after a defense, but there was none to remove
     models = pd.Series([json.loads(paths[i].read_text())["undefended"]["asr"] for i in (0, 2)] + [0.124]) * 100
     assert f"{models.mean():.1f} ± {models.std():.1f} (n=3)" in (out / "tables" / "undefended.md").read_text()
-    assert ("4 cells ran to the end: 1 finished, 2 collapsed, 1 on a poisoned model without a backdoor (ASR below 50%); "
-            "1 records not used") in (out / "problems.md").read_text()  # finished: neither collapsed nor backdoor-free
+    assert ("4 cells ran to the end: 1 finished, 0 damaged, 2 collapsed, 1 no backdoor (damaged: clean ACC more than "
+            "10 points below the undefended model; no backdoor: the poisoned model's own ASR below 50%); 0 groups of "
+            "cells refused (mixed settings); 1 records not used") in (out / "problems.md").read_text()
 
 
 def test_heatmap_cells_without_a_number_say_why():

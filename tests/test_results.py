@@ -1,5 +1,6 @@
 """The published sweeps in results/ are what their records say: ``bdbench report`` rebuilds each committed
-table byte for byte from the committed records (figures are not compared: they carry metadata)."""
+table byte for byte from the committed records, and every committed picture carries the digest of the numbers
+the records give it (figures are compared by that digest, not by their bytes, which depend on font rendering)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from bench.figures import FORMATS, read_digest
 from bench.metrics import collapsed
-from bench.report import report
+from bench.report import expected_pictures, report
 
 RESULTS = Path(__file__).resolve().parent.parent / "results"
 PUBLISHED = sorted(p.parent.parent for p in RESULTS.glob("*/report/tables"))
@@ -17,7 +19,7 @@ PUBLISHED = sorted(p.parent.parent for p in RESULTS.glob("*/report/tables"))
 
 @pytest.mark.parametrize("folder", PUBLISHED, ids=[p.name for p in PUBLISHED])
 def test_report_rebuilds_committed_tables(folder, tmp_path, monkeypatch):
-    monkeypatch.setattr("bench.report.figures", lambda *args: [])  # tables only: fast and exact
+    monkeypatch.setattr("bench.report.draw.plans", lambda *args: [])  # tables only: fast and exact
     monkeypatch.setattr("bench.report.galleries", lambda *args: [])  # needs the cache of models
     out = report(folder, tmp_path / "report")
     committed = {p.name: p.read_bytes() for p in (folder / "report" / "tables").iterdir()}
@@ -31,6 +33,47 @@ def test_report_rebuilds_committed_tables(folder, tmp_path, monkeypatch):
         return text.split("## Figures not drawn")[0].rstrip().splitlines()[1:]
 
     assert records_part((out / "problems.md").read_text()) == records_part((folder / "report" / "problems.md").read_text())
+
+
+@pytest.mark.parametrize("folder", PUBLISHED, ids=[p.name for p in PUBLISHED])
+def test_committed_pictures_show_what_the_records_say(folder):
+    """Every figure and gallery a report of the records draws is committed, carries the digest of the very numbers
+    (or models) the records give it, and no other picture lies beside them: a stale figure fails here."""
+    expected = expected_pictures(folder)
+    committed = {p.name for p in (folder / "report" / "figures").iterdir()}
+    assert committed == set(expected), f"{folder.name}: stale {sorted(committed - set(expected))}, missing " \
+                                       f"{sorted(set(expected) - committed)}"
+    for name, digest in expected.items():
+        if name.endswith(".png"):
+            assert read_digest(folder / "report" / "figures" / name) == digest, f"{folder.name}/{name} is stale"
+    assert not list(RESULTS.glob("*.png")), "a picture outside a report: nothing rebuilds it"
+
+
+def test_the_reproduction_figures_show_what_the_records_say(tmp_path, monkeypatch):
+    """``bdbench reproduction`` draws its time-to-accuracy figures beside the page: the committed ones carry the
+    digests a rebuild from the committed records gives, and no other figure lies there."""
+    from bench.reproduction import build
+
+    monkeypatch.chdir(RESULTS.parent)  # results/reproduction.yaml names its records relative to the checkout
+    build("results/reproduction.yaml", tmp_path / "reproduction.md")
+    drawn = {p.name: read_digest(p) for p in (tmp_path / "reproduction").glob("*.png")}
+    committed = {p.name: read_digest(p) for p in (RESULTS / "reproduction").glob("*.png")}
+    assert drawn and committed == drawn
+    assert {p.name for p in (RESULTS / "reproduction").iterdir() if p.is_file()} == {
+        f"{Path(name).stem}.{fmt}" for name in drawn for fmt in FORMATS}
+
+
+def test_a_picture_drawn_from_other_numbers_is_caught(tmp_path):
+    """The check above can fail: a figure saved with one table's digest does not match another table's."""
+    import pandas as pd
+
+    from bench.figures import Figure, digest, save
+
+    plan = Figure("f", pd.DataFrame({"asr": [5.0]}), lambda: __import__("matplotlib.pyplot").pyplot.figure())
+    save(plan, tmp_path)
+    assert read_digest(tmp_path / "f.png") == digest(pd.DataFrame({"asr": [5.0]}))
+    assert read_digest(tmp_path / "f.png") != digest(pd.DataFrame({"asr": [5.1]}))
+    assert {p.suffix[1:] for p in tmp_path.iterdir()} == set(FORMATS)
 
 
 def current_records(folder: Path) -> list[dict]:

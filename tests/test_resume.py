@@ -13,7 +13,7 @@ from pathlib import Path
 from conftest import TINY
 
 GRID = ["-m", *TINY, "attack=badnets,blended", "defense=none,ft", "budget=0,1", "seed=0"]
-CELLS = {(a, d, k) for a in ("badnets", "blended") for d in ("none", "ft") for k in (0, 1)}
+CELLS = {(a, d, k) for a in ("badnets", "blended") for d, ks in (("none", ["any"]), ("ft", [0, 1])) for k in ks}
 
 
 def command(tmp_path: Path) -> list[str]:
@@ -47,7 +47,8 @@ def test_sigkill_mid_sweep_then_resume(tmp_path):
     records = [json.loads(p.read_text()) for p in finished(tmp_path)]
     cells = [(r["cell"]["attack"], r["cell"]["defense"], r["cell"]["budget"]) for r in records]
     assert sorted(cells) == sorted(CELLS) and all(r["status"] == "ok" for r in records)  # each exactly once
-    assert f"{len(survivors)} of {len(CELLS)} cells have a record: not launched" in out
+    assert (f"{len(survivors)} of {len(CELLS)} cells have a record; 2 jobs repeat a data-free cell at another "
+            f"budget: not launched") in out
     assert f"Launching {len(CELLS) - len(survivors)} jobs" in out
     assert {p: p.stat().st_mtime_ns for p in survivors} == survivors  # finished records never rewritten
     models_after = {p.name for p in (tmp_path / "cache" / "models").iterdir() if not p.name.startswith(".")}

@@ -1,4 +1,4 @@
-"""Hydra's basic sweeper, less the jobs whose record is already written.
+"""Hydra's basic sweeper, less the jobs whose record is already written or whose cell an earlier job runs.
 
 ``bdbench -m`` composes and validates every job before the first one starts (bench/cli.py); that pass also
 reads each job's record. Hydra's basic sweeper would then compose every job twice more (once to check the batch,
@@ -15,7 +15,7 @@ from hydra.plugins.sweeper import Sweeper
 
 
 class SkipRecordedSweeper(Sweeper):
-    """Launches only the jobs not in ``bench.records.RECORDED``; job numbers stay those of the full sweep.
+    """Launches only the jobs not in ``bench.records.NOT_LAUNCHED``; job numbers stay those of the full sweep.
 
     It wraps Hydra's basic sweeper instead of subclassing it, and keeps no state of its own: Hydra's plugin scan
     re-executes plugin modules (its own included), so a base class or a set bound when this module was first
@@ -29,11 +29,11 @@ class SkipRecordedSweeper(Sweeper):
     def setup(self, *, hydra_context: Any, task_function: Any, config: Any) -> None:
         from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 
-        from bench.records import RECORDED, job_key
+        from bench.records import NOT_LAUNCHED, job_key
 
         self.basic = BasicSweeper(self.max_batch_size, self.params)
         batch = self.basic.get_job_batch
-        self.basic.get_job_batch = lambda: [job for job in batch() if job_key(job) not in RECORDED]
+        self.basic.get_job_batch = lambda: [job for job in batch() if job_key(job) not in NOT_LAUNCHED]
         self.basic.setup(hydra_context=hydra_context, task_function=task_function, config=config)
 
     def sweep(self, arguments: list[str]) -> Any:
