@@ -416,7 +416,8 @@ def main() -> None:
         cells = len(set(paths or []))
         repeats = len(paths or []) - cells
         print(f"{len(records.NOT_LAUNCHED) - repeats} of {cells} cells have a record"
-              + (f"; {repeats} jobs repeat a data-free cell at another budget" if repeats else "") + ": not launched",
+              + (f"; {repeats} jobs repeat an earlier job's cell (a data-free defense at another budget)"
+                 if repeats else "") + ": not launched",
               flush=True)
     run()
     if paths is not None:

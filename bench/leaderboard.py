@@ -5,9 +5,10 @@ few lines of inline JavaScript, figures are files beside the page. Each row link
 the config it ran under. The state (sort key, filters) lives in the URL's fragment, so a view can be linked
 to, e.g. ``index.html#sort=-asr&budget=1``.
 
-Rows are ranked by outcome before any column (``bench.outcome.RANK``): whatever a reader sorts by, a row whose
-seeds finished comes before one whose model was damaged, collapsed or never finished, so no view puts a destroyed
-model above a working defense. The default order is DER, highest first: a low ASR and a kept accuracy together.
+Rows are ranked by outcome before any column (``bench.outcome.RANK``, a row's worst seed): whatever a reader sorts
+by, a row whose every seed finished comes before one with a seed that damaged, collapsed or never finished, so no
+view puts a destroyed model above a working defense. The default order is DER, highest first: a low ASR and a kept
+accuracy together.
 """
 
 from __future__ import annotations
@@ -49,10 +50,11 @@ dialog pre {{ max-height: 70vh; overflow: auto; font-size: 12px; }}
 <body>
 <h1>{title}</h1>
 <p>{summary}</p>
-<p>Values are means over the seeds that finished. Rows are ranked by outcome first, whatever column you sort by:
-<i>finished</i> rows, then <i>damaged</i> ones ({rule}; their numbers are shown, shaded, over the damaged seeds),
-then <i>collapsed</i>, <i>no backdoor</i>, <i>diverged</i> and <i>failed</i> ones, whose seeds are never averaged
-in (the "finished / run" column counts them). Default order: DER, highest first. k = clean images per class
+<p>Values are means over the seeds that finished. Rows are ranked by their worst seed's outcome first, whatever
+column you sort by: rows whose every seed <i>finished</i>, then rows with a <i>damaged</i> seed ({rule}; shaded;
+where no seed finished, the numbers are the damaged seeds'), then <i>collapsed</i>, <i>no backdoor</i>,
+<i>diverged</i> and <i>failed</i> ones, whose seeds are never averaged in (the "finished / run" column counts
+them). Default order: DER, highest first. k = clean images per class
 (0: synthetic images; <i>any</i>: a data-free defense, run once per poisoned model). Click a header to sort; the
 sort and filters are kept in the address (e.g. <code>#sort=-asr&amp;budget=1</code>).</p>
 <div class="filters" id="filters"></div>
@@ -142,7 +144,7 @@ def _mean(values: pd.Series) -> float | None:
 
 
 def rows(cells: pd.DataFrame, names: dict, records_root: Path, page_dir: Path) -> list[dict]:
-    """One row per (data set, model, recipe, experiment, attack, defense, budget): its outcome and rank (the best
+    """One row per (data set, model, recipe, experiment, attack, defense, budget): its outcome and rank (the worst
     outcome among its seeds), means over its finished seeds (or, where none finished, over its damaged ones), the
     undefended model's, the outcome counts, links to the records and the config of the first."""
     out = []
@@ -152,8 +154,11 @@ def rows(cells: pd.DataFrame, names: dict, records_root: Path, page_dir: Path) -
     for i, (key, group) in enumerate(groups):
         cell = dict(zip(keys, key))
         present = [o for o in RANK if o in set(group["status"])]
-        outcome = present[0]
-        done = group[group["status"] == outcome] if outcome in (OK, DAMAGED) else group.iloc[:0]
+        worst = present[-1]  # a row is as good as its worst seed: one damaged seed of three is no deployable defense
+        shown = next((o for o in present if o in (OK, DAMAGED)), None)
+        done = group[group["status"] == shown] if shown else group.iloc[:0]
+        hit = int((group["status"] == worst).sum())
+        outcome = ("finished" if worst == OK else worst) + ("" if hit == len(group) else f" ({hit}/{len(group)} seeds)")
         others = group.loc[group["status"] != OK, "status"].value_counts().sort_index()
         record_files = sorted(group["record"])
         config = json.loads((records_root / record_files[0]).read_text()).get("config")
@@ -162,14 +167,13 @@ def rows(cells: pd.DataFrame, names: dict, records_root: Path, page_dir: Path) -
         out.append({
             "id": i, **{g: names.get((g, cell[g]), cell[g]) for g in ("dataset", "model", "attack", "defense")},
             "budget": budget if budget == "any" else int(budget), "recipe": cell["recipe"],
-            "experiment": cell["experiment"], "outcome": "finished" if outcome == OK else outcome,
-            "rank": RANK.index(outcome),
+            "experiment": cell["experiment"], "outcome": outcome, "rank": RANK.index(worst),
             "asr": _mean(done.get("asr", pd.Series(dtype=float))), "acc": _mean(done.get("acc", pd.Series(dtype=float))),
             "der": _mean(done.get("der", pd.Series(dtype=float))),
             "undefended_asr": _mean(poisoned.get("undefended_asr", pd.Series(dtype=float))),
             "undefended_acc": _mean(poisoned.get("undefended_acc", pd.Series(dtype=float))),
             "n": f"{int((group['status'] == OK).sum())}/{len(group)}" + "".join(f", {s} {n}" for s, n in others.items()),
-            "status": outcome if outcome not in (OK, DAMAGED) else None,
+            "status": None if shown else worst,
             "records": [os.path.relpath(records_root / r, page_dir) for r in record_files], "config": config,
         })
     return out

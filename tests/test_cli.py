@@ -114,8 +114,8 @@ def test_smoke_sweep_writes_10_records_and_resumes_without_work(tmp_path):
     second = bdbench(tmp_path, *grid)
     log = second.stdout + second.stderr  # Hydra logs to the console (stdout)
     # Every job has a record: none is launched (before, Hydra composed each twice more and the runner skipped it)
-    assert second.returncode == 0 and ("10 of 10 cells have a record; 8 jobs repeat a data-free cell at another "
-                                       "budget: not launched") in log
+    assert second.returncode == 0 and ("10 of 10 cells have a record; 8 jobs repeat an earlier job's cell (a "
+                                       "data-free defense at another budget): not launched") in log
     assert "record exists, skipping" not in log and "Launching 0 jobs" in log
     counts = {s: sum(r.get("outcome") == s for r in records) for s in ("ok", "damaged", "collapsed")}
     assert (f"bdbench: 10 cells: 10 ran to the end ({counts['ok']} finished, {counts['damaged']} damaged, "

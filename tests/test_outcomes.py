@@ -114,6 +114,20 @@ def test_a_damaged_cell_ranks_below_a_kept_one_in_the_leaderboard(tmp_path):
     assert (table["damage"]["outcome"], table["damage"]["acc"], table["damage"]["asr"]) == ("damaged", 16.0, 0.0)
 
 
+def test_one_damaged_seed_sinks_its_row_below_rows_whose_every_seed_finished(tmp_path):
+    """The Fashion-MNIST board's first row was ARGD on BadNets at k=10: one seed of three finished (81.5 / 2.7),
+    two damaged the model. A row is as good as its worst seed."""
+    cells = kept_and_damaged()
+    lucky = cells.iloc[[1, 1, 1]].assign(defense="lucky", seed=[0, 1, 2], status=["ok", "damaged", "damaged"],
+                                         acc=[0.815, 0.50, 0.48], asr=[0.027, 0.01, 0.02], der=[0.95, 0.8, 0.8],
+                                         record=["records/l0.json", "records/l1.json", "records/l2.json"])
+    cells = pd.concat([cells, lucky], ignore_index=True)
+    root = write_records(tmp_path, cells)
+    table = {r["defense"]: r for r in rows(cells, {}, root, root / "report")}
+    assert table["lucky"]["rank"] == 1 > table["kept"]["rank"] and table["lucky"]["outcome"] == "damaged (2/3 seeds)"
+    assert table["lucky"]["acc"] == 81.5 and table["lucky"]["n"] == "1/3, damaged 2"  # the finished seed's numbers
+
+
 def chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser")
 

@@ -47,8 +47,8 @@ def test_sigkill_mid_sweep_then_resume(tmp_path):
     records = [json.loads(p.read_text()) for p in finished(tmp_path)]
     cells = [(r["cell"]["attack"], r["cell"]["defense"], r["cell"]["budget"]) for r in records]
     assert sorted(cells) == sorted(CELLS) and all(r["status"] == "ok" for r in records)  # each exactly once
-    assert (f"{len(survivors)} of {len(CELLS)} cells have a record; 2 jobs repeat a data-free cell at another "
-            f"budget: not launched") in out
+    assert (f"{len(survivors)} of {len(CELLS)} cells have a record; 2 jobs repeat an earlier job's cell (a data-free "
+            f"defense at another budget): not launched") in out
     assert f"Launching {len(CELLS) - len(survivors)} jobs" in out
     assert {p: p.stat().st_mtime_ns for p in survivors} == survivors  # finished records never rewritten
     models_after = {p.name for p in (tmp_path / "cache" / "models").iterdir() if not p.name.startswith(".")}
