@@ -6,6 +6,7 @@ synthetic set at k = 0) -> defense on a copy -> ACC / ASR / RA / DER -> one atom
 
 from __future__ import annotations
 
+import ast
 import atexit
 import copy
 import dataclasses
@@ -25,6 +26,7 @@ from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
 from bench import outcome, records
+from bench.code_versions import PUBLISHED
 from bench.augment import Augment
 from bench.cache import ModelCache
 from bench.checkpoints import load_checkpoint
@@ -42,7 +44,8 @@ from defenses.reversal import Reversal  # shared machinery, as the channel masks
 
 log = logging.getLogger(__name__)
 
-# The engine's own modules that shape a trained model; an edit to any of these invalidates the cache.
+# The engine's own modules that shape a trained model; an edit to the code (not the comments) of any invalidates
+# the cache.
 ENGINE_MODULES = ("bench.train", "bench.data", "bench.augment", "bench.models.base", "attacks.base",
                   "bench.metrics",  # metrics: the cache stores the undefended model's metrics
                   "bench.device")   # precision and memory format of training
@@ -63,11 +66,26 @@ def source_text(path: Path) -> str:
     return path.read_text()
 
 
-def code_version(*objects: Any) -> str:
-    """Hash of the engine's training code and the modules defining ``objects``, keyed by module name:
-    two files called ``base.py`` in different packages are two keys, never one."""
-    modules = set(ENGINE_MODULES) | {type(o).__module__ for o in objects}
-    return sha256_json({m: source_text(source_file(m)) for m in sorted(modules)})
+def behaviour(source: str) -> str:
+    """What a module does, without what it says: its syntax tree with docstrings dropped (comments never reach
+    the tree), so an edit to a comment or a docstring keeps every cache key and an edit to the code changes it."""
+    tree = ast.parse(source)
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and body and \
+                isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) and \
+                isinstance(body[0].value.value, str):
+            node.body = body[1:] or [ast.Pass()]
+    return ast.dump(tree, annotate_fields=False)
+
+
+def code_version(*objects: Any, modules: tuple[str, ...] = ()) -> str:
+    """Hash of what the engine's training code and the modules defining ``objects`` (or named in ``modules``) do,
+    keyed by module name: two files called ``base.py`` in different packages are two keys, never one. A version
+    whose code is what the cache's published entries were made with is their original key (``PUBLISHED``)."""
+    names = set(ENGINE_MODULES) | {type(o).__module__ for o in objects} | set(modules)
+    version = sha256_json({m: behaviour(source_text(source_file(m))) for m in sorted(names)})
+    return PUBLISHED.get(version, version)
 
 
 ANY_BUDGET = "any"  # the budget of a data-free defense's cell: it gets no images at any k, so it runs once a model

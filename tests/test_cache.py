@@ -76,10 +76,53 @@ def test_an_edit_to_any_engine_module_changes_the_code_version(edited, tmp_path,
         copies[module].write_text(runner.source_file(module).read_text())
     monkeypatch.setattr(runner, "source_file", lambda module: copies.get(module) or runner.Path(module))
     before = runner.code_version()
-    copies[edited].write_text(copies[edited].read_text() + "\n# an edit\n")
+    copies[edited].write_text(copies[edited].read_text() + "\nEDITED = True\n")  # code: behaviour, not a comment
     assert runner.code_version() == before  # this process runs the code it loaded: its keys hold
     runner.source_text.cache_clear()  # a new process reads the edited file
     assert runner.code_version() != before
+
+
+RESULTS = Path(__file__).resolve().parent.parent / "results"
+MANIFESTS = sorted(RESULTS.glob("*/cache/models/*/manifest.json"))
+
+
+def module_of(node: dict) -> str:
+    return node["_target_"].rpartition(".")[0]
+
+
+@pytest.mark.parametrize("manifest", MANIFESTS, ids=[f"{m.parts[-5]}-{m.parent.name[:8]}" for m in MANIFESTS])
+def test_every_published_model_keeps_its_key(manifest):
+    """The cache key hashes what the code does, not its text; the models published before that keep the keys they
+    were stored under (bench.code_versions), so nothing is trained again."""
+    spec = json.loads(manifest.read_text())["spec"]
+    assert runner.code_version(modules=(module_of(spec["attack"]), module_of(spec["model"]))) == spec["code"]
+    assert runner.sha256_json(spec)[:32] == manifest.parent.name
+
+
+def test_a_comment_or_docstring_edit_keeps_every_key_and_a_code_edit_changes_it(tmp_path, monkeypatch):
+    """Before, editing a comment in bench/data.py changed every key and orphaned every published model."""
+    hashed = [*runner.ENGINE_MODULES, "attacks.badnets", "bench.models.wrn16_1"]
+    copies = {m: tmp_path / m.replace(".", "/") / "source.py" for m in hashed}
+    for module, path in copies.items():
+        path.parent.mkdir(parents=True)
+        path.write_text(runner.source_file(module).read_text())
+    monkeypatch.setattr(runner, "source_file", lambda module: copies[module])
+    runner.source_text.cache_clear()
+    modules = ("attacks.badnets", "bench.models.wrn16_1")
+    before = runner.code_version(modules=modules)
+    assert before in runner.PUBLISHED.values()  # the published keys' version, through the frozen table
+    for module, path in copies.items():  # a docstring and a comment in every hashed module
+        text = path.read_text()
+        path.write_text(text.replace('"""', '"""Edited. ', 1) + "\n# an edited comment\n")
+        runner.source_text.cache_clear()
+        assert runner.code_version(modules=modules) == before, module
+    for module, path in copies.items():  # a change of behaviour in any of them: a new key
+        path.write_text(path.read_text() + "\nEDITED = 1\n")
+        runner.source_text.cache_clear()
+        assert runner.code_version(modules=modules) != before, module
+        path.write_text(path.read_text().replace("\nEDITED = 1\n", ""))
+        runner.source_text.cache_clear()
+    runner.source_text.cache_clear()
 
 
 def test_engine_modules_include_both_base_files():
