@@ -13,10 +13,12 @@ import dataclasses
 import hashlib
 import functools
 import importlib.util
+import io
 import logging
 import resource
 import sys
 import time
+import tokenize
 import traceback
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -67,16 +69,33 @@ def source_text(path: Path) -> str:
 
 
 def behaviour(source: str) -> str:
-    """What a module does, without what it says: its syntax tree with docstrings dropped (comments never reach
-    the tree), so an edit to a comment or a docstring keeps every cache key and an edit to the code changes it."""
-    tree = ast.parse(source)
-    for node in ast.walk(tree):
+    """What a module does, without what it says: its text with comments (``tokenize``) and docstrings (``ast``)
+    cut out and blank lines dropped, so an edit to a comment or a docstring keeps every cache key and an edit to the
+    code changes it. Text, not an AST dump: the dump's fields change between Python versions, the code does not."""
+    lines = source.splitlines(keepends=True)
+    starts = [0]
+    for line in lines:
+        starts.append(starts[-1] + len(line))
+
+    def at(row: int, col: int, in_bytes: bool = False) -> int:
+        line = lines[row - 1] if row <= len(lines) else ""
+        return starts[row - 1] + (len(line.encode()[:col].decode()) if in_bytes else col)
+
+    cuts = [(at(*t.start), at(*t.end)) for t in tokenize.generate_tokens(io.StringIO(source).readline)
+            if t.type == tokenize.COMMENT]
+    for node in ast.walk(ast.parse(source)):
         body = getattr(node, "body", None)
         if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and body and \
                 isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) and \
                 isinstance(body[0].value.value, str):
-            node.body = body[1:] or [ast.Pass()]
-    return ast.dump(tree, annotate_fields=False)
+            doc = body[0]
+            cuts.append((at(doc.lineno, doc.col_offset, True), at(doc.end_lineno, doc.end_col_offset, True)))
+    kept, last = [], 0
+    for start, end in sorted(cuts):
+        kept.append(source[last:max(last, start)])
+        last = max(last, end)
+    kept.append(source[last:])
+    return "\n".join(line.rstrip() for line in "".join(kept).splitlines() if line.strip())
 
 
 def code_version(*objects: Any, modules: tuple[str, ...] = ()) -> str:
