@@ -10,9 +10,12 @@
    the estimate has converged: every one of the top ``k_max`` channels has a standard error of at most
    ``rse_tol`` times its value (after ``min_walks``), or at ``max_walks`` / ``max_evaluations``; the record says
    which. (A rule on the top set staying the same was met by construction: the exploit walks keep it.)
-3. Prune the outlying channels in rank order under the accuracy guard, then more by rank until the
-   reversed trigger's hard ASR is at most ``tau_asr``; never more than ``k_max`` ("under 1 % of neurons")
-   unless ``exceed_k_max`` is set, and never a count the guard failed. No fine-tuning.
+3. Prune the fewest channels, in rank order, that silence the reversed trigger (its hard ASR at most ``tau_asr``)
+   under the accuracy guard; where no count the guard passes silences it, the outliers the guard passes (channels
+   with a positive value above ``median + outlier_mads * MAD`` of the positive values). Never more than ``k_max``,
+   floor(1 %) of the channels and at least one ("under 1 % of neurons"), unless ``exceed_k_max`` is set, and never
+   a count the guard failed. No fine-tuning. The rule before (every outlier of all channels first, then more until
+   silent, at most ceil(1 %)) is ``stop=outliers_first outliers_among=all k_max_rounding=ceil``.
 """
 
 from __future__ import annotations
@@ -31,13 +34,23 @@ from defenses.reversal import TriggerReversal, carriers
 
 VALUES = ("soft_asr", "asr_minus_acc")
 PLAYERS = ("all", "last_stage")
+AMONG = ("positive", "all")
+STOPS = ("fewest_silencing", "outliers_first")
+ROUNDING = {"floor": math.floor, "ceil": math.ceil}
 
 
-def robust_outliers(values: torch.Tensor, mads: float) -> torch.Tensor:
-    """Indices of values above ``median + mads * 1.4826 * MAD``, largest first."""
-    med = values.median()
-    mad = 1.4826 * (values - med).abs().median()
-    out = (values > med + mads * mad).nonzero().squeeze(1)
+def robust_outliers(values: torch.Tensor, mads: float, among: str = "positive") -> torch.Tensor:
+    """Indices of the values above ``median + mads * 1.4826 * MAD``, largest first; the median and MAD of the
+    positive values only (``among="positive"``). Over all channels the mass of near-zero values makes the MAD tiny
+    and flags dozens (so every cell pruned its maximum); a channel that does not carry the trigger has no positive
+    value to be an outlier of."""
+    pool = (values > 0).nonzero().squeeze(1) if among == "positive" else torch.arange(len(values), device=values.device)
+    if len(pool) == 0:
+        return pool
+    part = values[pool]
+    med = part.median()
+    mad = 1.4826 * (part - med).abs().median()
+    out = pool[part > med + mads * mad]
     return out[values[out].argsort(descending=True)]
 
 
@@ -55,7 +68,8 @@ class ShapPruning(Defense):
                  players: Literal[PLAYERS], value: Literal[VALUES], lambda_acc: NonNegative, tau_d: Fraction,
                  c_d: PositiveInt, eps: Fraction, k_g_frac: Fraction, max_walks: PositiveInt,
                  max_evaluations: PositiveInt, min_walks: PositiveInt, rse_tol: Positive, outlier_mads: Positive,
-                 tau_asr: Fraction, delta_acc: Fraction, min_agreement: Fraction, k_max_frac: Fraction,
+                 outliers_among: Literal[AMONG], stop: Literal[STOPS], tau_asr: Fraction, delta_acc: Fraction,
+                 min_agreement: Fraction, k_max_frac: Fraction, k_max_rounding: Literal[tuple(ROUNDING)],
                  exceed_k_max: bool, rounds: PositiveInt, copies_single: PositiveInt, copies: PositiveInt,
                  max_carriers: PositiveInt) -> None:
         self.reversal, self.augment, self.images_per_pass = reversal, augment, images_per_pass
@@ -64,6 +78,7 @@ class ShapPruning(Defense):
         self.max_walks, self.max_evaluations, self.min_walks, self.rse_tol = max_walks, max_evaluations, min_walks, rse_tol
         self.outlier_mads, self.tau_asr, self.delta_acc, self.min_agreement = outlier_mads, tau_asr, delta_acc, min_agreement
         self.k_max_frac, self.exceed_k_max, self.rounds = k_max_frac, exceed_k_max, rounds
+        self.outliers_among, self.stop, self.k_max_rounding = outliers_among, stop, k_max_rounding
         self.copies_single, self.copies, self.max_carriers = copies_single, copies, max_carriers
 
     def repair(self, model, clean: CleanData, ctx: DefenseContext) -> dict:
@@ -71,7 +86,7 @@ class ShapPruning(Defense):
         rev = self.reversal(model, clean, self.augment, ctx)
         neurons = conv_neurons(model)
         n = neurons.n
-        k_max = math.ceil(self.k_max_frac * n)
+        k_max = max(1, ROUNDING[self.k_max_rounding](self.k_max_frac * n))
         if not rev.act:  # nothing flagged and when_undetected=skip: BackdoorBench returns the model unchanged
             return {**rev.report(), "neurons": n, "pruned": 0, "k_max": k_max}
         gen = ctx.generator("shap_pruning")
@@ -90,7 +105,7 @@ class ShapPruning(Defense):
             phi, stats = self._shapley(model, neurons, live, base, bd_x, aug, rev.target, per_pass, ctx, gen,
                                        top=max(budget, 1))
             order = live[phi[live].argsort(descending=True)]
-            outliers = robust_outliers(phi[live], self.outlier_mads)
+            outliers = robust_outliers(phi[live], self.outlier_mads, self.outliers_among)
             chosen, mitigation = self._mitigate(model, neurons, order, rev.target, len(outliers), budget, base,
                                                 bd_x, guard, per_pass, ctx)
             rounds.append({**stats, "outliers": len(outliers), **mitigation,
@@ -182,10 +197,11 @@ class ShapPruning(Defense):
         return float((se / mean[lead].abs().clamp_min(1e-12)).max())
 
     def _mitigate(self, model, neurons, order, target, n_outliers, k_max, base, bd_x, guard, per_pass, ctx):
-        """Prune outliers by rank while the guard holds, then more until the reversed ASR is low.
+        """The fewest channels by rank that silence the reversed trigger, else the outliers, under the guard.
 
         Every prefix up to ``k_max`` (or the outlier count, with ``exceed_k_max``) is scored in one batched
-        pass; the count kept is one the guard passed, as are all smaller ones.
+        pass; the count kept is one the guard passed, as are all smaller ones. Pruning every outlier first
+        cost accuracy where fewer channels already silenced the trigger (results/README.md).
         Returns the chosen channels and the record of the decision.
         """
         limit = min(len(order), max(k_max, n_outliers if self.exceed_k_max else 0, 0))
@@ -195,8 +211,12 @@ class ShapPruning(Defense):
         asr = (logits[:, :len(bd_x)].argmax(-1) == target).float().mean(1)
         verdict = guard.judge(logits[:, len(bd_x):])
         passing = largest_passing_count(counts, verdict.passes)
-        p = min(passing, n_outliers, limit)  # outliers, in rank order, while the guard holds
-        while p < passing and asr[p] > self.tau_asr:  # then more by rank until the reversed trigger is silent
-            p += 1
-        return order[:p].tolist(), {"guard": guard.report(counts, verdict, p),
+        if self.stop == "outliers_first":  # every outlier the guard passes, then more by rank until silent
+            p, stop = min(passing, n_outliers, limit), "outliers"
+            while p < passing and asr[p] > self.tau_asr:
+                p, stop = p + 1, "silent"
+        else:
+            silent = [c for c in range(1, passing + 1) if asr[c] <= self.tau_asr]
+            p, stop = (silent[0], "silent") if silent else (min(passing, n_outliers, limit), "outliers")
+        return order[:p].tolist(), {"guard": guard.report(counts, verdict, p), "stop_rule": stop,
                                     "rev_asr_curve": [round(v, 4) for v in asr.tolist()]}

@@ -119,6 +119,15 @@ def test_mad_flags_a_planted_outlier():
     assert robust_outliers(torch.tensor([0.0, 0.01, -0.01, 0.02, 0.9, 0.0, 0.5]), 3.5).tolist() == [4, 6]
 
 
+def test_outliers_are_judged_among_positive_values_only():
+    """Over all channels, a mass of values near zero made the MAD tiny: every small positive value was an outlier
+    (on WRN-16-1, dozens of 560 channels), so the rule always pruned its maximum. Among the positive values only
+    the two that stand out are."""
+    phi = torch.cat([torch.zeros(40), torch.tensor([0.02, 0.03, 0.025, 0.035, 0.03, 0.02, 0.028, 0.9, 0.6])])
+    assert robust_outliers(phi, 3.5).tolist() == [47, 48]
+    assert robust_outliers(-phi.abs(), 3.5).tolist() == []  # nothing carries the trigger: nothing to prune
+
+
 class PatchBackdoor(nn.Module):
     """Logits of a fixed random linear map, plus a large bonus for class 6 when the 2x2 top-left patch is
     bright: a model whose only backdoor the reversal can find with a 4-pixel mask."""
@@ -239,9 +248,10 @@ def test_suspiciousness_never_ranks_a_dead_channel():
     assert repaired is not model
 
 
-def mitigation_case(monkeypatch, passes: list[bool], n_outliers: int, k_max: int, **options):
-    """ShapPruning's decision on crafted coalition logits: prefix c passes the guard iff ``passes[c]``,
-    and the reversed trigger stays at 100 % whatever is pruned (so the rule always wants more)."""
+def mitigation_case(monkeypatch, passes: list[bool], n_outliers: int, k_max: int, silent_from: int | None = None,
+                    **options):
+    """ShapPruning's decision on crafted coalition logits: prefix c passes the guard iff ``passes[c]``, and the
+    reversed trigger stays at 100 % until ``silent_from`` channels are pruned (never, by default)."""
     model, n = FourChannels(), 4
     neurons = conv_neurons(model)
     x = torch.rand(10, 1, 3, 3, generator=torch.Generator().manual_seed(0))
@@ -252,13 +262,30 @@ def mitigation_case(monkeypatch, passes: list[bool], n_outliers: int, k_max: int
     def crafted(_model, _neurons, masks, xs, *_args):
         good = torch.nn.functional.one_hot(guard.reference, 2).float() * 10
         clean = torch.stack([good if passes[g] else good.flip(-1) for g in range(len(masks))])
-        return torch.cat([torch.tensor([0.0, 10.0]).expand(len(masks), len(bd_x), 2), clean], dim=1)
+        pruned = (masks == 0).sum(1)
+        to_target = torch.tensor([0.0, 10.0]).expand(len(masks), len(bd_x), 2).clone()
+        if silent_from is not None:
+            to_target[pruned >= silent_from] = torch.tensor([10.0, 0.0])
+        return torch.cat([to_target, clean], dim=1)
 
     monkeypatch.setattr(shap_pruning, "coalition_logits", crafted)
     shap = configured("defense", "defense=shap_pruning", augment=NO_AUG, images_per_pass={"cpu": 4096}, **options)
     chosen, info = shap._mitigate(model, neurons, torch.arange(n), 1, n_outliers, k_max, torch.ones(n), bd_x,
                                   guard, 4096, CTX)
-    return len(chosen), info["guard"]
+    return len(chosen), {**info["guard"], "stop_rule": info["stop_rule"]}
+
+
+def test_shap_pruning_stops_at_the_first_channel_that_silences_the_reversed_trigger(monkeypatch):
+    """The old rule pruned every outlier (here 3) even when the first channel alone silenced the trigger."""
+    pruned, info = mitigation_case(monkeypatch, [True] * 5, n_outliers=3, k_max=4, silent_from=1)
+    assert pruned == 1 and info["stop_rule"] == "silent"
+    pruned, info = mitigation_case(monkeypatch, [True] * 5, n_outliers=1, k_max=4, silent_from=3)
+    assert pruned == 3 and info["stop_rule"] == "silent"  # past the outliers, by rank, until silent
+    pruned, info = mitigation_case(monkeypatch, [True, True, False, False, False], n_outliers=3, k_max=4,
+                                   silent_from=3)
+    assert pruned == 1 and info["stop_rule"] == "outliers"  # silent only past a count the guard failed
+    pruned, _ = mitigation_case(monkeypatch, [True] * 5, n_outliers=3, k_max=4, silent_from=1, stop="outliers_first")
+    assert pruned == 3  # the earlier rule, kept as a named variant
 
 
 def test_shap_pruning_keeps_the_largest_count_its_guard_passed(monkeypatch):

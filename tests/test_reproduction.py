@@ -72,7 +72,7 @@ def test_the_command_writes_a_page_with_every_source_and_says_what_did_not_run(t
     text = (tmp_path / "r.md").read_text()
     sources = OmegaConf.load(Path(__file__).resolve().parent.parent / "results" / "reproduction.yaml")
     assert [line[3:] for line in text.splitlines() if line.startswith("## ")] == [b.source for b in sources]
-    assert "85.65 / 100.00" in text and "lr0=0.01" in text
+    assert "85.65 / 100.00" in text and "defense.lr0: 0.01" in text and "evaluate_by_threshold" in text
     missing = subprocess.run([sys.executable, "-m", "bench.cli", "reproduction", "--published", "nope.yaml"],
                              capture_output=True, text=True)
     assert missing.returncode == 2 and "--published nope.yaml: no such file" in missing.stderr
