@@ -164,7 +164,7 @@ def test_nad_schedules_follow_the_code_epoch_by_epoch():
     """NAD's utils.adjust_learning_rate gives lr 0.1 in epochs 0-1 and 0.01 after; the README's teacher is that
     code with beta = 0 for 10 epochs, the student 20 epochs. On 2,500 images at batch 64 (40 steps an epoch):
     80 steps at 0.1 in both, then 0.01, to the step."""
-    nad = configured("defense", "defense=nad")
+    nad = configured("defense", "defense=nad", "experiment=nad_reproduction")  # the code's own rate, lr0 unset
     for schedule, epochs in ((nad.teacher, 10), (nad.student, 20)):
         steps, batch = schedule.steps(2500)
         assert (steps, batch, schedule.lr) == (epochs * 40, 64, 0.1)
@@ -175,11 +175,13 @@ def test_nad_schedules_follow_the_code_epoch_by_epoch():
 
 @pytest.mark.parametrize("name, teacher", [("nad", "teacher"), ("argd", "teacher_schedule")])
 def test_lr0_starts_teacher_and_student_lower_and_only_where_configured(name, teacher):
-    """``lr0`` is one named deviation for both stages: CIFAR-10 keeps the code's 0.1, Fashion-MNIST (where 0.1
-    diverges) starts teacher and student at 0.01, and the schedule's shape stays the code's."""
-    code = bench_configured("defense", f"defense={name}", "dataset=cifar10_jpeg")
+    """``lr0`` is one policy for both stages on every data set: teacher and student start at 0.01 (0.1 cost the
+    CIFAR-10 grid's WRN-16-1 36-75 points of ACC and diverges on Fashion-MNIST); the code's 0.1 runs only as the
+    reproduction's named sensitivity row, and the schedule's shape stays the code's."""
+    cifar = bench_configured("defense", f"defense={name}", "dataset=cifar10_jpeg")
     fmnist = bench_configured("defense", f"defense={name}", "dataset=fashion_mnist")
+    code = bench_configured("defense", f"defense={name}", "experiment=nad_reproduction")
     for stage in (teacher, "student"):
         ours, theirs = getattr(fmnist, stage), getattr(code, stage)
-        assert (theirs.lr, ours.lr) == (0.1, 0.01)
+        assert (theirs.lr, ours.lr, getattr(cifar, stage).lr) == (0.1, 0.01, 0.01)
         assert ours.piecewise == theirs.piecewise and ours.epochs == theirs.epochs
