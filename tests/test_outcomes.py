@@ -132,7 +132,7 @@ def chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-@pytest.mark.skipif(shutil.which("node") is None, reason="no node")
+@pytest.mark.skipif(shutil.which("node") is None, reason="no node to run the page's own comparator (Debian: apt-get install nodejs; .ci/run installs it); the Python-side ranking is checked without it")
 def test_no_sort_of_the_page_lifts_a_damaged_cell_above_a_kept_one(tmp_path):
     """The page's own comparator (its script, run by node) over every column, ascending and descending."""
     cells = kept_and_damaged()

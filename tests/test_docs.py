@@ -1,0 +1,38 @@
+"""The documentation lives in the repository: no code, config or document points at a file a clone does not have,
+and every ``docs/<file>.md §N`` a comment cites is a section of that file."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+OUTSIDE = re.compile(r"DESIGN\.md|shared/spec|(?<![\w/])(?:defenses|attacks)\.md|\bspec §")
+CITED = re.compile(r"docs/(\w+)\.md ((?:§[\d.]+(?:, | and )?)+)")
+
+
+def tracked() -> list[Path]:
+    names = subprocess.run(["git", "ls-files", "*.py", "*.yaml", "*.md", "*.toml"], cwd=ROOT, capture_output=True,
+                           text=True, check=True).stdout.split()
+    return [ROOT / n for n in names if "/records/" not in n]
+
+
+def test_nothing_points_outside_the_repository():
+    found = [f"{p.relative_to(ROOT)}:{i}" for p in tracked() if p.name != "test_docs.py"
+             for i, line in enumerate(p.read_text().splitlines(), 1) if OUTSIDE.search(line)]
+    assert found == []
+
+
+def test_every_cited_section_exists():
+    sections = {}
+    for doc in (ROOT / "docs").glob("*.md"):
+        sections[doc.stem] = set(re.findall(r"^#+ ([\d.]+?)\.? ", doc.read_text(), flags=re.M))
+    missing = []
+    for p in tracked():
+        for name, cites in CITED.findall(p.read_text()):
+            for number in re.findall(r"§([\d]+(?:\.\d+)?)", cites):
+                if number not in sections.get(name, set()):
+                    missing.append(f"{p.relative_to(ROOT)}: docs/{name}.md §{number}")
+    assert missing == []
+    assert sections["defenses"] >= {"1.3", "2.2", "7.6"} and sections["attacks"] >= {"4.3", "7"}  # the check reads
