@@ -3,6 +3,7 @@ and how a budget is written and ordered. Its own module, so the views import it 
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Iterable
 
 import pandas as pd
@@ -10,7 +11,19 @@ import pandas as pd
 SETTING = ["dataset", "model", "recipe", "experiment"]  # what a sweep holds fixed; the tables' captions
 KEYS = [*SETTING, "attack", "defense"]
 NAMED = ("dataset", "model", "attack", "defense")  # the keys with display names
-ANY = "any"  # the budget of a data-free defense's cell (bench.runner.ANY_BUDGET): one cell at every k
+ANY = "any"  # the budget of a data-free defense's cell: it gets no images at any k, so it runs once a model
+
+
+@functools.cache
+def data_free(target: str) -> bool:
+    """Whether the defense class ``target`` declares it needs no images (``Defense.data_free``): its cell is the same
+    at every budget (``ANY``). False for a class that cannot be imported here (a record of a plugin not installed)."""
+    from hydra.utils import get_class
+
+    try:
+        return bool(getattr(get_class(target), "data_free", False))
+    except Exception:
+        return False
 
 
 def named(frame: pd.DataFrame, names: dict) -> pd.DataFrame:

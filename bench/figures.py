@@ -28,7 +28,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
-from bench.columns import ANY, SETTING, budget_key, budgets, named, setting_slug, setting_title  # noqa: E402
+from bench.columns import ANY, SETTING, budgets, named, setting_slug, setting_title  # noqa: E402
 from bench.outcome import DAMAGED, OK, RAN, Rule  # noqa: E402
 
 FORMATS = ("png", "pdf", "svg")
@@ -126,6 +126,13 @@ def at_budgets(cells: pd.DataFrame) -> tuple[list, pd.DataFrame]:
     spread = [free.assign(budget=b, any_k=True) for b in numbered if str(b) != ANY] if numbered != [ANY] else \
         [free.assign(any_k=True)]
     return numbered, pd.concat([rest, *spread], ignore_index=True)
+
+
+def drawn_settings(cells: pd.DataFrame, names: dict):
+    """Per setting: its cells with a number to draw (finished or damaged, with an ASR) under display names, its
+    numbered budgets, and those cells with the data-free ones repeated at every budget (``at_budgets``)."""
+    for setting, shown in settings(cells[cells["status"].isin(SHOWN) & cells["asr"].notna()], names):
+        yield (setting, shown, *at_budgets(shown))
 
 
 def outcome_means(cells: pd.DataFrame, keys: list[str], metrics: list[str]) -> pd.DataFrame:
@@ -228,11 +235,7 @@ def scatter(cells: pd.DataFrame, names: dict, rule: Rule) -> list[Figure]:
     """ACC against ASR per attack and budget: every defense a colour and a marker (hollow: damaged), the undefended
     model a black star; points are means over finished seeds."""
     plans = []
-    for setting, shown in settings(cells[cells["asr"].notna() | ~cells["status"].isin(RAN)], names):
-        shown = shown[shown["status"].isin(SHOWN)]
-        if shown.empty:
-            continue
-        numbered, spread = at_budgets(shown)
+    for setting, shown, numbered, spread in drawn_settings(cells, names):
         means = outcome_means(spread, ["attack", "budget", "defense"], ["asr", "acc"])
         undefended = (shown.drop_duplicates(["attack", "seed"]).groupby("attack")[["undefended_asr", "undefended_acc"]]
                       .mean() * 100)
@@ -272,11 +275,7 @@ def budget_lines(cells: pd.DataFrame, names: dict, rule: Rule) -> list[Figure]:
     """ASR (top) and ACC (bottom) against the clean budget (categories 0, 1, 10, ...): mean over finished seeds with
     ± std as a band clipped to [0, 100]; a damaged mean is a hollow marker, a data-free defense a dashed line."""
     plans = []
-    for setting, shown in settings(cells[cells["asr"].notna() | ~cells["status"].isin(RAN)], names):
-        shown = shown[shown["status"].isin(SHOWN)]
-        if shown.empty:
-            continue
-        numbered, spread = at_budgets(shown)
+    for setting, shown, numbered, spread in drawn_settings(cells, names):
         stats = outcome_means(spread, ["attack", "defense", "budget"], ["asr", "acc"])
         stats["any_k"] = stats["defense"].isin(set(spread.loc[spread["any_k"], "defense"]))
         source = stats.assign(budget=stats["budget"].astype(str))

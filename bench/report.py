@@ -35,23 +35,22 @@ records without drawing it.
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import pandas as pd
 
 from bench import figures as draw
-from bench.columns import ANY, KEYS, NAMED, SETTING, budget_key, budget_label, named
+from bench.columns import ANY, KEYS, NAMED, SETTING, budget_key, budget_label, data_free, named
 from bench.fsutil import sha256_json
 from bench.leaderboard import write_page
 from bench.outcome import DAMAGED, NOT_OK, OK, RAN, Rule, configured, of_record
 from bench.records import READABLE_SCHEMAS
 
-__all__ = ["KEYS", "NAMED", "SETTING", "named", "RAN", "load", "report"]
 METRICS = ["acc", "asr", "ra", "der"]
 LABELS = {"acc": "ACC", "asr": "ASR", "ra": "RA", "der": "DER"}
 
@@ -74,17 +73,6 @@ def model_setting(rec: dict) -> str | None:
     dataset = {k: v for k, v in (config.get("dataset") or {}).items() if k != "download"}
     return sha256_json({"dataset": dataset, "model": config.get("model"), "attack": attack,
                         "recipe": config.get("recipe")})[:12]
-
-
-@functools.cache
-def data_free(target: str) -> bool:
-    """Whether the defense class ``target`` declares ``data_free`` (False when it cannot be imported here)."""
-    from hydra.utils import get_class
-
-    try:
-        return bool(getattr(get_class(target), "data_free", False))
-    except Exception:
-        return False
 
 
 def budget_of(rec: dict) -> int | str:
@@ -357,18 +345,19 @@ def one_setting(df: pd.DataFrame) -> tuple[pd.DataFrame, list[dict]]:
     give a number no run measured, so neither is shown anywhere; each goes to problems.md with the reason."""
     if df.empty:
         return df, []
-    cell = df.assign(budget=df["budget"].astype(str)).groupby(KEYS + ["budget"])["setting"].transform("nunique") > 1
-    model = df.groupby(SETTING + ["attack"])["model_setting"].transform("nunique") > 1
-    problems = []
-    for (keys, reason), part in (((KEYS + ["budget"], "setting"), df[cell & ~model]), ((SETTING + ["attack"],
-                                                                                         "model_setting"), df[model])):
-        for key, group in part.assign(budget=part["budget"].astype(str)).groupby(keys):
-            what = "configurations of one cell" if reason == "setting" else "kinds of poisoned model in one attack row"
+    df = df.assign(budget_key=df["budget"].astype(str))
+    checks = ((SETTING + ["attack"], "model_setting", "kinds of poisoned model in one attack row"),  # the wider first
+              (KEYS + ["budget_key"], "setting", "configurations of one cell"))
+    refused, problems = pd.Series(False, index=df.index), []
+    for keys, column, what in checks:
+        mixed = (df.groupby(keys)[column].transform("nunique") > 1) & ~refused
+        for key, group in df[mixed].groupby(keys):
             problems.append({"record": " / ".join(map(str, key)),
-                             "problem": f"refused: {len(group)} records of {group[reason].nunique()} {what} "
-                                        f"({', '.join(sorted(group[reason].unique()))}); averaging them would show a "
+                             "problem": f"refused: {len(group)} records of {group[column].nunique()} {what} "
+                                        f"({', '.join(sorted(group[column].unique()))}); averaging them would show a "
                                         f"number no run measured: put each setting in its own folder or experiment"})
-    return df[~(cell | model)], problems
+        refused |= mixed
+    return df[~refused].drop(columns="budget_key"), problems
 
 
 def current(node: dict) -> dict:
@@ -434,17 +423,43 @@ def published_cache(root: Path) -> str:
     return str(root / "cache") if (root / "cache").is_dir() else os.environ.get("BDBENCH_CACHE", ".cache/bdbench")
 
 
-def expected_pictures(root: str | Path) -> dict[str, str]:
-    """{file name: source digest} of every picture a report of the records under ``root`` shows: each figure in
-    every format, and each data set's trigger gallery. What a committed report is checked against."""
+@dataclass
+class Sweep:
+    """A folder of records as every view reads it: the usable cells, judged and one setting per number, and why the
+    others are not shown."""
+
+    cells: pd.DataFrame
+    problems: list[dict]  # records that are no usable cell (unreadable, another schema, failed, repeated)
+    refused: list[dict]   # groups of cells that would mix settings
+    names: dict
+    curves: pd.DataFrame
+    triggers: dict
+    recipes: dict
+
+
+def read_sweep(root: Path, rule: Rule) -> Sweep:
+    """Load, judge and refuse mixed settings (``load``, ``one_setting``); the one path to a report's numbers."""
     triggers: dict = {}
     names: dict = {}
     curves: list = []
-    df = one_setting(load(root, triggers, names, curves)[0])[0]
-    pictures = {f"{plan.stem}.{fmt}": plan.digest for plan in draw.plans(df, names, training_frame(curves), configured())
+    recipes: dict = {}
+    df, problems = load(root, triggers, names, curves, recipes, rule)
+    if df.empty or not df["status"].isin(RAN).any():
+        raise FileNotFoundError(f"no finished records under {root} ({len(problems)} records not used: failed, "
+                                f"unreadable or of another schema)")
+    df, refused = one_setting(df)
+    return Sweep(df, problems, refused, names, training_frame(curves), triggers, recipes)
+
+
+def expected_pictures(root: str | Path) -> dict[str, str]:
+    """{file name: source digest} of every picture a report of the records under ``root`` shows: each figure in
+    every format, and each data set's trigger gallery. What a committed report is checked against."""
+    rule = configured()
+    sweep = read_sweep(Path(root), rule)
+    pictures = {f"{plan.stem}.{fmt}": plan.digest for plan in draw.plans(sweep.cells, sweep.names, sweep.curves, rule)
                 for fmt in draw.FORMATS}
     pictures.update({f"gallery_{dataset}.png": draw.digest(gallery_source(attacks))
-                     for dataset, attacks in triggers.items()})
+                     for dataset, attacks in sweep.triggers.items()})
     return pictures
 
 
@@ -455,19 +470,11 @@ def report(root: str | Path, out: str | Path | None = None, data_root: str | Non
     root = Path(root)
     out = Path(out) if out else root / "report"
     rule = configured()
-    triggers: dict = {}
-    names: dict = {}
-    curves: list = []
-    recipes: dict = {}
-    df, problems = load(root, triggers, names, curves, recipes, rule)
-    unusable = len(problems)
-    note = recipe_note(recipes, names)
-    curves = training_frame(curves)
-    if df.empty or not df["status"].isin(RAN).any():
-        raise FileNotFoundError(f"no finished records under {root} ({len(problems)} records not used: failed, "
-                                f"unreadable or of another schema)")
-    df, refused = one_setting(df)
-    problems += refused
+    sweep = read_sweep(root, rule)
+    df, names, curves, triggers, refused = sweep.cells, sweep.names, sweep.curves, sweep.triggers, sweep.refused
+    unusable = len(sweep.problems)
+    problems = sweep.problems + refused
+    note = recipe_note(sweep.recipes, names)
     tables = out / "tables"
     outcomes = f"outcomes: {rule.words()}"
     for metric in METRICS:

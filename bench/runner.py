@@ -1,4 +1,4 @@
-"""One cell: a Hydra config in, a trustworthy record out (DESIGN.md, "One cell").
+"""One cell: a Hydra config in, a trustworthy record out (docs/design.md, "One cell").
 
 data -> poisoned model (cache hit, or train and store) -> the defender's clean images (or a
 synthetic set at k = 0) -> defense on a copy -> ACC / ASR / RA / DER -> one atomic JSON record.
@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
-from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
 from bench import outcome, records
@@ -32,6 +31,7 @@ from bench.code_versions import PUBLISHED
 from bench.augment import Augment
 from bench.cache import ModelCache
 from bench.checkpoints import load_checkpoint
+from bench.columns import ANY, data_free
 from bench.data import DataBundle
 from bench.device import memory_format, resolve_device
 from bench.errors import ConfigError
@@ -107,17 +107,10 @@ def code_version(*objects: Any, modules: tuple[str, ...] = ()) -> str:
     return PUBLISHED.get(version, version)
 
 
-ANY_BUDGET = "any"  # the budget of a data-free defense's cell: it gets no images at any k, so it runs once a model
-
-
-def data_free(cfg: DictConfig) -> bool:
-    """Whether the cell's defense declares it needs no images (``Defense.data_free``): its cell is the same at every
-    budget, so every budget of a sweep maps to one cell (``ANY_BUDGET``), run once per poisoned model."""
-    return bool(getattr(get_class(cfg.defense._target_), "data_free", False))
-
-
 def cell_budget(cfg: DictConfig) -> int | str:
-    return ANY_BUDGET if data_free(cfg) else int(cfg.budget)
+    """The cell's budget: ``ANY`` for a data-free defense, so every budget of a sweep maps to one cell, run once per
+    poisoned model."""
+    return ANY if data_free(cfg.defense._target_) else int(cfg.budget)
 
 
 def cell_names(cfg: DictConfig, choices: dict[str, Any]) -> dict[str, Any]:
@@ -142,7 +135,7 @@ NOT_IDENTITY = ("paths", "device", "hydra", "worker", "monitor", "outcome")  # w
 
 def cell_config(cfg: DictConfig) -> dict:
     """The resolved config of a cell, without where files live, which device runs it or how it is judged; a
-    data-free defense's budget is ``ANY_BUDGET``."""
+    data-free defense's budget is ``ANY``."""
     config = {key: strip_descriptive(cfg[key]) for key in cfg if key not in NOT_IDENTITY}
     return {**config, "budget": cell_budget(cfg)}
 
@@ -347,7 +340,7 @@ def _run_cell(cfg: DictConfig, choices: dict[str, Any], path: Path) -> dict:
         precision = cfg.recipe.precision if device.type == "cuda" else "fp32"
         ctx = DefenseContext(num_classes=spec.num_classes, input_shape=spec.shape, device=device, seed=int(cfg.seed),
                              precision=precision)
-        k = 0 if names["budget"] == ANY_BUDGET else int(cfg.budget)
+        k = 0 if names["budget"] == ANY else int(cfg.budget)
         real = data.budget(k, int(cfg.seed))
         clean = CleanData(real.x.float().div(255), real.y.clone(), source="real" if k > 0 else "none")
         synthesis: dict | None = None
@@ -471,7 +464,7 @@ def shared_reversal(cfg: DictConfig, model, clean: CleanData, model_key: str, ct
 
 
 def _synthesis_diagnostics(model, clean, attack, augment: Augment, ctx) -> dict:
-    """``syn_to_target`` (defenses.md §1.4): the evaluator's warning that the synthetic set carries the
+    """``syn_to_target`` (docs/defenses.md §1.4): the evaluator's warning that the synthetic set carries the
     trigger: non-target syntheses that the backdoored model puts in the target class after a crop."""
     if attack.target is None:
         return {"syn_to_target": None}
