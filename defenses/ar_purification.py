@@ -58,12 +58,17 @@ class ARPurification(Defense):
                  beta: Fraction, alpha: NonNegative, ar_sign: Literal[AR_SIGNS], code_schedule: Schedule,
                  salience: Literal[SALIENCES], q: Annotated[float, Range(gt=0, le=1)], scored_groups: Count,
                  reg: Literal[REGS], rho_end: Annotated[float, Range(gt=0, lt=1)], l1_lambda: NonNegative,
-                 neuron_schedule: Schedule, final_prune: bool, copies: PositiveInt) -> None:
+                 neuron_schedule: Schedule, final_prune: bool, prune_below: Fraction, copies: PositiveInt) -> None:
+        if final_prune and reg == "adaptive" and prune_below <= rho_end:
+            raise ValueError(f"ar_purification prune_below={prune_below} with rho_end={rho_end}; valid: prune_below > "
+                             "rho_end (shrinkage alone ends every infected channel at rho_end: a cut-off at or below it "
+                             "prunes by the noise of the last steps)")
         self.augment, self.variant, self.layers = augment, variant, tuple(layers)
         self.ema, self.beta, self.alpha, self.ar_sign = ema, beta, alpha, ar_sign
         self.code_schedule, self.neuron_schedule = code_schedule, neuron_schedule
         self.salience, self.q, self.scored_groups, self.reg = salience, q, scored_groups, reg
         self.rho_end, self.l1_lambda, self.final_prune, self.copies = rho_end, l1_lambda, final_prune, copies
+        self.prune_below = prune_below
 
     def repair(self, model, clean: CleanData, ctx: DefenseContext) -> dict:
         report = self._code(model, clean, ctx) if self.variant == "code" else self._neuron(model, clean, ctx)
@@ -197,16 +202,13 @@ class ARPurification(Defense):
         ft = finetune(model, clean, ctx, self.neuron_schedule, self.augment, loss_fn=loss_fn, after_step=shrink,
                       desc="ar purification")
         final = [float(t[c].detach().norm()) for t, c in theta]
-        zeroed = []
-        if self.final_prune:
-            k = 0
-            for i in infected:
-                n_params = len(self._channel_params(model, neurons, *neurons.locate(i)))
-                ratio = sum(final[k:k + n_params]) / max(sum(initial[k:k + n_params]), 1e-12)
-                if ratio < 1e-2:
-                    zeroed.append(i)
-                k += n_params
-            prune_channels(neurons, zeroed)
+        ratios, k = [], 0  # each infected channel's parameter norm at the end over its start
+        for i in infected:
+            n_params = len(self._channel_params(model, neurons, *neurons.locate(i)))
+            ratios.append(sum(final[k:k + n_params]) / max(sum(initial[k:k + n_params]), 1e-12))
+            k += n_params
+        zeroed = [i for i, r in zip(infected, ratios) if r < self.prune_below] if self.final_prune else []
+        prune_channels(neurons, zeroed)
         return {"infected": len(infected), "infected_channels": neurons.describe(infected), "reg": self.reg,
                 "salience": self.salience, "rate": rate, "steps": steps, "final_pruned": len(zeroed),
-                "finetune": ft}
+                "final_ratios": [round(r, 4) for r in ratios], "prune_below": self.prune_below, "finetune": ft}

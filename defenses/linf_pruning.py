@@ -1,9 +1,11 @@
 """ℓ∞ neuron pruning (Cheng et al., arXiv 2002.12162; docs/defenses.md §3).
 
 The backdoor shows as a bias in the ℓ∞ norm of last-layer activation maps. Reverse the trigger,
-score each channel of the last feature group by how much the reversed trigger raises the ℓ∞ norm
-of its map on clean images of other classes, and mask channels in that order until the reversed
-trigger's ASR is at most ``tau_asr``, under the accuracy guard. ℓ1 and ℓ2 scores are computed the same
+score each channel of the map the classifier head reads (post-activation, ``tap=head``) by how much
+the reversed trigger raises the ℓ∞ norm of its map on clean images of other classes, and mask
+channels in that order until the reversed trigger's ASR is at most ``tau_asr``, under the accuracy
+guard. ``tap=group`` reads the last feature group's output as it is (pre-BN on a WRN, by magnitude),
+``tap=all_channels`` every conv channel at its mask point: two named readings for comparison. ℓ1 and ℓ2 scores are computed the same
 way and stored, for the comparison (``norm=l1, score=raw`` is Neural Cleanse's own neuron pruning).
 """
 
@@ -20,16 +22,20 @@ from bench.schema import Fraction, PositiveInt
 from defenses.base import CleanData, Defense, DefenseContext, register_defense
 from defenses.finetune import Schedule, finetune
 from defenses.guard import Guard, largest_passing_count
-from defenses.masks import coalition_logits, group_neurons, prefix_masks, prune_channels
+from defenses.masks import (Neurons, coalition_logits, conv_neurons, group_neurons, head_neurons, prefix_masks,
+                            prune_channels)
 from defenses.reversal import TriggerReversal
 from defenses.shap_pruning import pruning_carriers
 
 NORMS = ("linf", "l1", "l2")
 SCORES = ("diff", "raw")
+TAPS = ("head", "group", "all_channels")
 
 
 def map_norms(a: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Per image and channel norms of activation maps [N, C, H, W]: ℓ∞ = max|a|, ℓ1 = mean|a|, ℓ2 = rms."""
+    """Per image and channel norms of activation maps [N, C, H, W]: ℓ∞ = max|a|, ℓ1 = mean|a|, ℓ2 = rms.
+
+    At the head's tap the map is post-ReLU, so |a| = a; at the other taps it reads a channel's magnitude."""
     flat = a.flatten(2).abs()
     return {"linf": flat.amax(2), "l1": flat.mean(2), "l2": flat.pow(2).mean(2).sqrt()}
 
@@ -37,11 +43,12 @@ def map_norms(a: torch.Tensor) -> dict[str, torch.Tensor]:
 @register_defense("linf_pruning")
 class LinfPruning(Defense):
     def __init__(self, *, reversal: TriggerReversal, augment: Augment, images_per_pass: dict[str, int],
-                 norm: Literal[NORMS], score: Literal[SCORES], last_k_groups: PositiveInt, tau_asr: Fraction,
+                 norm: Literal[NORMS], score: Literal[SCORES], tap: Literal[TAPS], last_k_groups: PositiveInt,
+                 tau_asr: Fraction,
                  delta_acc: Fraction, min_agreement: Fraction, k_max_frac: Fraction, copies_single: PositiveInt,
                  copies: PositiveInt, max_carriers: PositiveInt, finetune: bool, schedule: Schedule) -> None:
         self.reversal, self.augment, self.images_per_pass = reversal, augment, images_per_pass
-        self.norm, self.score, self.last_k_groups = norm, score, last_k_groups
+        self.norm, self.score, self.tap, self.last_k_groups = norm, score, tap, last_k_groups
         self.tau_asr, self.delta_acc, self.min_agreement, self.k_max_frac = tau_asr, delta_acc, min_agreement, k_max_frac
         self.copies_single, self.copies, self.max_carriers = copies_single, copies, max_carriers
         self.finetune, self.schedule = finetune, schedule
@@ -55,8 +62,8 @@ class LinfPruning(Defense):
                                ctx.generator("linf_pruning"))
         x = aug.x[aug.y != rev.target]
         bd_x = rev.stamp(x)
-        neurons = group_neurons(model, model.groups[-self.last_k_groups:])
-        scores = self._scores(model, neurons, x, bd_x, ctx)
+        neurons, relu = self._tap(model)
+        scores = self._scores(model, neurons, relu, x, bd_x, ctx)
         order = scores[self.norm].argsort(descending=True)
         k_max = math.ceil(self.k_max_frac * neurons.n)
         guard = Guard(model, neurons, aug, mode="acc", delta_acc=self.delta_acc, min_agreement=self.min_agreement,
@@ -78,16 +85,25 @@ class LinfPruning(Defense):
                 **guard.report(counts, verdict, p),
                 "pruned_fraction": p / neurons.n, "pruned_channels": neurons.describe(order[:p].tolist()),
                 "rev_asr_after": float(asr[p]), "rev_asr_curve": [round(v, 4) for v in asr.tolist()],
-                "norm": self.norm, "score": self.score,
+                "norm": self.norm, "score": self.score, "tap": self.tap, "tap_relu": relu,
                 "top_channels": {k: neurons.describe(s.argsort(descending=True)[:10].tolist())
                                  for k, s in scores.items()},
                 "finetune": ft}
 
+    def _tap(self, model) -> tuple[Neurons, bool]:
+        """The channels scored and pruned, and whether their maps are read through a ReLU."""
+        if self.tap == "head":
+            return head_neurons(model)
+        if self.tap == "group":
+            return group_neurons(model, model.groups[-self.last_k_groups:]), False
+        return conv_neurons(model), False
+
     @torch.no_grad()
-    def _scores(self, model, neurons, x, bd_x, ctx) -> dict[str, torch.Tensor]:
+    def _scores(self, model, neurons, relu, x, bd_x, ctx) -> dict[str, torch.Tensor]:
         """Channel scores of every norm: mean over carriers of the triggered norm (minus the clean one)."""
         maps: list[torch.Tensor] = []
-        hooks = [m.register_forward_hook(lambda _m, _i, o: maps.append(o.float())) for m in neurons.modules]
+        hooks = [m.register_forward_hook(lambda _m, _i, o: maps.append(o.float().relu() if relu else o.float()))
+                 for m in neurons.modules]
         try:
             with autocast(ctx.device, ctx.precision):
                 model(torch.cat([x, bd_x]))

@@ -90,6 +90,49 @@ def group_neurons(model: nn.Module, groups: Sequence[str]) -> Neurons:
     return Neurons(modules, list(groups), sizes)
 
 
+@torch.no_grad()
+def head_neurons(model: nn.Module) -> tuple[Neurons, bool]:
+    """The feature map the classifier head reads, as a mask point, and whether a ReLU lies between the two.
+
+    Found by probing, not declared: the last module (in the order modules finish) whose output is a map larger than
+    1x1 is the candidate, and the input of the first ``nn.Linear`` called after it must equal that map, or its ReLU,
+    pooled over space or flattened. On a WRN the map is ``relu(bn(block3))``: the mask point is ``bn`` (zeroing a
+    BN channel zeroes its ReLU). Raises where no module's output feeds the head so directly.
+    """
+    x = torch.rand(2, *model.shape, device=next(model.parameters()).device)
+    outputs: list[tuple[nn.Module, torch.Tensor]] = []
+    head_inputs: list[tuple[int, torch.Tensor]] = []
+
+    def on_output(module, _inputs, out) -> None:
+        if isinstance(out, torch.Tensor) and out.dim() == 4 and out.shape[2] * out.shape[3] > 1:
+            outputs.append((module, out.detach().float().clone()))
+
+    def on_linear(_module, inputs) -> None:
+        head_inputs.append((len(outputs), inputs[0].detach().float().clone()))
+
+    hooks = [m.register_forward_hook(on_output) for m in model.modules() if m is not model]
+    hooks += [m.register_forward_pre_hook(on_linear) for m in model.modules() if isinstance(m, nn.Linear)]
+    was_training = model.training
+    model.eval()
+    try:
+        model(x)
+    finally:
+        model.train(was_training)
+        for h in hooks:
+            h.remove()
+    if outputs:
+        module, fmap = outputs[-1]
+        z = next((z for seen, z in head_inputs if seen == len(outputs)), None)
+        for relu in (False, True):
+            a = fmap.relu() if relu else fmap
+            if z is not None and any(z.shape == r.shape and torch.allclose(z, r, atol=1e-5)
+                                     for r in (a.mean((2, 3)), a.flatten(1))):
+                name = next(n for n, m in model.named_modules() if m is module)
+                return Neurons([module], [name], [fmap.shape[1]]), relu
+    raise ValueError(f"{type(model).__name__}: no module's output reaches the first linear layer pooled or flattened "
+                     "(directly or through a ReLU); valid taps for this model: group, all_channels")
+
+
 @contextlib.contextmanager
 def masked(neurons: Neurons, masks: torch.Tensor | None = None, stem: nn.Module | None = None
            ) -> Iterator["MaskState"]:

@@ -164,3 +164,24 @@ def test_long_phases_report_progress_in_a_log_file(capsys):
     assert list(log_progress(range(4), "walks", None, every=0.0)) == [0, 1, 2, 3]
     lines = capsys.readouterr().err.strip().splitlines()
     assert lines[0].startswith("[progress] walks: 1/4 after ") and "ETA" in lines[0] and len(lines) == 3
+
+
+def ar(*overrides: str, **values):
+    return configured("defense", "defense=ar_purification", "defense.neuron_schedule.min_steps=20",
+                      "defense.copies=2", *overrides, **values)
+
+
+def test_ar_final_prune_zeroes_what_shrinkage_alone_took():
+    """With no gradient (lr 0) shrinkage alone takes every infected channel to rho_end of its start. The cut-off was
+    rho_end itself, so float rounding decided which of them were zeroed; apart from it, all of them are."""
+    x = torch.rand(20, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    defense = ar("defense.neuron_schedule.lr=0", "defense.neuron_schedule.weight_decay=0")
+    defense.apply(model(), CleanData(x, torch.arange(10).repeat(2), "real"), CTX)
+    report = defense.report()
+    assert report["final_ratios"] == pytest.approx([0.01] * report["infected"], rel=1e-3)
+    assert report["final_pruned"] == report["infected"] > 0
+
+
+def test_ar_cut_off_at_the_shrink_target_is_refused():
+    with pytest.raises(ValueError, match=r"prune_below=0.01 with rho_end=0.01; valid: prune_below > rho_end"):
+        ar(prune_below=0.01)

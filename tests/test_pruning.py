@@ -19,7 +19,8 @@ from bench.validate import build
 from defenses.base import CleanData, DefenseContext
 from defenses import shap_pruning
 from defenses.guard import Guard, longest_passing_prefix
-from defenses.masks import coalition_logits, conv_neurons, masked, prefix_masks, prune_channels, pruned_count
+from defenses.masks import (coalition_logits, conv_neurons, head_neurons, masked, prefix_masks, prune_channels,
+                            pruned_count)
 from defenses.reversal import carriers, mad_anomaly
 from defenses.shap_pruning import robust_outliers
 from defenses.suspiciousness import activation_signals, channel_weight_bounds
@@ -104,6 +105,27 @@ def test_batched_coalitions_agree_with_sequential_on_every_model(name):
     batched = coalition_logits(model, neurons, masks, x, images_per_pass=len(masks) * len(x))
     torch.testing.assert_close(batched, coalition_logits(model, neurons, masks, x, images_per_pass=len(x)),
                                rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_head_tap_is_the_map_the_classifier_reads(name):
+    """ℓ∞ pruning read WRN-16-1's block3 output, before the final BN and ReLU: pruning a channel there is not removing
+    a feature the head reads. Pruning channel c at the head tap must equal zeroing the head's weights for channel c."""
+    shape = (1, 16, 16) if name == "fmnist_cnn" else (3, 32, 32)
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=10, shape=shape, mean=[0.5] * shape[0], std=[0.5] * shape[0]).eval()
+    for bn in (m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):  # BNs that move the map off zero
+        bn.bias.data.uniform_(-1, 1)
+    neurons, relu = head_neurons(model)
+    assert relu == (name == "wrn16_1") and neurons.names == (["bn"] if name == "wrn16_1" else [model.groups[-1]])
+    x, c = torch.rand(3, *shape), 5
+    pruned = copy.deepcopy(model)
+    prune_channels(head_neurons(pruned)[0], [c])
+    head = next(m for m in model.modules() if isinstance(m, nn.Linear))
+    per_channel = head.in_features // neurons.sizes[0]  # pooled: 1 input per channel; flattened: H x W
+    with torch.no_grad():
+        head.weight[:, c * per_channel:(c + 1) * per_channel] = 0
+    torch.testing.assert_close(pruned(x), model(x), rtol=1e-4, atol=1e-5)
 
 
 def test_prefix_masks_remove_leading_neurons_of_the_order():

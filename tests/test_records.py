@@ -117,6 +117,20 @@ def test_published_grids_run_both_readings_of_ar_purification(experiment, tmp_pa
     assert variants == {"ar_purification": "neuron", "ar_purification_code": "code"}
 
 
+@pytest.mark.parametrize("experiment", ["paper_grid", "cifar10_grid", "paper_grid_gpu"])
+def test_published_grids_run_fine_tuning_on_bs_ar_schedule_as_its_control(experiment, tmp_path):
+    """Without it no row separated what AR adds from the 500 steps of fine-tuning it runs."""
+    from omegaconf import OmegaConf
+
+    from bench.validate import CONF_DIR
+
+    grid = OmegaConf.load(CONF_DIR / "experiment" / f"{experiment}.yaml").hydra.sweeper.params.defense.split(",")
+    assert "ft_ar_control" in grid
+    cell = lambda name: compose_cell(tmp_path, [f"experiment={experiment}", f"defense={name}"]).defense
+    control, ar = cell("ft_ar_control"), cell("ar_purification")
+    assert control.schedule == ar.neuron_schedule and control.augment == ar.augment
+
+
 def test_records_name_the_commit_the_process_started_with(monkeypatch):
     """A sweep runs for hours; a commit made meanwhile must not be named as the code of its later records."""
     import subprocess
