@@ -216,7 +216,7 @@ class ShapPruning(Defense):
             while p < passing and asr[p] > self.tau_asr:
                 p, stop = p + 1, "silent"
         else:
-            silent = [c for c in range(1, passing + 1) if asr[c] <= self.tau_asr]
+            silent = [c for c in range(passing + 1) if asr[c] <= self.tau_asr]  # 0: the trigger never worked
             p, stop = (silent[0], "silent") if silent else (min(passing, n_outliers, limit), "outliers")
         return order[:p].tolist(), {"guard": guard.report(counts, verdict, p), "stop_rule": stop,
                                     "rev_asr_curve": [round(v, 4) for v in asr.tolist()]}

@@ -373,8 +373,9 @@ def test_relabelling_the_classes_does_not_change_which_trigger_is_found():
 @pytest.mark.parametrize("name", ["nc", "linf_pruning", "shap_pruning"])
 @pytest.mark.parametrize("when", ["skip", "force"])
 def test_reversal_defenses_leave_the_model_alone_when_nothing_is_flagged(name, when, tiny_cfg, monkeypatch):
-    """BackdoorBench's rule by default; before, all three acted on the argmax label (half the NC cells)."""
-    
+    """BackdoorBench's rule by default; before, all three acted on the argmax label (half the NC cells). Forced, a
+    pruning defense prunes the fewest channels that silence the reversed trigger: none where it is silent already
+    (ShapPruning pruned one channel whatever the curve said)."""
     from defenses import reversal as reversal_module
 
     real = reversal_module.TriggerReversal._reverse
@@ -401,6 +402,13 @@ def test_reversal_defenses_leave_the_model_alone_when_nothing_is_flagged(name, w
         assert unchanged and report.get("pruned", 0) == 0 and not report.get("unlearned", False)
     elif name == "nc":
         assert not unchanged and report["unlearned"]
+    else:  # forced: the search ran on the most anomalous label and pruned what its rule reads off its own curve
+        anomaly = report["anomaly_index"]
+        assert report["detected_target"] == anomaly.index(max(anomaly))
+        curve = report["rev_asr_curve"] if name == "linf_pruning" else report["rounds"][0]["rev_asr_curve"]
+        assert len(curve) > 1
+        silent = next(c for c, asr in enumerate(curve) if asr <= cfg.defense.tau_asr)
+        assert report["pruned"] == silent and unchanged == (silent == 0)
 
 
 def test_carriers_keep_every_class_where_the_limit_cuts():
