@@ -40,6 +40,9 @@ def test_a_change_of_exactly_the_tolerance_is_not_decided_by_float32_noise():
     assert drop > -2.0  # the noise this guards against
     assert verdict({"acc": drop, "asr": -92.5}, {"acc": -0.31, "asr": -96.62}) == \
         "disagrees: ACC lowers, published keeps"
+    row = {**cell("anp", 0, np.float32(0.8288).item(), 0.0), "undefended_acc": np.float32(0.8488).item()}
+    table = source_table(BLOCK, pd.DataFrame([row])).set_index("defense")  # the page's own path, records to verdict
+    assert table.loc["anp", "verdict"] == "disagrees: ACC lowers, published keeps"  # published: 85.65 -> 84.0
 
 
 def test_a_table_row_averages_finished_seeds_and_counts_the_rest():
