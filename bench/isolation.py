@@ -1,5 +1,8 @@
 """Each defense runs in a worker process of its own: it receives the model, the clean images, the context and
-its own resolved config, and nothing else. The worker is started with ``spawn`` (no copy of the runner's
+its own resolved config, and nothing else; it answers with data alone: a JSON header (status, report, peak memory)
+and the repaired weights as ``torch.save`` bytes, which the runner reads with ``weights_only`` into its own model
+class. Nothing the worker sends is unpickled, so no object a defense made (a model class whose ``forward`` reads
+the evaluator's frames, say) ever runs in the runner. The worker is started with ``spawn`` (no copy of the runner's
 memory), before it hears of any cell: the test set, the attack (target, trigger, poisoned indices), Hydra's
 state, the run's command line and the cache and record paths are never in it, whatever a defense walks
 (frames, the garbage collector, module globals, ``sys.argv``, the environment). The worker also isolates
@@ -12,6 +15,8 @@ One worker serves the cells of a process in turn (starting one costs a Python an
 
 from __future__ import annotations
 
+import io
+import json
 import logging
 import os
 import resource
@@ -39,9 +44,30 @@ class DefenseCrashed(RuntimeError):
 
 @dataclass
 class Outcome:
-    model: nn.Module
+    weights: dict[str, torch.Tensor]
     report: dict[str, Any]
     peak_rss_mb: float
+
+
+MAX_HEADER = 64 * 2**20  # a report is kilobytes; more is not a report
+
+
+def _send(conn, header: dict, weights: dict[str, torch.Tensor] | None = None) -> None:
+    """One answer as bytes: the JSON header (what records hold: ``default=str`` as records write), then the weights."""
+    conn.send_bytes(json.dumps(header, default=str).encode())
+    if weights is not None:
+        buffer = io.BytesIO()
+        torch.save({k: v.detach().cpu() for k, v in weights.items()}, buffer)
+        conn.send_bytes(buffer.getvalue())
+
+
+def weights_of(blob: bytes) -> dict[str, torch.Tensor]:
+    """Tensors and nothing else: ``weights_only`` refuses any other object the bytes describe."""
+    state = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
+        raise ValueError("the defense worker's weights are not a mapping of names to tensors")
+    return state
 
 
 def _peak_rss_mb() -> float:
@@ -83,7 +109,7 @@ def _serve(conn, threads: int, memory_bytes: int | None, runner: int) -> None:
         resource.setrlimit(resource.RLIMIT_DATA, (memory_bytes, memory_bytes))
     from hydra.utils import instantiate
 
-    conn.send(("ready",))  # worker.timeout counts a defense's time, not this process's start-up
+    _send(conn, {"status": "ready"})  # worker.timeout counts a defense's time, not this process's start-up
     while True:
         try:
             message = conn.recv()
@@ -97,14 +123,16 @@ def _serve(conn, threads: int, memory_bytes: int | None, runner: int) -> None:
             torch.manual_seed(seed)
             defense = instantiate(defense_cfg)
             repaired = defense.apply(model, clean, ctx)
-            conn.send(("ok", repaired, defense.report(), _peak_rss_mb()))
+            _send(conn, {"status": "ok", "report": defense.report(), "peak_rss_mb": _peak_rss_mb()},
+                  repaired.state_dict())
         except BaseException as exc:  # noqa: BLE001 - everything goes back to the runner as text
             report = {}
             try:
                 report = defense.report()
             except Exception:
                 pass
-            conn.send(("error", type(exc).__name__, str(exc), traceback.format_exc(limit=8), report))
+            _send(conn, {"status": "error", "kind": type(exc).__name__, "message": str(exc),
+                         "trace": traceback.format_exc(limit=8), "report": report})
         del message, model, clean
 
 
@@ -151,7 +179,7 @@ class DefenseWorker:
             self.process.kill()
             self.process = self.conn = None
             raise DefenseCrashed(f"defense worker did not start within {STARTUP_SECONDS} s")
-        self.conn.recv()
+        self.conn.recv_bytes(MAX_HEADER)
 
     def stop(self) -> None:
         if self.process is not None and self.process.is_alive():
@@ -173,7 +201,8 @@ class DefenseWorker:
             ready = self.conn.poll(self.timeout)
             if not ready:
                 raise DefenseCrashed(f"defense ran past worker.timeout={self.timeout} s; worker killed")
-            reply = self.conn.recv()
+            reply = json.loads(self.conn.recv_bytes(MAX_HEADER))
+            weights = weights_of(self.conn.recv_bytes()) if reply.get("status") == "ok" else None
         except (EOFError, OSError, BrokenPipeError, ConnectionResetError):
             self.process.join(1)
             code = self.process.exitcode
@@ -184,9 +213,9 @@ class DefenseWorker:
             self.process.kill()
             self.process = self.conn = None
             raise
-        if reply[0] == "ok":
-            return Outcome(reply[1], reply[2], reply[3])
-        _, kind, message, trace, report = reply
+        if reply.get("status") == "ok":
+            return Outcome(weights, reply["report"], reply["peak_rss_mb"])
+        kind, message, trace, report = reply["kind"], reply["message"], reply["trace"], reply["report"]
         if kind == "FloatingPointError":
             raise RemoteDivergence(message, report)
         raise RemoteError(f"{kind}: {message}\n--- in the defense worker ---\n{trace}", report)

@@ -35,6 +35,7 @@ from bench.columns import ANY, data_free
 from bench.data import DataBundle
 from bench.device import memory_format, resolve_device
 from bench.errors import ConfigError
+from bench.models.base import load_weights
 from bench.fsutil import sha256_file, sha256_json
 from bench.isolation import DefenseWorker
 from bench.metrics import der, evaluate, predict
@@ -367,11 +368,12 @@ def _run_cell(cfg: DictConfig, choices: dict[str, Any], path: Path) -> dict:
         if cfg.worker.isolate:
             outcome = defense_worker(cfg.worker).run(strip_descriptive(cfg.defense), copy.deepcopy(model), clean, ctx,
                                                      seed)
-            repaired, report, peak_rss = outcome.model, outcome.report, outcome.peak_rss_mb
+            weights, report, peak_rss = outcome.weights, outcome.report, outcome.peak_rss_mb
         else:
             torch.manual_seed(seed)
-            repaired = defense.apply(copy.deepcopy(model), clean, ctx)
+            weights = defense.apply(copy.deepcopy(model), clean, ctx).state_dict()
             report, peak_rss = defense.report(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        repaired = load_weights(copy.deepcopy(model), weights)  # evaluated in the runner's own model class
         timings["defense"] = time.perf_counter() - t
 
         phase, t = "eval", time.perf_counter()

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from bench.device import autocast
+from bench.models.base import KEEP, channel_keep
 
 
 @dataclass
@@ -211,27 +212,15 @@ def prefix_masks(order: torch.Tensor, counts: Sequence[int] | torch.Tensor, n: i
     return (rank[None, :] >= counts[:, None]).float()
 
 
-def _apply_channel_mask(module: nn.Module, _inputs, out: torch.Tensor) -> torch.Tensor:
-    return out * module.bdbench_keep.to(out.dtype).view(1, -1, *([1] * (out.dim() - 2)))
-
-
 def prune_channels(neurons: Neurons, indices: Sequence[int] | torch.Tensor) -> None:
-    """Permanently silence neurons: a fixed 0/1 buffer on each mask point, applied by a forward hook.
+    """Permanently silence neurons: a fixed 0/1 buffer on each mask point (``bench.models.base.channel_keep``).
 
-    The buffer travels with the module (deep copies, ``state_dict``), is never trained, so fine-tuning
-    afterwards cannot regrow a pruned channel, and it works where no single parameter could silence
-    a channel (a residual block's output).
+    Fine-tuning afterwards cannot regrow a pruned channel, and the mask travels in the weights the defense returns.
     """
     for i in torch.as_tensor(indices, dtype=torch.long).tolist():
         layer, c = neurons.locate(i)
-        module = neurons.modules[layer]
-        if not hasattr(module, "bdbench_keep"):
-            param = next(module.parameters(), None)
-            module.register_buffer("bdbench_keep", torch.ones(neurons.sizes[layer],
-                                                              device=param.device if param is not None else None))
-            module.register_forward_hook(_apply_channel_mask)
-        module.bdbench_keep[c] = 0
+        channel_keep(neurons.modules[layer], neurons.sizes[layer])[c] = 0
 
 
 def pruned_count(neurons: Neurons) -> int:
-    return sum(int((m.bdbench_keep == 0).sum()) for m in neurons.modules if hasattr(m, "bdbench_keep"))
+    return sum(int((getattr(m, KEEP) == 0).sum()) for m in neurons.modules if hasattr(m, KEEP))

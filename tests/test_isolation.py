@@ -63,6 +63,47 @@ def test_a_snooping_defense_finds_no_secret(tiny_cfg, choices, tmp_path):
     assert found["clean"] == [20, 1, 16, 16]  # what it was given: 2 clean images per class
 
 
+class Oracle(torch.nn.Module):
+    """A forward that reads the evaluator's frames for the true labels: what a repaired *object* could do."""
+
+    def forward(self, x):
+        for frame in inspect.stack():
+            for value in frame.frame.f_locals.values():
+                y = getattr(value, "y", None)
+                if isinstance(y, torch.Tensor) and y.dim() == 1 and len(y) >= len(x) and len(x) > 1:
+                    return torch.nn.functional.one_hot(y[:len(x)].long(), 10).float() * 10  # the answers
+        return torch.zeros(len(x), 10)
+
+
+class Cheat(Defense):
+    def repair(self, model, clean, ctx):
+        model.__class__ = Oracle  # the issue's repair: same weights, a forward of its own
+        return {}
+
+
+class Regrow(Defense):
+    def repair(self, model, clean, ctx):
+        model.extra = torch.nn.Linear(3, 3)  # weights the architecture does not have
+        return {}
+
+
+@pytest.mark.parametrize("isolate", [True, False])
+def test_a_repaired_object_never_runs_only_its_weights_do(isolate, tiny_cfg, choices):
+    """The runner unpickled the model a defense returned and ran its forward: ACC 83.9 -> 100, ASR 100 -> 0 with a
+    class that read the test labels from the evaluator's frames. Now only its weights come back, into the runner's
+    own class: the cheat's numbers are the undefended model's."""
+    cfg = tiny_cfg("attack=badnets", "budget=1", f"worker.isolate={str(isolate).lower()}")
+    cfg.defense = {"_target_": "test_isolation.Cheat"}
+    record = run_cell(cfg, {**choices(cfg), "defense": "cheat"})
+    assert record["status"] == "ok", record.get("error")
+    assert record["metrics"]["acc"] == pytest.approx(record["undefended"]["acc"])
+    assert record["metrics"]["asr"] == pytest.approx(record["undefended"]["asr"]) and record["metrics"]["asr"] > 0.5
+    cfg.defense = {"_target_": "test_isolation.Regrow"}
+    refused = run_cell(cfg, {**choices(cfg), "defense": "regrow"})
+    assert refused["status"] == "failed" and "repaired weights do not fit" in refused["error"]
+    assert "extra.weight" in refused["error"]
+
+
 class Abort(Defense):
     def repair(self, model, clean, ctx):
         os.abort()
