@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 import types
 import typing
@@ -159,6 +160,33 @@ def check_writable_folder(name: str, folder: Path) -> None:
                           f"user can write") from None
 
 
+# What a defense config may interpolate: the data set's public facts and the shared settings defenses use. Anything else
+# (the attack and its target, the seed, paths, the environment through a resolver) would hand a defense the answers.
+DEFENDER_FACTS = ("dataset.defense_augment", "dataset.num_classes", "dataset.shape", "nc_reversal", "coalition_images")
+_INTERPOLATION = re.compile(r"\$\{\s*([^${}:\s]*)\s*(:?)")
+
+
+def check_defense_reach(cfg: DictConfig) -> None:
+    """Refuse, naming the key, a defense setting that interpolates anything but ``DEFENDER_FACTS`` (and those nodes'
+    own values likewise): resolved in the runner, ``leak: ${attack}`` reached the worker as a working attack object."""
+    def walk(node: Any, where: str) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(value, f"{where}.{key}")
+        elif isinstance(node, list):
+            for i, value in enumerate(node):
+                walk(value, f"{where}[{i}]")
+        elif isinstance(node, str):
+            for path, resolver in _INTERPOLATION.findall(node):
+                if resolver or not any(path == fact or path.startswith(fact + ".") for fact in DEFENDER_FACTS):
+                    raise ConfigError(f"{where}={node}: a defense may not interpolate that; valid: "
+                                      + ", ".join(f"${{{fact}}}" for fact in DEFENDER_FACTS))
+
+    for group in ("defense", "nc_reversal", "coalition_images"):
+        if group in cfg:
+            walk(OmegaConf.to_container(cfg[group], resolve=False), group)
+
+
 def _one_line(exc: Exception) -> ConfigError:
     cause = exc.__cause__ if isinstance(exc, InstantiationException) and exc.__cause__ else exc
     return ConfigError(str(cause).strip().splitlines()[0])
@@ -188,6 +216,7 @@ def validate(cfg: DictConfig, choices: dict[str, Any], check_data: bool = True) 
     resolve_device(cfg.device)
     for key in ("records", "cache"):
         check_writable_folder(f"paths.{key}", Path(cfg.paths[key]))
+    check_defense_reach(cfg)
     for group in ("attack", "defense", "recipe", "synthesis", "dataset", "model"):
         check_types(group, cfg[group])
     try:  # constructors check the rest of their own values and do no compute

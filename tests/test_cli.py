@@ -46,6 +46,11 @@ def bdbench(tmp_path: Path, *args: str, timeout: int = 2400) -> subprocess.Compl
         (["recipe.epochs=0"], "recipe.epochs=0: invalid; valid: int >= 1 (as Recipe declares it)"),
         (["defense=ft", "defense.lr=0.1"], "defense.lr: no such key; valid: defense.augment, defense.display_name, defense.schedule"),
         (["dataset=cifar10_jpeg", "paths.data=/nonexistent"], "no train/test folder under /nonexistent/cifar10-jpeg"),
+        # a defense's config reaches only what a defender has (it resolved ${attack} into a working attack object)
+        (["defense=ft", "+defense.leak=${attack}"], "defense.leak=${attack}: a defense may not interpolate that; "
+                                                    "valid: ${dataset.defense_augment}"),
+        (["defense=ft", "+defense.home=${oc.env:BDBENCH_DATA}"], "defense.home=${oc.env:BDBENCH_DATA}: a defense may"),
+        (["defense=nc", "nc_reversal.steps=${attack.target}"], "nc_reversal.steps=${attack.target}: a defense may"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_code_2(tmp_path, args, message):
