@@ -291,6 +291,11 @@ def help_text() -> str:
 def perf_command(args: list[str]) -> None:
     """``bdbench perf NAME [key=value ...]``: the benchmark ``conf/perf/NAME.yaml``, written to results/perf/."""
     benchmarks = sorted(p.stem for p in (CONF_DIR / "perf").glob("*.yaml"))
+    if args[:1] in (["-h"], ["--help"]):
+        print("usage: bdbench perf NAME [key=value ...]  (results go to results/perf/)\n\nbenchmarks:")
+        for name in benchmarks:
+            print(f"  {name:<12} {describe('perf', name)[1].split(']: ', 1)[-1]}")
+        return
     if not args or args[0] not in benchmarks:
         raise ConfigError(f"usage: bdbench perf NAME [key=value ...]; valid names: {', '.join(benchmarks)}")
     cfg = OmegaConf.merge(OmegaConf.load(CONF_DIR / "perf" / f"{args[0]}.yaml"), OmegaConf.from_dotlist(args[1:]))
@@ -312,7 +317,8 @@ def describe(group: str, name: str) -> tuple[str, str]:
     for source, folder in [("bdbench", CONF_DIR), *plugin_conf_dirs()]:
         path = folder / group / f"{name}.yaml"
         if path.is_file():
-            first = next((line for line in path.read_text().splitlines() if line.startswith("#")), "#")
+            first = next((line for line in path.read_text().splitlines()
+                          if line.startswith("#") and not line.startswith("# @package")), "#")
             return source, first.lstrip("#").strip()
     return "hydra.searchpath", ""
 
@@ -321,6 +327,9 @@ def list_command(overrides: list[str]) -> str:
     """``bdbench list``: what can be composed, group by group, with its package and description."""
     from bench.validate import options
 
+    if overrides[:1] in (["-h"], ["--help"]):
+        return ("usage: bdbench list [override ...]\n\nEvery attack, defense, model, data set and experiment that "
+                "composes (built-in and from installed plugin packages), with where it comes from and what it is.")
     lines = []
     for group in LISTED:
         lines.append(f"{group}:")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import tempfile
@@ -61,7 +62,9 @@ def configured(node: str, *overrides: str, **values: Any) -> Any:
 def check_choice(group: str, value: str, overrides: Sequence[str] = ()) -> None:
     valid = options(group, overrides)
     if value not in valid:
-        raise ConfigError(f"{group}={value}: no such {group}; valid: {', '.join(valid)}")
+        close = difflib.get_close_matches(value, valid, n=1)
+        raise ConfigError(f"{group}={value}: no such {group}" + (f" (did you mean {close[0]}?)" if close else "")
+                          + f"; valid: {', '.join(valid)}")
 
 
 DESCRIPTIVE = ("display_name",)  # keys that name a component in tables and figures; they never configure it

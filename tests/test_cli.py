@@ -4,6 +4,7 @@ compute; a sweep writes one record per cell and a second run trains and writes n
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -27,7 +28,8 @@ def bdbench(tmp_path: Path, *args: str, timeout: int = 2400) -> subprocess.Compl
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["attack=badnet"], "attack=badnet: no such attack; valid: badnets, blended, input_aware, none, wanet"),
+        (["attack=badnet"], "attack=badnet: no such attack (did you mean badnets?); valid: badnets, blended, "
+                            "input_aware, none, wanet"),
         (["defense=shap"], "defense=shap: no such defense; valid: anp, ar_purification, ar_purification_code, argd, clp, fp, ft, "
                            "ft_ar_control, linf_pruning, nad, nc, none, shap_pruning, suspiciousness"),
         (["defense=shap_pruning", "defense.value=asr"], "defense.value='asr': invalid; valid: soft_asr, asr_minus_acc"),
@@ -243,3 +245,19 @@ def test_report_and_version_explain_themselves(tmp_path):
     from bench.report import load
 
     assert load(str(tmp_path))[0].empty  # a string path works
+
+
+@pytest.mark.parametrize("command, expected", [(["list", "--help"], "usage: bdbench list"),
+                                               (["perf", "--help"], "  tta          time to a clean test accuracy")])
+def test_subcommands_print_help(tmp_path, command, expected):
+    """``bdbench list --help`` ended in a Hydra traceback and ``bdbench perf --help`` in an error."""
+    result = subprocess.run([sys.executable, "-m", "bench.cli", *command], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0 and expected in result.stdout, result.stderr[-2000:]
+
+
+def test_list_describes_experiments_by_purpose(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "bench.cli", "list"], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0 and "@package" not in result.stdout
+    assert re.search(r"paper_grid\s+bdbench\s+The Fashion-MNIST grid", result.stdout)
