@@ -261,3 +261,13 @@ def test_list_describes_experiments_by_purpose(tmp_path):
                             text=True, timeout=120)
     assert result.returncode == 0 and "@package" not in result.stdout
     assert re.search(r"paper_grid\s+bdbench\s+The Fashion-MNIST grid", result.stdout)
+
+
+def test_records_folder_from_the_environment_like_data_and_cache(monkeypatch):
+    from hydra import compose, initialize_config_dir
+
+    from bench.validate import CONF_DIR
+
+    monkeypatch.setenv("BDBENCH_RECORDS", "/somewhere/records")
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        assert compose("config").paths.records == "/somewhere/records"
