@@ -50,6 +50,11 @@ def expand_jobs(overrides: list[str], multirun: bool) -> list[list[str]]:
     parser = OverridesParser.create()
     parsed = parser.parse_overrides(overrides)
     searchpath = [o.input_line for o in parsed if o.key_or_group == "hydra.searchpath"]
+    for o in parsed:  # Hydra refuses these only when it launches, after every job was validated
+        if o.is_sweep_override() and o.key_or_group.startswith("hydra."):
+            key = o.key_or_group.rpartition(".")[2]
+            raise ConfigError(f"{o.input_line}: Hydra cannot sweep its own config; valid: {key}="
+                              f"{','.join(o.sweep_string_iterator())} (it replaces the experiment's list for {key})")
     for o in parsed:  # unknown config names first: the clearest message
         if o.key_or_group in GROUPS:
             values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.get_value_element_as_str()]

@@ -49,6 +49,8 @@ def bdbench(tmp_path: Path, *args: str, timeout: int = 2400) -> subprocess.Compl
         (["defense=ft", "defense.lr=0.1"], "defense.lr: no such key; valid: defense.augment, defense.display_name, defense.schedule"),
         (["dataset=cifar10_jpeg", "paths.data=/nonexistent"], "no train/test folder under /nonexistent/cifar10-jpeg"),
         # a defense's config reaches only what a defender has (it resolved ${attack} into a working attack object)
+        (["-m", "hydra.sweeper.params.defense=ft,clp"],  # refused by Hydra only at launch, after a bogus count
+         "hydra.sweeper.params.defense=ft,clp: Hydra cannot sweep its own config; valid: defense=ft,clp"),
         (["defense=ft", "+defense.leak=${attack}"], "defense.leak=${attack}: a defense may not interpolate that; "
                                                     "valid: ${dataset.defense_augment}"),
         (["defense=ft", "+defense.home=${oc.env:BDBENCH_DATA}"], "defense.home=${oc.env:BDBENCH_DATA}: a defense may"),
