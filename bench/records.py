@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from bench.fsutil import atomic_write_json
+from bench.fsutil import atomic_write_json, sha256_json
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,30 @@ def job_key(overrides: list[str] | tuple[str, ...]) -> tuple[str, ...]:
     return tuple(sorted(o for o in overrides if not o.lstrip("+~").startswith(("hydra.", "hydra/"))))
 
 
+def identity(node: Any) -> Any:
+    """What a cell's identity hashes: its config without null values, at every depth. Every configured key is
+    required (no Python defaults), so null never stands for an absent key; dropping nulls lets a later version
+    add an optional key (``attack.checkpoint: null``) without renaming, and so re-running, every finished cell."""
+    if isinstance(node, dict):
+        return {k: identity(v) for k, v in node.items() if v is not None}
+    if isinstance(node, list):
+        return [identity(v) for v in node]
+    return node
+
+
+def misplaced(path: Path, record: dict) -> str | None:
+    """Why the record at ``path`` is not that cell's (its name and its config's digest must be the path's), or None.
+    A record copied over another cell's file counted as that cell: a table showed one cell's numbers twice."""
+    if "cell" not in record:  # claims no cell, so counts as none
+        return None
+    name = record["cell"].get("id")
+    if name != path.stem:
+        return f"it names cell {name}, not {path.stem}"
+    if "config" in record and sha256_json(identity(record["config"]))[:10] != path.stem[-10:]:
+        return "its config is not the one its name digests"
+    return None
+
+
 def read_record(path: Path) -> dict | None:
     """The finished record at ``path``, or None if there is none to trust."""
     if not path.is_file():
@@ -61,6 +85,10 @@ def read_record(path: Path) -> dict | None:
     if record.get("schema_version") != SCHEMA_VERSION:
         log.warning("record %s has schema %s (now %s); running the cell again", path,
                     record.get("schema_version"), SCHEMA_VERSION)
+        return None
+    wrong = misplaced(path, record)
+    if wrong:
+        log.warning("record %s is not this cell's (%s); running the cell again", path, wrong)
         return None
     if record.get("status") not in FINISHED:
         log.info("record %s is a failed cell; running it again", path)

@@ -49,7 +49,7 @@ from bench.columns import ANY, KEYS, NAMED, SETTING, budget_key, budget_label, d
 from bench.fsutil import sha256_json
 from bench.leaderboard import write_page
 from bench.outcome import DAMAGED, NOT_OK, OK, RAN, Rule, configured, of_record
-from bench.records import READABLE_SCHEMAS
+from bench.records import READABLE_SCHEMAS, misplaced
 
 METRICS = ["acc", "asr", "ra", "der"]
 LABELS = {"acc": "ACC", "asr": "ASR", "ra": "RA", "der": "DER"}
@@ -105,6 +105,10 @@ def load(root: str | Path, triggers: dict | None = None, names: dict | None = No
             readable = ", ".join(map(str, READABLE_SCHEMAS))
             problems.append({"record": str(path.relative_to(root)),
                              "problem": f"schema {rec.get('schema_version')} (this version reads {readable})"})
+            continue
+        wrong = misplaced(path, rec)
+        if wrong:
+            problems.append({"record": str(path.relative_to(root)), "problem": f"not this file's cell: {wrong}"})
             continue
         recipe = (rec.get("config") or {}).get("recipe")
         if recipes is not None and "cell" in rec and isinstance(recipe, dict):

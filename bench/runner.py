@@ -27,6 +27,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from bench import outcome, records
+from bench.records import identity
 from bench.code_versions import PUBLISHED
 from bench.augment import Augment
 from bench.cache import ModelCache
@@ -118,17 +119,6 @@ def cell_names(cfg: DictConfig, choices: dict[str, Any]) -> dict[str, Any]:
     names = {g: str(choices[g]) for g in ("dataset", "model", "attack", "defense", "recipe")}
     return {**names, "experiment": str(choices.get("experiment") or "-"), "budget": cell_budget(cfg),
             "seed": int(cfg.seed)}
-
-
-def identity(node: Any) -> Any:
-    """What a cell's identity hashes: its config without null values, at every depth. Every configured key is
-    required (no Python defaults), so null never stands for an absent key; dropping nulls lets a later version
-    add an optional key (``attack.checkpoint: null``) without renaming, and so re-running, every finished cell."""
-    if isinstance(node, dict):
-        return {k: identity(v) for k, v in node.items() if v is not None}
-    if isinstance(node, list):
-        return [identity(v) for v in node]
-    return node
 
 
 NOT_IDENTITY = ("paths", "device", "hydra", "worker", "monitor", "outcome")  # where and how it runs, how it is judged

@@ -7,8 +7,18 @@ from pathlib import Path
 
 import pandas as pd
 
+from bench.fsutil import sha256_json
+from bench.records import identity, read_record
 from bench.report import report
 from bench.runner import run_cell
+
+
+def place(folder: Path, rec: dict, name: str) -> Path:
+    """A hand-changed record at a path of its own cell (a record's file name is its cell's name and config digest)."""
+    stem = f"{name}-{sha256_json(identity(rec['config']))[:10]}"
+    path = folder / f"{stem}.json"
+    path.write_text(json.dumps({**rec, "cell": {**rec["cell"], "id": stem}}))
+    return path
 
 
 def test_report_tables_figures_and_problems(tiny_cfg, choices, tmp_path):
@@ -22,7 +32,7 @@ def test_report_tables_figures_and_problems(tiny_cfg, choices, tmp_path):
                                                       "error": "Traceback\nFloatingPointError: diverged"}))
     ok = json.loads(next(records.glob("*-none-kany-s0-*.json")).read_text())
     cell = {**ok["cell"], "defense": "nad", "id": "nad-cell"}
-    (records / "nad.json").write_text(json.dumps({"schema_version": 3, "status": "diverged", "cell": cell,
+    (records / "nad-cell.json").write_text(json.dumps({"schema_version": 3, "status": "diverged", "cell": cell,
                                                    "error": "Traceback\nFloatingPointError: nad diverged: loss nan"}))
     for path in records.glob("*-s1-*.json"):  # two seeds' models with equal metrics are still two models
         rec = json.loads(path.read_text())
@@ -79,9 +89,8 @@ def test_captions_name_the_recipe_values_one_attack_trains_with_apart_from_the_r
     for attack, shown, epochs in (("blended", "Blended (noise)", 1), ("wanet", "WaNet", 3)):
         recipe = rec["config"]["recipe"]
         recipe = {**recipe, "epochs": epochs, "scheduler": {**recipe["scheduler"], "T_max": epochs}}
-        (records / f"{attack}.json").write_text(json.dumps({
-            **rec, "cell": {**rec["cell"], "attack": attack}, "display": {**rec["display"], "attack": shown},
-            "config": {**rec["config"], "recipe": recipe}}))
+        place(records, {**rec, "cell": {**rec["cell"], "attack": attack}, "display": {**rec["display"], "attack": shown},
+                        "config": {**rec["config"], "recipe": recipe}}, attack)
     out = report(records, tmp_path / "report", cache_root=str(tmp_path / "none"))
     for table in ("asr", "acc", "ra", "der", "undefended", "cost", "walltime"):  # T_max follows epochs: named once
         caption = (out / "tables" / f"{table}.md").read_text().splitlines()[0]
@@ -109,13 +118,13 @@ def test_every_table_cell_counts_finished_seeds_and_names_the_rest(tiny_cfg, cho
     assert f"| BadNets | CLP | {first:.1f} (1/3; collapsed 1, diverged 1) |" in asr  # not averaged with 0.0
     only_collapsed = {**collapsed, "cell": {**collapsed["cell"], "defense": "ft"},
                       "display": {**collapsed["display"], "defense": "FT"}}
-    (records / "extra.json").write_text(json.dumps(only_collapsed))
+    place(records, only_collapsed, "extra")
     asr = (report(records, tmp_path / "report2", cache_root=str(tmp_path / "none")) / "tables" / "asr.md").read_text()
     assert "| BadNets | FT | collapsed (0/1) |" in asr
     no_backdoor = {**only_collapsed, "cell": {**collapsed["cell"], "defense": "nad", "seed": 3}, "seed": 3,  # its model
                    "display": {**collapsed["display"], "defense": "NAD"},
                    "undefended": {**collapsed["undefended"], "asr": 0.124}, "metrics": first_metrics}  # WaNet, WRN-16-1
-    (records / "no-backdoor.json").write_text(json.dumps(no_backdoor))
+    place(records, no_backdoor, "no-backdoor")
     out = report(records, tmp_path / "report3", cache_root=str(tmp_path / "none"))
     asr = (out / "tables" / "asr.md").read_text()
     assert "| BadNets | NAD | no backdoor (0/1) |" in asr  # a low ASR after a defense, but there was none to remove
@@ -220,3 +229,17 @@ def test_a_published_sweep_keeps_its_cache_beside_its_records(tiny_cfg, choices,
     assert "1 cells ran to the end: 1 finished" in (out / "problems.md").read_text()
     assert "0 records not used" in (out / "problems.md").read_text()
     assert (out / "figures" / "gallery_synthetic.png").is_file()
+
+
+def test_a_record_copied_over_another_cells_file_is_not_that_cell(tiny_cfg, choices, tmp_path):
+    """A record copied over another cell's path counted as that cell: the table showed FT's numbers twice and the other
+    cell not at all. Now the report lists it as a problem and a sweep runs the cell again."""
+    for defense in ("ft", "clp"):
+        run_cell(cfg := tiny_cfg(f"defense={defense}", "budget=1", "recipe.epochs=1"), choices(cfg))
+    records = Path(cfg.paths.records)
+    ft, clp = (next(records.glob(f"*-{name}-*.json")) for name in ("ft", "clp"))
+    clp.write_text(ft.read_text())
+    assert read_record(clp) is None and read_record(ft) is not None
+    out = report(records, tmp_path / "report", cache_root=str(tmp_path / "none"))
+    assert f"not this file's cell: it names cell {ft.stem}, not {clp.stem}" in (out / "problems.md").read_text()
+    assert "(1/1)" in (out / "tables" / "asr.md").read_text() and "(2/2)" not in (out / "tables" / "asr.md").read_text()
