@@ -29,7 +29,7 @@ from typing import Any, Iterator
 
 import torch
 
-from bench.fsutil import atomic_write_json, sha256_file, umask_mode
+from bench.fsutil import atomic_write_json, sha256_file, sha256_json, umask_mode
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,11 @@ class Store:
             return None
         try:
             manifest = json.loads((folder / "manifest.json").read_text())
+            if manifest.get("key") != key:  # another entry's folder copied or renamed here
+                raise ValueError(f"its manifest is entry {manifest.get('key')}'s")
             files = manifest["files"]
+            if not files:
+                raise ValueError("its manifest lists no files")
             for name, digest in files.items():
                 if not (folder / name).is_file():
                     raise ValueError(f"{name} missing")
@@ -141,8 +145,17 @@ class ModelCache:
                 fcntl.flock(f, fcntl.LOCK_UN)
 
     def load(self, key: str) -> CacheEntry | None:
+        """A poisoned model whose manifest's ``spec`` is what ``key`` digests (the key names what made the model:
+        another seed's model renamed into this key's folder, manifest and all, is refused), else None."""
         entry = self.models.load(key)
-        return None if entry is None else CacheEntry(entry.objects["weights"], entry.objects["attack"], entry.manifest)
+        if entry is None:
+            return None
+        if sha256_json(entry.manifest.get("spec"))[:len(key)] != key:
+            log.warning("models cache entry %s is not what its key describes (its spec digests otherwise); removing it "
+                        "and building it again", self.models.path(key))
+            shutil.rmtree(self.models.path(key), ignore_errors=True)
+            return None
+        return CacheEntry(entry.objects["weights"], entry.objects["attack"], entry.manifest)
 
     def store(self, key: str, weights: dict, attack_state: dict, manifest: dict) -> CacheEntry:
         entry = self.models.store(key, {"weights": weights, "attack": attack_state}, manifest)

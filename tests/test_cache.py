@@ -55,6 +55,33 @@ def test_corrupt_entry_is_detected_and_rebuilt(tiny_cfg, choices, monkeypatch, t
     assert set(manifest["files"]) == {"weights.pt", "attack.pt"}
 
 
+def test_an_entry_is_checked_against_its_key_not_only_against_itself(tiny_cfg, choices, monkeypatch, tmp_path, caplog):
+    """Seed 1's whole model folder under seed 0's key loaded silently (ASR 97.49 recorded for 97.83), and a manifest
+    listing no files failed the cell on every rerun. Both are now corrupt entries: removed and built again."""
+    import shutil
+
+    calls = count_trainings(monkeypatch)
+    models = tmp_path / "cache" / "models"
+    first = run_cell(cfg := tiny_cfg("defense=none"), choices(cfg))
+    other = run_cell(cfg := tiny_cfg("defense=none", "seed=1"), choices(cfg))
+    key, other_key = first["cache"]["key"], other["cache"]["key"]
+    shutil.rmtree(models / key)
+    shutil.copytree(models / other_key, models / key)  # manifest and all
+    again = run_cell(cfg := tiny_cfg("defense=clp"), choices(cfg))
+    assert "is corrupt (ValueError: its manifest is entry" in caplog.text and len(calls) == 3
+    assert again["cache"]["hit"] is False and again["undefended"] == first["undefended"]
+    manifest = json.loads((models / key / "manifest.json").read_text())
+    manifest.update(key=key, files={})
+    (models / key / "manifest.json").write_text(json.dumps(manifest))
+    run_cell(cfg := tiny_cfg("defense=ft", "defense.schedule.min_steps=1", "defense.schedule.epochs=1"), choices(cfg))
+    assert "its manifest lists no files" in caplog.text and len(calls) == 4
+    spec_swapped = json.loads((models / key / "manifest.json").read_text())
+    spec_swapped["spec"] = json.loads((models / other_key / "manifest.json").read_text())["spec"]
+    (models / key / "manifest.json").write_text(json.dumps(spec_swapped))  # the key field left as it should be
+    run_cell(cfg := tiny_cfg("defense=ft", "defense.schedule.min_steps=2", "defense.schedule.epochs=1"), choices(cfg))
+    assert "is not what its key describes" in caplog.text and len(calls) == 5
+
+
 def test_trigger_artifacts_round_trip_through_the_cache(tiny_cfg, choices):
     """A reloaded attack reproduces the undefended ASR exactly (same trigger, same poisoned indices)."""
     first = run_cell(cfg := tiny_cfg("attack=blended", "defense=none"), choices(cfg))
