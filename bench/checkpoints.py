@@ -37,7 +37,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         raise ConfigError(f"attack.checkpoint={path}: no such file; valid: a torch.save file of a state_dict")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:
+    except Exception as exc:  # a text file, a truncated zip, a foreign pickle: each one line, never a traceback
         first = str(exc).strip().splitlines()[0]
         raise ConfigError(f"attack.checkpoint={path}: not readable as tensors only ({first}); save the state_dict "
                           f"alone: torch.save(torch.load(F, weights_only=False)['model'], 'model.pt')") from None
@@ -49,6 +49,9 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         raise ConfigError(f"attack.checkpoint={path}: holds no state_dict (a dict of tensors, or one under "
                           f"'state_dict', 'model' or 'netC')")
     state = {k.removeprefix("module."): v for k, v in obj.items()}
+    broken = next((k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    if broken:  # a model with NaN weights evaluated to an 'ok' record
+        raise ConfigError(f"attack.checkpoint={path}: {broken} holds NaN or infinite values; valid: finite weights")
     return {k: v for k, v in state.items() if k not in OWN}  # normalization is the model config's, not the file's
 
 

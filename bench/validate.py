@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import math
 import os
 import re
 import tempfile
@@ -147,6 +148,51 @@ def check_types(group: str, node: DictConfig) -> None:
                                   f"declares it)")
 
 
+# The engine's own settings, checked like a component's: (key, integer?, lowest valid value, null allowed).
+SETTINGS = (("dataset.num_classes", True, 2, False), ("dataset.pool_per_class", True, 0, False),
+            ("worker.timeout", False, 1e-9, True), ("worker.memory_gb", False, 1e-9, True),
+            ("worker.threads", True, 1, True), ("monitor.test_every", True, 1, True))
+COMPONENTS = ("dataset", "model", "attack", "defense", "recipe", "synthesis", "nc_reversal", "outcome", "worker")
+
+
+def check_settings(cfg: DictConfig) -> None:
+    """The engine's own numbers, top-level keys nobody reads, and non-finite numbers anywhere in a component: each
+    of them used to crash mid-cell, or to run and write a record (``seed=true``, ``+foo=bar`` as a new cell,
+    ``recipe.optimizer.lr=inf``, ``worker.memory_gb=-1``)."""
+    for key, integer, low, nullable in SETTINGS:
+        value = OmegaConf.select(cfg, key)
+        if value is None and nullable:
+            continue
+        kind = int if integer else (int, float)
+        if isinstance(value, bool) or not isinstance(value, kind) or value < low:
+            words = (f"an integer >= {low}" if integer else "a number > 0") + (" or null" if nullable else "")
+            raise ConfigError(f"{key}={value!r}: invalid; valid: {words}")
+    known = set(OmegaConf.load(CONF_DIR / "config.yaml").keys()) | set(GROUPS) | {"hydra"}
+    for key in cfg.keys():
+        if key not in known:
+            raise ConfigError(f"{key}: no such setting (a key nothing reads would still rename the cell); valid: "
+                              f"{', '.join(sorted(known - {'defaults', 'hydra'}))}")
+
+    def finite(node: Any, where: str) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                finite(v, f"{where}.{k}")
+        elif isinstance(node, list):
+            for i, v in enumerate(node):
+                finite(v, f"{where}[{i}]")
+        elif isinstance(node, float) and not math.isfinite(node):
+            raise ConfigError(f"{where}={node}: invalid; valid: a finite number")
+
+    for group in COMPONENTS:
+        if group in cfg:
+            try:
+                finite(OmegaConf.to_container(cfg[group], resolve=True), group)
+            except ConfigError:
+                raise
+            except Exception:  # an interpolation that does not resolve here: the component's own checks report it
+                continue
+
+
 def check_writable_folder(name: str, folder: Path) -> None:
     """A folder that exists or can be made, and that this user may write to: tried on the nearest existing
     ancestor with a temp folder removed at once (permission bits say nothing to root or on read-only mounts),
@@ -203,6 +249,7 @@ def validate(cfg: DictConfig, choices: dict[str, Any], check_data: bool = True) 
     and the data set against its files (``check_data``; ``check_data=False`` skips re-reading files a sweep's
     earlier job already verified, the pool is checked for every job).
     """
+    check_settings(cfg)
     num_classes = int(cfg.dataset.num_classes)
     pool = int(cfg.dataset.pool_per_class)
     budget = cfg.budget
@@ -211,13 +258,13 @@ def validate(cfg: DictConfig, choices: dict[str, Any], check_data: bool = True) 
     if budget > pool:
         raise ConfigError(f"budget={budget} is larger than the defender pool of dataset {choices['dataset']} "
                           f"({pool} images per class); valid: 0..{pool} (or raise dataset.pool_per_class)")
-    if not isinstance(cfg.seed, int) or cfg.seed < 0:
+    if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool) or cfg.seed < 0:
         raise ConfigError(f"seed={cfg.seed}: must be an integer >= 0")
     if "target" in cfg.attack and not (isinstance(cfg.attack.target, int) and 0 <= cfg.attack.target < num_classes):
         raise ConfigError(f"attack.target={cfg.attack.target}: out of range for {num_classes} classes; "
                           f"valid: 0..{num_classes - 1}")
     resolve_device(cfg.device)
-    for key in ("records", "cache"):
+    for key in ("records", "cache", "output"):
         check_writable_folder(f"paths.{key}", Path(cfg.paths[key]))
     check_defense_reach(cfg)
     for group in ("attack", "defense", "recipe", "synthesis", "dataset", "model"):

@@ -148,6 +148,14 @@ def test_own_layout_dataparallel_prefix_and_a_misfit(tmp_path):
     (tmp_path / "code.pt").write_bytes(b"not a torch file")
     with pytest.raises(ConfigError, match="not readable as tensors only"):
         load_checkpoint(again, tmp_path / "code.pt")
+    (tmp_path / "notes.txt").write_text("weights: see the paper\n" * 100)  # a text file was a traceback
+    with pytest.raises(ConfigError, match="not readable as tensors only"):
+        load_checkpoint(again, tmp_path / "notes.txt")
+    broken = mine.state_dict()
+    broken["fc.weight"] = broken["fc.weight"].clone().fill_(float("nan"))  # evaluated to an 'ok' record
+    torch.save(broken, tmp_path / "nan.pt")
+    with pytest.raises(ConfigError, match="fc.weight holds NaN or infinite values; valid: finite weights"):
+        load_checkpoint(again, tmp_path / "nan.pt")
 
 
 def test_a_cell_defends_a_checkpoint_instead_of_training(tiny_cfg, choices, tmp_path):

@@ -49,6 +49,16 @@ def bdbench(tmp_path: Path, *args: str, timeout: int = 2400) -> subprocess.Compl
         (["defense=ft", "defense.lr=0.1"], "defense.lr: no such key; valid: defense.augment, defense.display_name, defense.schedule"),
         (["dataset=cifar10_jpeg", "paths.data=/nonexistent"], "no train/test folder under /nonexistent/cifar10-jpeg"),
         # a defense's config reaches only what a defender has (it resolved ${attack} into a working attack object)
+        # each of these tracebacked, failed after compute, or ran and wrote a record
+        (["dataset.pool_per_class=abc"], "dataset.pool_per_class='abc': invalid; valid: an integer >= 0"),
+        (["dataset.pool_per_class=-5"], "dataset.pool_per_class=-5: invalid; valid: an integer >= 0"),
+        (["dataset.num_classes=abc"], "dataset.num_classes='abc': invalid; valid: an integer >= 2"),
+        (["worker.timeout=-1"], "worker.timeout=-1: invalid; valid: a number > 0 or null"),
+        (["worker.memory_gb=-1"], "worker.memory_gb=-1: invalid; valid: a number > 0 or null"),
+        (["monitor.test_every=abc"], "monitor.test_every='abc': invalid; valid: an integer >= 1 or null"),
+        (["recipe.optimizer.lr=inf"], "recipe.optimizer.lr=inf: invalid; valid: a finite number"),
+        (["seed=true"], "seed=True: must be an integer >= 0"),
+        (["+foo=bar"], "foo: no such setting"),
         (["-m", "hydra.sweeper.params.defense=ft,clp"],  # refused by Hydra only at launch, after a bogus count
          "hydra.sweeper.params.defense=ft,clp: Hydra cannot sweep its own config; valid: defense=ft,clp"),
         (["defense=ft", "+defense.leak=${attack}"], "defense.leak=${attack}: a defense may not interpolate that; "
@@ -73,10 +83,11 @@ def test_unusable_paths_are_refused_before_any_compute(tmp_path):
     (tmp_path / "a_file").write_text("x")
     for args, message in (([f"paths.cache={tmp_path / 'a_file'}"], "is a file, not a folder"),
                           ([f"paths.records={tmp_path / 'a_file' / 'records'}"], "is a file, not a folder"),
-                          (["paths.records=/sys/bdbench-records"], "cannot write under /sys")):
-        result = subprocess.run([sys.executable, "-m", "bench.cli", *args, f"paths.data={DATA}",
-                                 f"paths.output={tmp_path / 'out'}"], cwd=tmp_path, capture_output=True, text=True,
-                                timeout=600)
+                          (["paths.records=/sys/bdbench-records"], "cannot write under /sys"),
+                          (["-m", f"paths.output={tmp_path / 'a_file'}"], "is a file, not a folder")):  # a traceback
+        output = [] if any(a.startswith("paths.output=") for a in args) else [f"paths.output={tmp_path / 'out'}"]
+        result = subprocess.run([sys.executable, "-m", "bench.cli", *args, f"paths.data={DATA}", *output],
+                                cwd=tmp_path, capture_output=True, text=True, timeout=600)
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 2 and len(lines) == 1 and message in lines[0], result.stderr
     assert not (tmp_path / "cache").exists() and not (tmp_path / "records").exists()
