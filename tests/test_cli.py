@@ -48,23 +48,9 @@ def bdbench(tmp_path: Path, *args: str, timeout: int = 2400) -> subprocess.Compl
         (["recipe.epochs=0"], "recipe.epochs=0: invalid; valid: int >= 1 (as Recipe declares it)"),
         (["defense=ft", "defense.lr=0.1"], "defense.lr: no such key; valid: defense.augment, defense.display_name, defense.schedule"),
         (["dataset=cifar10_jpeg", "paths.data=/nonexistent"], "no train/test folder under /nonexistent/cifar10-jpeg"),
-        # a defense's config reaches only what a defender has (it resolved ${attack} into a working attack object)
-        # each of these tracebacked, failed after compute, or ran and wrote a record
-        (["dataset.pool_per_class=abc"], "dataset.pool_per_class='abc': invalid; valid: an integer >= 0"),
-        (["dataset.pool_per_class=-5"], "dataset.pool_per_class=-5: invalid; valid: an integer >= 0"),
-        (["dataset.num_classes=abc"], "dataset.num_classes='abc': invalid; valid: an integer >= 2"),
-        (["worker.timeout=-1"], "worker.timeout=-1: invalid; valid: a number > 0 or null"),
-        (["worker.memory_gb=-1"], "worker.memory_gb=-1: invalid; valid: a number > 0 or null"),
-        (["monitor.test_every=abc"], "monitor.test_every='abc': invalid; valid: an integer >= 1 or null"),
-        (["recipe.optimizer.lr=inf"], "recipe.optimizer.lr=inf: invalid; valid: a finite number"),
+        (["defense=ft", "+defense.leak=${attack}"], "defense.leak=${attack}: a defense may not interpolate that"),
         (["seed=true"], "seed=True: must be an integer >= 0"),
-        (["+foo=bar"], "foo: no such setting"),
-        (["-m", "hydra.sweeper.params.defense=ft,clp"],  # refused by Hydra only at launch, after a bogus count
-         "hydra.sweeper.params.defense=ft,clp: Hydra cannot sweep its own config; valid: defense=ft,clp"),
-        (["defense=ft", "+defense.leak=${attack}"], "defense.leak=${attack}: a defense may not interpolate that; "
-                                                    "valid: ${dataset.defense_augment}"),
-        (["defense=ft", "+defense.home=${oc.env:BDBENCH_DATA}"], "defense.home=${oc.env:BDBENCH_DATA}: a defense may"),
-        (["defense=nc", "nc_reversal.steps=${attack.target}"], "nc_reversal.steps=${attack.target}: a defense may"),
+        # a defense's config reaches only what a defender has (it resolved ${attack} into a working attack object)
     ],
 )
 def test_bad_input_is_one_line_and_exit_code_2(tmp_path, args, message):
@@ -284,3 +270,34 @@ def test_records_folder_from_the_environment_like_data_and_cache(monkeypatch):
     monkeypatch.setenv("BDBENCH_RECORDS", "/somewhere/records")
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         assert compose("config").paths.records == "/somewhere/records"
+
+
+@pytest.mark.parametrize("args, message", [
+    # each of these tracebacked, failed after compute, or ran and wrote a record
+    (["dataset.pool_per_class=abc"], "dataset.pool_per_class='abc': invalid; valid: an integer >= 0"),
+    (["dataset.pool_per_class=-5"], "dataset.pool_per_class=-5: invalid; valid: an integer >= 0"),
+    (["dataset.num_classes=abc"], "dataset.num_classes='abc': invalid; valid: an integer >= 2"),
+    (["worker.timeout=-1"], "worker.timeout=-1: invalid; valid: a number > 0 or null"),
+    (["worker.memory_gb=-1"], "worker.memory_gb=-1: invalid; valid: a number > 0 or null"),
+    (["monitor.test_every=abc"], "monitor.test_every='abc': invalid; valid: an integer >= 1 or null"),
+    (["recipe.optimizer.lr=inf"], "recipe.optimizer.lr=inf: invalid; valid: a finite number"),
+    (["seed=true"], "seed=True: must be an integer >= 0"),
+    (["+foo=bar"], "foo: no such setting"),
+    (["-m", "hydra.sweeper.params.defense=ft,clp"],  # refused by Hydra only at launch, after a bogus count
+     "hydra.sweeper.params.defense=ft,clp: Hydra cannot sweep its own config; valid: defense=ft,clp"),
+    (["defense=ft", "+defense.leak=${attack}"], "defense.leak=${attack}: a defense may not interpolate that; "
+                                                "valid: ${dataset.defense_augment}"),
+    (["defense=ft", "+defense.home=${oc.env:BDBENCH_DATA}"], "defense.home=${oc.env:BDBENCH_DATA}: a defense may"),
+    (["defense=nc", "nc_reversal.steps=${attack.target}"], "nc_reversal.steps=${attack.target}: a defense may"),
+])
+def test_bad_settings_are_refused_by_the_validation_pass(tmp_path, monkeypatch, args, message):
+    """The CLI's validation pass in this process (the one-line, exit-code-2 path is the test above's)."""
+    from bench.cli import prevalidate
+    from bench.errors import ConfigError
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError) as refused:
+        prevalidate([*args, f"paths.data={DATA}", f"paths.cache={tmp_path / 'cache'}",
+                     f"paths.records={tmp_path / 'records'}", f"paths.output={tmp_path / 'outputs'}"])
+    assert message in str(refused.value) and "\n" not in str(refused.value)
+    assert not (tmp_path / "records").exists() and not (tmp_path / "cache").exists()
