@@ -36,7 +36,7 @@ from bench.columns import ANY, data_free
 from bench.data import DataBundle
 from bench.device import memory_format, resolve_device
 from bench.errors import ConfigError
-from bench.models.base import load_weights
+from bench.weights import load_weights
 from bench.fsutil import sha256_file, sha256_json
 from bench.isolation import DefenseWorker
 from bench.metrics import der, evaluate, predict
