@@ -31,7 +31,7 @@ def bdbench(tmp_path: Path, *args: str, timeout: int = 2400) -> subprocess.Compl
         (["attack=badnet"], "attack=badnet: no such attack (did you mean badnets?); valid: badnets, blended, "
                             "input_aware, none, wanet"),
         (["defense=shap"], "defense=shap: no such defense; valid: anp, ar_purification, ar_purification_code, argd, clp, fp, ft, "
-                           "ft_ar_control, linf_pruning, nad, nc, none, shap_pruning, suspiciousness"),
+                           "ft_ar_control, ft_nad_teacher, linf_pruning, nad, nc, none, shap_pruning, suspiciousness"),
         (["defense=shap_pruning", "defense.value=asr"], "defense.value='asr': invalid; valid: soft_asr, asr_minus_acc"),
         (["dataset=mnist"], "dataset=mnist: no such dataset; valid: cifar10, cifar10_jpeg, fashion_mnist, synthetic"),
         (["budget=101"], "budget=101 is larger than the defender pool"),

@@ -115,7 +115,8 @@ def test_batchnorm_mode_does_not_depend_on_the_model(degenerate, policy):
     assert seen[:3] == [policy == "train"] * 3
 
 
-@pytest.mark.parametrize("name", ["ft", "fp", "nc", "nad", "argd", "anp", "ar_purification", "linf_pruning",
+@pytest.mark.parametrize("name", ["ft", "ft_ar_control", "ft_nad_teacher", "fp", "nc", "nad", "argd", "anp",
+                                  "ar_purification", "linf_pruning",
                                   "suspiciousness"])
 def test_every_fine_tuning_config_trains_batchnorm_by_default(name):
     """Every BatchNorm policy a defense composes to (its schedules included) is train mode."""
