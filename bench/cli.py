@@ -357,17 +357,22 @@ def report_command(args: list[str]) -> None:
                         "exists, else $BDBENCH_CACHE)")
     parser.add_argument("--index", action="store_true", help="also rebuild the index page of the folder above DIR "
                         "(results/index.html: a link to every sweep's report/index.html)")
+    parser.add_argument("--formats", default="png", help="figure formats, comma-separated, of png, pdf, svg "
+                        "(default: png, what the repository keeps; pdf and svg for papers)")
     parser.add_argument("legacy_out", nargs="?", help=argparse.SUPPRESS)  # ``bdbench report DIR OUT`` still works
     parsed = parser.parse_args(args)
     for value in (parsed.records, parsed.legacy_out):
         if value and "=" in value:
             raise ConfigError(f"bdbench report {value}: not a folder (report takes no overrides); valid: "
                               f"bdbench report DIR [--out DIR] [--data DIR] [--cache DIR]")
+    formats = [f.strip() for f in parsed.formats.split(",") if f.strip()]
+    if not formats or set(formats) - {"png", "pdf", "svg"}:
+        raise ConfigError(f"--formats {parsed.formats}: valid: a comma-separated list of png, pdf, svg")
     from bench.report import report
 
     try:
         print(report(parsed.records, parsed.out or parsed.legacy_out, data_root=parsed.data, cache_root=parsed.cache,
-                     echo=print))
+                     echo=print, formats=formats))
     except FileNotFoundError as exc:
         raise ConfigError(str(exc)) from None
     if parsed.index:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import matplotlib
 
@@ -31,7 +31,8 @@ import seaborn as sns  # noqa: E402
 from bench.columns import ANY, SETTING, budgets, named, setting_slug, setting_title  # noqa: E402
 from bench.outcome import DAMAGED, OK, RAN, Rule  # noqa: E402
 
-FORMATS = ("png", "pdf", "svg")
+FORMATS = ("png",)  # what a report writes and the repository keeps (docs/artifacts.md)
+PAPER_FORMATS = ("pdf", "svg")  # on request: bdbench report --formats png,pdf,svg
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">", "h", "p", "d", "8")
 UNDEFENDED = "undefended"
 FINISHED = (OK,)
@@ -66,13 +67,13 @@ class Figure:
         return digest(self.data)
 
 
-def save(plan: Figure, folder: Path) -> str:
-    """PNG for the page, PDF and SVG for papers, each carrying the digest of its numbers and no creation date, so
-    unchanged figures keep their bytes. Returns the stem."""
+def save(plan: Figure, folder: Path, formats: Sequence[str] = FORMATS) -> str:
+    """PNG for the page (and, asked, PDF and SVG for papers), each carrying the digest of its numbers and no creation
+    date, so unchanged figures keep their bytes. Returns the stem."""
     folder.mkdir(parents=True, exist_ok=True)
     fig, source = plan.draw(), plan.digest
     metadata = {"png": {"Software": None}, "pdf": {"CreationDate": None, "Producer": None}, "svg": {"Date": None}}
-    for fmt in FORMATS:
+    for fmt in formats:
         fig.savefig(folder / f"{plan.stem}.{fmt}", dpi=150, metadata={**metadata[fmt], DIGEST_KEY[fmt]: source})
     plt.close(fig)
     return plan.stem

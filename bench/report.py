@@ -40,7 +40,7 @@ import os
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import pandas as pd
 
@@ -468,9 +468,10 @@ def expected_pictures(root: str | Path) -> dict[str, str]:
 
 
 def report(root: str | Path, out: str | Path | None = None, data_root: str | None = None,
-           cache_root: str | None = None, echo: Callable[[str], None] | None = None) -> Path:
-    """Tables, figures, leaderboard and problems.md from the records under ``root``; ``echo`` gets the closing
-    summary (cells used, refused and why, figures not drawn and why)."""
+           cache_root: str | None = None, echo: Callable[[str], None] | None = None,
+           formats: Sequence[str] = draw.FORMATS) -> Path:
+    """Tables, figures (in ``formats``), leaderboard and problems.md from the records under ``root``; ``echo`` gets
+    the closing summary (cells used, refused and why, figures not drawn and why)."""
     root = Path(root)
     out = Path(out) if out else root / "report"
     rule = configured()
@@ -513,10 +514,10 @@ def report(root: str | Path, out: str | Path | None = None, data_root: str | Non
     synthetic = (ran[ran["data_source"] == "synthetic"].groupby(KEYS + ["budget"])["seed"]
                  .apply(lambda s: ", ".join(map(str, sorted(s)))).reset_index(name="seeds"))
     plans = draw.plans(cells, names, curves, rule)
-    stems = [draw.save(plan, out / "figures") for plan in plans]
+    stems = [draw.save(plan, out / "figures", formats) for plan in plans]
     gallery_problems = galleries(triggers, out / "figures", data_root or os.environ.get("BDBENCH_DATA", "data"),
                                  cache_root or published_cache(root))
-    shown = {f"{stem}.{fmt}" for stem in stems for fmt in draw.FORMATS}
+    shown = {f"{stem}.{fmt}" for stem in stems for fmt in formats}
     shown |= {p.name for p in (out / "figures").glob("gallery_*.png")}
     for stale in sorted((out / "figures").glob("*")):  # a figure this report did not draw is not its figure
         if stale.name not in shown:
@@ -540,7 +541,7 @@ def report(root: str | Path, out: str | Path | None = None, data_root: str | Non
              f"{len(refused)} groups of cells refused (mixed settings); {unusable} records not used")
         for problem in refused:
             echo(f"  refused {problem['record']}: {problem['problem']}")
-        echo(f"  {len(stems)} figures drawn ({len(stems) * len(draw.FORMATS)} files) and {len(drawn)} trigger "
+        echo(f"  {len(stems)} figures drawn ({len(stems) * len(formats)} files) and {len(drawn)} trigger "
              f"galleries present")
         for problem in gallery_problems:
             echo(f"  {problem['record']} {problem['problem']}")
