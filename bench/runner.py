@@ -30,7 +30,7 @@ from bench import outcome, records
 from bench.records import identity
 from bench.code_versions import PUBLISHED
 from bench.augment import Augment
-from bench.cache import ModelCache
+from bench.cache import ModelCache, Store
 from bench.checkpoints import load_checkpoint
 from bench.columns import ANY, data_free
 from bench.data import DataBundle
@@ -43,8 +43,7 @@ from bench.metrics import der, evaluate, predict
 from bench.seeding import derive, generator
 from bench.train import train
 from bench.validate import build, display_name, strip_descriptive, validate
-from defenses.base import CleanData, DefenseContext  # the interface, never a concrete defense
-from defenses.reversal import Reversal  # shared machinery, as the channel masks
+from defenses.base import CleanData, DefenseContext, shared_step  # the interface, never a concrete defense
 
 log = logging.getLogger(__name__)
 
@@ -340,14 +339,16 @@ def _run_cell(cfg: DictConfig, choices: dict[str, Any], path: Path) -> dict:
             clean, synthesis = synthetic_set(cfg, model, attack, cache_info["key"], spec.defense_augment, ctx)
             timings["synthesis"] = time.perf_counter() - t
 
-        reversal_info = None
-        if "reversal" in cfg.defense and "augment" in cfg.defense:  # NC, ℓ∞, ShapPruning: reverse once, share
-            phase, t = "reversal", time.perf_counter()
-            rev, reversal_info = shared_reversal(cfg, model, clean, cache_info["key"], ctx)
-            ctx = dataclasses.replace(ctx, reversal=rev)
-            timings["reversal"] = time.perf_counter() - t
+        shared, shared_info = {}, {}
+        for name, node in cfg.defense.items():  # steps several defenses share (defenses.base.register_shared)
+            step = build(node) if OmegaConf.is_dict(node) and "_target_" in node else None
+            if step is not None and shared_step(step) is not None:
+                phase, t = name, time.perf_counter()
+                shared[name], shared_info[name] = shared_result(cfg, name, step, model, clean, cache_info["key"], ctx)
+                timings[name] = time.perf_counter() - t
+        ctx = dataclasses.replace(ctx, shared=shared)
         record.update({"data_source": clean.source, "defense_images": len(clean), "undefended": undefended,
-                       "reversal": reversal_info,
+                       **shared_info,
                        "attack": cache_info["attack_report"], "synthesis": synthesis,
                        "cache": {k_: cache_info[k_] for k_ in ("key", "hit", "train_seconds", "source")},
                        "training": cache_info["history"]})
@@ -432,27 +433,28 @@ def synthetic_set(cfg: DictConfig, model, attack, model_key: str, augment: Augme
             {**entry["stats"], "cache_hit": True})
 
 
-def shared_reversal(cfg: DictConfig, model, clean: CleanData, model_key: str, ctx: DefenseContext):
-    """The trigger reversal of a poisoned model on a cell's clean images under the defense's reversal config,
-    computed once and kept in the verified cache: NC, ℓ∞ and ShapPruning at one budget share it (each used to
-    reverse every label again). Returns (reversal, {key, reused, seconds})."""
-    reversal = build(cfg.defense.reversal)
+def shared_result(cfg: DictConfig, name: str, step, model, clean: CleanData, model_key: str, ctx: DefenseContext):
+    """The result of the shared step ``cfg.defense[name]`` on a poisoned model and a cell's clean images, computed
+    once and kept in the verified cache: NC, ℓ∞ and ShapPruning at one budget share one trigger reversal (each used
+    to reverse every label again). Returns (result, {key, reused, seconds})."""
+    how = shared_step(step)
+    augment = cfg.defense.get("augment")
     digest = hashlib.sha256(clean.x.detach().cpu().numpy().tobytes() + clean.y.cpu().numpy().tobytes()).hexdigest()
     key = sha256_json({"model": model_key, "clean": digest, "source": clean.source,
-                       "reversal": strip_descriptive(cfg.defense.reversal), "augment": strip_descriptive(cfg.defense.augment),
-                       "seed": int(cfg.seed), "precision": ctx.precision, "code": code_version(reversal)})[:32]
-    cache = ModelCache(cfg.paths.cache)
+                       name: strip_descriptive(cfg.defense[name]),
+                       "augment": strip_descriptive(augment) if augment is not None else None,
+                       "seed": int(cfg.seed), "precision": ctx.precision, "code": code_version(step)})[:32]
+    store = Store(cfg.paths.cache, how.kind)
     start = time.perf_counter()
-    with cache.lock(f"reversal-{key}"):
-        entry = cache.reversals.load(key)
+    with ModelCache(cfg.paths.cache).lock(f"{name}-{key}"):
+        entry = store.load(key)
         if entry is None:
-            rev = reversal(copy.deepcopy(model).eval(), clean, build(cfg.defense.augment), ctx)
-            fields = {f.name: getattr(rev, f.name) for f in dataclasses.fields(rev)}
-            cache.reversals.store(key, {"reversal": {k: v.cpu() if torch.is_tensor(v) else v
-                                                     for k, v in fields.items()}}, {})
-            return rev, {"key": key, "reused": False, "seconds": time.perf_counter() - start}
-    fields = {k: v.to(ctx.device) if torch.is_tensor(v) else v for k, v in entry.objects["reversal"].items()}
-    return Reversal(**fields), {"key": key, "reused": True, "seconds": time.perf_counter() - start}
+            result = step(copy.deepcopy(model).eval(), clean, build(augment) if augment is not None else None, ctx)
+            fields = {f.name: getattr(result, f.name) for f in dataclasses.fields(result)}
+            store.store(key, {name: {k: v.cpu() if torch.is_tensor(v) else v for k, v in fields.items()}}, {})
+            return result, {"key": key, "reused": False, "seconds": time.perf_counter() - start}
+    fields = {k: v.to(ctx.device) if torch.is_tensor(v) else v for k, v in entry.objects[name].items()}
+    return how.result(**fields), {"key": key, "reused": True, "seconds": time.perf_counter() - start}
 
 
 def _synthesis_diagnostics(model, clean, attack, augment: Augment, ctx) -> dict:

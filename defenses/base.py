@@ -13,7 +13,7 @@ import sys
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Iterable, Iterator
+from typing import Any, Callable, ClassVar, Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -78,13 +78,40 @@ class DefenseContext:
     seed: int
     precision: str = "fp32"
     progress: Callable[..., Iterable] = field(default=tqdm_progress, compare=False)
-    # The trigger reversal of this model on these clean images under the defense's own reversal config, when
-    # the runner already has it (computed once per poisoned model and budget, shared by NC, ℓ∞, ShapPruning):
-    # something the defender computes from what it holds, never a secret.
-    reversal: Any = field(default=None, compare=False)
+    # Results of shared steps (``register_shared``) by the defense config's key, when the runner already has them:
+    # computed once per poisoned model and clean images from what the defender holds, never a secret.
+    shared: Mapping[str, Any] = field(default_factory=dict, compare=False)
+
+    @property
+    def reversal(self) -> Any:
+        """The shared trigger reversal (NC, ℓ∞ pruning and ShapPruning reverse once per model and budget)."""
+        return self.shared.get("reversal")
 
     def generator(self, purpose: str) -> torch.Generator:
         return generator(self.seed, f"defense:{purpose}", self.device)
+
+
+@dataclass(frozen=True)
+class SharedStep:
+    """A component several defenses run identically, ``step(model, clean, augment, ctx) -> result``: the runner
+    runs it once per (poisoned model, clean images, its config), keeps ``result`` (a dataclass; tensors and plain
+    fields) in the verified cache folder ``kind`` and hands it to every defense whose config holds the same step,
+    as ``ctx.shared[<config key>]``. The engine knows steps only through this registry."""
+
+    kind: str
+    result: type
+
+
+SHARED_STEPS: dict[type, SharedStep] = {}
+
+
+def register_shared(step: type, kind: str, result: type) -> None:
+    SHARED_STEPS[step] = SharedStep(kind, result)
+
+
+def shared_step(component: Any) -> SharedStep | None:
+    """How ``component`` is shared, or None for a component each defense runs itself."""
+    return SHARED_STEPS.get(type(component))
 
 
 class Defense(ABC):

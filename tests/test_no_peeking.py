@@ -28,7 +28,7 @@ class SpyDefense(Defense):
 def test_apply_takes_only_model_clean_and_context():
     assert list(inspect.signature(Defense.apply).parameters) == ["self", "model", "clean", "ctx"]
     fields = {f.name for f in dataclasses.fields(DefenseContext)}
-    assert fields == {"num_classes", "input_shape", "device", "seed", "precision", "progress", "reversal"}
+    assert fields == {"num_classes", "input_shape", "device", "seed", "precision", "progress", "shared"}
     assert {f.name for f in dataclasses.fields(CleanData)} == {"x", "y", "source"}
 
 
