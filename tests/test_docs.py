@@ -24,6 +24,14 @@ def test_nothing_points_outside_the_repository():
     assert found == []
 
 
+def test_a_section_is_cited_with_its_file():
+    """A bare "§5.4" in code or config read as the outside spec's numbering; outside docs/ a section is cited as
+    ``docs/<file>.md §N``."""
+    bare = [f"{p.relative_to(ROOT)}:{i}" for p in tracked() if p.name != "test_docs.py" and p.parent.name != "docs"
+            for i, line in enumerate(p.read_text().splitlines(), 1) if "§" in CITED.sub("", line)]
+    assert bare == []
+
+
 def test_every_cited_section_exists():
     sections = {}
     for doc in (ROOT / "docs").glob("*.md"):
