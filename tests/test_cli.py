@@ -4,6 +4,7 @@ compute; a sweep writes one record per cell and a second run trains and writes n
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -80,11 +81,11 @@ def test_unusable_paths_are_refused_before_any_compute(tmp_path):
 
 
 def test_cuda_asked_for_but_absent(tmp_path):
-    import torch
-
-    if torch.cuda.is_available():
-        pytest.skip("this machine has CUDA")
-    result = bdbench(tmp_path, "device=cuda")
+    """No GPU visible (on a GPU machine too: CUDA_VISIBLE_DEVICES hides them, where the test used to skip)."""
+    result = subprocess.run([sys.executable, "-m", "bench.cli", "device=cuda", f"paths.data={DATA}",
+                             f"paths.cache={tmp_path / 'cache'}", f"paths.records={tmp_path / 'records'}"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     assert result.returncode == 2 and "device=cuda but CUDA is not available" in result.stderr
 
 
