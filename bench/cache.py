@@ -25,7 +25,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -43,8 +43,9 @@ class Entry:
 class Store:
     """Verified entries of one kind: ``store(key, objects, manifest)`` and ``load(key) -> Entry | None``."""
 
-    def __init__(self, root: str | Path, kind: str) -> None:
-        self.root, self.kind = Path(root), kind
+    def __init__(self, root: str | Path, kind: str, describes: Callable[[str, dict], bool] | None = None) -> None:
+        """``describes(key, manifest)``: whether an entry's manifest says it is what ``key`` names (else corrupt)."""
+        self.root, self.kind, self.describes = Path(root), kind, describes
 
     def path(self, key: str) -> Path:
         return self.root / self.kind / key
@@ -61,6 +62,8 @@ class Store:
             files = manifest["files"]
             if not files:
                 raise ValueError("its manifest lists no files")
+            if self.describes is not None and not self.describes(key, manifest):
+                raise ValueError("it is not what its key describes")
             for name, digest in files.items():
                 if not (folder / name).is_file():
                     raise ValueError(f"{name} missing")
@@ -96,6 +99,12 @@ class Store:
         return Entry(objects, manifest)
 
 
+def spec_digests_to_key(key: str, manifest: dict) -> bool:
+    """A poisoned model's key is the digest of its ``spec``: another seed's model folder renamed under this key,
+    manifest and all, is refused."""
+    return sha256_json(manifest.get("spec"))[:len(key)] == key
+
+
 @dataclass
 class TrainingCheckpoint:
     """``train``'s checkpoint for one poisoned model (``bench.train.Checkpoint``), a verified cache entry."""
@@ -126,8 +135,9 @@ class ModelCache:
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
-        self.models, self.synthetic, self.datasets, self.reversals, self.training = (
-            Store(self.root, k) for k in ("models", "synthetic", "datasets", "reversals", "training"))
+        self.models = Store(self.root, "models", describes=spec_digests_to_key)
+        self.synthetic, self.datasets, self.reversals, self.training = (
+            Store(self.root, k) for k in ("synthetic", "datasets", "reversals", "training"))
 
     def path(self, key: str) -> Path:
         return self.models.path(key)
@@ -145,17 +155,8 @@ class ModelCache:
                 fcntl.flock(f, fcntl.LOCK_UN)
 
     def load(self, key: str) -> CacheEntry | None:
-        """A poisoned model whose manifest's ``spec`` is what ``key`` digests (the key names what made the model:
-        another seed's model renamed into this key's folder, manifest and all, is refused), else None."""
         entry = self.models.load(key)
-        if entry is None:
-            return None
-        if sha256_json(entry.manifest.get("spec"))[:len(key)] != key:
-            log.warning("models cache entry %s is not what its key describes (its spec digests otherwise); removing it "
-                        "and building it again", self.models.path(key))
-            shutil.rmtree(self.models.path(key), ignore_errors=True)
-            return None
-        return CacheEntry(entry.objects["weights"], entry.objects["attack"], entry.manifest)
+        return None if entry is None else CacheEntry(entry.objects["weights"], entry.objects["attack"], entry.manifest)
 
     def store(self, key: str, weights: dict, attack_state: dict, manifest: dict) -> CacheEntry:
         entry = self.models.store(key, {"weights": weights, "attack": attack_state}, manifest)

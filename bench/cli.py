@@ -365,10 +365,13 @@ def report_command(args: list[str]) -> None:
         if value and "=" in value:
             raise ConfigError(f"bdbench report {value}: not a folder (report takes no overrides); valid: "
                               f"bdbench report DIR [--out DIR] [--data DIR] [--cache DIR]")
-    formats = [f.strip() for f in parsed.formats.split(",") if f.strip()]
-    if not formats or set(formats) - {"png", "pdf", "svg"}:
-        raise ConfigError(f"--formats {parsed.formats}: valid: a comma-separated list of png, pdf, svg")
+    from bench.figures import FORMATS, PAPER_FORMATS
     from bench.report import report
+
+    formats = [f.strip() for f in parsed.formats.split(",") if f.strip()]
+    if not formats or set(formats) - {*FORMATS, *PAPER_FORMATS}:
+        raise ConfigError(f"--formats {parsed.formats}: valid: a comma-separated list of "
+                          f"{', '.join((*FORMATS, *PAPER_FORMATS))}")
 
     try:
         print(report(parsed.records, parsed.out or parsed.legacy_out, data_root=parsed.data, cache_root=parsed.cache,

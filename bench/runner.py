@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
+from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
 from bench import outcome, records
@@ -341,10 +342,9 @@ def _run_cell(cfg: DictConfig, choices: dict[str, Any], path: Path) -> dict:
 
         shared, shared_info = {}, {}
         for name, node in cfg.defense.items():  # steps several defenses share (defenses.base.register_shared)
-            step = build(node) if OmegaConf.is_dict(node) and "_target_" in node else None
-            if step is not None and shared_step(step) is not None:
+            if OmegaConf.is_dict(node) and "_target_" in node and shared_step(get_class(node._target_)):
                 phase, t = name, time.perf_counter()
-                shared[name], shared_info[name] = shared_result(cfg, name, step, model, clean, cache_info["key"], ctx)
+                shared[name], shared_info[name] = shared_result(cfg, name, model, clean, cache_info["key"], ctx)
                 timings[name] = time.perf_counter() - t
         ctx = dataclasses.replace(ctx, shared=shared)
         record.update({"data_source": clean.source, "defense_images": len(clean), "undefended": undefended,
@@ -433,11 +433,12 @@ def synthetic_set(cfg: DictConfig, model, attack, model_key: str, augment: Augme
             {**entry["stats"], "cache_hit": True})
 
 
-def shared_result(cfg: DictConfig, name: str, step, model, clean: CleanData, model_key: str, ctx: DefenseContext):
+def shared_result(cfg: DictConfig, name: str, model, clean: CleanData, model_key: str, ctx: DefenseContext):
     """The result of the shared step ``cfg.defense[name]`` on a poisoned model and a cell's clean images, computed
     once and kept in the verified cache: NC, ℓ∞ and ShapPruning at one budget share one trigger reversal (each used
     to reverse every label again). Returns (result, {key, reused, seconds})."""
-    how = shared_step(step)
+    step = build(cfg.defense[name])
+    how = shared_step(type(step))
     augment = cfg.defense.get("augment")
     digest = hashlib.sha256(clean.x.detach().cpu().numpy().tobytes() + clean.y.cpu().numpy().tobytes()).hexdigest()
     key = sha256_json({"model": model_key, "clean": digest, "source": clean.source,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import functools
 import math
 import os
 import re
@@ -11,7 +12,7 @@ import types
 import typing
 from importlib.resources import files
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
@@ -155,6 +156,24 @@ SETTINGS = (("dataset.num_classes", True, 2, False), ("dataset.pool_per_class", 
 COMPONENTS = ("dataset", "model", "attack", "defense", "recipe", "synthesis", "nc_reversal", "outcome", "worker")
 
 
+def leaves(node: Any, where: str) -> Iterator[tuple[str, Any]]:
+    """(path, value) of every leaf of a plain config container, paths as the command line writes them."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield from leaves(value, f"{where}.{key}")
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            yield from leaves(value, f"{where}[{i}]")
+    else:
+        yield where, node
+
+
+@functools.cache
+def top_level_keys() -> frozenset[str]:
+    """The settings a composed config may have at its top: the root config's keys and the config groups."""
+    return frozenset(OmegaConf.load(CONF_DIR / "config.yaml").keys()) | set(GROUPS) | {"hydra"}
+
+
 def check_settings(cfg: DictConfig) -> None:
     """The engine's own numbers, top-level keys nobody reads, and non-finite numbers anywhere in a component: each
     of them used to crash mid-cell, or to run and write a record (``seed=true``, ``+foo=bar`` as a new cell,
@@ -167,30 +186,21 @@ def check_settings(cfg: DictConfig) -> None:
         if isinstance(value, bool) or not isinstance(value, kind) or value < low:
             words = (f"an integer >= {low}" if integer else "a number > 0") + (" or null" if nullable else "")
             raise ConfigError(f"{key}={value!r}: invalid; valid: {words}")
-    known = set(OmegaConf.load(CONF_DIR / "config.yaml").keys()) | set(GROUPS) | {"hydra"}
+    known = top_level_keys()
     for key in cfg.keys():
         if key not in known:
             raise ConfigError(f"{key}: no such setting (a key nothing reads would still rename the cell); valid: "
                               f"{', '.join(sorted(known - {'defaults', 'hydra'}))}")
-
-    def finite(node: Any, where: str) -> None:
-        if isinstance(node, dict):
-            for k, v in node.items():
-                finite(v, f"{where}.{k}")
-        elif isinstance(node, list):
-            for i, v in enumerate(node):
-                finite(v, f"{where}[{i}]")
-        elif isinstance(node, float) and not math.isfinite(node):
-            raise ConfigError(f"{where}={node}: invalid; valid: a finite number")
-
     for group in COMPONENTS:
-        if group in cfg:
-            try:
-                finite(OmegaConf.to_container(cfg[group], resolve=True), group)
-            except ConfigError:
-                raise
-            except Exception:  # an interpolation that does not resolve here: the component's own checks report it
-                continue
+        if group not in cfg:
+            continue
+        try:
+            values = list(leaves(OmegaConf.to_container(cfg[group], resolve=True), group))
+        except Exception:  # an interpolation that does not resolve here: the component's own checks report it
+            continue
+        for where, value in values:
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{where}={value}: invalid; valid: a finite number")
 
 
 def check_writable_folder(name: str, folder: Path) -> None:
@@ -218,22 +228,14 @@ _INTERPOLATION = re.compile(r"\$\{\s*([^${}:\s]*)\s*(:?)")
 def check_defense_reach(cfg: DictConfig) -> None:
     """Refuse, naming the key, a defense setting that interpolates anything but ``DEFENDER_FACTS`` (and those nodes'
     own values likewise): resolved in the runner, ``leak: ${attack}`` reached the worker as a working attack object."""
-    def walk(node: Any, where: str) -> None:
-        if isinstance(node, dict):
-            for key, value in node.items():
-                walk(value, f"{where}.{key}")
-        elif isinstance(node, list):
-            for i, value in enumerate(node):
-                walk(value, f"{where}[{i}]")
-        elif isinstance(node, str):
-            for path, resolver in _INTERPOLATION.findall(node):
-                if resolver or not any(path == fact or path.startswith(fact + ".") for fact in DEFENDER_FACTS):
-                    raise ConfigError(f"{where}={node}: a defense may not interpolate that; valid: "
-                                      + ", ".join(f"${{{fact}}}" for fact in DEFENDER_FACTS))
-
     for group in ("defense", "nc_reversal", "coalition_images"):
-        if group in cfg:
-            walk(OmegaConf.to_container(cfg[group], resolve=False), group)
+        if group not in cfg:
+            continue
+        for where, value in leaves(OmegaConf.to_container(cfg[group], resolve=False), group):
+            for path, resolver in _INTERPOLATION.findall(value) if isinstance(value, str) else ():
+                if resolver or not any(path == fact or path.startswith(fact + ".") for fact in DEFENDER_FACTS):
+                    raise ConfigError(f"{where}={value}: a defense may not interpolate that; valid: "
+                                      + ", ".join(f"${{{fact}}}" for fact in DEFENDER_FACTS))
 
 
 def _one_line(exc: Exception) -> ConfigError:

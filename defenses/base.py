@@ -109,9 +109,9 @@ def register_shared(step: type, kind: str, result: type) -> None:
     SHARED_STEPS[step] = SharedStep(kind, result)
 
 
-def shared_step(component: Any) -> SharedStep | None:
-    """How ``component`` is shared, or None for a component each defense runs itself."""
-    return SHARED_STEPS.get(type(component))
+def shared_step(cls: type) -> SharedStep | None:
+    """How components of class ``cls`` are shared, or None for a component each defense runs itself."""
+    return SHARED_STEPS.get(cls)
 
 
 class Defense(ABC):
