@@ -28,9 +28,9 @@ COLUMNS = [  # (key, header, kind): what each row shows; numbers sort numericall
     ("experiment", "experiment", "text"), ("budget", "k", "budget"), ("attack", "attack", "text"),
     ("defense", "defense", "text"), ("outcome", "outcome", "text"), ("asr", "ASR %", "num"), ("acc", "ACC %", "num"),
     ("der", "DER %", "num"), ("undefended_asr", "ASR before %", "num"), ("undefended_acc", "ACC before %", "num"),
-    ("n", "finished / run", "text"), ("records", "records", "links"),
+    ("n", "finished / run", "text"), ("isolation", "isolation", "text"), ("records", "records", "links"),
 ]
-FILTERS = ("dataset", "model", "recipe", "experiment", "attack", "defense", "budget", "outcome")
+FILTERS = ("dataset", "model", "recipe", "experiment", "attack", "defense", "budget", "outcome", "isolation")
 DEFAULT_SORT = "-der"
 
 PAGE = """<!doctype html>
@@ -174,6 +174,7 @@ def rows(cells: pd.DataFrame, names: dict, records_root: Path, page_dir: Path) -
             "undefended_acc": _mean(poisoned.get("undefended_acc", pd.Series(dtype=float))),
             "n": f"{int((group['status'] == OK).sum())}/{len(group)}" + "".join(f", {s} {n}" for s, n in others.items()),
             "status": None if shown else worst,
+            "isolation": ", ".join(sorted(set(group.get("isolation", pd.Series(dtype=object)).dropna()))) or None,
             "records": [os.path.relpath(records_root / r, page_dir) for r in record_files], "config": config,
         })
     return out

@@ -75,6 +75,15 @@ def model_setting(rec: dict) -> str | None:
                         "recipe": config.get("recipe")})[:12]
 
 
+def isolation_of(rec: dict) -> str | None:
+    """How the cell's defense ran (bench.isolation); records from before the sandbox say it through
+    ``peak_memory.isolated`` (a worker process, or the runner's own). None for a cell that failed before it."""
+    if "isolation" in rec:
+        return rec["isolation"]
+    isolated = (rec.get("peak_memory") or {}).get("isolated")
+    return None if isolated is None else "process" if isolated else "none"
+
+
 def budget_of(rec: dict) -> int | str:
     """A cell's budget; a data-free defense's cell recorded at a number by an older version is "any" like today's."""
     budget = rec["cell"]["budget"]
@@ -125,7 +134,8 @@ def load(root: str | Path, triggers: dict | None = None, names: dict | None = No
                 names.update(display_names(rec))
                 rows.append({**{k: cell[k] for k in KEYS}, "budget": budget_of(rec), "seed": cell["seed"],
                              "status": of_record(rec, rule), "setting": cell["setting"],
-                             "model_setting": model_setting(rec), "record": str(path.relative_to(root))})
+                             "model_setting": model_setting(rec), "isolation": isolation_of(rec),
+                             "record": str(path.relative_to(root))})
             continue
         cell, m, u = rec["cell"], rec["metrics"], rec["undefended"]
         names.update(display_names(rec))
@@ -137,7 +147,8 @@ def load(root: str | Path, triggers: dict | None = None, names: dict | None = No
             curves += training_rows(rec)
         rows.append({**{k: cell[k] for k in KEYS}, "budget": budget_of(rec), "seed": cell["seed"],
                      "status": of_record(rec, rule), "setting": cell["setting"],
-                     "model_setting": model_setting(rec), "data_source": rec["data_source"], **{k: m.get(k) for k in METRICS},
+                     "model_setting": model_setting(rec), "isolation": isolation_of(rec),
+                     "data_source": rec["data_source"], **{k: m.get(k) for k in METRICS},
                      **{f"undefended_{k}": u.get(k) for k in ("acc", "asr", "ra")},
                      "defense_seconds": rec["timings"].get("defense"),
                      **{f"{phase}_seconds": rec["timings"].get(phase) for phase in ("synthesis", "reversal", "eval")},

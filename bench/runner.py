@@ -39,7 +39,7 @@ from bench.device import memory_format, resolve_device
 from bench.errors import ConfigError
 from bench.weights import load_weights
 from bench.fsutil import sha256_file, sha256_json
-from bench.isolation import DefenseWorker
+from bench.isolation import DefenseWorker, resolve_isolation
 from bench.metrics import der, evaluate, predict
 from bench.seeding import derive, generator
 from bench.train import train
@@ -272,11 +272,15 @@ class RememberedTrigger:
 _WORKERS: dict[tuple, DefenseWorker] = {}
 
 
-def defense_worker(settings: DictConfig) -> DefenseWorker:
-    """This process's defense worker for these settings (started on first use, stopped at exit)."""
-    key = (settings.timeout, settings.threads, settings.memory_gb)
+def defense_worker(settings: DictConfig, paths: DictConfig) -> DefenseWorker:
+    """This process's defense worker for these settings (started on first use, stopped at exit); the sandbox
+    hides the data, the cache, the records and the output folder."""
+    hidden = tuple(Path(p).absolute() for p in (paths.data, paths.cache, paths.records, paths.output))
+    isolation = resolve_isolation(settings.isolation)
+    key = (settings.timeout, settings.threads, settings.memory_gb, isolation, hidden)
     if key not in _WORKERS:
-        _WORKERS[key] = DefenseWorker(settings.timeout, settings.threads or torch.get_num_threads(), settings.memory_gb)
+        _WORKERS[key] = DefenseWorker(settings.timeout, settings.threads or torch.get_num_threads(), settings.memory_gb,
+                                      isolation, list(hidden))
         atexit.register(_WORKERS[key].stop)
     return _WORKERS[key]
 
@@ -356,9 +360,10 @@ def _run_cell(cfg: DictConfig, choices: dict[str, Any], path: Path) -> dict:
             torch.cuda.reset_peak_memory_stats(device)
         phase, t = "defense", time.perf_counter()
         seed = derive(int(cfg.seed), "defense")
-        if cfg.worker.isolate:
-            outcome = defense_worker(cfg.worker).run(strip_descriptive(cfg.defense), copy.deepcopy(model), clean, ctx,
-                                                     seed)
+        isolation = resolve_isolation(cfg.worker.isolation)
+        if isolation != "none":
+            outcome = defense_worker(cfg.worker, cfg.paths).run(strip_descriptive(cfg.defense), copy.deepcopy(model),
+                                                                clean, ctx, seed)
             weights, report, peak_rss = outcome.weights, outcome.report, outcome.peak_rss_mb
         else:
             torch.manual_seed(seed)
@@ -396,7 +401,8 @@ def _run_cell(cfg: DictConfig, choices: dict[str, Any], path: Path) -> dict:
         metrics=metrics,
         defense=report,
         timings=timings,
-        peak_memory={"rss_mb": peak_rss, "isolated": bool(cfg.worker.isolate),
+        isolation=isolation,
+        peak_memory={"rss_mb": peak_rss, "isolated": isolation != "none",
                      "cuda_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None},
         env=records.environment(device),
     )

@@ -23,6 +23,7 @@ import torch
 
 from bench.device import resolve_device
 from bench.errors import ConfigError
+from bench.isolation import resolve_isolation
 from bench.schema import Range
 
 # bdbench's config tree is package data (the folder conf/, installed as bench.conf): a wheel composes from
@@ -266,6 +267,7 @@ def validate(cfg: DictConfig, choices: dict[str, Any], check_data: bool = True) 
         raise ConfigError(f"attack.target={cfg.attack.target}: out of range for {num_classes} classes; "
                           f"valid: 0..{num_classes - 1}")
     resolve_device(cfg.device)
+    resolve_isolation(cfg.worker.isolation)
     for key in ("records", "cache", "output"):
         check_writable_folder(f"paths.{key}", Path(cfg.paths[key]))
     check_defense_reach(cfg)

@@ -47,7 +47,7 @@ class Slow(Defense):
 def test_two_processes_on_one_cell_run_its_defense_once(tiny_cfg, choices):
     run_cell(cfg := tiny_cfg("defense=none"), choices(cfg))  # the poisoned model, cached first
     cfg.defense = {"_target_": "test_faults.Slow"}
-    cfg.worker.isolate = False  # counted in this process
+    cfg.worker.isolation = "none"  # counted in this process
     Slow.runs.clear()
     results = []
     workers = [threading.Thread(target=lambda: results.append(run_cell(cfg, {**choices(cfg), "defense": "slow"})))

@@ -19,10 +19,10 @@ from defenses.base import Defense
 
 
 class Snoop(Defense):
-    """Walks everything a process can reach and writes down what it found."""
+    """Walks everything a process can reach and reports what it found (its report is its only way out)."""
 
-    def __init__(self, out: str) -> None:
-        self.out = out
+    def __init__(self, files: list[str], runner: int) -> None:
+        self.files, self.runner = files, runner
 
     def repair(self, model, clean, ctx):
         from attacks.base import Attack
@@ -45,22 +45,89 @@ class Snoop(Defense):
         found["modules_with_attack"] = sorted(name for name, m in list(sys.modules.items())
                                              if any(isinstance(v, Attack) for v in vars(m).values()))
         found["clean"] = list(clean.x.shape)
-        Path(self.out).write_text(json.dumps(found))
-        return {}
+        found["readable"] = [path for path in [*self.files, f"/proc/{self.runner}/cmdline",
+                                               f"/proc/{self.runner}/environ", f"/proc/{self.runner}/mem"]
+                             if _readable(path)]
+        return {"found": found}
 
 
-def test_a_snooping_defense_finds_no_secret(tiny_cfg, choices, tmp_path):
-    cfg = tiny_cfg("attack=badnets", "attack.target=3", "budget=2")
-    cfg.defense = {"_target_": "test_isolation.Snoop", "out": str(tmp_path / "found.json")}
+def _readable(path: str) -> bool:
+    try:
+        if os.path.isdir(path):
+            return bool(os.listdir(path))
+        with open(path, "rb") as f:
+            return bool(f.read(1))
+    except OSError:
+        return False
+
+
+def _secrets(cfg) -> list[str]:
+    """What a cheating defense would read: the data folder and its files, the cache (models with their targets,
+    the attack's stamp and poisoned indices) and the records."""
+    data = sorted(Path(cfg.paths.data).glob("*/*"))[:20]  # the data sets' files (CIFAR-10's JPEG folders: 60,000)
+    files = [cfg.paths.data, *map(str, data), cfg.paths.cache, cfg.paths.records]
+    files += [str(p) for p in Path(cfg.paths.cache).rglob("*") if p.is_file()]
+    return files
+
+
+@pytest.mark.parametrize("isolation", ["sandbox", "process"])
+def test_a_snooping_defense_finds_no_secret(isolation, tiny_cfg, choices):
+    """In memory it finds nothing under either isolation; in the sandbox it also cannot read the data folder, the
+    cache, the records or the runner's /proc (a plain process can: the issue read 254 MB of the runner's memory)."""
+    cfg = tiny_cfg("attack=badnets", "attack.target=3", "budget=2", f"worker.isolation={isolation}")
+    run_cell(cfg, {**choices(cfg), "defense": "none"})  # the poisoned model in the cache, a record in the records
+    cfg.defense = {"_target_": "test_isolation.Snoop", "files": _secrets(cfg), "runner": os.getpid()}
     record = run_cell(cfg, {**choices(cfg), "defense": "snoop"})
     assert record["status"] == "ok", record.get("error")
-    found = json.loads((tmp_path / "found.json").read_text())
+    assert record["isolation"] == isolation
+    found = record["defense"]["found"]
     assert found["attacks"] == 0 and found["data_sets"] == 0 and found["modules_with_attack"] == []
     assert found["image_batches"] == []  # no uint8 image tensor at all: not the test set, not the training set
     assert found["configs"] == 0 and found["read_cache"] == 0 and found["hydra"] is False
-    assert found["argv"] == ["bdbench-defense-worker"] and found["env"] == []
-    assert "run_cell" not in found["frames"] and "_run_cell" not in found["frames"]
+    assert found["env"] == [] and "run_cell" not in found["frames"] and "_run_cell" not in found["frames"]
     assert found["clean"] == [20, 1, 16, 16]  # what it was given: 2 clean images per class
+    if isolation == "sandbox":
+        assert found["readable"] == []
+    else:  # what the threat model says a plain process can still reach
+        assert f"/proc/{os.getpid()}/cmdline" in found["readable"] and cfg.paths.cache in found["readable"]
+
+
+FORGER = """
+import json, pathlib, sys, time
+time.sleep(float(sys.argv[2]))
+for path in pathlib.Path(sys.argv[1]).rglob("*.json"):
+    record = json.loads(path.read_text())
+    record["metrics"]["asr"] = 0.0
+    path.write_text(json.dumps(record))
+"""
+
+
+class Forge(Defense):
+    """Starts a detached process that rewrites the records after the runner wrote them."""
+
+    def __init__(self, records: str, delay: float) -> None:
+        self.records, self.delay = records, delay
+
+    def repair(self, model, clean, ctx):
+        import subprocess
+
+        subprocess.Popen([sys.executable, "-c", FORGER, self.records, str(self.delay)], start_new_session=True,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        return {}
+
+
+def test_a_detached_process_cannot_forge_the_record(tiny_cfg, choices):
+    """A defense's detached child rewrote its record after the runner wrote it (the terminal said ASR 97.8, the
+    file 0.0). In the sandbox the records folder does not exist and the child dies with the cell."""
+    from bench.runner import cell_path
+
+    cfg = tiny_cfg("attack=badnets", "budget=1", "worker.isolation=sandbox")
+    cfg.defense = {"_target_": "test_isolation.Forge", "records": cfg.paths.records, "delay": 1.0}
+    path = cell_path(cfg, {**choices(cfg), "defense": "forge"})
+    record = run_cell(cfg, {**choices(cfg), "defense": "forge"})
+    assert record["status"] == "ok" and record["metrics"]["asr"] > 0.5
+    time.sleep(3)
+    assert json.loads(path.read_text())["metrics"]["asr"] == record["metrics"]["asr"]
 
 
 class Oracle(torch.nn.Module):
@@ -87,12 +154,12 @@ class Regrow(Defense):
         return {}
 
 
-@pytest.mark.parametrize("isolate", [True, False])
-def test_a_repaired_object_never_runs_only_its_weights_do(isolate, tiny_cfg, choices):
+@pytest.mark.parametrize("isolation", ["sandbox", "none"])
+def test_a_repaired_object_never_runs_only_its_weights_do(isolation, tiny_cfg, choices):
     """The runner unpickled the model a defense returned and ran its forward: ACC 83.9 -> 100, ASR 100 -> 0 with a
     class that read the test labels from the evaluator's frames. Now only its weights come back, into the runner's
     own class: the cheat's numbers are the undefended model's."""
-    cfg = tiny_cfg("attack=badnets", "budget=1", f"worker.isolate={str(isolate).lower()}")
+    cfg = tiny_cfg("attack=badnets", "budget=1", f"worker.isolation={isolation}")
     cfg.defense = {"_target_": "test_isolation.Cheat"}
     record = run_cell(cfg, {**choices(cfg), "defense": "cheat"})
     assert record["status"] == "ok", record.get("error")
@@ -122,7 +189,7 @@ class Hang(Defense):
 
 
 @pytest.mark.parametrize("name, settings, error", [
-    ("abort", {}, "defense worker died (exit code -6"),
+    ("abort", {}, "defense worker died (signal 6, SIGABRT"),
     ("hog", {"memory_gb": 3}, "alloc"),
     ("hang", {"timeout": 3}, "ran past worker.timeout=3"),
 ])
@@ -143,49 +210,71 @@ def test_worker_timeout_counts_the_defense_not_the_workers_start(tiny_cfg, choic
     assert record["status"] == "ok", record.get("error")
 
 
-def test_a_worker_whose_runner_is_gone_exits_quietly(capfd):
-    """A killed sweep closes the worker's pipe: the worker ends with exit code 0 and no EOFError traceback."""
+@pytest.mark.parametrize("isolation", ["sandbox", "process"])
+def test_a_worker_whose_runner_is_gone_exits_quietly(isolation, capfd):
+    """A killed sweep closes the worker's socket: the worker ends with exit code 0 and no EOFError traceback."""
     from bench.isolation import DefenseWorker
 
-    worker = DefenseWorker(timeout=None, threads=1, memory_gb=None)
+    worker = DefenseWorker(timeout=None, threads=1, memory_gb=None, isolation=isolation)
     worker._start()
-    process = worker.process
-    worker.conn.close()  # what the runner's death does to the worker's end of the pipe
-    process.join(60)
-    assert process.exitcode == 0
+    worker.conn.close()  # what the runner's death does to the worker's end of the socket
+    assert worker.process.wait(60) == 0
     assert "EOFError" not in capfd.readouterr().err
 
 
 RUNNER = """
-import torch
+import sys, torch
 from bench.isolation import DefenseWorker
-worker = DefenseWorker(timeout=None, threads=1, memory_gb=None)
+worker = DefenseWorker(timeout=None, threads=1, memory_gb=None, isolation=sys.argv[1])
 worker._start()
 print(worker.process.pid, flush=True)
 worker.run({"_target_": "test_isolation.Hang"}, torch.nn.Linear(1, 1), None, None, 0)
 """
 
 
-def test_a_worker_ends_when_its_runner_is_killed_mid_cell():
+def descendants(pid: int) -> set[int]:
+    """Every living process below ``pid`` (from /proc's parent links)."""
+    parents = {}
+    for entry in os.listdir("/proc"):
+        try:
+            parents[int(entry)] = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (ValueError, OSError, IndexError):
+            continue
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("isolation", ["sandbox", "process"])
+def test_a_worker_ends_when_its_runner_is_killed_mid_cell(isolation):
     """SIGTERM on a sweep (``pkill -f "bdbench -m ..."``) killed the runner, but its worker went on computing the
     cell it had started (minutes of ANP on two cores shared with the next sweep): it only read its pipe between
-    cells. The worker now watches its parent and ends within seconds of its death."""
+    cells. The worker (in the sandbox, every process of it) now ends within seconds of its runner's death."""
     import signal
     import subprocess
 
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), *sys.path])}
-    runner = subprocess.Popen([sys.executable, "-c", RUNNER], stdout=subprocess.PIPE, text=True, env=env)
+    runner = subprocess.Popen([sys.executable, "-c", RUNNER, isolation], stdout=subprocess.PIPE, text=True, env=env)
     worker_pid = int(runner.stdout.readline())
     time.sleep(2)  # the worker has the cell and sleeps in Hang.repair
-    os.kill(worker_pid, 0)  # alive
+    tree = {pid for pid in {worker_pid} | descendants(worker_pid) if alive(pid)}
+    assert worker_pid in tree and len(tree) >= (3 if isolation == "sandbox" else 1), tree  # bwrap, its init, Python
     runner.send_signal(signal.SIGTERM)
     runner.wait(30)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        try:
-            os.kill(worker_pid, 0)
-        except ProcessLookupError:
+        if not any(alive(pid) for pid in tree):
             return
         time.sleep(0.2)
-    os.kill(worker_pid, signal.SIGKILL)
-    pytest.fail(f"worker {worker_pid} outlived its killed runner by 30 s")
+    for pid in tree:
+        os.kill(pid, signal.SIGKILL)
+    pytest.fail(f"worker processes {sorted(p for p in tree if alive(p))} outlived their killed runner by 30 s")

@@ -31,7 +31,8 @@ def cells(tmp_path: Path) -> pd.DataFrame:
                         "attack": "badnets", "defense": defense, "budget": 1, "seed": seed,
                         "status": "diverged" if diverged else "ok", "asr": None if diverged else 0.1 + 0.3 * d,
                         "acc": None if diverged else 0.9 - 0.1 * d, "der": None if diverged else 0.5,
-                        "undefended_asr": 0.99, "undefended_acc": 0.91, "record": f"records/{name}"})
+                        "undefended_asr": 0.99, "undefended_acc": 0.91, "record": f"records/{name}",
+                        "isolation": "process" if defense == "clp" and seed == 1 else "sandbox"})
     return pd.DataFrame(out)
 
 
@@ -43,6 +44,7 @@ def test_rows_pool_seeds_count_outcomes_and_link_records(tmp_path):
     assert table["ℓ∞ pruning"]["asr"] == 70.0 and table["clp"]["undefended_asr"] == 99.0
     assert table["clp"]["records"] == ["../records/clp-s0.json", "../records/clp-s1.json"]
     assert table["ℓ∞ pruning"]["config"] == {"defense": {"_target_": "linf_pruning", "lr": 0.02}}
+    assert table["clp"]["isolation"] == "process, sandbox" and table["ft"]["isolation"] == "sandbox"  # seeds' isolations
 
 
 def chromium() -> str | None:

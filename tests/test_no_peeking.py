@@ -35,7 +35,7 @@ def test_apply_takes_only_model_clean_and_context():
 def test_what_the_defense_receives_reveals_no_secret(tiny_cfg, choices):
     from bench import runner
 
-    cfg = tiny_cfg("attack=badnets", "attack.target=3", "budget=5", "worker.isolate=false")  # inspected in-process
+    cfg = tiny_cfg("attack=badnets", "attack.target=3", "budget=5", "worker.isolation=none")  # inspected in-process
     cfg.defense = {"_target_": "test_no_peeking.SpyDefense"}
     captured = {}
     real_poisoned_model = runner.poisoned_model
