@@ -280,6 +280,7 @@ def test_records_folder_from_the_environment_like_data_and_cache(monkeypatch):
     (["dataset.num_classes=abc"], "dataset.num_classes='abc': invalid; valid: an integer >= 2"),
     (["worker.timeout=-1"], "worker.timeout=-1: invalid; valid: a number > 0 or null"),
     (["worker.memory_gb=-1"], "worker.memory_gb=-1: invalid; valid: a number > 0 or null"),
+    (["worker.isolation=jail"], "worker.isolation='jail': invalid; valid: auto, sandbox, process, none"),
     (["monitor.test_every=abc"], "monitor.test_every='abc': invalid; valid: an integer >= 1 or null"),
     (["recipe.optimizer.lr=inf"], "recipe.optimizer.lr=inf: invalid; valid: a finite number"),
     (["seed=true"], "seed=True: must be an integer >= 0"),

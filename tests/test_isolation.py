@@ -14,8 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from bench.isolation import sandbox_unavailable
 from bench.runner import run_cell
 from defenses.base import Defense
+
+SANDBOX = pytest.param("sandbox", marks=pytest.mark.skipif(sandbox_unavailable() is not None,
+                                                           reason=f"no sandbox here: {sandbox_unavailable()}"))
 
 
 class Snoop(Defense):
@@ -70,7 +74,7 @@ def _secrets(cfg) -> list[str]:
     return files
 
 
-@pytest.mark.parametrize("isolation", ["sandbox", "process"])
+@pytest.mark.parametrize("isolation", [SANDBOX, "process"])
 def test_a_snooping_defense_finds_no_secret(isolation, tiny_cfg, choices):
     """In memory it finds nothing under either isolation; in the sandbox it also cannot read the data folder, the
     cache, the records or the runner's /proc (a plain process can: the issue read 254 MB of the runner's memory)."""
@@ -116,6 +120,7 @@ class Forge(Defense):
         return {}
 
 
+@pytest.mark.skipif(sandbox_unavailable() is not None, reason=f"no sandbox here: {sandbox_unavailable()}")
 def test_a_detached_process_cannot_forge_the_record(tiny_cfg, choices):
     """A defense's detached child rewrote its record after the runner wrote it (the terminal said ASR 97.8, the
     file 0.0). In the sandbox the records folder does not exist and the child dies with the cell."""
@@ -154,7 +159,7 @@ class Regrow(Defense):
         return {}
 
 
-@pytest.mark.parametrize("isolation", ["sandbox", "none"])
+@pytest.mark.parametrize("isolation", [SANDBOX, "none"])
 def test_a_repaired_object_never_runs_only_its_weights_do(isolation, tiny_cfg, choices):
     """The runner unpickled the model a defense returned and ran its forward: ACC 83.9 -> 100, ASR 100 -> 0 with a
     class that read the test labels from the evaluator's frames. Now only its weights come back, into the runner's
@@ -210,7 +215,7 @@ def test_worker_timeout_counts_the_defense_not_the_workers_start(tiny_cfg, choic
     assert record["status"] == "ok", record.get("error")
 
 
-@pytest.mark.parametrize("isolation", ["sandbox", "process"])
+@pytest.mark.parametrize("isolation", [SANDBOX, "process"])
 def test_a_worker_whose_runner_is_gone_exits_quietly(isolation, capfd):
     """A killed sweep closes the worker's socket: the worker ends with exit code 0 and no EOFError traceback."""
     from bench.isolation import DefenseWorker
@@ -254,7 +259,7 @@ def alive(pid: int) -> bool:
         return False
 
 
-@pytest.mark.parametrize("isolation", ["sandbox", "process"])
+@pytest.mark.parametrize("isolation", [SANDBOX, "process"])
 def test_a_worker_ends_when_its_runner_is_killed_mid_cell(isolation):
     """SIGTERM on a sweep (``pkill -f "bdbench -m ..."``) killed the runner, but its worker went on computing the
     cell it had started (minutes of ANP on two cores shared with the next sweep): it only read its pipe between
@@ -278,3 +283,15 @@ def test_a_worker_ends_when_its_runner_is_killed_mid_cell(isolation):
     for pid in tree:
         os.kill(pid, signal.SIGKILL)
     pytest.fail(f"worker processes {sorted(p for p in tree if alive(p))} outlived their killed runner by 30 s")
+
+
+def test_without_a_sandbox_auto_runs_a_process_and_says_so_and_sandbox_is_refused(monkeypatch, caplog):
+    from bench import isolation
+    from bench.errors import ConfigError
+
+    monkeypatch.setattr(isolation, "sandbox_unavailable", lambda: "bubblewrap (bwrap) is not installed")
+    with caplog.at_level("WARNING", logger="bench.isolation"):
+        assert isolation.resolve_isolation("auto") == "process"
+    assert "isolation: process" in caplog.text and "bwrap" in caplog.text
+    with pytest.raises(ConfigError, match="worker.isolation=sandbox: bubblewrap .* valid here: auto, process, none"):
+        isolation.resolve_isolation("sandbox")
