@@ -291,4 +291,25 @@ def validate(cfg: DictConfig, choices: dict[str, Any], check_data: bool = True) 
         from bench.checkpoints import load_checkpoint
 
         load_checkpoint(model, attack.checkpoint)
+    for split in ("train", "test"):  # fewer images than classes leaves ACC, ASR or the pool undefined
+        n = OmegaConf.select(cfg, f"dataset.subset.{split}")
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < num_classes):
+            raise ConfigError(f"dataset.subset.{split}={n!r}: too few images for {num_classes} classes; valid: null "
+                              f"(all) or an integer >= {num_classes}")
     dataset.check_data(cfg.paths.data, cfg.paths.cache, verify_files=check_data)
+    check_poisoned_count(attack, dataset, Path(cfg.paths.data))
+
+
+def check_poisoned_count(attack: Any, dataset: Any, root: Path) -> None:
+    """An attack that poisons a share of the training set poisons at least one image: ``poison_rate=1e-9`` trained
+    a clean model and recorded its ASR as an outcome."""
+    from attacks.base import StaticPoisonAttack
+    from bench.data import _LABELS
+
+    if not isinstance(attack, StaticPoisonAttack):
+        return
+    size = len(_LABELS[dataset._files_key(root)])
+    size = min(size, dataset.subset.get("train") or size)
+    if round(attack.poison_rate * size) == 0:
+        raise ConfigError(f"attack.poison_rate={attack.poison_rate:g}: poisons 0 of {size} training images; valid: "
+                          f"a rate >= {0.5 / size:.2g}")
