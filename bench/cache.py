@@ -40,6 +40,11 @@ class Entry:
     manifest: dict[str, Any]
 
 
+def seal(manifest: dict[str, Any]) -> str:
+    """The digest of everything a manifest says (its files' hashes, the undefended metrics a record copies, ...)."""
+    return sha256_json({k: v for k, v in manifest.items() if k != "seal"})
+
+
 class Store:
     """Verified entries of one kind: ``store(key, objects, manifest)`` and ``load(key) -> Entry | None``."""
 
@@ -64,6 +69,8 @@ class Store:
                 raise ValueError("its manifest lists no files")
             if self.describes is not None and not self.describes(key, manifest):
                 raise ValueError("it is not what its key describes")
+            if "seal" in manifest and manifest["seal"] != seal(manifest):  # e.g. its undefended metrics edited
+                raise ValueError("its manifest was changed after it was written")
             for name, digest in files.items():
                 if not (folder / name).is_file():
                     raise ValueError(f"{name} missing")
@@ -71,6 +78,13 @@ class Store:
                     raise ValueError(f"{name} does not match its hash")
             objects = {name[: -len(".pt")]: torch.load(folder / name, map_location="cpu", weights_only=True)
                        for name in files}
+            if "seal" not in manifest:  # written before manifests were sealed: sealed now, checked from now on
+                manifest["seal"] = seal(manifest)
+                try:
+                    atomic_write_json(folder / "manifest.json", manifest)
+                    log.info("%s cache entry %s: manifest sealed", self.kind, folder)
+                except OSError:  # a read-only cache is checked by its files' hashes alone
+                    pass
             return Entry(objects, manifest)
         except Exception as exc:  # unreadable, truncated, flipped bytes, missing files: all corrupt
             log.warning("%s cache entry %s is corrupt (%s: %s); removing it and building it again", self.kind,
@@ -88,6 +102,7 @@ class Store:
                 umask_mode(tmp / f"{name}.pt")
             manifest = {**manifest, "key": key, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                         "files": {f"{name}.pt": sha256_file(tmp / f"{name}.pt") for name in objects}}
+            manifest["seal"] = seal(manifest)
             atomic_write_json(tmp / "manifest.json", manifest)
             umask_mode(tmp)
             if folder.exists():  # a corrupt or stale entry: replace it

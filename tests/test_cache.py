@@ -224,3 +224,25 @@ def test_a_second_cell_of_the_model_triggers_no_test_image_again(tiny_cfg, choic
     second = run_cell(cfg := tiny_cfg("defense=clp", "budget=0"), choices(cfg))
     assert len(calls) == triggered and second["cache"]["hit"] is True
     assert first["metrics"] == first["undefended"] | {"der": first["metrics"]["der"]}
+
+
+def test_an_edited_manifest_is_a_corrupt_entry_and_an_unsealed_one_is_sealed_on_first_read(tmp_path, caplog):
+    """manifest.json was outside every hash: undefended metrics edited there went into every record of the model."""
+    from bench.cache import Store
+
+    store = Store(tmp_path, "models")
+    store.store("k", {"weights": {"w": torch.ones(2)}}, {"undefended": {"acc": 0.9, "asr": 0.99}})
+    path = tmp_path / "models" / "k" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["undefended"]["asr"] = 0.5
+    path.write_text(json.dumps(manifest))
+    assert store.load("k") is None and "its manifest was changed after it was written" in caplog.text
+    assert not path.exists()  # removed, to be built again
+    store.store("k", {"weights": {"w": torch.ones(2)}}, {"undefended": {"acc": 0.9, "asr": 0.99}})
+    legacy = json.loads(path.read_text())
+    del legacy["seal"]  # as written before manifests were sealed
+    path.write_text(json.dumps(legacy))
+    assert store.load("k").manifest["undefended"]["asr"] == 0.99 and "seal" in json.loads(path.read_text())
+    legacy["undefended"]["asr"] = 0.1
+    path.write_text(json.dumps({**legacy, "seal": json.loads(path.read_text())["seal"]}))
+    assert store.load("k") is None
