@@ -19,6 +19,7 @@ from __future__ import annotations
 import fcntl
 import json
 import logging
+import secrets
 import shutil
 import tempfile
 import time
@@ -151,8 +152,8 @@ class ModelCache:
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
         self.models = Store(self.root, "models", describes=spec_digests_to_key)
-        self.synthetic, self.datasets, self.reversals, self.training = (
-            Store(self.root, k) for k in ("synthetic", "datasets", "reversals", "training"))
+        self.synthetic, self.datasets, self.reversals, self.training, self.salts = (
+            Store(self.root, k) for k in ("synthetic", "datasets", "reversals", "training", "salts"))
 
     def path(self, key: str) -> Path:
         return self.models.path(key)
@@ -168,6 +169,16 @@ class ModelCache:
                 yield
             finally:
                 fcntl.flock(f, fcntl.LOCK_UN)
+
+    def salt(self, key: str) -> bytes:
+        """The model's secret: 32 random bytes drawn on first use and kept beside the model, so a defense's seed
+        (``bench.seeding.defense_seed``) is reproducible from the cache and computable from nothing a defense sees."""
+        with self.lock(f"salt-{key}"):
+            entry = self.salts.load(key)
+            if entry is None:
+                entry = self.salts.store(key, {"salt": torch.frombuffer(bytearray(secrets.token_bytes(32)),
+                                                                        dtype=torch.uint8)}, {"model": key})
+        return bytes(entry.objects["salt"].tolist())
 
     def load(self, key: str) -> CacheEntry | None:
         entry = self.models.load(key)

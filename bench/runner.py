@@ -41,7 +41,7 @@ from bench.weights import load_weights
 from bench.fsutil import sha256_file, sha256_json
 from bench.isolation import DefenseWorker, resolve_isolation
 from bench.metrics import der, evaluate, predict
-from bench.seeding import derive, generator
+from bench.seeding import defense_seed, derive, generator
 from bench.train import train
 from bench.validate import build, display_name, strip_descriptive, validate
 from defenses.base import CleanData, DefenseContext, shared_step  # the interface, never a concrete defense
@@ -350,8 +350,11 @@ def _run_cell(cfg: DictConfig, choices: dict[str, Any], path: Path) -> dict:
                 phase, t = name, time.perf_counter()
                 shared[name], shared_info[name] = shared_result(cfg, name, model, clean, cache_info["key"], ctx)
                 timings[name] = time.perf_counter() - t
-        ctx = dataclasses.replace(ctx, shared=shared)
+        # The defense's own seed: the runner's steps above ran on the cell's seed, which can name the target
+        secret = defense_seed(ModelCache(cfg.paths.cache).salt(cache_info["key"]), int(cfg.seed))
+        ctx = dataclasses.replace(ctx, shared=shared, seed=secret)
         record.update({"data_source": clean.source, "defense_images": len(clean), "undefended": undefended,
+                       "defense_seed": secret,
                        **shared_info,
                        "attack": cache_info["attack_report"], "synthesis": synthesis,
                        "cache": {k_: cache_info[k_] for k_ in ("key", "hit", "train_seconds", "source")},
@@ -359,7 +362,7 @@ def _run_cell(cfg: DictConfig, choices: dict[str, Any], path: Path) -> dict:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         phase, t = "defense", time.perf_counter()
-        seed = derive(int(cfg.seed), "defense")
+        seed = derive(secret, "defense")
         isolation = resolve_isolation(cfg.worker.isolation)
         if isolation != "none":
             outcome = defense_worker(cfg.worker, cfg.paths).run(strip_descriptive(cfg.defense), copy.deepcopy(model),

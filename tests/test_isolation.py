@@ -295,3 +295,30 @@ def test_without_a_sandbox_auto_runs_a_process_and_says_so_and_sandbox_is_refuse
     assert "isolation: process" in caplog.text and "bwrap" in caplog.text
     with pytest.raises(ConfigError, match="worker.isolation=sandbox: bubblewrap .* valid here: auto, process, none"):
         isolation.resolve_isolation("sandbox")
+
+
+class SeedProbe(Defense):
+    def repair(self, model, clean, ctx):
+        return {"ctx_seed": ctx.seed, "torch_seed": torch.initial_seed()}
+
+
+def test_the_defense_seed_is_one_way_from_the_cells_seed_and_reproducible_from_the_cache(tiny_cfg, choices, tmp_path):
+    """ctx.seed was the cell's seed, and the published grids draw the target from it (target_of_seed). Now it is
+    derived under a secret salt kept beside the model: the same cache gives the same seed, another cache (another
+    salt) another one for the same cell, so it is no function of the cell's seed a defense could invert."""
+    from bench.runner import cell_path
+    from bench.seeding import derive
+
+    cfg = tiny_cfg("attack=badnets", "budget=1", "seed=0")
+    cfg.defense = {"_target_": "test_isolation.SeedProbe"}
+    cell = {**choices(cfg), "defense": "seedprobe"}
+    first = run_cell(cfg, cell)
+    seen = first["defense"]
+    assert seen["ctx_seed"] == first["defense_seed"] and seen["ctx_seed"] not in range(2**20)
+    assert seen["torch_seed"] == derive(seen["ctx_seed"], "defense") != derive(0, "defense")
+    cell_path(cfg, cell).unlink()
+    assert run_cell(cfg, cell)["defense"]["ctx_seed"] == seen["ctx_seed"]  # reproducible from the cache
+    cfg.paths.cache, cfg.paths.records = str(tmp_path / "other-cache"), str(tmp_path / "other-records")
+    other = run_cell(cfg, cell)
+    assert other["undefended"] == first["undefended"]  # the same model, trained again
+    assert other["defense"]["ctx_seed"] != seen["ctx_seed"]  # another salt
