@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from importlib.metadata import entry_points
-from importlib.resources import files
+from importlib.util import find_spec
 from pathlib import Path
 
 GROUPS = ("bdbench.attacks", "bdbench.defenses")
@@ -17,13 +17,17 @@ def plugin_packages() -> list[str]:
 
 
 def plugin_conf_dirs() -> list[tuple[str, Path]]:
-    """(package, its conf/ folder) for every plugin package that ships one."""
+    """(package, its conf/ folder) for every plugin package that ships one, found without importing the package
+    (``importlib.resources.files`` would run its ``__init__`` in this process)."""
     out = []
     for package in plugin_packages():
         try:
-            folder = Path(str(files(package) / "conf"))
-        except (ModuleNotFoundError, TypeError):
+            spec = find_spec(package)
+        except (ImportError, ValueError):
             continue
-        if folder.is_dir():
-            out.append((package, folder))
+        for location in (spec.submodule_search_locations or []) if spec else []:
+            folder = Path(location) / "conf"
+            if folder.is_dir():
+                out.append((package, folder))
+                break
     return out

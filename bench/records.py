@@ -10,7 +10,7 @@ import os
 import platform
 import subprocess
 import sys
-from importlib.metadata import PackageNotFoundError, version
+from importlib.metadata import PackageNotFoundError, entry_points, version
 from pathlib import Path
 from typing import Any
 
@@ -131,6 +131,15 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def plugin_versions() -> dict[str, str]:
+    """Each installed distribution that adds attacks or defenses, by its name and version (read from its metadata,
+    not by importing it)."""
+    from bench.plugins import GROUPS
+
+    return {ep.dist.name: ep.dist.version for group in GROUPS for ep in entry_points(group=group)
+            if ep.dist is not None and ep.dist.name != "bdbench"}
+
+
 def environment(device: torch.device) -> dict[str, Any]:
     versions = {}
     for pkg in PACKAGES:
@@ -138,6 +147,7 @@ def environment(device: torch.device) -> dict[str, Any]:
             versions[pkg] = version(pkg)
         except PackageNotFoundError:
             versions[pkg] = None
+    versions.update(plugin_versions())
     cpu = cpu_name()
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu
     return {

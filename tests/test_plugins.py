@@ -84,6 +84,8 @@ def test_a_plugin_defense_runs_by_name_from_a_wheel_outside_the_checkout(venv):
     assert record["config"]["defense"]["_target_"] == "bdbench_example.head_ft.HeadFineTuning"
     assert "checkerboard + head_ft" in run.stdout
     assert str(ROOT) not in json.dumps(record["env"])  # nothing came from the checkout
+    assert record["env"]["packages"]["bdbench-example-plugin"] == "0.1.0"  # the plugin named with its version
+    assert record["isolation"] in ("sandbox", "process")  # a worker from the installed wheel, not the checkout
 
 
 @pytest.mark.skipif(not fashion_mnist_available(), reason=f"Fashion-MNIST IDX files not under {DATA} (the composed "
