@@ -24,7 +24,11 @@ def fashion_mnist_available() -> bool:
 
 
 def compose_cell(tmp_path: Path, overrides: list[str]) -> DictConfig:
-    """A composed cell config whose cache, records and outputs live under ``tmp_path``."""
+    """A composed cell config whose cache, records and outputs live under ``tmp_path``. Its defense runs in this
+    process unless a test asks for a worker (``worker.isolation=...``): a fresh worker per defense costs ~2.5 s of
+    Python and torch start-up, hundreds of times in this suite, and tests/test_isolation.py tests the workers."""
+    if not any(o.startswith("worker.isolation=") for o in overrides):
+        overrides = [*overrides, "worker.isolation=none"]
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         cfg = compose("config", overrides=overrides, return_hydra_config=True)
     with open_dict(cfg):

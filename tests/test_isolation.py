@@ -199,6 +199,7 @@ class Hang(Defense):
     ("hang", {"timeout": 3}, "ran past worker.timeout=3"),
 ])
 def test_a_crashing_defense_is_a_failed_cell_and_the_next_cell_runs(name, settings, error, tiny_cfg, choices):
+    settings = {"isolation": "auto", **settings}
     cfg = tiny_cfg("budget=1", *(f"worker.{k}={v}" for k, v in settings.items()))
     cfg.defense = {"_target_": f"test_isolation.{name.capitalize()}"}
     failed = run_cell(cfg, {**choices(cfg), "defense": name})
@@ -211,7 +212,8 @@ def test_a_crashing_defense_is_a_failed_cell_and_the_next_cell_runs(name, settin
 def test_worker_timeout_counts_the_defense_not_the_workers_start(tiny_cfg, choices):
     """A fresh worker spends seconds importing torch; that counted against worker.timeout, so a 0.1-s defense
     under a 1-s limit 'ran past' it, and a cell after a killed worker failed on a busy machine."""
-    record = run_cell(cfg := tiny_cfg("budget=1", "defense=clp", "worker.timeout=1"), choices(cfg))
+    record = run_cell(cfg := tiny_cfg("budget=1", "defense=clp", "worker.timeout=1", "worker.isolation=auto"),
+                      choices(cfg))
     assert record["status"] == "ok", record.get("error")
 
 
@@ -309,7 +311,7 @@ def test_the_defense_seed_is_one_way_from_the_cells_seed_and_reproducible_from_t
     from bench.runner import cell_path
     from bench.seeding import derive
 
-    cfg = tiny_cfg("attack=badnets", "budget=1", "seed=0")
+    cfg = tiny_cfg("attack=badnets", "budget=1", "seed=0", "worker.isolation=auto")
     cfg.defense = {"_target_": "test_isolation.SeedProbe"}
     cell = {**choices(cfg), "defense": "seedprobe"}
     first = run_cell(cfg, cell)
