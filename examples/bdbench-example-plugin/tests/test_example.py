@@ -41,3 +41,14 @@ def test_head_fine_tuning_changes_the_last_layer_only():
     assert changed == {f"{head}.weight", f"{head}.bias"}
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # its input is untouched
     assert defense.report()["steps"] == 20
+
+
+def test_head_fine_tuning_keeps_the_defense_contract():
+    """bdbench's own contract check: weights that load into the model's class, its input untouched, a JSON report,
+    the same weights for the same seed."""
+    from bench.contract import check_defense
+
+    schedule = Schedule(epochs=1, batch_size=10, min_steps=5, lr=0.1, momentum=0.9, weight_decay=0.0, nesterov=False,
+                        shape="cosine", piecewise=None, cutout_size=0, batchnorm="frozen", grad_clip=None)
+    report = check_defense(HeadFineTuning(schedule=schedule, augment=Augment(crop_padding=0, hflip=False)))
+    assert report["steps"] == 5
