@@ -290,28 +290,31 @@ def cell_path(cfg: DictConfig, choices: dict[str, Any]) -> Path:
     return records.record_path(cfg.paths.records, cell_names(cfg, choices), sha256_json(identity(cell_config(cfg))))
 
 
-def run_cell(cfg: DictConfig, choices: dict[str, Any]) -> dict:
+def run_cell(cfg: DictConfig, choices: dict[str, Any], models: dict[str, torch.nn.Module] | None = None) -> dict:
     """Run one cell (or return its existing record) and write its record atomically.
 
     Bad input raises ConfigError before any compute. Any other failure, in any phase (data, training the
     poisoned model, synthesis, defense, evaluation), becomes a ``failed`` record and is returned: a sweep
     goes on. One process runs a cell at a time: a second one waits on the cell's lock and reads the record.
+    ``models``, when given, receives the ``poisoned`` and ``defended`` models: the cell then runs even where its
+    record exists (which stays as it is) and the record returned is this run's.
     """
     validate(cfg, choices)
     path = cell_path(cfg, choices)
     existing = records.read_record(path)
-    if existing is not None:
+    if existing is not None and models is None:
         log.info("record exists, skipping: %s", path)
         return existing
     with ModelCache(cfg.paths.cache).lock(f"cell-{path.stem}"):
         existing = records.read_record(path)
-        if existing is not None:
+        if existing is not None and models is None:
             log.info("record written by another process meanwhile, skipping: %s", path)
             return existing
-        return _run_cell(cfg, choices, path)
+        return _run_cell(cfg, choices, path, models, write=existing is None)
 
 
-def _run_cell(cfg: DictConfig, choices: dict[str, Any], path: Path) -> dict:
+def _run_cell(cfg: DictConfig, choices: dict[str, Any], path: Path, models: dict | None = None,
+              write: bool = True) -> dict:
     device = resolve_device(cfg.device)
     names, config = cell_names(cfg, choices), cell_config(cfg)
     setting = cell_setting(cfg)
@@ -374,6 +377,8 @@ def _run_cell(cfg: DictConfig, choices: dict[str, Any], path: Path) -> dict:
             report, peak_rss = defense.report(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         repaired = load_weights(copy.deepcopy(model), weights)  # evaluated in the runner's own model class
         timings["defense"] = time.perf_counter() - t
+        if models is not None:
+            models.update(poisoned=model, defended=repaired)
 
         phase, t = "eval", time.perf_counter()
         metrics = evaluate(repaired, data.test, RememberedTrigger(attack, cache_info["key"]),
@@ -389,13 +394,15 @@ def _run_cell(cfg: DictConfig, choices: dict[str, Any], path: Path) -> dict:
                           defense=getattr(exc, "report", None) or defense.report(), timings=timings,
                           env=records.environment(device))
             record.update(judged(record, cfg))
-            records.write_record(path, record)
+            if write:
+                records.write_record(path, record)
             log.warning("defense diverged (%s); record written: %s", exc, path)
             return record
         record.update(status="failed", phase=phase, error=traceback.format_exc(limit=8), timings=timings,
                       env=records.environment(device))
         record.update(judged(record, cfg))
-        records.write_record(path, record)
+        if write:
+            records.write_record(path, record)
         log.error("cell failed in phase %s (%s: %s); record written: %s", phase, type(exc).__name__, exc, path)
         return record
     timings["total"] = time.perf_counter() - start
@@ -410,8 +417,9 @@ def _run_cell(cfg: DictConfig, choices: dict[str, Any], path: Path) -> dict:
         env=records.environment(device),
     )
     record.update(judged(record, cfg))
-    records.write_record(path, record)
-    log.info("record written: %s", path)
+    if write:
+        records.write_record(path, record)
+        log.info("record written: %s", path)
     return record
 
 

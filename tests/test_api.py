@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 
 from bench import api
 from bench.errors import ConfigError
-from conftest import DATA, TINY, fashion_mnist_available
+from bench.metrics import evaluate
+from bench.validate import build
+from conftest import DATA, TINY, compose_cell, fashion_mnist_available
 
 
 def test_run_sweep_and_load_records(tmp_path):
@@ -21,6 +25,15 @@ def test_run_sweep_and_load_records(tmp_path):
     df = api.load_records(tmp_path / "records")
     assert len(df) == 2 and set(df["defense"]) == {"clp", "none"}
     assert df.loc[df["defense"] == "clp", "asr"].item() == record["metrics"]["asr"]
+    path = next((tmp_path / "records").glob("*-clp-*.json"))
+    on_disk = path.read_bytes()
+    rerun, models = api.run([*TINY, *paths, "defense=clp", "budget=0"], return_models=True)
+    assert path.read_bytes() == on_disk and rerun["metrics"] == record["metrics"]  # run again, the record kept
+    cfg = compose_cell(tmp_path, [*TINY, "defense=clp", "budget=0"])
+    test = build(cfg.dataset).load(cfg.paths.data, "cpu", cfg.paths.cache).test
+    clean_only = SimpleNamespace(target=None)  # ACC alone
+    assert evaluate(models["defended"], test, clean_only)["acc"] == record["metrics"]["acc"]
+    assert evaluate(models["poisoned"], test, clean_only)["acc"] == record["undefended"]["acc"]
 
 
 @pytest.mark.skipif(not fashion_mnist_available(), reason=f"Fashion-MNIST IDX files not under {DATA} (the "
