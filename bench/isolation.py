@@ -259,6 +259,11 @@ def sandbox_unavailable() -> str | None:
     return None
 
 
+@functools.cache
+def _say_once(reason: str) -> None:
+    log.warning("defenses run as plain processes, not sandboxed (isolation: process): %s", reason)
+
+
 def resolve_isolation(name: str) -> str:
     """The isolation a run gets: ``auto`` is the sandbox where it can start, else a plain process, said once."""
     if name not in ISOLATIONS:
@@ -269,7 +274,7 @@ def resolve_isolation(name: str) -> str:
             return "sandbox"
         if name == "sandbox":
             raise ConfigError(f"worker.isolation=sandbox: {reason}; valid here: auto, process, none")
-        log.warning("defenses run as plain processes, not sandboxed (isolation: process): %s", reason)
+        _say_once(reason)
         return "process"
     return name
 

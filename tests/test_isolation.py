@@ -293,8 +293,9 @@ def test_without_a_sandbox_auto_runs_a_process_and_says_so_and_sandbox_is_refuse
 
     monkeypatch.setattr(isolation, "sandbox_unavailable", lambda: "bubblewrap (bwrap) is not installed")
     with caplog.at_level("WARNING", logger="bench.isolation"):
-        assert isolation.resolve_isolation("auto") == "process"
+        assert isolation.resolve_isolation("auto") == "process" == isolation.resolve_isolation("auto")
     assert "isolation: process" in caplog.text and "bwrap" in caplog.text
+    assert caplog.text.count("isolation: process") == 1  # one line a run, not one a cell
     with pytest.raises(ConfigError, match="worker.isolation=sandbox: bubblewrap .* valid here: auto, process, none"):
         isolation.resolve_isolation("sandbox")
 
