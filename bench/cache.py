@@ -19,8 +19,10 @@ from __future__ import annotations
 import fcntl
 import json
 import logging
+import os
 import secrets
 import shutil
+import socket
 import tempfile
 import time
 from contextlib import contextmanager
@@ -30,6 +32,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from bench.errors import ConfigError
 from bench.fsutil import atomic_write_json, sha256_file, sha256_json, umask_mode
 
 log = logging.getLogger(__name__)
@@ -57,41 +60,64 @@ class Store:
         return self.root / self.kind / key
 
     def load(self, key: str) -> Entry | None:
-        """The entry, or None if absent; a corrupt one is reported, removed and None returned."""
+        """The entry, or None if absent; a corrupt one is reported, removed and None returned. An entry another
+        process replaced while this one read it is read again, never removed."""
         folder = self.path(key)
-        if not folder.exists():
-            return None
-        try:
-            manifest = json.loads((folder / "manifest.json").read_text())
-            if manifest.get("key") != key:  # another entry's folder copied or renamed here
-                raise ValueError(f"its manifest is entry {manifest.get('key')}'s")
-            files = manifest["files"]
-            if not files:
-                raise ValueError("its manifest lists no files")
-            if self.describes is not None and not self.describes(key, manifest):
-                raise ValueError("it is not what its key describes")
-            if "seal" in manifest and manifest["seal"] != seal(manifest):  # e.g. its undefended metrics edited
-                raise ValueError("its manifest was changed after it was written")
-            for name, digest in files.items():
-                if not (folder / name).is_file():
-                    raise ValueError(f"{name} missing")
-                if sha256_file(folder / name) != digest:
-                    raise ValueError(f"{name} does not match its hash")
-            objects = {name[: -len(".pt")]: torch.load(folder / name, map_location="cpu", weights_only=True)
-                       for name in files}
-            if "seal" not in manifest:  # written before manifests were sealed: sealed now, checked from now on
-                manifest["seal"] = seal(manifest)
+        for _ in range(3):
+            try:
+                inode = folder.stat().st_ino
+            except FileNotFoundError:
+                return None
+            try:
+                return self._read(key, folder)
+            except Exception as exc:  # unreadable, truncated, flipped bytes, missing files: all corrupt
                 try:
-                    atomic_write_json(folder / "manifest.json", manifest)
-                    log.info("%s cache entry %s: manifest sealed", self.kind, folder)
-                except OSError:  # a read-only cache is checked by its files' hashes alone
-                    pass
-            return Entry(objects, manifest)
-        except Exception as exc:  # unreadable, truncated, flipped bytes, missing files: all corrupt
-            log.warning("%s cache entry %s is corrupt (%s: %s); removing it and building it again", self.kind,
-                        folder, type(exc).__name__, exc)
-            shutil.rmtree(folder, ignore_errors=True)
-            return None
+                    if folder.stat().st_ino != inode:  # replaced meanwhile by a writer: read the new one
+                        continue
+                except FileNotFoundError:  # moved out of the way by a writer that replaces it
+                    return None
+                log.warning("%s cache entry %s is corrupt (%s: %s); removing it and building it again", self.kind,
+                            folder, type(exc).__name__, exc)
+                self._discard(folder)
+                return None
+        return None
+
+    def _discard(self, folder: Path) -> None:
+        """Out of the way in one rename (a reader sees the entry whole or absent), then deleted."""
+        trash = folder.parent / f".trash.{folder.name}.{secrets.token_hex(4)}"
+        try:
+            folder.rename(trash)
+        except FileNotFoundError:
+            return
+        shutil.rmtree(trash, ignore_errors=True)
+
+    def _read(self, key: str, folder: Path) -> Entry:
+        """The verified entry in ``folder``; raises if anything in it is not what it should be."""
+        manifest = json.loads((folder / "manifest.json").read_text())
+        if manifest.get("key") != key:  # another entry's folder copied or renamed here
+            raise ValueError(f"its manifest is entry {manifest.get('key')}'s")
+        files = manifest["files"]
+        if not files:
+            raise ValueError("its manifest lists no files")
+        if self.describes is not None and not self.describes(key, manifest):
+            raise ValueError("it is not what its key describes")
+        if "seal" in manifest and manifest["seal"] != seal(manifest):  # e.g. its undefended metrics edited
+            raise ValueError("its manifest was changed after it was written")
+        for name, digest in files.items():
+            if not (folder / name).is_file():
+                raise ValueError(f"{name} missing")
+            if sha256_file(folder / name) != digest:
+                raise ValueError(f"{name} does not match its hash")
+        objects = {name[: -len(".pt")]: torch.load(folder / name, map_location="cpu", weights_only=True)
+                   for name in files}
+        if "seal" not in manifest:  # written before manifests were sealed: sealed now, checked from now on
+            manifest["seal"] = seal(manifest)
+            try:
+                atomic_write_json(folder / "manifest.json", manifest)
+                log.info("%s cache entry %s: manifest sealed", self.kind, folder)
+            except OSError:  # a read-only cache is checked by its files' hashes alone
+                pass
+        return Entry(objects, manifest)
 
     def store(self, key: str, objects: dict[str, Any], manifest: dict[str, Any]) -> Entry:
         folder = self.path(key)
@@ -107,8 +133,13 @@ class Store:
             atomic_write_json(tmp / "manifest.json", manifest)
             umask_mode(tmp)
             if folder.exists():  # a corrupt or stale entry: replace it
-                shutil.rmtree(folder)
-            tmp.rename(folder)
+                self._discard(folder)
+            try:
+                tmp.rename(folder)
+            except OSError:  # another writer's entry landed first: the same content (its key is its content)
+                if not folder.is_dir():
+                    raise
+                shutil.rmtree(tmp, ignore_errors=True)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -160,12 +191,34 @@ class ModelCache:
 
     @contextmanager
     def lock(self, key: str) -> Iterator[None]:
-        """Exclusive across processes (and hosts sharing the folder, where the file system supports it)."""
+        """Exclusive across processes, and across hosts on a shared file system with working locks (NFS, Lustre
+        mounted with ``flock``).
+
+        The rule for a holder that dies: the lock is the kernel's (``flock``), never a file's existence, so it is
+        released when its holder's process ends however it ends (SIGKILL, OOM, a preempted job); on NFS, when the
+        server's lease for a dead node runs out (90 s by default on NFSv4). A stale lock file is only a name: the
+        next process takes it at once. A waiter logs who holds it (host, pid, since when), read from the file.
+        A file system without locks is refused in one line, never silently run unlocked.
+        """
         lock_path = self.root / "locks" / f"{key}.lock"
         lock_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(lock_path, "w") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
+        with open(lock_path, "a+") as f:
             try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0)
+                holder = f.read().strip() or "a process that has not written its name yet"
+                log.info("waiting for %s: held by %s", key[:40], holder)
+                fcntl.flock(f, fcntl.LOCK_EX)
+            except OSError as exc:  # ENOLCK, EOPNOTSUPP: e.g. Lustre without -o flock, NFS without lockd
+                raise ConfigError(f"paths.cache={self.root}: its file system does not support file locks "
+                                  f"({exc.strerror}); valid: a folder on one that does (a local disk, NFS with "
+                                  f"locking, Lustre mounted with -o flock)") from None
+            try:
+                f.seek(0)
+                f.truncate()
+                f.write(f"{socket.gethostname()} pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+                f.flush()
                 yield
             finally:
                 fcntl.flock(f, fcntl.LOCK_UN)

@@ -39,7 +39,7 @@ from omegaconf import DictConfig, OmegaConf
 from bench import records
 from bench.device import resolve_device, retain_freed_memory
 from bench.errors import ConfigError
-from bench.runner import cell_path, fail, run_cell, summary
+from bench.runner import cell_path, fail, model_stage, run_cell, summary
 from bench.validate import CONF_DIR, GROUPS, check_choice, validate
 
 log = logging.getLogger("bdbench")
@@ -86,8 +86,9 @@ def explain(exc: HydraException, overrides: list[str]) -> ConfigError:
     return ConfigError(str(exc).strip().splitlines()[0])
 
 
-def validate_jobs(jobs: list[list[str]]) -> list[Path]:
-    """Compose and validate every job (inside an initialized Hydra); their record paths. Raises ConfigError."""
+def validate_jobs(jobs: list[list[str]], configs: list[DictConfig] | None = None) -> list[Path]:
+    """Compose and validate every job (inside an initialized Hydra); their record paths (and their configs, into
+    ``configs`` when given). Raises ConfigError."""
     try:
         checked_data: set[tuple] = set()
         paths = []
@@ -100,13 +101,15 @@ def validate_jobs(jobs: list[list[str]]) -> list[Path]:
             validate(cfg, cfg.hydra.runtime.choices, check_data=data_key not in checked_data)
             checked_data.add(data_key)
             paths.append(cell_path(cfg, cfg.hydra.runtime.choices))
+            if configs is not None:
+                configs.append(cfg)
         return paths
     except HydraException as exc:
         raise ConfigError(str(exc).strip().splitlines()[0]) from None
 
 
 def prevalidate(argv: list[str]) -> list[Path] | None:
-    """Compose and validate every job before any compute; their record paths (None when nothing will run).
+    """Compose and validate every job before any compute; their record paths (None when no record will be written).
     A sweep's jobs whose record exists, or whose cell an earlier job of the sweep runs (a data-free defense at
     every budget is one cell), go into ``records.NOT_LAUNCHED``: it does not launch them. Raises ConfigError."""
     args = get_args_parser().parse_args(argv)
@@ -120,7 +123,18 @@ def prevalidate(argv: list[str]) -> list[Path] | None:
             jobs = expand_jobs(args.overrides, args.multirun)
         except HydraException as exc:
             raise explain(exc, args.overrides) from None
-        paths = validate_jobs(jobs)
+        configs: list[DictConfig] = []
+        paths = validate_jobs(jobs, configs)
+    if all(cfg.stage == "model" for cfg in configs):  # models into the cache (each once): no record to read back
+        from bench.runner import model_identity
+
+        records.NOT_LAUNCHED.clear()
+        seen_models: set[str] = set()
+        for job, cfg in zip(jobs, configs):
+            if model_identity(cfg) in seen_models:
+                records.NOT_LAUNCHED.add(records.job_key(job))
+            seen_models.add(model_identity(cfg))
+        return None
     if args.multirun:
         records.NOT_LAUNCHED.clear()
         seen: set[Path] = set()
@@ -128,7 +142,36 @@ def prevalidate(argv: list[str]) -> list[Path] | None:
             if path in seen or records.read_record(path) is not None:
                 records.NOT_LAUNCHED.add(records.job_key(job))
             seen.add(path)
+        launched = [(job, cfg) for job, cfg in zip(jobs, configs) if records.job_key(job) not in records.NOT_LAUNCHED]
+        records.MODEL_JOBS[:] = model_jobs(launched) if launched and several_workers(configs[0]) else []
     return paths
+
+
+def several_workers(cfg: DictConfig) -> bool:
+    """Whether the sweep's launcher runs jobs side by side (joblib, submitit, Ray): anything but Hydra's basic one."""
+    return not str(OmegaConf.select(cfg, "hydra.launcher._target_", default="")).endswith(".BasicLauncher")
+
+
+def model_jobs(launched: list[tuple[list[str], DictConfig]]) -> list[list[str]]:
+    """One ``stage=model`` job per poisoned model that two or more launched cells share and the cache lacks.
+    The cache is looked up with this machine's device: a login node without the GPU its jobs run on computes
+    another precision's key, and the model job then finds the model in seconds instead of skipping."""
+    from bench.cache import ModelCache
+    from bench.runner import model_identity, poisoned_spec
+
+    groups: dict[str, list[tuple[list[str], DictConfig]]] = {}
+    for job, cfg in launched:
+        groups.setdefault(model_identity(cfg), []).append((job, cfg))
+    wanted = []
+    for members in groups.values():
+        job, cfg = members[0]
+        if len(members) < 2:  # one cell trains its own model: no other job waits for it
+            continue
+        key = poisoned_spec(cfg, resolve_device(cfg.device)).key
+        if not ModelCache(cfg.paths.cache).path(key).is_dir():
+            wanted.append([o for o in job if not o.lstrip("+~").startswith(("hydra.", "hydra/", "stage="))]
+                          + ["stage=model"])
+    return wanted
 
 
 def closing(paths: list[Path], seconds: float) -> tuple[str, bool]:
@@ -139,6 +182,7 @@ def closing(paths: list[Path], seconds: float) -> tuple[str, bool]:
     from bench.outcome import FAILED, NOT_OK, OK, of_record
 
     counts: dict[str, int] = {}
+    failed: list[Path] = []
     cells = list(dict.fromkeys(paths))
     for path in cells:
         try:
@@ -146,10 +190,21 @@ def closing(paths: list[Path], seconds: float) -> tuple[str, bool]:
         except (OSError, ValueError):
             status = "missing"
         counts[status] = counts.get(status, 0) + 1
+        if status == FAILED:
+            failed.append(path)
     ran = len(cells) - counts.get(FAILED, 0) - counts.get("missing", 0)
     line = (f"bdbench: {len(cells)} cells: {ran} ran to the end ({counts.get(OK, 0)} finished, "
             + ", ".join(f"{counts.get(s, 0)} {s}" for s in NOT_OK if s != FAILED)
             + f"), {counts.get(FAILED, 0)} failed, {counts.get('missing', 0)} missing; {seconds / 60:.1f} min")
+    if records.SWEEP:  # a sweep: what was launched where, and where to look
+        skipped = len(cells) - (len(paths) - len(records.NOT_LAUNCHED))
+        logs = records.SWEEP["logs"].replace("%j", "<job id>") or "the output above"
+        line += (f"\nbdbench: {len(cells) - skipped} cells launched ({records.SWEEP['launcher']}"
+                 + (f", after {len(records.MODEL_JOBS)} poisoned-model jobs" if records.MODEL_JOBS else "")
+                 + f"), {skipped} skipped (their record was there); logs: {logs}; multirun.yaml: {records.SWEEP['dir']}")
+        line += "".join(f"\nbdbench: failed: {path} (its record holds the error)" for path in failed[:10])
+        if len(failed) > 10:
+            line += f"\nbdbench: and {len(failed) - 10} more failed records"
     return line, ran == len(cells)
 
 
@@ -163,10 +218,14 @@ def spread_over_gpus(job_num: int, device: str) -> None:
 
 def share_cores(hydra_cfg) -> int | None:
     """Parallel workers on a CPU each get cores / workers torch threads: two processes with 2 threads each on 2
-    cores ran a training step 7x slower than one (0.505 s against 0.069 s). Returns the threads set, or None
-    outside a parallel launcher."""
+    cores ran a training step 7x slower than one (0.505 s against 0.069 s). A submitit job (SLURM, or its local
+    executor) gets the ``cpus_per_task`` it asked for. Returns the threads set, or None outside such a launcher."""
     import torch
 
+    cpus = OmegaConf.select(hydra_cfg, "launcher.cpus_per_task", default=None)
+    if cpus:
+        torch.set_num_threads(int(cpus))
+        return int(cpus)
     n_jobs = OmegaConf.select(hydra_cfg, "launcher.n_jobs", default=None)
     if not n_jobs or n_jobs == 1:
         return None
@@ -210,6 +269,9 @@ PROGRESS = Progress()
 def run(cfg: DictConfig) -> None:
     share_cores(HydraConfig.get())
     spread_over_gpus(OmegaConf.select(HydraConfig.get(), "job.num", default=0) or 0, cfg.device)
+    if cfg.stage == "model":
+        print(model_stage(cfg), flush=True)
+        return
     PROGRESS.before()
     start, wall = time.perf_counter(), time.time()
     try:

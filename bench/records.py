@@ -41,6 +41,12 @@ FINISHED = ("ok", "diverged")
 # bdbench's sweeper (hydra_plugins.bdbench.sweeper). Here, in a module that is neither run as __main__ nor
 # re-executed by Hydra's plugin scan, both see the same set.
 NOT_LAUNCHED: set[tuple[str, ...]] = set()
+# A sweep on a launcher with several workers: one job per poisoned model that two or more launched cells share and
+# the cache lacks, each the overrides of its first cell plus ``stage=model``. bdbench's sweeper launches them as a
+# batch of their own before the cells (a dependency, not a wait on the model's lock inside a job that holds a worker).
+MODEL_JOBS: list[list[str]] = []
+# What the sweeper saw of the sweep it ran, for the CLI's closing lines: its output folder and its launcher.
+SWEEP: dict[str, str] = {}
 
 
 def job_key(overrides: list[str] | tuple[str, ...]) -> tuple[str, ...]:

@@ -121,7 +121,7 @@ def cell_names(cfg: DictConfig, choices: dict[str, Any]) -> dict[str, Any]:
             "seed": int(cfg.seed)}
 
 
-NOT_IDENTITY = ("paths", "device", "hydra", "worker", "monitor", "outcome")  # where and how it runs, how it is judged
+NOT_IDENTITY = ("paths", "device", "hydra", "worker", "monitor", "outcome", "stage")  # where and how it runs, how it is judged
 
 
 def cell_config(cfg: DictConfig) -> dict:
@@ -137,6 +137,30 @@ def cell_setting(cfg: DictConfig) -> str:
     canon = copy.deepcopy(cfg)
     canon.seed, canon.budget = 0, 0
     return sha256_json(identity({k: v for k, v in cell_config(canon).items() if k not in ("seed", "budget")}))[:12]
+
+
+def model_identity(cfg: DictConfig) -> str:
+    """What decides a cell's poisoned model, read from its config alone (no model built): cells with the same
+    identity share one model. The cache key (``poisoned_spec``) adds the code and the precision of a device."""
+    return sha256_json({**{g: strip_descriptive(cfg[g]) for g in ("dataset", "model", "attack", "recipe")},
+                        "seed": int(cfg.seed)})
+
+
+def model_stage(cfg: DictConfig) -> str:
+    """``stage=model``: the cell's poisoned model trained (or found) in the cache, nothing else and no record; the
+    first batch of a sweep on a cluster launcher. A failure is logged, not raised: the cells that need the model
+    train it again and record the failure as theirs."""
+    device = resolve_device(cfg.device)
+    start = time.perf_counter()
+    try:
+        data = build(cfg.dataset).load(cfg.paths.data, device, cfg.paths.cache)
+        _, _, info = poisoned_model(cfg, data, device)
+    except Exception as exc:
+        log.error("model stage failed (%s: %s); the cells that need this model will record it", type(exc).__name__,
+                  exc, exc_info=True)
+        return f"poisoned model: failed ({type(exc).__name__}: {exc}); its cells will try again"
+    return (f"poisoned model {info['key'][:12]}: {'found in the cache' if info['hit'] else 'trained'} "
+            f"({time.perf_counter() - start:.0f} s)")
 
 
 class PoisonedSpec(NamedTuple):

@@ -268,6 +268,8 @@ def validate(cfg: DictConfig, choices: dict[str, Any], check_data: bool = True) 
                           f"valid: 0..{num_classes - 1}")
     resolve_device(cfg.device)
     resolve_isolation(cfg.worker.isolation)
+    if cfg.stage not in ("cell", "model"):
+        raise ConfigError(f"stage={cfg.stage!r}: invalid; valid: cell, model")
     for key in ("records", "cache", "output"):
         check_writable_folder(f"paths.{key}", Path(cfg.paths[key]))
     check_defense_reach(cfg)

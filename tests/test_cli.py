@@ -51,6 +51,7 @@ def bdbench(tmp_path: Path, *args: str, timeout: int = 2400) -> subprocess.Compl
         (["dataset=cifar10_jpeg", "paths.data=/nonexistent"], "no train/test folder under /nonexistent/cifar10-jpeg"),
         (["defense=ft", "+defense.leak=${attack}"], "defense.leak=${attack}: a defense may not interpolate that"),
         (["seed=true"], "seed=True: must be an integer >= 0"),
+        (["stage=train"], "stage='train': invalid; valid: cell, model"),
         # a defense's config reaches only what a defender has (it resolved ${attack} into a working attack object)
     ],
 )

@@ -5,6 +5,10 @@ reads each job's record. Hydra's basic sweeper would then compose every job twic
 once to launch it) only for the runner to read the record and skip it: 0.5 s a cell, 3.6 min for a finished
 432-cell grid. This sweeper leaves those jobs out of the batches it hands the launcher, so re-running a finished
 sweep costs the validation pass alone.
+
+On a launcher that runs jobs side by side (joblib, submitit, Ray), it first launches one ``stage=model`` job per
+poisoned model that several cells share (``bench.records.MODEL_JOBS``) and the cells only once that batch has
+returned: no cell job holds a worker (a GPU, a SLURM allocation) while it waits on another job's training lock.
 """
 
 from __future__ import annotations
@@ -29,12 +33,25 @@ class SkipRecordedSweeper(Sweeper):
     def setup(self, *, hydra_context: Any, task_function: Any, config: Any) -> None:
         from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 
-        from bench.records import NOT_LAUNCHED, job_key
+        from omegaconf import OmegaConf
+
+        from bench.records import NOT_LAUNCHED, SWEEP, job_key
 
         self.basic = BasicSweeper(self.max_batch_size, self.params)
         batch = self.basic.get_job_batch
         self.basic.get_job_batch = lambda: [job for job in batch() if job_key(job) not in NOT_LAUNCHED]
         self.basic.setup(hydra_context=hydra_context, task_function=task_function, config=config)
+        SWEEP.update(dir=str(config.hydra.sweep.dir), launcher=type(self.basic.launcher).__name__,
+                     logs=str(OmegaConf.select(config, "hydra.launcher.submitit_folder", default=None) or ""))
 
     def sweep(self, arguments: list[str]) -> Any:
+        import logging
+
+        from bench.records import MODEL_JOBS
+
+        if MODEL_JOBS:
+            logging.getLogger("bdbench").info("%d poisoned model%s first, one job each; the cells follow",
+                                              len(MODEL_JOBS), "s" if len(MODEL_JOBS) > 1 else "")
+            for result in self.basic.launcher.launch(MODEL_JOBS, initial_job_idx=0):
+                _ = result.return_value  # a job that did not run at all (a lost node) ends the sweep here
         return self.basic.sweep(arguments)
