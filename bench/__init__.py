@@ -20,10 +20,12 @@ def _register_hydra_plugins() -> None:
     maps it through setuptools' import hook, which that walk cannot list, so register them by hand too."""
     from hydra.core.plugins import Plugins
     from hydra_plugins.bdbench import BdbenchSearchPathPlugin
+    from hydra_plugins.bdbench.ray_launcher import RayLauncher
     from hydra_plugins.bdbench.sweeper import SkipRecordedSweeper
 
     Plugins.instance().register(BdbenchSearchPathPlugin)
     Plugins.instance().register(SkipRecordedSweeper)
+    Plugins.instance().register(RayLauncher)
 
 
 _register_hydra_plugins()

@@ -16,10 +16,15 @@ ANY = "any"  # the budget of a data-free defense's cell: it gets no images at an
 
 @functools.cache
 def data_free(target: str) -> bool:
-    """Whether the defense class ``target`` declares it needs no images (``Defense.data_free``): its cell is the same
-    at every budget (``ANY``). False for a class that cannot be imported here (a record of a plugin not installed)."""
+    """Whether bdbench's defense class ``target`` declares it needs no images (``Defense.data_free``): its cell is
+    the same at every budget (``ANY``). False for a class that cannot be imported here (a record of a plugin not
+    installed) and for a plugin's, which is never imported outside a defense worker (its records say ``any``)."""
     from hydra.utils import get_class
 
+    from bench.isolation import builtin
+
+    if not builtin({"_target_": target}):
+        return False
     try:
         return bool(getattr(get_class(target), "data_free", False))
     except Exception:

@@ -154,6 +154,9 @@ def serve(fd: int, threads: int, memory_bytes: int | None, sandboxed: bool) -> N
             return
         if message is None:
             return
+        if message[0] == "describe":  # the facts the runner needs of a defense, learned here, not there
+            _send(conn, {"status": "ok", "facts": describe(message[1])})
+            continue
         defense_cfg, model, clean, ctx, seed = message
         _reset_peak_rss()
         defense = None
@@ -176,6 +179,43 @@ def serve(fd: int, threads: int, memory_bytes: int | None, sandboxed: bool) -> N
             _kill_strays()
         _send(conn, header, weights)
         del message, model, clean
+
+
+def describe(node: dict) -> dict:
+    """What the runner needs to know of a defense before its cell runs, computed where the defense's code may run:
+    its settings' first error as one line (its schema, then its constructor), whether it is data-free, and which of
+    its nested components are steps the runner computes once and shares (``defenses.base.register_shared``; only
+    bdbench's own classes: a plugin's step runs inside its defense)."""
+    from hydra.utils import get_class, instantiate
+    from omegaconf import OmegaConf
+
+    from bench.validate import check_types, one_line
+    from defenses.base import shared_step
+
+    try:
+        check_types("defense", OmegaConf.create(node))
+        defense = instantiate(node)
+    except ConfigError as exc:
+        return {"error": str(exc)}
+    except Exception as exc:  # noqa: BLE001 - a constructor's refusal of its own values
+        return {"error": str(one_line(exc))}
+    shared = [name for name, sub in node.items() if isinstance(sub, dict) and "_target_" in sub
+              and builtin(sub) and shared_step(get_class(sub["_target_"]))]
+    return {"error": None, "data_free": bool(getattr(defense, "data_free", False)), "shared": shared}
+
+
+def builtin(node: Any) -> bool:
+    """Whether every ``_target_`` in a config node names bdbench's own code (a module of the ``bench`` or ``defenses``
+    package, judged by name, without importing a module: a plugin's code never runs to answer). Anything else is a
+    plugin's, and runs only in a worker."""
+    if isinstance(node, dict):
+        target = node.get("_target_")
+        if target is not None and str(target).split(".")[0] not in ("bench", "defenses"):
+            return False
+        return all(builtin(v) for v in node.values())
+    if isinstance(node, list):
+        return all(builtin(v) for v in node)
+    return True
 
 
 # --- in the runner -------------------------------------------------------------------------------------------------
@@ -358,6 +398,27 @@ class DefenseWorker:
             except (OSError, subprocess.TimeoutExpired):
                 pass
         self.kill()
+
+    def describe(self, defense_cfg: dict) -> dict:
+        """``describe(defense_cfg)`` run in this worker (which then serves that defense's cells)."""
+        target = str(defense_cfg.get("_target_"))
+        if self.serving not in (None, target):
+            self.stop()
+        if self.process is None or self.process.poll() is not None:
+            self._start()
+        self.serving = target
+        try:
+            self.conn.send_bytes(pickle.dumps(("describe", defense_cfg)))
+            if not self.conn.poll(STARTUP_SECONDS):
+                raise DefenseCrashed(f"defense worker did not describe {target} within {STARTUP_SECONDS} s")
+            return json.loads(self.conn.recv_bytes(MAX_HEADER))["facts"]
+        except (EOFError, OSError):
+            code = self.process.wait(10)
+            self.kill()
+            raise DefenseCrashed(f"defense worker died ({self._exit_words(code)}) while importing {target}") from None
+        except BaseException:
+            self.kill()
+            raise
 
     def run(self, defense_cfg: dict, model: nn.Module, clean, ctx, seed: int) -> Outcome:
         target = str(defense_cfg.get("_target_"))

@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
-from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
 from bench import outcome, records
@@ -33,13 +32,13 @@ from bench.code_versions import PUBLISHED
 from bench.augment import Augment
 from bench.cache import ModelCache, Store
 from bench.checkpoints import load_checkpoint
-from bench.columns import ANY, data_free
+from bench.columns import ANY
 from bench.data import DataBundle
 from bench.device import memory_format, resolve_device
 from bench.errors import ConfigError
 from bench.weights import load_weights
 from bench.fsutil import sha256_file, sha256_json
-from bench.isolation import DefenseWorker, resolve_isolation
+from bench.isolation import DefenseWorker, builtin, describe, resolve_isolation
 from bench.metrics import der, evaluate, predict
 from bench.seeding import defense_seed, derive, generator
 from bench.train import train
@@ -112,7 +111,7 @@ def code_version(*objects: Any, modules: tuple[str, ...] = ()) -> str:
 def cell_budget(cfg: DictConfig) -> int | str:
     """The cell's budget: ``ANY`` for a data-free defense, so every budget of a sweep maps to one cell, run once per
     poisoned model."""
-    return ANY if data_free(cfg.defense._target_) else int(cfg.budget)
+    return ANY if defense_facts(cfg).get("data_free") else int(cfg.budget)
 
 
 def cell_names(cfg: DictConfig, choices: dict[str, Any]) -> dict[str, Any]:
@@ -309,6 +308,24 @@ def defense_worker(settings: DictConfig, paths: DictConfig) -> DefenseWorker:
     return _WORKERS[key]
 
 
+_FACTS: dict[str, dict] = {}
+
+
+def defense_facts(cfg: DictConfig) -> dict:
+    """``bench.isolation.describe`` of the cell's defense (its settings' error, data-free, shared steps), once per
+    config in this process: in the runner for bdbench's own defenses, in the cell's defense worker for a plugin's,
+    so a plugin's module is never imported here (unless ``worker.isolation=none``, which runs the defense here too)."""
+    node = strip_descriptive(cfg.defense)
+    isolation = resolve_isolation(cfg.worker.isolation)
+    key = sha256_json([node, isolation == "none"])
+    if key not in _FACTS:
+        if builtin(node) or isolation == "none":
+            _FACTS[key] = describe(node)
+        else:
+            _FACTS[key] = defense_worker(cfg.worker, cfg.paths).describe(node)
+    return _FACTS[key]
+
+
 def cell_path(cfg: DictConfig, choices: dict[str, Any]) -> Path:
     """Where a cell's record lives: named by the cell, unique by its resolved config."""
     return records.record_path(cfg.paths.records, cell_names(cfg, choices), sha256_json(identity(cell_config(cfg))))
@@ -346,7 +363,7 @@ def _run_cell(cfg: DictConfig, choices: dict[str, Any], path: Path, models: dict
     record: dict[str, Any] = {"cell": {**names, "id": path.stem, "setting": setting}, "display": display,
                               "config": config, "seed": int(cfg.seed)}
     timings: dict[str, float] = {}
-    phase = "data"
+    phase, defense = "data", None
     start = t = time.perf_counter()
     try:
         data = build(cfg.dataset).load(cfg.paths.data, device, cfg.paths.cache)
@@ -358,7 +375,7 @@ def _run_cell(cfg: DictConfig, choices: dict[str, Any], path: Path, models: dict
         undefended = cache_info["undefended"]
 
         spec = data.spec
-        defense = build(cfg.defense)
+        facts = defense_facts(cfg)
         precision = cfg.recipe.precision if device.type == "cuda" else "fp32"
         ctx = DefenseContext(num_classes=spec.num_classes, input_shape=spec.shape, device=device, seed=int(cfg.seed),
                              precision=precision)
@@ -366,17 +383,16 @@ def _run_cell(cfg: DictConfig, choices: dict[str, Any], path: Path, models: dict
         real = data.budget(k, int(cfg.seed))
         clean = CleanData(real.x.float().div(255), real.y.clone(), source="real" if k > 0 else "none")
         synthesis: dict | None = None
-        if k == 0 and not defense.data_free:
+        if k == 0 and not facts["data_free"]:
             phase, t = "synthesis", time.perf_counter()
             clean, synthesis = synthetic_set(cfg, model, attack, cache_info["key"], spec.defense_augment, ctx)
             timings["synthesis"] = time.perf_counter() - t
 
         shared, shared_info = {}, {}
-        for name, node in cfg.defense.items():  # steps several defenses share (defenses.base.register_shared)
-            if OmegaConf.is_dict(node) and "_target_" in node and shared_step(get_class(node._target_)):
-                phase, t = name, time.perf_counter()
-                shared[name], shared_info[name] = shared_result(cfg, name, model, clean, cache_info["key"], ctx)
-                timings[name] = time.perf_counter() - t
+        for name in facts["shared"]:  # steps several defenses share (defenses.base.register_shared)
+            phase, t = name, time.perf_counter()
+            shared[name], shared_info[name] = shared_result(cfg, name, model, clean, cache_info["key"], ctx)
+            timings[name] = time.perf_counter() - t
         # The defense's own seed: the runner's steps above ran on the cell's seed, which can name the target
         secret = defense_seed(ModelCache(cfg.paths.cache).salt(cache_info["key"]), int(cfg.seed))
         ctx = dataclasses.replace(ctx, shared=shared, seed=secret)
@@ -397,6 +413,7 @@ def _run_cell(cfg: DictConfig, choices: dict[str, Any], path: Path, models: dict
             weights, report, peak_rss = outcome.weights, outcome.report, outcome.peak_rss_mb
         else:
             torch.manual_seed(seed)
+            defense = build(cfg.defense)
             weights = defense.apply(copy.deepcopy(model), clean, ctx).state_dict()
             report, peak_rss = defense.report(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         repaired = load_weights(copy.deepcopy(model), weights)  # evaluated in the runner's own model class
@@ -415,7 +432,8 @@ def _run_cell(cfg: DictConfig, choices: dict[str, Any], path: Path, models: dict
         timings[phase] = time.perf_counter() - t
         if isinstance(exc, FloatingPointError) and phase == "defense":  # a finished cell whose result is "diverged"
             record.update(status="diverged", error=f"FloatingPointError: {exc}", metrics=None,
-                          defense=getattr(exc, "report", None) or defense.report(), timings=timings,
+                          defense=getattr(exc, "report", None) or (defense.report() if defense else {}),
+                          timings=timings,
                           env=records.environment(device))
             record.update(judged(record, cfg))
             if write:

@@ -239,7 +239,7 @@ def check_defense_reach(cfg: DictConfig) -> None:
                                       + ", ".join(f"${{{fact}}}" for fact in DEFENDER_FACTS))
 
 
-def _one_line(exc: Exception) -> ConfigError:
+def one_line(exc: Exception) -> ConfigError:
     cause = exc.__cause__ if isinstance(exc, InstantiationException) and exc.__cause__ else exc
     return ConfigError(str(cause).strip().splitlines()[0])
 
@@ -273,7 +273,7 @@ def validate(cfg: DictConfig, choices: dict[str, Any], check_data: bool = True) 
     for key in ("records", "cache", "output"):
         check_writable_folder(f"paths.{key}", Path(cfg.paths[key]))
     check_defense_reach(cfg)
-    for group in ("attack", "defense", "recipe", "synthesis", "dataset", "model"):
+    for group in ("attack", "recipe", "synthesis", "dataset", "model"):
         check_types(group, cfg[group])
     try:  # constructors check the rest of their own values and do no compute
         dataset = build(cfg.dataset)
@@ -283,12 +283,16 @@ def validate(cfg: DictConfig, choices: dict[str, Any], check_data: bool = True) 
         build(cfg.synthesis)
         attack = build(cfg.attack)
         attack.check_shape(dataset.shape)
-        build(cfg.defense)
         from bench.outcome import Rule
 
         Rule(**OmegaConf.to_container(cfg.outcome))
     except Exception as exc:
-        raise _one_line(exc) from None
+        raise one_line(exc) from None
+    from bench.runner import defense_facts  # the defense's own checks, run where its code may run
+
+    facts = defense_facts(cfg)
+    if facts["error"]:
+        raise ConfigError(facts["error"])
     if attack.checkpoint:  # the file fits the model (keys and shapes), or one line names its first misfit
         from bench.checkpoints import load_checkpoint
 

@@ -325,3 +325,44 @@ def test_the_defense_seed_is_one_way_from_the_cells_seed_and_reproducible_from_t
     other = run_cell(cfg, cell)
     assert other["undefended"] == first["undefended"]  # the same model, trained again
     assert other["defense"]["ctx_seed"] != seen["ctx_seed"]  # another salt
+
+
+SPY = '''
+from bench.schema import Positive
+from defenses.base import Defense
+
+
+class Spy(Defense):
+    """A plugin's defense: its module must never be imported by the runner, only by a defense worker."""
+
+    data_free = True
+
+    def __init__(self, lr: Positive = 0.1) -> None:
+        self.lr = lr
+
+    def repair(self, model, clean, ctx):
+        return {"lr": self.lr}
+'''
+
+
+@pytest.mark.parametrize("isolation", [SANDBOX, "process"])
+def test_a_plugins_module_is_imported_by_its_worker_never_by_the_runner(isolation, tiny_cfg, choices, tmp_path,
+                                                                        monkeypatch):
+    """Validation checks a plugin defense's settings, and the runner learns it is data-free (its cell's budget is
+    ``any``), from the defense worker: the plugin's module is never in the runner's ``sys.modules`` (validation
+    used to build the defense in the runner, and the runner asked its class whether it was data-free)."""
+    from bench.errors import ConfigError
+    from bench.validate import validate
+
+    (tmp_path / "plugin").mkdir()
+    (tmp_path / "plugin" / "spy_plugin.py").write_text(SPY)
+    monkeypatch.syspath_prepend(str(tmp_path / "plugin"))
+    cfg = tiny_cfg("attack=badnets", "budget=2", f"worker.isolation={isolation}")
+    cfg.defense = {"_target_": "spy_plugin.Spy", "lr": -1.0}
+    with pytest.raises(ConfigError, match=r"defense.lr=-1.0: invalid; valid: .* \(as Spy declares it\)"):
+        validate(cfg, {**choices(cfg), "defense": "spy"})
+    cfg.defense = {"_target_": "spy_plugin.Spy", "lr": 0.01}
+    record = run_cell(cfg, {**choices(cfg), "defense": "spy"})
+    assert record["status"] == "ok", record.get("error")
+    assert record["cell"]["budget"] == "any" and record["data_source"] == "none"  # data-free, as the worker said
+    assert "spy_plugin" not in sys.modules

@@ -42,7 +42,8 @@ class SkipRecordedSweeper(Sweeper):
         self.basic.get_job_batch = lambda: [job for job in batch() if job_key(job) not in NOT_LAUNCHED]
         self.basic.setup(hydra_context=hydra_context, task_function=task_function, config=config)
         SWEEP.update(dir=str(config.hydra.sweep.dir), launcher=type(self.basic.launcher).__name__,
-                     logs=str(OmegaConf.select(config, "hydra.launcher.submitit_folder", default=None) or ""))
+                     logs=str(OmegaConf.select(config, "hydra.launcher.submitit_folder", default=None)
+                              or getattr(self.basic.launcher, "logs", "")))
 
     def sweep(self, arguments: list[str]) -> Any:
         import logging
