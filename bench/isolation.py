@@ -183,8 +183,9 @@ def serve(fd: int, threads: int, memory_bytes: int | None, sandboxed: bool) -> N
 
 def describe(node: dict) -> dict:
     """What the runner needs to know of a defense before its cell runs, computed where the defense's code may run:
-    its settings' first error as one line (its schema, then its constructor), whether it is data-free, and which of
-    its nested components are steps the runner computes once and shares (``defenses.base.register_shared``; only
+    its settings' first error as one line (its schema, then its constructor), whether it is data-free, what it needs
+    a model to declare (``Defense.needs``), and which of its nested components are steps the runner computes once
+    and shares (``defenses.base.register_shared``; only
     bdbench's own classes: a plugin's step runs inside its defense)."""
     from hydra.utils import get_class, instantiate
     from omegaconf import OmegaConf
@@ -201,7 +202,9 @@ def describe(node: dict) -> dict:
         return {"error": str(one_line(exc))}
     shared = [name for name, sub in node.items() if isinstance(sub, dict) and "_target_" in sub
               and builtin(sub) and shared_step(get_class(sub["_target_"]))]
-    return {"error": None, "data_free": bool(getattr(defense, "data_free", False)), "shared": shared}
+    needs = defense.needs() if callable(getattr(defense, "needs", None)) else {}
+    return {"error": None, "data_free": bool(getattr(defense, "data_free", False)), "shared": shared,
+            "needs": {str(k): int(v) for k, v in dict(needs).items()}}
 
 
 def builtin(node: Any) -> bool:

@@ -1,4 +1,4 @@
-"""Where third-party attacks and defenses live: their entry points and the ``conf/`` folders they ship."""
+"""Where third-party attacks, defenses and models live: their entry points and the ``conf/`` folders they ship."""
 
 from __future__ import annotations
 
@@ -6,11 +6,11 @@ from importlib.metadata import entry_points
 from importlib.util import find_spec
 from pathlib import Path
 
-GROUPS = ("bdbench.attacks", "bdbench.defenses")
+GROUPS = ("bdbench.attacks", "bdbench.defenses", "bdbench.models")
 
 
 def plugin_packages() -> list[str]:
-    """Top-level packages that register an attack or defense through an entry point (bdbench itself
+    """Top-level packages that register an attack, defense or model through an entry point (bdbench itself
     registers through decorators, not entry points)."""
     names = {ep.value.split(":")[0].split(".")[0] for group in GROUPS for ep in entry_points(group=group)}
     return sorted(names - {"attacks", "defenses", "bench"})

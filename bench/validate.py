@@ -244,6 +244,28 @@ def one_line(exc: Exception) -> ConfigError:
     return ConfigError(str(cause).strip().splitlines()[0])
 
 
+NEEDS = {"groups": ("feature groups", lambda m: len(getattr(m, "groups", ()))),
+         "conv_bn_pairs": ("conv-BatchNorm pairs (conv_bn_pairs())",
+                           lambda m: len(m.conv_bn_pairs()) if hasattr(m, "conv_bn_pairs") else 0),
+         "batchnorms": ("affine BatchNorm layers", lambda m: sum(isinstance(x, torch.nn.modules.batchnorm._BatchNorm)
+                                                                 and x.affine for x in m.modules()))}
+
+
+def check_model_fits(needs: dict[str, int], model: torch.nn.Module, choices: dict[str, Any]) -> None:
+    """A defense's needs (``Defense.needs``) against what the model declares: one line naming both, before any
+    compute, instead of an IndexError or a TypeError in the middle of the cell."""
+    for key, wanted in needs.items():
+        if key not in NEEDS:  # a plugin's word bdbench cannot check
+            raise ConfigError(f"defense={choices.get('defense')} needs {key!r} of a model, which bdbench cannot "
+                              f"check; valid: {', '.join(NEEDS)} (Defense.needs)")
+        words, count = NEEDS[key]
+        has = count(model)
+        if has < wanted:
+            raise ConfigError(f"defense={choices.get('defense')} needs a model with at least {wanted} {words}; "
+                              f"model={choices.get('model')} declares {has}; valid: a model that declares them "
+                              f"(docs/models.md)")
+
+
 def validate(cfg: DictConfig, choices: dict[str, Any], check_data: bool = True) -> None:
     """Raise ConfigError for the first bad value of a composed cell config (its group names exist: it composed).
 
@@ -293,6 +315,7 @@ def validate(cfg: DictConfig, choices: dict[str, Any], check_data: bool = True) 
     facts = defense_facts(cfg)
     if facts["error"]:
         raise ConfigError(facts["error"])
+    check_model_fits(facts["needs"], model, choices)
     if attack.checkpoint:  # the file fits the model (keys and shapes), or one line names its first misfit
         from bench.checkpoints import load_checkpoint
 

@@ -67,6 +67,9 @@ class ANP(Defense):
         self.select, self.sweep_thresholds, self.sweep_delta_acc = select, tuple(sweep_thresholds), sweep_delta_acc
         self.copies, self.batchnorm = copies, batchnorm
 
+    def needs(self) -> dict[str, int]:
+        return {"batchnorms": 1}
+
     def repair(self, model, clean: CleanData, ctx: DefenseContext) -> dict:
         masks = self._optimize(copy.deepcopy(model), clean, ctx)
         threshold = self.threshold

@@ -70,6 +70,9 @@ class ARPurification(Defense):
         self.rho_end, self.l1_lambda, self.final_prune, self.copies = rho_end, l1_lambda, final_prune, copies
         self.prune_below = prune_below
 
+    def needs(self) -> dict[str, int]:
+        return {"groups": self.scored_groups}
+
     def repair(self, model, clean: CleanData, ctx: DefenseContext) -> dict:
         report = self._code(model, clean, ctx) if self.variant == "code" else self._neuron(model, clean, ctx)
         return {"variant": self.variant, **report}

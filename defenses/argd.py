@@ -95,6 +95,9 @@ class ARGD(Defense):
             return teacher.eval(), {"clp": self.clp_teacher.report()}
         return teacher_of(model, clean, ctx, self.teacher_schedule, self.augment)
 
+    def needs(self) -> dict[str, int]:
+        return {"groups": 3, **({"conv_bn_pairs": 1} if self.teacher == "clp" else {})}
+
     def repair(self, student, clean: CleanData, ctx: DefenseContext) -> dict:
         if len(student.groups) < 3:
             raise ValueError(f"argd needs three feature groups; {type(student).__name__} declares {len(student.groups)}")

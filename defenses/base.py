@@ -129,6 +129,12 @@ class Defense(ABC):
         self._last_report = {**report, "seconds": time.perf_counter() - start}
         return model
 
+    def needs(self) -> dict[str, int]:
+        """What it needs a model to declare, checked before any compute (docs/models.md): ``groups``, at least that
+        many feature groups; ``conv_bn_pairs``, at least that many conv-BatchNorm pairs; ``batchnorms``, at least
+        that many affine BatchNorm layers. Nothing by default: any conv net will do."""
+        return {}
+
     @abstractmethod
     def repair(self, model: nn.Module, clean: CleanData, ctx: DefenseContext) -> dict[str, Any]:
         """Repair ``model`` (the defense's own copy, in eval mode) in place; what it did, for the record."""

@@ -22,6 +22,9 @@ class CLP(Defense):
     def __init__(self, *, u: NonNegative) -> None:
         self.u = u
 
+    def needs(self) -> dict[str, int]:
+        return {"conv_bn_pairs": 1}
+
     @torch.no_grad()
     def repair(self, model, clean: CleanData, ctx: DefenseContext) -> dict:
         if not hasattr(model, "conv_bn_pairs"):

@@ -32,6 +32,9 @@ class FinePruning(Defense):
         self.step_frac, self.acc_ratio, self.max_frac, self.copies = step_frac, acc_ratio, max_frac, copies
         self.finetune, self.schedule = finetune, schedule
 
+    def needs(self) -> dict[str, int]:
+        return {"groups": 1}
+
     def repair(self, model, clean: CleanData, ctx: DefenseContext) -> dict:
         neurons = group_neurons(model, model.groups[-1:])
         acts: list[torch.Tensor] = []

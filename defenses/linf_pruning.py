@@ -53,6 +53,9 @@ class LinfPruning(Defense):
         self.copies_single, self.copies, self.max_carriers = copies_single, copies, max_carriers
         self.finetune, self.schedule = finetune, schedule
 
+    def needs(self) -> dict[str, int]:
+        return {"groups": self.last_k_groups} if self.tap == "group" else {}
+
     def repair(self, model, clean: CleanData, ctx: DefenseContext) -> dict:
         per_pass = self.images_per_pass[ctx.device.type]
         rev = self.reversal(model, clean, self.augment, ctx)

@@ -38,6 +38,9 @@ class NAD(Defense):
         self.augment, self.teacher, self.student = augment, teacher.starting_at(lr0), student.starting_at(lr0)
         self.betas, self.p = tuple(betas), p
 
+    def needs(self) -> dict[str, int]:
+        return {"groups": len(self.betas)}
+
     def repair(self, student, clean: CleanData, ctx: DefenseContext) -> dict:
         teacher, t_report = teacher_of(student, clean, ctx, self.teacher, self.augment)
         if len(self.betas) > len(student.groups):

@@ -81,6 +81,9 @@ class ShapPruning(Defense):
         self.outliers_among, self.stop, self.k_max_rounding = outliers_among, stop, k_max_rounding
         self.copies_single, self.copies, self.max_carriers = copies_single, copies, max_carriers
 
+    def needs(self) -> dict[str, int]:
+        return {"groups": 1} if self.players == "last_stage" else {}
+
     def repair(self, model, clean: CleanData, ctx: DefenseContext) -> dict:
         per_pass = self.images_per_pass[ctx.device.type]
         rev = self.reversal(model, clean, self.augment, ctx)

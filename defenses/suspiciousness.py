@@ -136,6 +136,9 @@ class Suspiciousness(Defense):
         self.min_agreement, self.delta_acc, self.copies, self.max_carriers = min_agreement, delta_acc, copies, max_carriers
         self.finetune, self.schedule = finetune, schedule
 
+    def needs(self) -> dict[str, int]:
+        return {"conv_bn_pairs": 1}
+
     def repair(self, model, clean: CleanData, ctx: DefenseContext) -> dict:
         per_pass = self.images_per_pass[ctx.device.type]
         aug = carriers(clean, self.augment, self.copies, min(len(clean) * self.copies, self.max_carriers),

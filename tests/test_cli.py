@@ -117,6 +117,8 @@ def test_smoke_sweep_writes_10_records_and_resumes_without_work(tmp_path):
     assert bd[("badnets", "none", "any")]["metrics"]["asr"] > 0.8
     assert bd[("badnets", "ft", 10)]["metrics"]["asr"] < bd[("badnets", "none", "any")]["metrics"]["asr"]
     assert "Launching 10 jobs" in first.stdout + first.stderr  # 18 jobs, 10 launched
+    launched = re.findall(r"#\d+ : .*defense=(\w+)", first.stdout + first.stderr)
+    assert launched == ["none"] * 2 + ["ft"] * 6 + ["clp"] * 2  # defense-major: one worker start per row, not per cell
 
     mtimes = {f: f.stat().st_mtime_ns for f in files}
     second = bdbench(tmp_path, *grid)

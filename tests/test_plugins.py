@@ -68,7 +68,8 @@ def test_bdbench_list_shows_the_plugin_with_its_package(venv):
     listing = sh(venv / "venv" / "bin" / "bdbench", "list", cwd=venv).stdout
     rows = {line.split()[0]: line.split()[1] for line in listing.splitlines() if line.startswith("  ")}
     assert rows["head_ft"] == "bdbench_example" and rows["checkerboard"] == "bdbench_example"
-    assert rows["ft"] == "bdbench" and rows["badnets"] == "bdbench"
+    assert rows["resnet18_tv"] == "bdbench_example"  # a model through the bdbench.models entry point, its config found
+    assert rows["ft"] == "bdbench" and rows["badnets"] == "bdbench" and rows["wrn16_1"] == "bdbench"
 
 
 @pytest.mark.skipif(not fashion_mnist_available(), reason=f"Fashion-MNIST IDX files not under {DATA}")

@@ -10,10 +10,12 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
 from bench.errors import ConfigError
+from bench.models import ImageClassifier
 from bench.validate import CONF_DIR, DESCRIPTIVE, options, validate
 from conftest import DATA, compose_cell, fashion_mnist_available
 
@@ -184,3 +186,40 @@ def test_a_new_optional_key_renames_no_finished_cell(tiny_cfg, choices):
     assert cell_path(cfg, choices(cfg)) == before
     cfg.attack.checkpoint = "model.pt"
     assert cell_path(cfg, choices(cfg)) != before
+
+
+class Bare(ImageClassifier):
+    """A conv net that declares nothing: no feature groups, no conv-BatchNorm pairs, no BatchNorm."""
+
+    def __init__(self, num_classes: int, shape, mean, std, normalize: bool | None = None) -> None:
+        super().__init__(num_classes, shape, mean, std, normalize)
+        self.conv = torch.nn.Conv2d(shape[0], 8, 3, padding=1)
+        self.fc = torch.nn.Linear(8, num_classes)
+
+    def forward_normalized(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.conv(x).relu().mean((2, 3)))
+
+
+@pytest.mark.parametrize("defense, needs", [
+    ("nad", "at least 3 feature groups; model=bare declares 0"),
+    ("argd", "at least 3 feature groups; model=bare declares 0"),
+    ("fp", "at least 1 feature groups; model=bare declares 0"),
+    ("ar_purification", "at least 2 feature groups; model=bare declares 0"),
+    ("clp", "at least 1 conv-BatchNorm pairs (conv_bn_pairs()); model=bare declares 0"),
+    ("suspiciousness", "at least 1 conv-BatchNorm pairs (conv_bn_pairs()); model=bare declares 0"),
+    ("anp", "at least 1 affine BatchNorm layers; model=bare declares 0"),
+    ("ft", None),  # fine-tuning needs nothing a conv net does not have
+])
+def test_a_defense_refuses_a_model_without_what_it_needs_before_compute(defense, needs, tiny_cfg, choices):
+    """A model of one's own that does not declare what a defense reads is one line naming both, at validation:
+    before, CLP ran to a TypeError and NAD to an IndexError in the middle of the cell."""
+    cfg = tiny_cfg(f"defense={defense}")
+    cfg.model = {"_target_": "test_validation.Bare"}
+    picked = {**choices(cfg), "model": "bare"}
+    if needs is None:
+        validate(cfg, picked)
+        return
+    with pytest.raises(ConfigError) as error:
+        validate(cfg, picked)
+    assert str(error.value) == f"defense={defense} needs a model with {needs}; valid: a model that declares them " \
+                               f"(docs/models.md)"

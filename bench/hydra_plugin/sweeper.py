@@ -1,4 +1,5 @@
-"""Hydra's basic sweeper, less the jobs whose record is already written or whose cell an earlier job runs.
+"""Hydra's basic sweeper, less the jobs whose record is already written or whose cell an earlier job runs, in
+defense-major order.
 
 ``bdbench -m`` composes and validates every job before the first one starts (bench/cli.py); that pass also
 reads each job's record. Hydra's basic sweeper would then compose every job twice more (once to check the batch,
@@ -16,6 +17,19 @@ from __future__ import annotations
 from typing import Any
 
 from hydra.plugins.sweeper import Sweeper
+
+
+def defense_major(jobs: list) -> list:
+    """The jobs with each defense's cells next to each other, defenses in the order the sweep names them: a defense
+    worker serves one defense's consecutive cells (bench/isolation.py), so a row pays one worker start (a Python and
+    torch import, in its sandbox), not one per cell. Hydra's own order varies the last override fastest."""
+    def defense(job) -> str:
+        return next((o.split("=", 1)[1] for o in job if o.split("=", 1)[0].lstrip("+~") == "defense"), "")
+
+    first: dict[str, int] = {}
+    for job in jobs:
+        first.setdefault(defense(job), len(first))
+    return sorted(jobs, key=lambda job: first[defense(job)])
 
 
 class SkipRecordedSweeper(Sweeper):
@@ -39,7 +53,7 @@ class SkipRecordedSweeper(Sweeper):
 
         self.basic = BasicSweeper(self.max_batch_size, self.params)
         batch = self.basic.get_job_batch
-        self.basic.get_job_batch = lambda: [job for job in batch() if job_key(job) not in NOT_LAUNCHED]
+        self.basic.get_job_batch = lambda: defense_major([job for job in batch() if job_key(job) not in NOT_LAUNCHED])
         self.basic.setup(hydra_context=hydra_context, task_function=task_function, config=config)
         SWEEP.update(dir=str(config.hydra.sweep.dir), launcher=type(self.basic.launcher).__name__,
                      logs=str(OmegaConf.select(config, "hydra.launcher.submitit_folder", default=None)

@@ -52,3 +52,29 @@ def test_head_fine_tuning_keeps_the_defense_contract():
                         shape="cosine", piecewise=None, cutout_size=0, batchnorm="frozen", grad_clip=None)
     report = check_defense(HeadFineTuning(schedule=schedule, augment=Augment(crop_padding=0, hflip=False)))
     assert report["steps"] == 5
+
+
+def test_torchvision_resnet18_through_the_entry_point_takes_a_pruning_and_a_fine_tuning_defense():
+    """bdbench's model contract on a model bdbench does not ship: created by name through the ``bdbench.models``
+    entry point, its conv-BN pairs are what its graph says, its groups are real submodules, and CLP (pruning) and FT
+    (fine-tuning) each change it and keep the defense contract on tiny inputs."""
+    from bench.contract import check_defense
+    from bench.models import create_model, list_models
+    from defenses.clp import CLP
+    from defenses.ft import FineTuning
+
+    assert "resnet18_tv" in list_models()
+    torch.manual_seed(0)
+    model = create_model("resnet18_tv", num_classes=4, shape=(3, 16, 16), mean=[0.5] * 3, std=[0.5] * 3).eval()
+    assert model(torch.rand(2, 3, 16, 16)).shape == (2, 4)
+    pairs = model.conv_bn_pairs()
+    assert len(pairs) == 20 and all(conv.out_channels == bn.num_features for conv, bn in pairs)
+    assert [type(model.get_submodule(g)).__name__ for g in model.groups] == ["Sequential"] * 3
+
+    clp = check_defense(CLP(u=0.5), model="resnet18_tv", num_classes=4, shape=(3, 16, 16))  # a low threshold: some channels are pruned
+    assert clp["pruned"] > 0
+    schedule = Schedule(epochs=1, batch_size=8, min_steps=3, lr=0.05, momentum=0.9, weight_decay=0.0, nesterov=False,
+                        shape="cosine", piecewise=None, cutout_size=0, batchnorm="train", grad_clip=None)
+    ft = check_defense(FineTuning(schedule=schedule, augment=Augment(crop_padding=0, hflip=False)),
+                       model="resnet18_tv", num_classes=4, shape=(3, 16, 16))
+    assert ft["steps"] == 3
