@@ -97,3 +97,34 @@ def test_badnets_reads_a_state_saved_before_patterns_and_a_config_without_their_
     record_config = {"_target_": "attacks.badnets.BadNets", "target": 4, "poison_rate": 0.1, "size": 3, "margin": 0,
                      "corner": "bottom_right", "value": 255}  # as a schema-3 record holds it
     assert torch.equal(build(current(record_config)).apply_trigger(x), expected)
+
+
+def test_sig_signal_by_hand():
+    """BackdoorBench's sigTriggerAttack on an HWC uint8 image: pattern[i, j] = delta sin(2 pi j f / W) over column
+    j, added, clipped to 0..255 and truncated to uint8; here on 3x4x5 (C, H, W) images at both ends of the range."""
+    attack = configured("attack", "attack=sig", delta=40.0, f=6.0)
+    for value in (0, 100, 250):
+        x = torch.full((2, 3, 4, 5), value, dtype=torch.uint8)
+        out = attack.apply_trigger(x)
+        pattern = np.array([40 * np.sin(2 * np.pi * j * 6 / 5) for j in range(5)], dtype=np.float32)
+        expected = np.uint8(np.clip(np.uint32(value) + pattern, 0, 255))  # the same value on every row and channel
+        assert out.dtype == torch.uint8 and (out == torch.from_numpy(expected)).all()
+
+
+def test_sig_poisons_target_images_only_and_keeps_every_label():
+    """Clean-label: round(rate * N) images of the target class outside the defender pool, labels unchanged; more
+    than the class holds is capped at the class, and the report says so."""
+    train = ImageSet(torch.full((1000, 1, 8, 8), 100, dtype=torch.uint8), torch.arange(1000) % 10)
+    candidates = torch.arange(100, 1000)  # the first 100 are the defender pool: 10 of them of class 3
+    attack = configured("attack", "attack=sig", target=3, poison_rate=0.05)
+    poisoned = attack.prepare(train, candidates, torch.Generator().manual_seed(0))
+    idx = attack.poison_indices
+    assert len(idx) == 50 and (train.y[idx] == 3).all() and (idx >= 100).all()
+    assert torch.equal(poisoned.y, train.y)  # no label changed
+    assert (poisoned.x[idx] != 100).any(dim=(1, 2, 3)).all() and attack.report()["requested"] == 50
+    untouched = torch.ones(1000, dtype=torch.bool)
+    untouched[idx] = False
+    assert (poisoned.x[untouched] == 100).all()
+    capped = configured("attack", "attack=sig", target=3, poison_rate=0.1)  # 100 asked, 90 of class 3 outside the pool
+    capped.prepare(train, candidates, torch.Generator().manual_seed(0))
+    assert len(capped.poison_indices) == 90 and "90 of 100 requested" in capped.report()["deviation"]

@@ -91,9 +91,14 @@ def test_every_attack_trains_triggers_and_round_trips(name, tiny_cfg):
     if attack.target is not None:
         assert not torch.equal(attack.apply_trigger(data.test.x), data.test.x)
     if len(attack.poison_indices):
-        assert len(attack.poison_indices) == round(attack.poison_rate * len(data.train))
         assert not set(attack.poison_indices.tolist()) & set(data.pool.tolist())
         assert (train_set.y[attack.poison_indices] == attack.target).all()
+        if getattr(attack, "clean_label", False):  # drawn among the target class, labels kept, capped by its size
+            own = [i for i in data.poisonable().tolist() if data.train.y[i] == attack.target]
+            assert len(attack.poison_indices) == min(round(attack.poison_rate * len(data.train)), len(own))
+            assert torch.equal(train_set.y, data.train.y)
+        else:
+            assert len(attack.poison_indices) == round(attack.poison_rate * len(data.train))
     clone = build(cfg.attack)
     clone.load_state_dict(attack.state_dict())
     assert torch.equal(clone.apply_trigger(data.test.x[:8]), triggered)
