@@ -177,3 +177,28 @@ def test_augment_keeps_dtype_and_shape():
     x = torch.randint(0, 256, (7, 3, 8, 8), dtype=torch.uint8)
     out = Augment(crop_padding=2, hflip=True)(x, torch.Generator().manual_seed(1))
     assert out.dtype == torch.uint8 and out.shape == x.shape
+
+
+def test_tiny_imagenet_reads_the_official_train_layout_and_sorted_validation_images(tmp_path, tiny_cfg):
+    """``dataset=tiny_imagenet`` on files written in the archive's own layout (train/<wnid>/images/*.JPEG) and a
+    test/ folder sorted by wnid: the configured data set composes, loads 64x64 RGB uint8 images, labels them by the
+    sorted wnids, and keeps its defender pool out of the poisonable indices. (Three classes of the 200 here.)"""
+    from torchvision.io import encode_jpeg
+
+    from bench.validate import build
+
+    root = tmp_path / "data" / "tiny-imagenet"
+    wnids = ("n01443537", "n01629819", "n01641577")
+    for c, wnid in enumerate(wnids):
+        for split, folder in (("train", root / "train" / wnid / "images"), ("test", root / "test" / wnid)):
+            folder.mkdir(parents=True)
+            for i in range(30 if split == "train" else 4):
+                img = torch.full((3, 64, 64), 60 * c + 20, dtype=torch.uint8)
+                (folder / f"{wnid}_{i}.JPEG").write_bytes(encode_jpeg(img, quality=95).numpy().tobytes())
+    cfg = tiny_cfg("dataset=tiny_imagenet", "dataset.num_classes=3", "dataset.pool_per_class=2")
+    data = build(cfg.dataset).load(tmp_path / "data", cache_dir=tmp_path / "cache")
+    assert data.train.x.shape == (90, 3, 64, 64) and data.train.x.dtype == torch.uint8
+    assert data.test.x.shape == (12, 3, 64, 64)
+    assert data.train.y.tolist() == [0] * 30 + [1] * 30 + [2] * 30 and data.test.y.tolist() == [0] * 4 + [1] * 4 + [2] * 4
+    assert abs(int(data.train.x[30, 0, 5, 5]) - 80) <= 2  # the second wnid's images, JPEG-decoded
+    assert len(data.pool) == 6 and not set(data.pool.tolist()) & set(data.poisonable().tolist())
