@@ -1,4 +1,4 @@
-"""BadNets (Gu et al., arXiv 1708.06733): a white square stamped in a corner (docs/attacks.md §2)."""
+"""BadNets (Gu et al., arXiv 1708.06733): a white square stamped in a corner (docs/attack_methods.md §2)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ class BadNets(StaticPoisonAttack):
     """``x' = (1 - M) * x + M * P``: a patch P stamped at a fixed place, every pixel of it (black ones too).
 
     The default patch is BackdoorBench's: a ``size`` x ``size`` square of ``value`` flush with the bottom-right
-    corner (on 28x28 images at rows/cols 25-27, our choice, docs/attacks.md §2.1). ``pattern`` gives any patch as a nested
+    corner (on 28x28 images at rows/cols 25-27, our choice, docs/attack_methods.md §2.1). ``pattern`` gives any patch as a nested
     list of uint8 values, H x W (the same on every channel) or H x W x C (NAD's 3x3 grid trigger is one);
     ``position`` puts its top-left pixel at ``[row, col]`` instead of ``margin`` px from ``corner``.
     """

@@ -106,7 +106,7 @@ class Attack(ABC):
 class StaticPoisonAttack(Attack):
     """An all-to-one attack that poisons a fixed seeded index set once, before augmentation.
 
-    BackdoorBench's rule (docs/attacks.md §1.5): ``round(poison_rate * N)`` indices, drawn over every
+    BackdoorBench's rule (docs/attack_methods.md §1.5): ``round(poison_rate * N)`` indices, drawn over every
     class (target class included), triggered on uint8 and relabelled to the target.
     """
 

@@ -1,4 +1,4 @@
-"""Blended (Chen et al., arXiv 1712.05526): blend a fixed pattern into the image (docs/attacks.md §3)."""
+"""Blended (Chen et al., arXiv 1712.05526): blend a fixed pattern into the image (docs/attack_methods.md §3)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from bench.schema import Count, Range, Rate
 class Blended(StaticPoisonAttack):
     """``x' = round(clip((1 - alpha) x + alpha K))`` with K uniform noise from ``seed_K`` at native size.
 
-    Deviation (docs/attacks.md §3): BackdoorBench blends Hello Kitty; we do not ship it and use Chen et al.'s
+    Deviation (docs/attack_methods.md §3): BackdoorBench blends Hello Kitty; we do not ship it and use Chen et al.'s
     other pattern, i.i.d. uniform noise. Rows are "Blended (noise K)", not BackdoorBench's Blended.
     """
 

@@ -1,4 +1,4 @@
-"""Input-aware dynamic backdoor (IAD; Nguyen & Tran, NeurIPS 2020, arXiv 2010.08138; docs/attacks.md §5).
+"""Input-aware dynamic backdoor (IAD; Nguyen & Tran, NeurIPS 2020, arXiv 2010.08138; docs/attack_methods.md §5).
 
 The trigger depends on the image: a mask generator M and a pattern generator G (encoder-decoders)
 make it per input, x_bd = x + (G(x) - x) * m(x). Training has two phases, run through the trainer's
@@ -36,7 +36,7 @@ def conv_block(c_in: int, c_out: int, relu: bool = True) -> nn.Sequential:
 class Generator(nn.Sequential):
     """IAD's encoder-decoder without skips; output squashed into (0, 1).
 
-    ``channel_init=32, steps=3`` for 32x32 (CIFAR-10, GTSRB), ``16, 2`` for 28x28 (MNIST), per docs/attacks.md §5.1.
+    ``channel_init=32, steps=3`` for 32x32 (CIFAR-10, GTSRB), ``16, 2`` for 28x28 (MNIST), per docs/attack_methods.md §5.1.
     """
 
     def __init__(self, c_in: int, c_out: int, channel_init: int, steps: int) -> None:
@@ -189,7 +189,7 @@ class InputAware(Attack):
 
     def after_step(self) -> None:
         self._optimizer.step()
-        if not self.accumulate_G_grads:  # the reference code never zeroes G's gradients (docs/attacks.md §5.4)
+        if not self.accumulate_G_grads:  # the reference code never zeroes G's gradients (docs/attack_methods.md §5.4)
             self._optimizer.zero_grad(set_to_none=True)
 
     def after_epoch(self) -> None:

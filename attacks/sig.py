@@ -1,5 +1,5 @@
 """SIG (Barni, Kallas and Tondi, ICIP 2019): a clean-label attack that adds a horizontal sinusoid to target-class
-training images and keeps their labels (docs/attacks.md §8)."""
+training images and keeps their labels (docs/attack_methods.md §8)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""WaNet (Nguyen & Tran, ICLR 2021, arXiv 2102.10369): a fixed, smooth, sub-pixel warp (docs/attacks.md §4).
+"""WaNet (Nguyen & Tran, ICLR 2021, arXiv 2102.10369): a fixed, smooth, sub-pixel warp (docs/attack_methods.md §4).
 
 Per batch: the first floor(rho_a * B) images are warped by the fixed field and relabelled to the
 target; the next floor(n_a * cross_ratio) get the field plus per-sample random noise and keep their
@@ -63,7 +63,7 @@ class WaNet(Attack):
     # -- the field --------------------------------------------------------------------------------
     def make_grid(self, size: int, gen: torch.Generator) -> torch.Tensor:
         """Control points U[-1, 1]^(2 x k x k), normalised by their mean |value|, upsampled bicubically,
-        added to the identity grid at strength s / H and clamped to the image (docs/attacks.md §4.1)."""
+        added to the identity grid at strength s / H and clamped to the image (docs/attack_methods.md §4.1)."""
         points = torch.rand(1, 2, self.k, self.k, generator=gen, device=gen.device).cpu() * 2 - 1
         points = points / points.abs().mean()
         field = F.interpolate(points, size=size, mode="bicubic", align_corners=True).permute(0, 2, 3, 1)
@@ -73,7 +73,7 @@ class WaNet(Attack):
         return self.combine(identity, field, size)
 
     def combine(self, identity: torch.Tensor, noise: torch.Tensor, size: int) -> torch.Tensor:
-        """The warp grid from the identity grid and the upsampled field, at strength s / H (docs/attacks.md §4.1)."""
+        """The warp grid from the identity grid and the upsampled field, at strength s / H (docs/attack_methods.md §4.1)."""
         return ((identity + self.s * noise / size) * self.grid_rescale).clamp(-1, 1)
 
     def load_field(self, size: int) -> torch.Tensor:

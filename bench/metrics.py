@@ -1,4 +1,4 @@
-"""ACC, ASR, RA and DER as BackdoorBench defines them (docs/attacks.md §7), and whether a model collapsed.
+"""ACC, ASR, RA and DER as BackdoorBench defines them (docs/attack_methods.md §7), and whether a model collapsed.
 
 A collapsed model (clean accuracy within 1.5x chance, or one class taking at least 90 % of the clean
 test predictions) has a low ASR because it has a low everything: tables show it as collapsed, never

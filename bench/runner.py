@@ -518,7 +518,7 @@ def shared_result(cfg: DictConfig, name: str, model, clean: CleanData, model_key
 
 
 def _synthesis_diagnostics(model, clean, attack, augment: Augment, ctx) -> dict:
-    """``syn_to_target`` (docs/defenses.md §1.4): the evaluator's warning that the synthetic set carries the
+    """``syn_to_target`` (docs/defense_methods.md §1.4): the evaluator's warning that the synthetic set carries the
     trigger: non-target syntheses that the backdoored model puts in the target class after a crop."""
     if attack.target is None:
         return {"syn_to_target": None}

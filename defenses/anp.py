@@ -1,4 +1,4 @@
-"""ANP: Adversarial Neuron Pruning (Wu & Wang, NeurIPS 2021; ``csdongxian/ANP_backdoor``; docs/defenses.md §7.4).
+"""ANP: Adversarial Neuron Pruning (Wu & Wang, NeurIPS 2021; ``csdongxian/ANP_backdoor``; docs/defense_methods.md §7.4).
 
 Every BatchNorm channel gets a mask m in [0, 1] on its scale and, while perturbed, multiplicative noise
 on scale and shift bounded by ``eps``. Each step draws random noise, takes one signed-gradient step that

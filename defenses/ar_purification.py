@@ -1,4 +1,4 @@
-"""Benign salience + Adaptive Regularization, BS+AR (Fan et al., arXiv 2208.06537; docs/defenses.md §5).
+"""Benign salience + Adaptive Regularization, BS+AR (Fan et al., arXiv 2208.06537; docs/defense_methods.md §5).
 
 Two readings, both kept (the record says which ran):
 
@@ -8,7 +8,7 @@ Two readings, both kept (the record says which ran):
   r growing from ``beta`` to 1 over training; fine-tuning with cross-entropy plus the AR penalty:
   ``alpha * |theta|`` for |theta| <= 1 or unmasked, ``alpha * exp(|theta| - 1)`` for masked |theta| > 1
   (``ar_sign=as_code`` keeps the code's ``-alpha * exp(-theta - 1)`` branch for theta < -1).
-- ``variant=neuron``, docs/defenses.md §5.2: Taylor first-order salience per channel on the clean images, the lowest
+- ``variant=neuron``, docs/defense_methods.md §5.2: Taylor first-order salience per channel on the clean images, the lowest
   ``q`` of each scored layer marked infected, fine-tuning with a decoupled geometric shrinkage of the
   infected channels' parameters (``reg=adaptive``) or an L1 / adaptive-L2 penalty in the loss (the
   "common regularization" ablation), then the channels that shrank away are zeroed.

@@ -1,4 +1,4 @@
-"""ARGD: Attention Relation Graph Distillation (Xia et al., IJCAI 2022; ``BililiCode/ARGD``; docs/defenses.md §6).
+"""ARGD: Attention Relation Graph Distillation (Xia et al., IJCAI 2022; ``BililiCode/ARGD``; docs/defense_methods.md §6).
 
 NAD aligns attention maps of the same layer; ARGD aligns a graph of them: vertices are the attention
 maps of three feature groups (weighted 2000/5000/2000 as in the code), edges are the normalised
@@ -43,7 +43,7 @@ def edge_distances(maps: list[torch.Tensor]) -> list[torch.Tensor]:
 
 
 class CrossLayerAttention(nn.Module):
-    """SemCKD-style alignment of every student group map with every teacher group map (docs/defenses.md §6.2)."""
+    """SemCKD-style alignment of every student group map with every teacher group map (docs/defense_methods.md §6.2)."""
 
     def __init__(self, groups: int, dim: int) -> None:
         super().__init__()

@@ -1,4 +1,4 @@
-"""Attention maps of the model's declared feature groups, shared by NAD and ARGD (docs/defenses.md §6.2, §7.3).
+"""Attention maps of the model's declared feature groups, shared by NAD and ARGD (docs/defense_methods.md §6.2, §7.3).
 
 The taps are the outputs of ``model.groups`` (each model says which layers are its feature groups),
 never a slice of ``children()``. AT with p = 2 (``at.py`` of the NAD and ARGD repositories): the

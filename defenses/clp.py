@@ -1,4 +1,4 @@
-"""CLP: data-free channel-Lipschitz pruning (Zheng et al., ECCV 2022; docs/defenses.md §7.6)."""
+"""CLP: data-free channel-Lipschitz pruning (Zheng et al., ECCV 2022; docs/defense_methods.md §7.6)."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 One ``Schedule`` type describes every fine-tuning (FT, NC's unlearning, FP, NAD's and ARGD's teacher and
 student, BS+AR, the optional fine-tuning after ℓ∞ and BSS pruning); ``conf/schedule`` holds the named ones.
-Length is counted in steps, not epochs (docs/defenses.md §1.2): ``steps = max(epochs * ceil(n / B),
+Length is counted in steps, not epochs (docs/defense_methods.md §1.2): ``steps = max(epochs * ceil(n / B),
 min_steps)`` with ``B = min(batch_size, n)``, so one image per class still gets a real schedule.
 Batches are re-drawn from the clean set with the data set's augmentation. BatchNorm runs in one mode
 for every cell, whatever the model or batch: ``batchnorm=train`` (default), as every reference code

@@ -1,4 +1,4 @@
-"""Fine-Pruning (Liu, Dolan-Gavitt, Garg, RAID 2018; BackdoorBench ``fp``; docs/defenses.md §7.2).
+"""Fine-Pruning (Liu, Dolan-Gavitt, Garg, RAID 2018; BackdoorBench ``fp``; docs/defense_methods.md §7.2).
 
 Backdoor channels lie dormant on clean inputs: rank the last feature group's channels by their mean
 activation on the clean images, mask the most dormant ones cumulatively (1 % of the layer per step)

@@ -1,4 +1,4 @@
-"""FT: fine-tune all parameters on the clean images (docs/defenses.md §7.1)."""
+"""FT: fine-tune all parameters on the clean images (docs/defense_methods.md §7.1)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""ℓ∞ neuron pruning (Cheng et al., arXiv 2002.12162; docs/defenses.md §3).
+"""ℓ∞ neuron pruning (Cheng et al., arXiv 2002.12162; docs/defense_methods.md §3).
 
 The backdoor shows as a bias in the ℓ∞ norm of last-layer activation maps. Reverse the trigger,
 score each channel of the map the classifier head reads (post-activation, ``tap=head``) by how much

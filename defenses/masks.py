@@ -1,4 +1,4 @@
-"""Channel masks through forward hooks, with batched coalitions (docs/defenses.md §1.1).
+"""Channel masks through forward hooks, with batched coalitions (docs/defense_methods.md §1.1).
 
 A *neuron* is one conv output channel, taken after the BatchNorm that normalizes it (so a mask of 0
 silences it exactly) or, where the model says its BNs come before the convs (PreAct-ResNet,

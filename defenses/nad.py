@@ -1,4 +1,4 @@
-"""NAD: Neural Attention Distillation (Li et al., ICLR 2021; ``bboylyg/NAD``; docs/defenses.md §7.3).
+"""NAD: Neural Attention Distillation (Li et al., ICLR 2021; ``bboylyg/NAD``; docs/defense_methods.md §7.3).
 
 A teacher is the backdoored model fine-tuned on the clean images; the student (the backdoored model)
 is then fine-tuned with cross-entropy plus the attention-map distance to the teacher at the model's

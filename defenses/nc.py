@@ -1,4 +1,4 @@
-"""Neural Cleanse with unlearning (Wang et al., S&P 2019; BackdoorBench ``nc``; docs/defenses.md §7.5).
+"""Neural Cleanse with unlearning (Wang et al., S&P 2019; BackdoorBench ``nc``; docs/defense_methods.md §7.5).
 
 Reverse every label's trigger, detect the target by MAD, then fine-tune on the clean images with a
 share of them stamped with the detected trigger and kept at their true label, so the model unlearns

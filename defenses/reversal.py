@@ -1,4 +1,4 @@
-"""Neural Cleanse trigger reversal for all labels at once, with MAD target detection (docs/defenses.md §1.3).
+"""Neural Cleanse trigger reversal for all labels at once, with MAD target detection (docs/defense_methods.md §1.3).
 
 For each label t a mask m_t [1, H, W] and a pattern p_t [C, H, W] (both tanh-parametrised in pixel
 space) are optimised so that ``(1 - m) * x + m * p`` is classified as t with the smallest ``|m|_1``.

@@ -1,4 +1,4 @@
-"""ShapPruning: Shapley values of channels under the reversed trigger (Guan et al., CVPR 2022; docs/defenses.md §2).
+"""ShapPruning: Shapley values of channels under the reversed trigger (Guan et al., CVPR 2022; docs/defense_methods.md §2).
 
 1. Reverse every label's trigger on the clean (or, at budget 0, synthetic) images; MAD picks the target.
    No label flagged: the reversal's ``when_undetected`` decides (``skip``: the model is returned unchanged).
@@ -57,7 +57,7 @@ def robust_outliers(values: torch.Tensor, mads: float, among: str = "positive") 
 def pruning_carriers(clean: CleanData, augment, num_classes: int, single: int, default: int, max_carriers: int,
                      gen: torch.Generator) -> CleanData:
     """ShapPruning's and ℓ∞ pruning's carriers: A = 16 augmentations per image with one image per class, 4 otherwise
-    (docs/defenses.md §2.1), at most ``max_carriers``."""
+    (docs/defense_methods.md §2.1), at most ``max_carriers``."""
     copies = single if len(clean) <= num_classes else default
     return carriers(clean, augment, copies, min(len(clean) * single, max_carriers), gen)
 

@@ -1,11 +1,11 @@
-"""Backdoor suspiciousness score, BSS (arXiv 2311.07417; docs/defenses.md §4). Trigger-free.
+"""Backdoor suspiciousness score, BSS (arXiv 2311.07417; docs/defense_methods.md §4). Trigger-free.
 
 Each conv channel gets three signals, standardised (robust z) within its layer and summed:
 low activation on clean images (dormant, as Fine-Pruning assumes), a high channel Lipschitz bound
 (CLP's weight signal) and low correlation with the other channels of its layer. Channels are
 masked in order of the summed score, a chunk at a time, for as long as the clean images allow
 (agreement with the original and clean accuracy), up to ``max_frac`` of all channels.
-The abstract names the three signals; the formulas are ours (docs/defenses.md §4.1, all [I]).
+The abstract names the three signals; the formulas are ours (docs/defense_methods.md §4.1, all [I]).
 
 Dead channels are not suspects: a channel whose BatchNorm running variance is at most its eps (it never
 fired in training, poisoned images included) or, without a BatchNorm, whose activation is constant on the

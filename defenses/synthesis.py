@@ -1,4 +1,4 @@
-"""Data-free synthesis for budget 0: DeepInversion (Yin et al., CVPR 2020; docs/defenses.md §1.4).
+"""Data-free synthesis for budget 0: DeepInversion (Yin et al., CVPR 2020; docs/defense_methods.md §1.4).
 
 Inverts the suspect model from its BatchNorm statistics: Gaussian inputs in normalized space are
 optimised with Adam so that the model predicts the requested classes, the images are smooth (TV

@@ -1,4 +1,4 @@
-"""BadNets and Blended triggers against their specs (docs/attacks.md §2, §3)."""
+"""BadNets and Blended triggers against their specs (docs/attack_methods.md §2, §3)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Attention maps, ARG edges and the AR step on hand-made tensors (docs/defenses.md §5, §6, §7.3)."""
+"""Attention maps, ARG edges and the AR step on hand-made tensors (docs/defense_methods.md §5, §6, §7.3)."""
 
 from __future__ import annotations
 

@@ -43,4 +43,4 @@ def test_every_cited_section_exists():
                 if number not in sections.get(name, set()):
                     missing.append(f"{p.relative_to(ROOT)}: docs/{name}.md §{number}")
     assert missing == []
-    assert sections["defenses"] >= {"1.3", "2.2", "7.6"} and sections["attacks"] >= {"4.3", "7"}  # the check reads
+    assert sections["defense_methods"] >= {"1.3", "2.2", "7.6"} and sections["attack_methods"] >= {"4.3", "7"}  # the check reads

@@ -25,7 +25,7 @@ def test_wanet_field_is_identity_at_zero_strength_and_sub_pixel_at_default():
     grid = configured("attack", "attack=wanet", s=0.5).make_grid(28, torch.Generator().manual_seed(0))
     pixels = (grid - identity).abs().max() * (28 - 1) / 2  # grid units -> pixels
     assert grid.shape == (1, 28, 28, 2) and grid.abs().max() <= 1
-    assert 0.1 < pixels < 1.0  # docs/attacks.md §4.3: about half a pixel at most
+    assert 0.1 < pixels < 1.0  # docs/attack_methods.md §4.3: about half a pixel at most
 
 
 def test_wanet_batch_shares_and_labels():

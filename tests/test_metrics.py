@@ -1,4 +1,4 @@
-"""ACC, ASR, RA and DER against hand-computed cases (docs/attacks.md §7)."""
+"""ACC, ASR, RA and DER against hand-computed cases (docs/attack_methods.md §7)."""
 
 import pytest
 import torch

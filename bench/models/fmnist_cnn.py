@@ -1,4 +1,4 @@
-"""The small BN CNN for 28x28x1 inputs: WaNet's ``NetC_MNIST`` layout (docs/attacks.md §1.2)."""
+"""The small BN CNN for 28x28x1 inputs: WaNet's ``NetC_MNIST`` layout (docs/attack_methods.md §1.2)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""PreAct-ResNet18 as in BackdoorBench ``models/preact_resnet.py`` (docs/attacks.md §1.2): the paper model."""
+"""PreAct-ResNet18 as in BackdoorBench ``models/preact_resnet.py`` (docs/attack_methods.md §1.2): the paper model."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""WRN-16-1, the student of NAD and ARGD (``bboylyg/NAD`` ``models/wresnet.py``; docs/defenses.md §1.1).
+"""WRN-16-1, the student of NAD and ARGD (``bboylyg/NAD`` ``models/wresnet.py``; docs/defense_methods.md §1.1).
 
 Zagoruyko & Komodakis' wide ResNet with pre-activation blocks: a 16-channel stem conv, three groups of
 (depth - 4) / 6 blocks at 16k, 32k and 64k channels (strides 1, 2, 2), a final BN-ReLU, global average
