@@ -131,9 +131,10 @@ def prevalidate(argv: list[str]) -> list[Path] | None:
         records.NOT_LAUNCHED.clear()
         seen_models: set[str] = set()
         for job, cfg in zip(jobs, configs):
-            if model_identity(cfg) in seen_models:
+            model = model_identity(cfg)
+            if model in seen_models:
                 records.NOT_LAUNCHED.add(records.job_key(job))
-            seen_models.add(model_identity(cfg))
+            seen_models.add(model)
         return None
     if args.multirun:
         records.NOT_LAUNCHED.clear()

@@ -402,14 +402,19 @@ class DefenseWorker:
                 pass
         self.kill()
 
-    def describe(self, defense_cfg: dict) -> dict:
-        """``describe(defense_cfg)`` run in this worker (which then serves that defense's cells)."""
+    def _serve(self, defense_cfg: dict) -> str:
+        """A live worker that serves this defense (another defense's code never shares a process with it)."""
         target = str(defense_cfg.get("_target_"))
         if self.serving not in (None, target):
             self.stop()
         if self.process is None or self.process.poll() is not None:
             self._start()
         self.serving = target
+        return target
+
+    def describe(self, defense_cfg: dict) -> dict:
+        """``describe(defense_cfg)`` run in this worker (which then serves that defense's cells)."""
+        target = self._serve(defense_cfg)
         try:
             self.conn.send_bytes(pickle.dumps(("describe", defense_cfg)))
             if not self.conn.poll(STARTUP_SECONDS):
@@ -424,12 +429,7 @@ class DefenseWorker:
             raise
 
     def run(self, defense_cfg: dict, model: nn.Module, clean, ctx, seed: int) -> Outcome:
-        target = str(defense_cfg.get("_target_"))
-        if self.serving not in (None, target):
-            self.stop()  # another defense's code never shares a process with this one's
-        if self.process is None or self.process.poll() is not None:
-            self._start()
-        self.serving = target
+        self._serve(defense_cfg)
         start = time.perf_counter()
         try:
             self.conn.send_bytes(pickle.dumps((defense_cfg, model, clean, ctx, seed)))
