@@ -44,6 +44,12 @@ class Entry:
     manifest: dict[str, Any]
 
 
+def _identity(folder: Path) -> tuple[int, int, int]:
+    """Which folder is at a path: its inode alone can be reused by the folder that replaced a deleted one."""
+    st = folder.stat()
+    return st.st_ino, st.st_ctime_ns, st.st_mtime_ns
+
+
 def seal(manifest: dict[str, Any]) -> str:
     """The digest of everything a manifest says (its files' hashes, the undefended metrics a record copies, ...)."""
     return sha256_json({k: v for k, v in manifest.items() if k != "seal"})
@@ -65,14 +71,14 @@ class Store:
         folder = self.path(key)
         for _ in range(3):
             try:
-                inode = folder.stat().st_ino
+                seen = _identity(folder)
             except FileNotFoundError:
                 return None
             try:
                 return self._read(key, folder)
             except Exception as exc:  # unreadable, truncated, flipped bytes, missing files: all corrupt
                 try:
-                    if folder.stat().st_ino != inode:  # replaced meanwhile by a writer: read the new one
+                    if _identity(folder) != seen:  # replaced meanwhile by a writer: read the new one
                         continue
                 except FileNotFoundError:  # moved out of the way by a writer that replaces it
                     return None
@@ -134,16 +140,27 @@ class Store:
             umask_mode(tmp)
             if folder.exists():  # a corrupt or stale entry: replace it
                 self._discard(folder)
-            try:
-                tmp.rename(folder)
-            except OSError:  # another writer's entry landed first: the same content (its key is its content)
-                if not folder.is_dir():
-                    raise
-                shutil.rmtree(tmp, ignore_errors=True)
+            self._move_in(tmp, folder)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         return Entry(objects, manifest)
+
+    @staticmethod
+    def _move_in(tmp: Path, folder: Path, tries: int = 50) -> None:
+        """Rename ``tmp`` to ``folder``; if another writer's entry is there, keep it (the same content: its key is
+        its content). That entry can itself be moved aside by a third writer between the failed rename and the look,
+        so an empty place is tried again rather than taken for an error."""
+        for attempt in range(tries):
+            try:
+                tmp.rename(folder)
+                return
+            except OSError:
+                if folder.is_dir():
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    return
+                if attempt == tries - 1:  # not a race: a real failure (permissions, a full disk), said as it is
+                    raise
 
 
 def spec_digests_to_key(key: str, manifest: dict) -> bool:

@@ -187,6 +187,28 @@ def test_several_processes_share_one_cache_entry(tmp_path):
     assert entry is not None and torch.equal(entry.objects["w"], torch.arange(50_000, dtype=torch.float32))
 
 
+def test_a_writer_whose_rename_lost_to_an_entry_since_moved_aside_tries_again(tmp_path, monkeypatch):
+    """The interleaving CI met with four processes: writer A's rename fails on B's fresh entry, then C moves B's
+    aside before A looks. A must try its rename again, not fail its cell on an empty place."""
+    store = Store(tmp_path, "models")
+    target = store.path("k")
+    real_rename = os.rename
+    lost = []
+
+    def rename(src, dst, *args, **kwargs):
+        if Path(dst) == target and not lost:  # B landed first and C then moved it aside: the place is empty again
+            lost.append(src)
+            raise OSError(39, "Directory not empty")
+        return real_rename(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "rename", rename)
+    store.store("k", {"w": torch.ones(3)}, {})
+    assert lost, "the rename was never raced"
+    entry = store.load("k")
+    assert entry is not None and torch.equal(entry.objects["w"], torch.ones(3))
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["k"]
+
+
 def test_a_file_system_without_locks_is_refused_in_one_line(tmp_path, monkeypatch):
     """Lustre without ``-o flock`` answers flock with ENOLCK: the cell must not run unlocked."""
     import errno
