@@ -4,6 +4,10 @@
 reference) against G x N images per pass at several pass sizes, on the same model and carriers. The
 fastest pass size per device is what ``coalition_images`` in ``conf/config.yaml`` should hold.
 
+``walks``: removal walks as ShapPruning scores them on the CPU, one coalition per forward pass: full passes (the
+reference) against ``ResumedForward``, which recomputes only what the newly removed channel reaches; same model,
+carriers and walks, and the logits checked equal.
+
 ``pipeline``: one epoch of poisoned training and one pass over the test set, the engine (uint8 data
 resident on the device, batched augmentation) against the pipeline BackdoorBench runs (torchvision
 DataLoader over PIL images, PIL transforms, fp32, batch 128), same poisoned data, model and initial weights.
@@ -49,10 +53,12 @@ from bench.report import markdown
 from bench.seeding import generator
 from bench.train import train
 from bench.validate import CONF_DIR, build
-from defenses.masks import coalition_logits, conv_neurons  # shared machinery, not a concrete defense
+from defenses.masks import (ResumedForward, coalition_logits, conv_neurons,  # shared machinery, not a defense
+                            prefix_masks)
 
 MODEL_SHAPES = {"fmnist_cnn": ((1, 28, 28), [0.5], [0.5]), "cifar_cnn": ((3, 32, 32), [0.5] * 3, [0.25] * 3),
-                "preact_resnet18": ((3, 32, 32), [0.5] * 3, [0.25] * 3)}
+                "preact_resnet18": ((3, 32, 32), [0.5] * 3, [0.25] * 3),
+                "wrn16_1": ((3, 32, 32), [0.5] * 3, [0.25] * 3)}
 
 
 @dataclass
@@ -121,6 +127,88 @@ def coalitions(device: torch.device, models: list[str], carriers: list[int], n_c
                f"Fastest pass size on average (geometric mean of speed-ups): **{best} images**.")
     shown = df.assign(coalitions_per_s=df["coalitions_per_s"].round(0), speedup=df["speedup"].round(2))
     return Result("Batched coalition scoring", shown, summary)
+
+
+class _FullPasses:
+    """``ResumedForward``'s interface, every coalition a full pass: the defenses' coalition scoring before it."""
+
+    def __init__(self, model, neurons, x, precision: str = "fp32", ahead=None) -> None:
+        self.model, self.neurons, self.x, self.precision = model, neurons, x, precision
+
+    def __enter__(self) -> "_FullPasses":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    def __call__(self, mask: torch.Tensor) -> torch.Tensor:
+        return coalition_logits(self.model, self.neurons, mask[None], self.x, len(self.x), self.precision)[0]
+
+
+def _cell_both_ways(overrides: list[str]) -> dict:
+    """One cell run twice in this process, coalitions scored by full passes and then resumed: its defense seconds
+    both ways and whether the two records' defense reports are the same apart from their seconds."""
+    import tempfile
+    from unittest import mock
+
+    from bench import api
+    from defenses import masks, shap_pruning
+
+    reports, seconds = [], []
+    for scorer in (_FullPasses, ResumedForward):
+        with (tempfile.TemporaryDirectory() as tmp, mock.patch.object(masks, "ResumedForward", scorer),
+              mock.patch.object(shap_pruning, "ResumedForward", scorer)):
+            record = api.run([*overrides, f"paths.records={tmp}", f"paths.output={tmp}/out", "worker.isolation=none"])
+        if record["status"] != "ok":
+            raise RuntimeError(f"{overrides}: {record['status']}: {record.get('error')}")
+        reports.append({k: v for k, v in record["defense"].items() if k != "seconds"})
+        seconds.append(record["timings"]["defense"])
+    return {"cell": " ".join(o for o in overrides if not o.startswith("paths.")), "full_s": seconds[0],
+            "resumed_s": seconds[1], "speedup": seconds[0] / seconds[1], "same_report": reports[0] == reports[1]}
+
+
+def walks(device: torch.device, models: list[str], carriers: list[int], n_walks: int, steps: int,
+          repeats: int = 3, cells: list[list[str]] = ()) -> Result:
+    rows = []
+    for name in models:
+        shape, mean, std = MODEL_SHAPES[name]
+        torch.manual_seed(0)
+        model = create_model(name, num_classes=10, shape=shape, mean=mean, std=std).to(device).eval()
+        model = model.to(memory_format=torch.channels_last)  # as the grids' recipes leave it
+        neurons = conv_neurons(model)
+        gen = torch.Generator(device=device).manual_seed(0)
+        masks = torch.cat([prefix_masks(torch.randperm(neurons.n, generator=gen, device=device),
+                                        torch.arange(1, steps + 1, device=device), neurons.n) for _ in range(n_walks)])
+        for n in carriers:
+            x = torch.rand(n, *shape, generator=gen, device=device).contiguous(memory_format=torch.channels_last)
+
+            def full() -> list[torch.Tensor]:
+                return [coalition_logits(model, neurons, m[None], x, n)[0] for m in masks]
+
+            def resumed() -> list[torch.Tensor]:
+                with ResumedForward(model, neurons, x) as scorer:
+                    return [scorer(m) for m in masks]
+
+            if not all(torch.equal(a, b) for a, b in zip(full(), resumed())):
+                raise AssertionError(f"{name}: resumed logits differ from full passes")
+            t_full, t_resumed = _time(full, device, repeats), _time(resumed, device, repeats)
+            rows.append({"model": name, "channels": neurons.n, "carriers": n, "coalitions": len(masks),
+                         "full_ms": 1000 * t_full / len(masks), "resumed_ms": 1000 * t_resumed / len(masks),
+                         "speedup": t_full / t_resumed})
+    df = _device_columns(pd.DataFrame(rows), device)
+    summary = (f"{n_walks} removal walks of {steps} steps each in a random channel order (a step removes one more "
+               "channel), one coalition per forward pass; time per coalition, best of the repeats; speed-up = full / "
+               "resumed. The logits of both were checked equal before timing.")
+    shown = df.round({"full_ms": 2, "resumed_ms": 2, "speedup": 2})
+    if cells:
+        runs = pd.DataFrame([_cell_both_ways(list(c)) for c in cells]).round(
+            {"full_s": 1, "resumed_s": 1, "speedup": 2})
+        summary += ("\n\nWhole cells (the published cache's poisoned model, trigger reversal and synthetic set), each "
+                    "run twice in one process, its coalitions scored by full passes and then resumed; defense seconds; "
+                    "`same_report`: the two records' defense reports (walks, estimates, guard curves, pruned channels) "
+                    "are identical apart from their seconds.\n\n" + markdown(runs))
+    return Result("Removal walks, full against resumed passes", shown, summary)
+
 
 
 class PILImages(Dataset):

@@ -8,6 +8,9 @@ one large batch: the activation holds G coalitions x N images, the hook views it
 every coalition, so it runs once on the N images and its output is repeated G times; everything after
 it, residual branches included, sees G x N images (this assumes the stem is the only reader of the
 input, true of every registered model: a test scores coalitions of each one both ways).
+
+Where coalitions come one at a time (a removal walk on the CPU, one pass per coalition), ``ResumedForward``
+recomputes only what the changed channels can reach and serves the rest from the previous pass.
 """
 
 from __future__ import annotations
@@ -158,7 +161,7 @@ def masked(neurons: Neurons, masks: torch.Tensor | None = None, stem: nn.Module 
             m = state.masks[:, start:start + size].to(out.dtype)
             shaped = out.view(g, out.shape[0] // g, *out.shape[1:])
             m = m.view(g, 1, size, *([1] * (out.dim() - 2)))
-            if torch.is_grad_enabled():
+            if torch.is_grad_enabled() or not state.in_place:
                 return (shaped * m).view_as(out)
             shaped.mul_(m)  # scoring only: no new activation tensor (allocation dominates on the CPU)
             return out
@@ -177,6 +180,7 @@ def masked(neurons: Neurons, masks: torch.Tensor | None = None, stem: nn.Module 
 class MaskState:
     masks: torch.Tensor | None
     shared: int | None = None  # N when the input holds the images once, not once per coalition
+    in_place: bool = True  # False where a module's output is kept for the next pass (``ResumedForward``)
 
 
 @torch.no_grad()
@@ -184,10 +188,13 @@ def coalition_logits(model: nn.Module, neurons: Neurons, masks: torch.Tensor, x:
                      images_per_pass: int, precision: str = "fp32") -> torch.Tensor:
     """Logits of every coalition on every image, [G, N, K], with ``images_per_pass`` images per forward.
 
-    ``images_per_pass = N`` gives one coalition per forward pass, the sequential reference.
+    ``images_per_pass = N`` gives one coalition per forward pass, each resumed from the last (``ResumedForward``).
     """
     n_img = x.shape[0]
     per_pass = max(1, images_per_pass // n_img)
+    if per_pass == 1 and len(masks) > 1:  # one coalition a pass: each resumes from the last, with the same logits
+        with ResumedForward(model, neurons, x, precision, ahead=masks) as resumed:
+            return torch.stack([resumed(m) for m in masks])
     out = []
     stem = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
     with masked(neurons, stem=stem) as state:
@@ -198,6 +205,139 @@ def coalition_logits(model: nn.Module, neurons: Neurons, masks: torch.Tensor, x:
                 logits = model(x)
             out.append(logits.float().view(chunk.shape[0], n_img, -1))
     return torch.cat(out)
+
+
+class ResumedForward:
+    """Logits of one coalition after another on fixed images, each pass recomputing only what its changed channels
+    can reach: exactly the numbers of a full pass, at a fraction of its cost when consecutive masks differ in a
+    few deep channels (a removal walk removes one channel per step, and most channels of a ResNet are deep).
+
+    Why it is exact: within one forward pass a module call that ended before the first changed mask point applied
+    its mask (at the end of its own call) cannot depend on it; its inputs came from the same images through the same
+    masks as last time, so its output is last pass's. Such calls (the largest ones: whole blocks where possible)
+    return their kept output instead of computing. The order of calls is recorded once on one image, so a forward
+    whose control flow depends on the data is not supported (the registered models have none). A module called
+    twice per pass, a mask point itself, or an output something later changed in place (its version counter moved)
+    is always computed.
+
+    Memory: with ``ahead`` (every mask to come, in order) only the outputs that can serve one of them are kept;
+    without it (a walk that decides its next mask as it goes) every module's output of the last pass is.
+    Use as a context manager; ``scorer(mask)`` takes one mask of shape [n] and returns [N, K] float logits.
+    """
+
+    def __init__(self, model: nn.Module, neurons: Neurons, x: torch.Tensor, precision: str = "fp32",
+                 ahead: torch.Tensor | None = None) -> None:
+        self.model, self.neurons, self.x, self.precision, self.ahead = model, neurons, x, precision, ahead
+        self.layer_of = neurons.layer_of().to(x.device)
+        self.previous: torch.Tensor | None = None
+        self.span: dict[nn.Module, tuple[int, int]] = {}  # module -> (start, end) in the recorded call order
+        self.kept: dict[nn.Module, tuple[torch.Tensor, int]] = {}  # module -> (output, its version when kept)
+        self.keep: set[nn.Module] | None = None  # the modules whose outputs are kept; None = all
+        self.parent: dict[nn.Module, nn.Module] = {c: m for m in model.modules() for c in m.children()}
+        self.serving: set[nn.Module] = set()
+        self.recording = False
+        self.reused_calls = self.calls = 0
+
+    def __enter__(self) -> "ResumedForward":
+        self._stack = contextlib.ExitStack()
+        self.state = self._stack.enter_context(masked(self.neurons))
+        self.state.in_place = False  # a mask point's input can be a kept output: a mask must never write into it
+        points = set(self.neurons.modules)
+        counter, calls = [0], {}
+
+        def pre(module, _inputs) -> None:
+            if self.recording:
+                calls[module] = calls.get(module, 0) + 1
+                if calls[module] == 1:
+                    self.span[module] = (counter[0], -1)
+                counter[0] += 1
+
+        def post(module, _inputs, out) -> None:
+            if self.recording:
+                if calls[module] == 1:
+                    self.span[module] = (self.span[module][0], counter[0])
+                counter[0] += 1
+            elif (module not in self.serving and module not in points and isinstance(out, torch.Tensor)
+                  and (self.keep is None or module in self.keep)):
+                self.kept[module] = (out, out._version)
+
+        for m in self.model.modules():
+            if m is not self.model:
+                self._stack.enter_context(_hooked(m, pre, post))
+        self.recording = True
+        try:
+            self.state.masks = torch.ones(1, self.neurons.n, device=self.x.device)
+            with torch.no_grad(), autocast(self.x.device, self.precision):
+                self.model(self.x[:1])
+        finally:
+            self.recording = False
+        self.span = {m: s for m, s in self.span.items() if s[1] >= 0 and calls[m] == 1}
+        if self.ahead is not None and len(self.ahead) > 1:
+            cuts = [self._cut(a, b) for a, b in zip(self.ahead[:-1], self.ahead[1:])]
+            self.keep = self._largest({m for m, (_, end) in self.span.items() if end < min(cuts)})
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stack.close()
+        self.kept.clear()
+
+    @torch.no_grad()
+    def __call__(self, mask: torch.Tensor) -> torch.Tensor:
+        serve = self._reusable(mask) if self.previous is not None else []
+        self.state.masks = mask[None]
+        self.serving = set(serve)
+        originals = {m: m.__dict__.get("forward") for m in serve}
+        try:
+            for m in serve:
+                m.forward = (lambda out: (lambda *a, **k: out))(self.kept[m][0])
+            with autocast(self.x.device, self.precision):
+                logits = self.model(self.x).float()
+        finally:
+            for m, original in originals.items():
+                if original is None:
+                    del m.forward
+                else:
+                    m.forward = original
+            self.serving = set()
+        self.previous = mask.clone()
+        self.calls += 1
+        self.reused_calls += bool(serve)
+        return logits
+
+    def _cut(self, before: torch.Tensor, after: torch.Tensor) -> int:
+        """Where in the call order the first mask point that differs between two masks ends, its mask applied
+        (-1: unknown). Calls inside a mask point (a group's blocks) end before it and never see its mask."""
+        changed = self.layer_of[(after != before).nonzero().squeeze(1)].unique().tolist()
+        if not changed:  # the same mask: every call's output is last pass's
+            return max(end for _, end in self.span.values()) + 1
+        return min(self.span.get(self.neurons.modules[layer], (-1, -1))[1] for layer in changed)
+
+    def _reusable(self, mask: torch.Tensor) -> list[nn.Module]:
+        """The largest module calls that end before the first changed mask point applies its mask, with their
+        outputs kept and unchanged since."""
+        cut = self._cut(self.previous, mask)
+        return self._largest({m for m, (_, end) in self.span.items()
+                              if end < cut and m in self.kept and self.kept[m][0]._version == self.kept[m][1]})
+
+    def _largest(self, fits: set[nn.Module]) -> list[nn.Module]:
+        """The modules of ``fits`` inside no other module of it."""
+        def inside(module: nn.Module) -> bool:
+            while module in self.parent:
+                module = self.parent[module]
+                if module in fits:
+                    return True
+            return False
+        return [m for m in fits if not inside(m)]
+
+
+@contextlib.contextmanager
+def _hooked(module: nn.Module, pre: Callable, post: Callable) -> Iterator[None]:
+    handles = [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def prefix_masks(order: torch.Tensor, counts: Sequence[int] | torch.Tensor, n: int) -> torch.Tensor:

@@ -20,6 +20,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Literal
 
@@ -29,7 +30,7 @@ from bench.augment import Augment
 from bench.schema import Fraction, NonNegative, Positive, PositiveInt
 from defenses.base import CleanData, Defense, DefenseContext, register_defense
 from defenses.guard import Guard, largest_passing_count
-from defenses.masks import Neurons, coalition_logits, conv_neurons, prefix_masks, prune_channels
+from defenses.masks import Neurons, ResumedForward, coalition_logits, conv_neurons, prefix_masks, prune_channels
 from defenses.reversal import TriggerReversal, carriers
 
 VALUES = ("soft_asr", "asr_minus_acc")
@@ -131,27 +132,43 @@ class ShapPruning(Defense):
             return keep.nonzero().squeeze(1).to(next(model.parameters()).device)
         return torch.arange(neurons.n, device=next(model.parameters()).device)
 
-    def _values(self, model, neurons, masks, bd_x, aug, target, per_pass, ctx) -> torch.Tensor:
-        """(v(S), soft ASR) per coalition mask: v is the soft ASR on the carriers (minus soft clean accuracy);
-        truncation always looks at the soft ASR, whatever v is."""
-        x = torch.cat([bd_x, aug.x]) if self.value == "asr_minus_acc" else bd_x
-        logits = coalition_logits(model, neurons, masks, x, per_pass, ctx.precision)
+    def _carrier_images(self, bd_x, aug) -> torch.Tensor:
+        return torch.cat([bd_x, aug.x]) if self.value == "asr_minus_acc" else bd_x
+
+    def _values(self, logits, n_bd: int, aug, target) -> tuple[torch.Tensor, torch.Tensor]:
+        """(v(S), soft ASR) per coalition from its logits [G, N, K]: v is the soft ASR on the carriers (minus soft
+        clean accuracy); truncation always looks at the soft ASR, whatever v is."""
         prob = logits.softmax(-1)
-        soft_asr = prob[:, :len(bd_x), target].mean(1)
+        soft_asr = prob[:, :n_bd, target].mean(1)
         if self.value == "soft_asr":
             return soft_asr, soft_asr
-        soft_acc = prob[:, len(bd_x):].gather(-1, aug.y.expand(len(masks), -1)[..., None]).mean((1, 2))
+        soft_acc = prob[:, n_bd:].gather(-1, aug.y.expand(len(logits), -1)[..., None]).mean((1, 2))
         return soft_asr - self.lambda_acc * soft_acc, soft_asr
 
     def _shapley(self, model, neurons, live, base, bd_x, aug, target, per_pass, ctx, gen, top: int):
         """Truncated Monte-Carlo removal walks, epsilon-greedy, prefixes scored a chunk at a time, until the
         ``top`` leading estimates have converged. Returns (phi, what the walks did)."""
-        n, dev = neurons.n, ctx.device
+        n = neurons.n
+        x = self._carrier_images(bd_x, aug)
+        chunk = max(1, per_pass // len(x))
+        with contextlib.ExitStack() as stack:
+            # One coalition per pass (the CPU's case): each pass recomputes only what its newly removed channel reaches.
+            resumed = stack.enter_context(ResumedForward(model, neurons, x, ctx.precision)) if chunk == 1 else None
+
+            def values(masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                logits = (resumed(masks[0])[None] if resumed is not None
+                          else coalition_logits(model, neurons, masks, x, per_pass, ctx.precision))
+                return self._values(logits, len(bd_x), aug, target)
+
+            return self._walks(values, live, base, n, top, gen, chunk, ctx)
+
+    def _walks(self, values, live, base, n: int, top: int, gen, chunk: int, ctx):
+        """The walks themselves; ``values(masks)`` scores coalitions."""
+        dev = ctx.device
         total, count = torch.zeros(n, device=dev), torch.zeros(n, device=dev)
         squares = torch.zeros(n, device=dev)
         k_g = max(1, math.ceil(self.k_g_frac * n))
-        chunk = max(1, per_pass // (len(bd_x) + (len(aug) if self.value == "asr_minus_acc" else 0)))
-        v_full = float(self._values(model, neurons, base[None], bd_x, aug, target, per_pass, ctx)[0][0])
+        v_full = float(values(base[None])[0][0])
         evals, walks, reason, rse = 0, 0, "max_walks", math.inf
         for walks in ctx.progress(range(1, self.max_walks + 1), desc="shap_pruning walks (at most)"):
             est = total / count.clamp_min(1)
@@ -164,9 +181,9 @@ class ShapPruning(Defense):
             while j < len(perm):
                 counts = torch.arange(j + 1, min(j + chunk, len(perm)) + 1, device=dev)
                 masks = prefix_masks(perm, counts, n) * base
-                values, soft_asr = self._values(model, neurons, masks, bd_x, aug, target, per_pass, ctx)
-                evals += len(values)
-                for v, a in zip(values.tolist(), soft_asr.tolist()):
+                v_s, soft_asr = values(masks)
+                evals += len(v_s)
+                for v, a in zip(v_s.tolist(), soft_asr.tolist()):
                     total[perm[j]] += prev - v
                     squares[perm[j]] += (prev - v) ** 2
                     count[perm[j]] += 1

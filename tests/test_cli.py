@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import DATA, fashion_mnist_available
+from conftest import DATA, TINY, fashion_mnist_available
 
 needs_fmnist = pytest.mark.skipif(not fashion_mnist_available(), reason=f"Fashion-MNIST IDX files not under {DATA}")
 
@@ -155,6 +155,23 @@ def test_perf_coalitions_writes_its_tables(tmp_path):
     assert "Fastest pass size" in (tmp_path / "coalitions-cpu.md").read_text()
 
 
+def test_perf_walks_times_full_and_resumed_passes_and_cells_both_ways(tmp_path):
+    """A cell run both ways must report the same defense decisions: the resumed passes are exact."""
+    cell = ",".join(f"'{o}'" for o in [*TINY, "attack=badnets", "defense=fp", "budget=10", "seed=0",
+                                       f"paths.cache={tmp_path / 'cache'}"])
+    run = subprocess.run([sys.executable, "-m", "bench.cli", "perf", "walks", f"out={tmp_path}", "carriers=[4]",
+                          "models=[wrn16_1]", "n_walks=2", "steps=5", "repeats=1", "device=cpu", f"cells=[[{cell}]]"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    import pandas as pd
+
+    df = pd.read_csv(tmp_path / "walks-cpu.csv")
+    assert df[["model", "channels", "carriers", "coalitions"]].values.tolist() == [["wrn16_1", 560, 4, 10]]
+    assert (df[["full_ms", "resumed_ms", "speedup"]] > 0).all(axis=None)
+    table = (tmp_path / "walks-cpu.md").read_text()
+    assert "defense=fp budget=10 seed=0 |" in table and table.count("| True |") == 1
+
+
 def test_perf_pipeline_times_engine_and_reference(tmp_path):
     run = subprocess.run([sys.executable, "-m", "bench.cli", "perf", "pipeline", f"out={tmp_path}",
                           "overrides=[dataset=synthetic,model=fmnist_cnn,attack=badnets]", "train_images=512",
@@ -219,9 +236,10 @@ def test_perf_tta_stops_each_pipeline_at_the_target_or_the_epoch_cap(tmp_path):
 
 
 def test_perf_unknown_benchmark_is_one_line(tmp_path):
-    run = subprocess.run([sys.executable, "-m", "bench.cli", "perf", "walks"], capture_output=True, text=True)
+    run = subprocess.run([sys.executable, "-m", "bench.cli", "perf", "strolls"], capture_output=True, text=True)
     assert run.returncode == 2 and run.stderr.strip() == (
-        "bdbench: error: usage: bdbench perf NAME [key=value ...]; valid names: allocator, coalitions, datapath, pipeline, tta")
+        "bdbench: error: usage: bdbench perf NAME [key=value ...]; valid names: allocator, coalitions, datapath, "
+        "pipeline, tta, walks")
 
 
 def test_report_and_version_explain_themselves(tmp_path):

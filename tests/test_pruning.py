@@ -19,8 +19,8 @@ from bench.validate import build
 from defenses.base import CleanData, DefenseContext
 from defenses import shap_pruning
 from defenses.guard import Guard, longest_passing_prefix
-from defenses.masks import (coalition_logits, conv_neurons, head_neurons, masked, prefix_masks, prune_channels,
-                            pruned_count)
+from defenses.masks import (ResumedForward, coalition_logits, conv_neurons, group_neurons, head_neurons, masked,
+                            prefix_masks, prune_channels, pruned_count)
 from defenses.reversal import carriers, mad_anomaly
 from defenses.shap_pruning import robust_outliers
 from defenses.suspiciousness import activation_signals, channel_weight_bounds
@@ -105,6 +105,92 @@ def test_batched_coalitions_agree_with_sequential_on_every_model(name):
     batched = coalition_logits(model, neurons, masks, x, images_per_pass=len(masks) * len(x))
     torch.testing.assert_close(batched, coalition_logits(model, neurons, masks, x, images_per_pass=len(x)),
                                rtol=1e-4, atol=1e-4)
+
+
+def removal_walks(n: int, walks: int, steps: int) -> torch.Tensor:
+    """Masks as ShapPruning's walks make them: each walk removes one more channel per step, in a random order."""
+    gen = torch.Generator().manual_seed(2)
+    return torch.cat([prefix_masks(torch.randperm(n, generator=gen), torch.arange(1, steps + 1), n)
+                      for _ in range(walks)])
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_a_resumed_forward_gives_a_full_passs_logits_bit_for_bit_on_every_model(name):
+    """Each pass after the first serves the module calls that end before the newly removed channel from the last
+    pass: the logits must be exactly those of a full pass, and most passes must have reused something."""
+    shape = (1, 16, 16) if name == "fmnist_cnn" else (3, 32, 32)
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=10, shape=shape, mean=[0.5] * shape[0], std=[0.5] * shape[0]).eval()
+    neurons, x = conv_neurons(model), torch.rand(5, *shape)
+    masks = removal_walks(neurons.n, 3, 12)
+    masks = torch.cat([masks, masks[-1:]])  # the same mask twice: everything is served, the logits still exact
+    with ResumedForward(model, neurons, x) as resumed:
+        for mask in masks:
+            assert torch.equal(resumed(mask), coalition_logits(model, neurons, mask[None], x, len(x))[0])
+    assert resumed.calls == len(masks) and resumed.reused_calls >= len(masks) - 3
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_masks_on_a_feature_group_resume_from_the_groups_own_blocks(name):
+    """FP's sweep masks the last group's output: every block inside that group ends before the mask applies, so a
+    pass after the first computes only the head; ``coalition_logits`` resumes where one coalition fills a pass."""
+    shape = (1, 16, 16) if name == "fmnist_cnn" else (3, 32, 32)
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=10, shape=shape, mean=[0.5] * shape[0], std=[0.5] * shape[0]).eval()
+    neurons, x = group_neurons(model, model.groups[-1:]), torch.rand(4, *shape)
+    masks = prefix_masks(torch.randperm(neurons.n, generator=torch.Generator().manual_seed(3)), torch.arange(0, 9),
+                         neurons.n)
+    one_a_pass = coalition_logits(model, neurons, masks, x, images_per_pass=len(x))
+    torch.testing.assert_close(one_a_pass, coalition_logits(model, neurons, masks, x, images_per_pass=4096),
+                               rtol=1e-4, atol=1e-5)
+    computed = []
+    for block in neurons.modules[0].children():  # counts the blocks' real computations, not served outputs
+        block.forward = (lambda block, forward: lambda *a: computed.append(block) or forward(*a))(block, block.forward)
+    per_pass = []
+    with ResumedForward(model, neurons, x, ahead=masks) as resumed:
+        for mask, expected in zip(masks, one_a_pass):
+            computed.clear()
+            assert torch.equal(resumed(mask), expected)
+            per_pass.append(len(computed))
+    blocks = len(list(neurons.modules[0].children()))
+    # The first pass computes the group's blocks, later ones serve them. The second may compute a BN again whose
+    # output an in-place ReLU changed after it was kept (fmnist_cnn's, cifar_cnn's); once that ReLU is served too,
+    # nothing writes into the BN's new output, and from the third pass on no block of the group runs.
+    assert per_pass[0] == blocks and per_pass[1] < blocks and per_pass[2:] == [0] * (len(masks) - 2)
+
+
+class InPlace(nn.Module):
+    """Outputs changed in place after they were kept: the stem's by ``add_``, the BN's (a mask point's) by an
+    in-place ReLU, as torchvision's blocks do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.scale = nn.Identity()
+        self.conv2, self.bn2 = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.relu = nn.ReLU(inplace=True)
+        self.fc = nn.Linear(4, 3)
+
+    def conv_bn_pairs(self):
+        return [(self.conv1, self.bn1), (self.conv2, self.bn2)]
+
+    def forward(self, x):
+        out = self.scale(self.conv1(x))  # Identity returns its input: conv1's and its kept outputs are one tensor
+        out.add_(1)
+        out = self.relu(self.bn1(out))
+        out = self.relu(self.bn2(self.conv2(out)))
+        return self.fc(out.mean((2, 3)))
+
+
+def test_a_resumed_forward_never_serves_an_output_changed_in_place_since():
+    torch.manual_seed(0)
+    model = InPlace().eval()
+    for bn in (model.bn1, model.bn2):
+        bn.bias.data.uniform_(-1, 1)
+    neurons, x = conv_neurons(model), torch.rand(4, 1, 8, 8)
+    with ResumedForward(model, neurons, x) as resumed:
+        for mask in removal_walks(neurons.n, 4, 6):
+            assert torch.equal(resumed(mask), coalition_logits(model, neurons, mask[None], x, len(x))[0])
 
 
 @pytest.mark.parametrize("name", list_models())
@@ -341,6 +427,25 @@ def test_shapley_walks_stop_on_convergence_not_on_a_stable_top_set():
                        min_walks=5, max_walks=200, rse_tol=0.5)
     _, stats = loose._shapley(*args, torch.Generator().manual_seed(0), top=1)
     assert stats["converged"] and 5 <= stats["walks"] < 200 and stats["top_rse"] <= 0.5
+
+
+def test_shapley_walks_one_coalition_a_pass_resumed_estimate_what_batched_passes_do():
+    """On the CPU a walk scores one coalition per pass, resumed from the last (``ResumedForward``); on a GPU a pass
+    scores many prefixes of a walk. The same walks, so the same estimate up to the float order of a batch."""
+    model = cnn()
+    neurons = conv_neurons(model)
+    bd_x = torch.rand(8, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    clean = CleanData(bd_x, torch.zeros(8, dtype=torch.long), "real")
+    shap = configured("defense", "defense=shap_pruning", augment=NO_AUG, images_per_pass={"cpu": 8}, min_walks=20,
+                      max_walks=20)
+    out = {}
+    for per_pass in (len(bd_x), 4096):
+        out[per_pass] = shap._shapley(model, neurons, torch.arange(neurons.n), torch.ones(neurons.n), bd_x, clean, 1,
+                                      per_pass, CTX, torch.Generator().manual_seed(0), top=2)
+    (phi_one, stats_one), (phi_batched, stats_batched) = out[len(bd_x)], out[4096]
+    assert stats_one["walks"] == stats_batched["walks"] == 20
+    torch.testing.assert_close(phi_one, phi_batched, rtol=1e-4, atol=1e-5)
+    assert stats_one["evaluations"] < stats_batched["evaluations"]  # a batch scores prefixes past a walk's end
 
 
 class Relabelled(nn.Module):
