@@ -129,42 +129,26 @@ def coalitions(device: torch.device, models: list[str], carriers: list[int], n_c
     return Result("Batched coalition scoring", shown, summary)
 
 
-class _FullPasses:
-    """``ResumedForward``'s interface, every coalition a full pass: the defenses' coalition scoring before it."""
-
-    def __init__(self, model, neurons, x, precision: str = "fp32", ahead=None) -> None:
-        self.model, self.neurons, self.x, self.precision = model, neurons, x, precision
-
-    def __enter__(self) -> "_FullPasses":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        pass
-
-    def __call__(self, mask: torch.Tensor) -> torch.Tensor:
-        return coalition_logits(self.model, self.neurons, mask[None], self.x, len(self.x), self.precision)[0]
-
-
 def _cell_both_ways(overrides: list[str]) -> dict:
-    """One cell run twice in this process, coalitions scored by full passes and then resumed: its defense seconds
-    both ways and whether the two records' defense reports are the same apart from their seconds."""
+    """One cell run twice in this process, resuming off (``RESUME_BELOW = 0``: the scoring before it) and then on:
+    its defense seconds both ways and whether the two records' defense reports are the same apart from seconds."""
     import tempfile
     from unittest import mock
 
+    import defenses.masks as masks
     from bench import api
-    from defenses import masks, shap_pruning
 
     reports, seconds = [], []
-    for scorer in (_FullPasses, ResumedForward):
-        with (tempfile.TemporaryDirectory() as tmp, mock.patch.object(masks, "ResumedForward", scorer),
-              mock.patch.object(shap_pruning, "ResumedForward", scorer)):
+    for resume_below in (0, masks.RESUME_BELOW):
+        with tempfile.TemporaryDirectory() as tmp, mock.patch.object(masks, "RESUME_BELOW", resume_below):
             record = api.run([*overrides, f"paths.records={tmp}", f"paths.output={tmp}/out", "worker.isolation=none"])
         if record["status"] != "ok":
             raise RuntimeError(f"{overrides}: {record['status']}: {record.get('error')}")
         reports.append({k: v for k, v in record["defense"].items() if k != "seconds"})
         seconds.append(record["timings"]["defense"])
-    return {"cell": " ".join(o for o in overrides if not o.startswith("paths.")), "full_s": seconds[0],
-            "resumed_s": seconds[1], "speedup": seconds[0] / seconds[1], "same_report": reports[0] == reports[1]}
+    return {"cell": " ".join(o for o in overrides if not o.startswith("paths.")), "before_s": seconds[0],
+            "resumed_s": seconds[1], "speedup": seconds[0] / seconds[1], "same_report": reports[0] == reports[1],
+            "differs": ", ".join(k for k in reports[0] if reports[0][k] != reports[1].get(k)) or "-"}
 
 
 def walks(device: torch.device, models: list[str], carriers: list[int], n_walks: int, steps: int,
@@ -202,11 +186,13 @@ def walks(device: torch.device, models: list[str], carriers: list[int], n_walks:
     shown = df.round({"full_ms": 2, "resumed_ms": 2, "speedup": 2})
     if cells:
         runs = pd.DataFrame([_cell_both_ways(list(c)) for c in cells]).round(
-            {"full_s": 1, "resumed_s": 1, "speedup": 2})
+            {"before_s": 1, "resumed_s": 1, "speedup": 2})
         summary += ("\n\nWhole cells (the published cache's poisoned model, trigger reversal and synthetic set), each "
-                    "run twice in one process, its coalitions scored by full passes and then resumed; defense seconds; "
+                    "run twice in one process, resuming off (the scoring before it: batched where coalitions fit a pass "
+                    "together, else one full pass each) and then on; defense seconds; "
                     "`same_report`: the two records' defense reports (walks, estimates, guard curves, pruned channels) "
-                    "are identical apart from their seconds.\n\n" + markdown(runs))
+                    "are identical apart from their seconds; `differs`: the report keys that are not.\n\n"
+                    + markdown(runs))
     return Result("Removal walks, full against resumed passes", shown, summary)
 
 

@@ -188,11 +188,12 @@ def coalition_logits(model: nn.Module, neurons: Neurons, masks: torch.Tensor, x:
                      images_per_pass: int, precision: str = "fp32") -> torch.Tensor:
     """Logits of every coalition on every image, [G, N, K], with ``images_per_pass`` images per forward.
 
-    ``images_per_pass = N`` gives one coalition per forward pass, each resumed from the last (``ResumedForward``).
+    Where fewer than ``RESUME_BELOW`` coalitions fit a pass, one coalition per pass, each resumed from the last
+    (``ResumedForward``).
     """
     n_img = x.shape[0]
     per_pass = max(1, images_per_pass // n_img)
-    if per_pass == 1 and len(masks) > 1:  # one coalition a pass: each resumes from the last, with the same logits
+    if per_pass < RESUME_BELOW and len(masks) > 1:  # each pass resumes from the last, with the same logits
         with ResumedForward(model, neurons, x, precision, ahead=masks) as resumed:
             return torch.stack([resumed(m) for m in masks])
     out = []
@@ -205,6 +206,25 @@ def coalition_logits(model: nn.Module, neurons: Neurons, masks: torch.Tensor, x:
                 logits = model(x)
             out.append(logits.float().view(chunk.shape[0], n_img, -1))
     return torch.cat(out)
+
+
+# Coalitions are scored one a pass, each resumed from the last, where fewer than this many fit one pass: batching a
+# few coalitions gains little (144 carriers, 3 a pass on the CPU) and resuming gains more (results/perf/walks-cpu.md,
+# coalitions-cpu.md). 0 turns resuming off (``bdbench perf walks`` measures against that).
+RESUME_BELOW = 4
+
+
+@contextlib.contextmanager
+def coalition_scorer(model: nn.Module, neurons: Neurons, x: torch.Tensor, images_per_pass: int,
+                     precision: str = "fp32") -> Iterator[Callable[[torch.Tensor], torch.Tensor]]:
+    """``score(masks) -> [G, N, K]`` for coalitions decided a few at a time (a removal walk): where few coalitions fit
+    a pass (``RESUME_BELOW``), each is scored in its own pass resumed from the last (``ResumedForward``); otherwise
+    all of them in ``coalition_logits``'s batched passes."""
+    if max(1, images_per_pass // len(x)) < RESUME_BELOW:
+        with ResumedForward(model, neurons, x, precision) as resumed:
+            yield lambda masks: torch.stack([resumed(m) for m in masks])
+    else:
+        yield lambda masks: coalition_logits(model, neurons, masks, x, images_per_pass, precision)
 
 
 class ResumedForward:

@@ -20,7 +20,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 from typing import Literal
 
@@ -30,7 +29,8 @@ from bench.augment import Augment
 from bench.schema import Fraction, NonNegative, Positive, PositiveInt
 from defenses.base import CleanData, Defense, DefenseContext, register_defense
 from defenses.guard import Guard, largest_passing_count
-from defenses.masks import Neurons, ResumedForward, coalition_logits, conv_neurons, prefix_masks, prune_channels
+from defenses.masks import (Neurons, coalition_logits, coalition_scorer, conv_neurons, prefix_masks,
+                            prune_channels)
 from defenses.reversal import TriggerReversal, carriers
 
 VALUES = ("soft_asr", "asr_minus_acc")
@@ -151,16 +151,10 @@ class ShapPruning(Defense):
         n = neurons.n
         x = self._carrier_images(bd_x, aug)
         chunk = max(1, per_pass // len(x))
-        with contextlib.ExitStack() as stack:
-            # One coalition per pass (the CPU's case): each pass recomputes only what its newly removed channel reaches.
-            resumed = stack.enter_context(ResumedForward(model, neurons, x, ctx.precision)) if chunk == 1 else None
-
-            def values(masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-                logits = (resumed(masks[0])[None] if resumed is not None
-                          else coalition_logits(model, neurons, masks, x, per_pass, ctx.precision))
-                return self._values(logits, len(bd_x), aug, target)
-
-            return self._walks(values, live, base, n, top, gen, chunk, ctx)
+        # One coalition per pass (the CPU's case): each pass recomputes only what its newly removed channel reaches.
+        with coalition_scorer(model, neurons, x, per_pass, ctx.precision) as score:
+            return self._walks(lambda masks: self._values(score(masks), len(bd_x), aug, target), live, base, n, top,
+                               gen, chunk, ctx)
 
     def _walks(self, values, live, base, n: int, top: int, gen, chunk: int, ctx):
         """The walks themselves; ``values(masks)`` scores coalitions."""
