@@ -193,7 +193,7 @@ def coalition_logits(model: nn.Module, neurons: Neurons, masks: torch.Tensor, x:
     """
     n_img = x.shape[0]
     per_pass = max(1, images_per_pass // n_img)
-    if per_pass < RESUME_BELOW and len(masks) > 1:  # each pass resumes from the last, with the same logits
+    if resumes(x, images_per_pass) and len(masks) > 1:  # each pass resumes from the last, with the same logits
         with ResumedForward(model, neurons, x, precision, ahead=masks) as resumed:
             return torch.stack([resumed(m) for m in masks])
     out = []
@@ -214,13 +214,18 @@ def coalition_logits(model: nn.Module, neurons: Neurons, masks: torch.Tensor, x:
 RESUME_BELOW = 4
 
 
+def resumes(x: torch.Tensor, images_per_pass: int) -> bool:
+    """Whether coalitions on ``x`` are scored one a pass, each resumed from the last (``RESUME_BELOW``)."""
+    return max(1, images_per_pass // len(x)) < RESUME_BELOW
+
+
 @contextlib.contextmanager
 def coalition_scorer(model: nn.Module, neurons: Neurons, x: torch.Tensor, images_per_pass: int,
                      precision: str = "fp32") -> Iterator[Callable[[torch.Tensor], torch.Tensor]]:
     """``score(masks) -> [G, N, K]`` for coalitions decided a few at a time (a removal walk): where few coalitions fit
     a pass (``RESUME_BELOW``), each is scored in its own pass resumed from the last (``ResumedForward``); otherwise
     all of them in ``coalition_logits``'s batched passes."""
-    if max(1, images_per_pass // len(x)) < RESUME_BELOW:
+    if resumes(x, images_per_pass):
         with ResumedForward(model, neurons, x, precision) as resumed:
             yield lambda masks: torch.stack([resumed(m) for m in masks])
     else:

@@ -148,57 +148,53 @@ class ShapPruning(Defense):
     def _shapley(self, model, neurons, live, base, bd_x, aug, target, per_pass, ctx, gen, top: int):
         """Truncated Monte-Carlo removal walks, epsilon-greedy, prefixes scored a chunk at a time, until the
         ``top`` leading estimates have converged. Returns (phi, what the walks did)."""
-        n = neurons.n
+        n, dev = neurons.n, ctx.device
         x = self._carrier_images(bd_x, aug)
         chunk = max(1, per_pass // len(x))
-        # One coalition per pass (the CPU's case): each pass recomputes only what its newly removed channel reaches.
         with coalition_scorer(model, neurons, x, per_pass, ctx.precision) as score:
-            return self._walks(lambda masks: self._values(score(masks), len(bd_x), aug, target), live, base, n, top,
-                               gen, chunk, ctx)
+            def values(masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                return self._values(score(masks), len(bd_x), aug, target)
 
-    def _walks(self, values, live, base, n: int, top: int, gen, chunk: int, ctx):
-        """The walks themselves; ``values(masks)`` scores coalitions."""
-        dev = ctx.device
-        total, count = torch.zeros(n, device=dev), torch.zeros(n, device=dev)
-        squares = torch.zeros(n, device=dev)
-        k_g = max(1, math.ceil(self.k_g_frac * n))
-        v_full = float(values(base[None])[0][0])
-        evals, walks, reason, rse = 0, 0, "max_walks", math.inf
-        for walks in ctx.progress(range(1, self.max_walks + 1), desc="shap_pruning walks (at most)"):
-            est = total / count.clamp_min(1)
-            perm = live[torch.randperm(len(live), generator=gen, device=dev)]
-            if walks > 1 and torch.rand(1, generator=gen, device=dev).item() >= self.eps:  # exploit
-                first = live[est[live].argsort(descending=True)[:k_g]]
-                rest = perm[~torch.isin(perm, first)]
-                perm = torch.cat([first[torch.randperm(len(first), generator=gen, device=dev)], rest])
-            prev, below, j = v_full, 0, 0
-            while j < len(perm):
-                counts = torch.arange(j + 1, min(j + chunk, len(perm)) + 1, device=dev)
-                masks = prefix_masks(perm, counts, n) * base
-                v_s, soft_asr = values(masks)
-                evals += len(v_s)
-                for v, a in zip(v_s.tolist(), soft_asr.tolist()):
-                    total[perm[j]] += prev - v
-                    squares[perm[j]] += (prev - v) ** 2
-                    count[perm[j]] += 1
-                    prev, j = v, j + 1
-                    below = below + 1 if a <= self.tau_d else 0
-                    if below >= self.c_d:  # discarded: the rest of the walk counts with marginal 0
-                        count[perm[j:]] += 1
-                        j = len(perm)
+            total, count = torch.zeros(n, device=dev), torch.zeros(n, device=dev)
+            squares = torch.zeros(n, device=dev)
+            k_g = max(1, math.ceil(self.k_g_frac * n))
+            v_full = float(values(base[None])[0][0])
+            evals, walks, reason, rse = 0, 0, "max_walks", math.inf
+            for walks in ctx.progress(range(1, self.max_walks + 1), desc="shap_pruning walks (at most)"):
+                est = total / count.clamp_min(1)
+                perm = live[torch.randperm(len(live), generator=gen, device=dev)]
+                if walks > 1 and torch.rand(1, generator=gen, device=dev).item() >= self.eps:  # exploit
+                    first = live[est[live].argsort(descending=True)[:k_g]]
+                    rest = perm[~torch.isin(perm, first)]
+                    perm = torch.cat([first[torch.randperm(len(first), generator=gen, device=dev)], rest])
+                prev, below, j = v_full, 0, 0
+                while j < len(perm):
+                    counts = torch.arange(j + 1, min(j + chunk, len(perm)) + 1, device=dev)
+                    masks = prefix_masks(perm, counts, n) * base
+                    v_s, soft_asr = values(masks)
+                    evals += len(v_s)
+                    for v, a in zip(v_s.tolist(), soft_asr.tolist()):
+                        total[perm[j]] += prev - v
+                        squares[perm[j]] += (prev - v) ** 2
+                        count[perm[j]] += 1
+                        prev, j = v, j + 1
+                        below = below + 1 if a <= self.tau_d else 0
+                        if below >= self.c_d:  # discarded: the rest of the walk counts with marginal 0
+                            count[perm[j:]] += 1
+                            j = len(perm)
+                            break
+                if walks >= self.min_walks:
+                    rse = self._top_rse(total, squares, count, live, top)
+                    if rse <= self.rse_tol:
+                        reason = "converged"
                         break
-            if walks >= self.min_walks:
-                rse = self._top_rse(total, squares, count, live, top)
-                if rse <= self.rse_tol:
-                    reason = "converged"
+                if evals >= self.max_evaluations:  # a budget in work, not seconds: the same on any machine and load
+                    reason = "max_evaluations"
                     break
-            if evals >= self.max_evaluations:  # a budget in work, not seconds: the same on every machine and load
-                reason = "max_evaluations"
-                break
-        if walks < self.min_walks or reason != "converged":
-            rse = self._top_rse(total, squares, count, live, top)
-        return total / count.clamp_min(1), {"walks": walks, "evaluations": evals, "stop": reason,
-                                            "converged": reason == "converged", "top_rse": round(rse, 4)}
+            if walks < self.min_walks or reason != "converged":
+                rse = self._top_rse(total, squares, count, live, top)
+            return total / count.clamp_min(1), {"walks": walks, "evaluations": evals, "stop": reason,
+                                                "converged": reason == "converged", "top_rse": round(rse, 4)}
 
     @staticmethod
     def _top_rse(total, squares, count, live, top: int) -> float:
