@@ -182,7 +182,8 @@ def poisoned_spec(cfg: DictConfig, device: torch.device) -> PoisonedSpec:
     recipe = build(cfg.recipe)
     precision = recipe.precision if device.type == "cuda" else "fp32"
     key_spec = {**{g: strip_descriptive(cfg[g]) for g in ("dataset", "model", "attack", "recipe")},
-                "seed": int(cfg.seed), "precision": precision, "code": code_version(attack, model)}
+                "seed": int(cfg.seed), "precision": precision,
+                "code": code_version(attack, model, spec)}  # a data set outside bench.data keys by its own module
     key_spec["dataset"].pop("download", None)
     if attack.checkpoint:  # a model trained elsewhere is the file's content, wherever the file lies
         for key in ("checkpoint", *attack.trigger_files):  # e.g. WaNet's field: its warp, from a file too

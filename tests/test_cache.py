@@ -122,7 +122,8 @@ def test_every_published_model_keeps_its_key(manifest):
     """The cache key hashes what the code does, not its text; the models published before that keep the keys they
     were stored under (bench.code_versions), so nothing is trained again."""
     spec = json.loads(manifest.read_text())["spec"]
-    assert runner.code_version(modules=(module_of(spec["attack"]), module_of(spec["model"]))) == spec["code"]
+    modules = tuple(module_of(spec[group]) for group in ("attack", "model", "dataset"))
+    assert runner.code_version(modules=modules) == spec["code"]
     assert runner.sha256_json(spec)[:32] == manifest.parent.name
 
 
@@ -149,6 +150,27 @@ def test_a_comment_or_docstring_edit_keeps_every_key_and_a_code_edit_changes_it(
         assert runner.code_version(modules=modules) != before, module
         path.write_text(path.read_text().replace("\nEDITED = 1\n", ""))
         runner.source_text.cache_clear()
+    runner.source_text.cache_clear()
+
+
+def test_a_data_set_outside_bench_data_keys_its_models_by_its_own_code(tiny_cfg, tmp_path, monkeypatch):
+    """A data set in its own module (bench.datasets) is part of its models' keys: an edit to its reader re-keys its
+    models, and a data set in bench.data (an engine module already) adds nothing, so the published keys hold."""
+    gtsrb = tmp_path / "gtsrb.py"
+    gtsrb.write_text(runner.source_file("bench.datasets.gtsrb").read_text())
+    real = runner.source_file
+    monkeypatch.setattr(runner, "source_file", lambda module: gtsrb if module == "bench.datasets.gtsrb" else real(module))
+    runner.source_text.cache_clear()
+    cpu = torch.device("cpu")
+    spec = runner.poisoned_spec(tiny_cfg("dataset=gtsrb", "model=cifar_cnn"), cpu)
+    plain = runner.code_version(modules=("attacks.badnets", "bench.models.cifar_cnn"))
+    assert spec.key_spec["code"] == runner.code_version(modules=("attacks.badnets", "bench.models.cifar_cnn",
+                                                                  "bench.datasets.gtsrb")) != plain
+    gtsrb.write_text(gtsrb.read_text() + "\nEDITED = 1\n")
+    runner.source_text.cache_clear()
+    assert runner.poisoned_spec(tiny_cfg("dataset=gtsrb", "model=cifar_cnn"), cpu).key != spec.key
+    cifar = runner.poisoned_spec(tiny_cfg("dataset=cifar10", "model=cifar_cnn"), cpu)
+    assert cifar.key_spec["code"] == plain
     runner.source_text.cache_clear()
 
 

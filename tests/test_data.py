@@ -202,3 +202,115 @@ def test_tiny_imagenet_reads_the_official_train_layout_and_sorted_validation_ima
     assert data.train.y.tolist() == [0] * 30 + [1] * 30 + [2] * 30 and data.test.y.tolist() == [0] * 4 + [1] * 4 + [2] * 4
     assert abs(int(data.train.x[30, 0, 5, 5]) - 80) <= 2  # the second wnid's images, JPEG-decoded
     assert len(data.pool) == 6 and not set(data.pool.tolist()) & set(data.poisonable().tolist())
+
+
+def write_gtsrb(root, sizes=lambda c, i: (20 + c, 30 + i)) -> None:
+    """Three training photos per class and one test photo per class in torchvision's GTSRB layout: solid colour
+    10 + 5 * class (bilinear resizing keeps a solid colour exactly), each of its own size (``sizes(c, i)``, H x W)."""
+    from PIL import Image
+
+    base = root / "gtsrb"
+    rows = ["Filename;Width;Height;Roi.X1;Roi.Y1;Roi.X2;Roi.Y2;ClassId"]
+    (base / "GTSRB" / "Final_Test" / "Images").mkdir(parents=True)
+    for c in range(43):
+        folder = base / "GTSRB" / "Training" / f"{c:05d}"
+        folder.mkdir(parents=True)
+        for i in range(3):
+            h, w = sizes(c, i)
+            Image.fromarray(np.full((h, w, 3), 10 + 5 * c, np.uint8)).save(folder / f"00000_{i:05d}.ppm")
+        Image.fromarray(np.full((40, 35, 3), 10 + 5 * c, np.uint8)).save(base / "GTSRB/Final_Test/Images" / f"{c:05d}.ppm")
+        rows.append(f"{c:05d}.ppm;35;40;0;0;35;40;{c}")
+    (base / "GT-final_test.csv").write_text("\n".join(rows) + "\n")
+
+
+def test_gtsrb_reads_torchvisions_layout_resized_to_the_configured_size(tmp_path, tiny_cfg):
+    """``dataset=gtsrb`` on files in the archives' layout: photos of any size come out 3 x 32 x 32 uint8, labelled
+    by their class folder (training) and by the CSV (test), with the defender pool out of the poisonable indices."""
+    from bench.validate import build
+
+    write_gtsrb(tmp_path / "data")
+    cfg = tiny_cfg("dataset=gtsrb", "dataset.pool_per_class=2", "dataset.download=false")
+    data = build(cfg.dataset).load(tmp_path / "data", cache_dir=tmp_path / "cache")
+    assert data.train.x.shape == (129, 3, 32, 32) and data.train.x.dtype == torch.uint8
+    assert data.test.x.shape == (43, 3, 32, 32)
+    assert data.train.y.tolist() == [c for c in range(43) for _ in range(3)] and data.test.y.tolist() == list(range(43))
+    assert (data.train.x == (10 + 5 * data.train.y)[:, None, None, None].to(torch.uint8)).all()
+    assert (data.test.x == (10 + 5 * data.test.y)[:, None, None, None].to(torch.uint8)).all()
+    assert len(data.pool) == 86 and not set(data.pool.tolist()) & set(data.poisonable().tolist())
+
+
+def test_gtsrb_decodes_again_when_a_files_content_changes_under_the_same_name_and_size(tmp_path, tiny_cfg):
+    """The decoded cache is keyed by the files' contents: ImageFolder's names-and-sizes key reused an old decoding
+    after two files of equal size swapped contents."""
+    from bench.validate import build
+
+    write_gtsrb(tmp_path / "data", sizes=lambda c, i: (24, 24))
+    ds = build(tiny_cfg("dataset=gtsrb", "dataset.pool_per_class=2").dataset)
+    train, _ = ds._read(tmp_path / "data", tmp_path / "cache")
+    first, second = (tmp_path / "data/gtsrb/GTSRB/Training" / f"{c:05d}" / "00000_00000.ppm" for c in (0, 1))
+    a, b = first.read_bytes(), second.read_bytes()
+    first.write_bytes(b), second.write_bytes(a)
+    again, _ = ds._read(tmp_path / "data", tmp_path / "cache")
+    assert int(train.x[0, 0, 0, 0]) == 10 and int(again.x[0, 0, 0, 0]) == 15  # class 0's first photo is now class 1's
+    assert len(list((tmp_path / "cache").glob("datasets/*"))) == 2
+    assert ds._read(tmp_path / "data", tmp_path / "cache")[0].x.equal(again.x)  # and that decoding is cached
+
+
+def write_cifar100(root) -> None:
+    """CIFAR-100's python pickles with four images per fine class (label c: colour 2 * c) in training, one in test."""
+    import pickle
+
+    base = root / "cifar-100-python"
+    base.mkdir(parents=True)
+    for name, per_class in (("train", 4), ("test", 1)):
+        labels = [c for c in range(100) for _ in range(per_class)]
+        data = np.repeat(np.array(labels, np.uint8)[:, None] * 2, 3072, axis=1)
+        with open(base / name, "wb") as f:
+            pickle.dump({"data": data, "fine_labels": labels, "coarse_labels": [c // 5 for c in labels]}, f)
+    with open(base / "meta", "wb") as f:
+        pickle.dump({"fine_label_names": [f"class{c}" for c in range(100)]}, f)
+
+
+def test_cifar100_reads_torchvisions_files_with_fine_labels_and_refuses_files_that_fail_their_md5(tmp_path, tiny_cfg,
+                                                                                                   monkeypatch):
+    """``dataset=cifar100`` reads through torchvision, which checks each file against the original's MD5: the small
+    files written here fail it (one line naming where the files go), and pass with that check alone patched."""
+    import torchvision.datasets.cifar
+
+    from bench.validate import build
+
+    write_cifar100(tmp_path / "data")
+    ds = build(tiny_cfg("dataset=cifar100", "dataset.pool_per_class=2", "dataset.download=false").dataset)
+    with pytest.raises(DataNotFoundError, match=r"CIFAR-100 not found .*download disabled.*cifar-100-python"):
+        ds.check(tmp_path / "data")
+    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda *args, **kwargs: True)
+    data = ds.load(tmp_path / "data", cache_dir=tmp_path / "cache")
+    assert data.train.x.shape == (400, 3, 32, 32) and data.test.x.shape == (100, 3, 32, 32)
+    assert data.train.y.tolist() == [c for c in range(100) for _ in range(4)]
+    assert (data.train.x == (2 * data.train.y)[:, None, None, None].to(torch.uint8)).all()
+    assert len(data.pool) == 200
+
+
+def test_a_missing_gtsrb_folder_is_one_line_that_says_where_the_files_go(tmp_path, tiny_cfg):
+    from bench.validate import build
+
+    ds = build(tiny_cfg("dataset=gtsrb", "dataset.download=false").dataset)
+    with pytest.raises(DataNotFoundError, match=r"GTSRB not found .*download disabled.*GTSRB/Training/<class>/\*\.ppm"):
+        ds.check(tmp_path)
+
+
+def test_a_cell_runs_on_gtsrb_files_from_training_to_its_record(tmp_path, tiny_cfg, choices):
+    """The whole path on the new data set: poisoned training on 43 classes, fine-tuning on one image per class."""
+    from omegaconf import open_dict
+
+    from bench.runner import run_cell
+
+    write_gtsrb(tmp_path / "data")
+    cfg = tiny_cfg("dataset=gtsrb", "model=cifar_cnn", "dataset.pool_per_class=2", "attack=badnets", "defense=ft",
+                   "budget=1", "recipe.epochs=2", "defense.schedule.epochs=1", "defense.schedule.min_steps=2")
+    with open_dict(cfg):
+        cfg.paths.data = str(tmp_path / "data")
+    record = run_cell(cfg, choices(cfg))
+    assert record["status"] == "ok", record.get("error")
+    assert record["defense_images"] == 43 and record["display"]["dataset"] == "GTSRB"
+    assert record["config"]["dataset"]["_target_"] == "bench.datasets.gtsrb.GTSRB"
