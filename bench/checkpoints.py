@@ -10,7 +10,6 @@ error that names the first key that does not fit.
 
 from __future__ import annotations
 
-import pickle
 import re
 from pathlib import Path
 
@@ -79,19 +78,27 @@ def fit(model: nn.Module, state: dict[str, torch.Tensor]) -> tuple[int, str | No
     return len(good), (f"{extra[0]} is in the file, not in the model" if extra else None)
 
 
-def load_checkpoint(model: nn.Module, path: str | Path) -> dict:
-    """Load ``path`` into ``model`` in place; which layout fitted and the file's sha256 (its cache key)."""
+def fitting(model: nn.Module, path: str | Path) -> tuple[str, dict[str, torch.Tensor]]:
+    """The layout whose renamed keys and shapes fit ``model``, and the file's state renamed by it; else one
+    ConfigError naming the first misfit of the closest layout. Reads shapes only, so a model on the meta device
+    (validation's) is checked as well as one with weights."""
     state = read_state_dict(path)
     tried = []
     for layout, rules in LAYOUTS.items():
         mapped = rename(state, rules)
         good, misfit = fit(model, mapped)
         if misfit is None:
-            own = {k: v for k, v in model.state_dict().items() if k in OWN}
-            model.load_state_dict({**own, **mapped})
-            return {"source": "checkpoint", "path": str(path), "sha256": sha256_file(Path(path)), "layout": layout}
+            return layout, mapped
         tried.append((good, layout, misfit))
     good, layout, misfit = max(tried, key=lambda t: t[0])  # the layout that came closest names the misfit
     raise ConfigError(f"attack.checkpoint={path}: does not fit {type(model).__name__} (closest: the {layout} layout, "
                       f"{good} keys fit): {misfit}; valid: a state_dict of this model in the layout of "
                       f"{', '.join(LAYOUTS)}")
+
+
+def load_checkpoint(model: nn.Module, path: str | Path) -> dict:
+    """Load ``path`` into ``model`` in place; which layout fitted and the file's sha256 (its cache key)."""
+    layout, mapped = fitting(model, path)
+    own = {k: v for k, v in model.state_dict().items() if k in OWN}
+    model.load_state_dict({**own, **mapped})
+    return {"source": "checkpoint", "path": str(path), "sha256": sha256_file(Path(path)), "layout": layout}

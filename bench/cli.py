@@ -40,7 +40,7 @@ from bench import records
 from bench.device import resolve_device, retain_freed_memory
 from bench.errors import ConfigError
 from bench.runner import cell_path, fail, model_stage, run_cell, summary
-from bench.validate import CONF_DIR, GROUPS, check_choice, validate
+from bench.validate import CONF_DIR, GROUPS, Cell, check_choice, checked, keep_checked, validate
 
 log = logging.getLogger("bdbench")
 
@@ -86,23 +86,25 @@ def explain(exc: HydraException, overrides: list[str]) -> ConfigError:
     return ConfigError(str(exc).strip().splitlines()[0])
 
 
-def validate_jobs(jobs: list[list[str]], configs: list[DictConfig] | None = None) -> list[Path]:
-    """Compose and validate every job (inside an initialized Hydra); their record paths (and their configs, into
-    ``configs`` when given). Raises ConfigError."""
+def validate_jobs(jobs: list[list[str]], cells: list[Cell] | None = None) -> list[Path]:
+    """Compose and validate every job (inside an initialized Hydra); their record paths (and their cells, into
+    ``cells`` when given). The cells are kept for the jobs that run in this process (``bench.validate.checked``).
+    Raises ConfigError."""
     try:
         checked_data: set[tuple] = set()
-        paths = []
+        paths, made = [], []
         for job in jobs:
             try:
                 cfg = compose("config", overrides=list(job), return_hydra_config=True)
             except HydraException as exc:
                 raise explain(exc, list(job)) from None
             data_key = (cfg.hydra.runtime.choices.dataset, cfg.paths.data)
-            validate(cfg, cfg.hydra.runtime.choices, check_data=data_key not in checked_data)
+            made.append(validate(cfg, cfg.hydra.runtime.choices, check_data=data_key not in checked_data))
             checked_data.add(data_key)
             paths.append(cell_path(cfg, cfg.hydra.runtime.choices))
-            if configs is not None:
-                configs.append(cfg)
+        keep_checked(made)
+        if cells is not None:
+            cells.extend(made)
         return paths
     except HydraException as exc:
         raise ConfigError(str(exc).strip().splitlines()[0]) from None
@@ -123,8 +125,9 @@ def prevalidate(argv: list[str]) -> list[Path] | None:
             jobs = expand_jobs(args.overrides, args.multirun)
         except HydraException as exc:
             raise explain(exc, args.overrides) from None
-        configs: list[DictConfig] = []
-        paths = validate_jobs(jobs, configs)
+        cells: list[Cell] = []
+        paths = validate_jobs(jobs, cells)
+    configs = [cell.cfg for cell in cells]
     if all(cfg.stage == "model" for cfg in configs):  # models into the cache (each once): no record to read back
         from bench.runner import model_identity
 
@@ -143,7 +146,7 @@ def prevalidate(argv: list[str]) -> list[Path] | None:
             if path in seen or records.read_record(path) is not None:
                 records.NOT_LAUNCHED.add(records.job_key(job))
             seen.add(path)
-        launched = [(job, cfg) for job, cfg in zip(jobs, configs) if records.job_key(job) not in records.NOT_LAUNCHED]
+        launched = [(job, cell) for job, cell in zip(jobs, cells) if records.job_key(job) not in records.NOT_LAUNCHED]
         records.MODEL_JOBS[:] = model_jobs(launched) if launched and several_workers(configs[0]) else []
     return paths
 
@@ -153,23 +156,22 @@ def several_workers(cfg: DictConfig) -> bool:
     return not str(OmegaConf.select(cfg, "hydra.launcher._target_", default="")).endswith(".BasicLauncher")
 
 
-def model_jobs(launched: list[tuple[list[str], DictConfig]]) -> list[list[str]]:
+def model_jobs(launched: list[tuple[list[str], Cell]]) -> list[list[str]]:
     """One ``stage=model`` job per poisoned model that two or more launched cells share and the cache lacks.
     The cache is looked up with this machine's device: a login node without the GPU its jobs run on computes
     another precision's key, and the model job then finds the model in seconds instead of skipping."""
     from bench.cache import ModelCache
-    from bench.runner import model_identity, poisoned_spec
+    from bench.runner import model_identity, model_key
 
-    groups: dict[str, list[tuple[list[str], DictConfig]]] = {}
-    for job, cfg in launched:
-        groups.setdefault(model_identity(cfg), []).append((job, cfg))
+    groups: dict[str, list[tuple[list[str], Cell]]] = {}
+    for job, cell in launched:
+        groups.setdefault(model_identity(cell.cfg), []).append((job, cell))
     wanted = []
     for members in groups.values():
-        job, cfg = members[0]
+        job, cell = members[0]
         if len(members) < 2:  # one cell trains its own model: no other job waits for it
             continue
-        key = poisoned_spec(cfg, resolve_device(cfg.device)).key
-        if not ModelCache(cfg.paths.cache).path(key).is_dir():
+        if not ModelCache(cell.cfg.paths.cache).path(model_key(cell).key).is_dir():
             wanted.append([o for o in job if not o.lstrip("+~").startswith(("hydra.", "hydra/", "stage="))]
                           + ["stage=model"])
     return wanted
@@ -271,7 +273,7 @@ def run(cfg: DictConfig) -> None:
     share_cores(HydraConfig.get())
     spread_over_gpus(OmegaConf.select(HydraConfig.get(), "job.num", default=0) or 0, cfg.device)
     if cfg.stage == "model":
-        print(model_stage(cfg), flush=True)
+        print(model_stage(checked(cfg, dict(HydraConfig.get().runtime.choices))), flush=True)
         return
     PROGRESS.before()
     start, wall = time.perf_counter(), time.time()
@@ -284,17 +286,17 @@ def run(cfg: DictConfig) -> None:
     print(summary(record), flush=True)
 
 
-def gallery_plan(cfgs: dict[str, DictConfig], device) -> list[str]:
+def gallery_plan(cells: dict[str, Cell]) -> list[str]:
     """What ``gallery`` will do before it does it: per attack, whether its poisoned model is in the cache or must
     train, and for how long, estimated from the cache's models of the same data set and model."""
     import json
 
     from bench.cache import ModelCache
-    from bench.runner import poisoned_spec
+    from bench.runner import model_key
 
     lines = []
-    for name, cfg in cfgs.items():
-        made = poisoned_spec(cfg, device)
+    for name, cell in cells.items():
+        cfg, made = cell.cfg, model_key(cell)
         cache = ModelCache(cfg.paths.cache)
         if (cache.path(made.key) / "manifest.json").is_file():
             lines.append(f"  {name:<12} cached ({made.key[:12]})")
@@ -336,14 +338,12 @@ def gallery_command(args: list[str]) -> None:
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         try:
             cfgs = {a: compose("config", overrides=[*overrides, f"attack={a}"], return_hydra_config=True) for a in names}
-            for cfg in cfgs.values():
-                validate(cfg, cfg.hydra.runtime.choices)
+            cells = {a: validate(cfg, cfg.hydra.runtime.choices) for a, cfg in cfgs.items()}
         except HydraException as exc:
             raise explain(exc, overrides) from None
-    device = resolve_device(next(iter(cfgs.values())).device)
-    print("bdbench gallery: " + ", ".join(cfgs) + "\n" + "\n".join(gallery_plan(cfgs, device)), flush=True)
+    print("bdbench gallery: " + ", ".join(cells) + "\n" + "\n".join(gallery_plan(cells)), flush=True)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
-    print(gallery(cfgs, device))
+    print(gallery(cells))
 
 
 def help_text() -> str:

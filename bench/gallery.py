@@ -10,9 +10,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
-from omegaconf import DictConfig  # noqa: E402
 
 from bench.data import DataBundle  # noqa: E402
+from bench.validate import Cell  # noqa: E402
 
 
 def pick_images(data: DataBundle, n: int) -> torch.Tensor:
@@ -64,14 +64,13 @@ def write_gallery(data: DataBundle, attacks: dict[str, object], path: Path, n_im
     return path
 
 
-def gallery(cfgs: dict[str, DictConfig], device: torch.device) -> Path:
+def gallery(cells: dict[str, Cell]) -> Path:
     """Load (or train, if not cached) every attack's poisoned model for one data set and draw the gallery."""
     from bench.runner import poisoned_model
-    from bench.validate import build
 
-    first = next(iter(cfgs.values()))
-    data = build(first.dataset).load(first.paths.data, device, first.paths.cache)
-    poisoned = {name: poisoned_model(cfg, data, device) for name, cfg in cfgs.items()}
-    return write_gallery(data, {n: p[1] for n, p in poisoned.items()},
-                         Path(first.paths.output) / "gallery" / f"{data.spec.name}.png",
+    first = next(iter(cells.values()))
+    paths = first.cfg.paths
+    data = first.dataset.load(paths.data, first.device, paths.cache)
+    poisoned = {name: poisoned_model(cell, data) for name, cell in cells.items()}
+    return write_gallery(data, {n: p[1] for n, p in poisoned.items()}, Path(paths.output) / "gallery" / f"{data.spec.name}.png",
                          models={n: p[0] for n, p in poisoned.items()})

@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from hydra.utils import get_class
+from omegaconf import DictConfig
 
 from bench import outcome, records
 from bench.records import identity
@@ -34,7 +35,7 @@ from bench.cache import ModelCache, Store
 from bench.checkpoints import load_checkpoint
 from bench.columns import ANY
 from bench.data import DataBundle
-from bench.device import memory_format, resolve_device
+from bench.device import memory_format
 from bench.errors import ConfigError
 from bench.weights import load_weights
 from bench.fsutil import sha256_file, sha256_json
@@ -42,7 +43,7 @@ from bench.isolation import DefenseWorker, builtin, describe, resolve_isolation
 from bench.metrics import der, evaluate, predict
 from bench.seeding import defense_seed, derive, generator
 from bench.train import train
-from bench.validate import build, display_name, strip_descriptive, validate
+from bench.validate import Cell, build, checked, display_name, strip_descriptive
 from defenses.base import CleanData, DefenseContext, shared_step  # the interface, never a concrete defense
 
 log = logging.getLogger(__name__)
@@ -140,20 +141,20 @@ def cell_setting(cfg: DictConfig) -> str:
 
 def model_identity(cfg: DictConfig) -> str:
     """What decides a cell's poisoned model, read from its config alone (no model built): cells with the same
-    identity share one model. The cache key (``poisoned_spec``) adds the code and the precision of a device."""
+    identity share one model. The cache key (``model_key``) adds the code and the precision of a device."""
     return sha256_json({**{g: strip_descriptive(cfg[g]) for g in ("dataset", "model", "attack", "recipe")},
                         "seed": int(cfg.seed)})
 
 
-def model_stage(cfg: DictConfig) -> str:
+def model_stage(cell: Cell) -> str:
     """``stage=model``: the cell's poisoned model trained (or found) in the cache, nothing else and no record; the
     first batch of a sweep on a cluster launcher. A failure is logged, not raised: the cells that need the model
     train it again and record the failure as theirs."""
-    device = resolve_device(cfg.device)
+    cfg = cell.cfg
     start = time.perf_counter()
     try:
-        data = build(cfg.dataset).load(cfg.paths.data, device, cfg.paths.cache)
-        _, _, info = poisoned_model(cfg, data, device)
+        data = cell.dataset.load(cfg.paths.data, cell.device, cfg.paths.cache)
+        _, _, info = poisoned_model(cell, data)
     except Exception as exc:
         log.error("model stage failed (%s: %s); the cells that need this model will record it", type(exc).__name__,
                   exc, exc_info=True)
@@ -162,28 +163,22 @@ def model_stage(cfg: DictConfig) -> str:
             f"({time.perf_counter() - start:.0f} s)")
 
 
-class PoisonedSpec(NamedTuple):
-    """What a poisoned model is made of, before any data is read: its cache key and the parts that train it."""
+class ModelKey(NamedTuple):
+    """The cache key of a cell's poisoned model and what it digests."""
 
     key: str
     key_spec: dict
-    attack: Any
-    model: torch.nn.Module
-    recipe: Any
-    precision: str
 
 
-def poisoned_spec(cfg: DictConfig, device: torch.device) -> PoisonedSpec:
-    """The cache key of a cell's poisoned model and freshly initialised parts (no data read, nothing trained)."""
-    spec = build(cfg.dataset)
-    attack = build(cfg.attack)
-    torch.manual_seed(derive(cfg.seed, "init"))
-    model = build(cfg.model, num_classes=spec.num_classes, shape=spec.shape, mean=spec.mean, std=spec.std)
-    recipe = build(cfg.recipe)
-    precision = recipe.precision if device.type == "cuda" else "fp32"
+def model_key(cell: Cell) -> ModelKey:
+    """The cache key of a cell's poisoned model, from its config, code and precision (no model built, no data read).
+    The code is the engine's, the attack's, the model's and the data set's module (one outside bench.data keys by
+    its own)."""
+    cfg, attack = cell.cfg, cell.attack
+    model_module = get_class(cfg.model._target_).__module__
     key_spec = {**{g: strip_descriptive(cfg[g]) for g in ("dataset", "model", "attack", "recipe")},
-                "seed": int(cfg.seed), "precision": precision,
-                "code": code_version(attack, model, spec)}  # a data set outside bench.data keys by its own module
+                "seed": int(cfg.seed), "precision": cell.precision,
+                "code": code_version(attack, cell.dataset, modules=(model_module,))}
     key_spec["dataset"].pop("download", None)
     if attack.checkpoint:  # a model trained elsewhere is the file's content, wherever the file lies
         for key in ("checkpoint", *attack.trigger_files):  # e.g. WaNet's field: its warp, from a file too
@@ -191,7 +186,7 @@ def poisoned_spec(cfg: DictConfig, device: torch.device) -> PoisonedSpec:
                 key_spec["attack"][key] = sha256_file(Path(getattr(attack, key)))
         for trained_here in ("recipe", "seed"):
             key_spec.pop(trained_here)
-    return PoisonedSpec(sha256_json(key_spec)[:32], key_spec, attack, model, recipe, precision)
+    return ModelKey(sha256_json(key_spec)[:32], key_spec)
 
 
 @dataclasses.dataclass
@@ -216,10 +211,12 @@ class EpochMonitor:
                  "-" if metrics["asr"] is None else f"{metrics['asr']:.4f}")
 
 
-def poisoned_model(cfg: DictConfig, data: DataBundle, device: torch.device) -> tuple[torch.nn.Module, Any, dict]:
-    """The poisoned model and its attack, from the cache or trained once under the key's lock."""
-    spec = data.spec
-    key, key_spec, attack, model, recipe, precision = poisoned_spec(cfg, device)
+def poisoned_model(cell: Cell, data: DataBundle) -> tuple[torch.nn.Module, Any, dict]:
+    """The poisoned model and its attack (the cell's), from the cache or trained once under the key's lock."""
+    cfg, spec, device = cell.cfg, data.spec, cell.device
+    attack, recipe, precision = cell.attack, cell.recipe, cell.precision
+    key, key_spec = model_key(cell)
+    model = cell.new_model()
     cache = ModelCache(cfg.paths.cache)
     with cache.lock(key):
         entry = cache.load(key)
@@ -341,7 +338,7 @@ def run_cell(cfg: DictConfig, choices: dict[str, Any], models: dict[str, torch.n
     ``models``, when given, receives the ``poisoned`` and ``defended`` models: the cell then runs even where its
     record exists (which stays as it is) and the record returned is this run's.
     """
-    validate(cfg, choices)
+    cell = checked(cfg, choices)
     path = cell_path(cfg, choices)
     existing = records.read_record(path)
     if existing is not None and models is None:
@@ -352,13 +349,12 @@ def run_cell(cfg: DictConfig, choices: dict[str, Any], models: dict[str, torch.n
         if existing is not None and models is None:
             log.info("record written by another process meanwhile, skipping: %s", path)
             return existing
-        return _run_cell(cfg, choices, path, models, write=existing is None)
+        return _run_cell(cell, path, models, write=existing is None)
 
 
-def _run_cell(cfg: DictConfig, choices: dict[str, Any], path: Path, models: dict | None = None,
-              write: bool = True) -> dict:
-    device = resolve_device(cfg.device)
-    names, config = cell_names(cfg, choices), cell_config(cfg)
+def _run_cell(cell: Cell, path: Path, models: dict | None = None, write: bool = True) -> dict:
+    cfg, device, precision = cell.cfg, cell.device, cell.precision
+    names, config = cell_names(cfg, cell.choices), cell_config(cfg)
     setting = cell_setting(cfg)
     display = {g: display_name(cfg, g, names[g]) for g in ("dataset", "model", "attack", "defense")}
     record: dict[str, Any] = {"cell": {**names, "id": path.stem, "setting": setting}, "display": display,
@@ -367,17 +363,15 @@ def _run_cell(cfg: DictConfig, choices: dict[str, Any], path: Path, models: dict
     phase, defense = "data", None
     start = t = time.perf_counter()
     try:
-        data = build(cfg.dataset).load(cfg.paths.data, device, cfg.paths.cache)
+        data = cell.dataset.load(cfg.paths.data, device, cfg.paths.cache)
         timings["data"] = time.perf_counter() - start
 
         phase, t = "train", time.perf_counter()
-        model, attack, cache_info = poisoned_model(cfg, data, device)
+        model, attack, cache_info = poisoned_model(cell, data)
         timings["train"] = time.perf_counter() - t
         undefended = cache_info["undefended"]
 
-        spec = data.spec
-        facts = defense_facts(cfg)
-        precision = cfg.recipe.precision if device.type == "cuda" else "fp32"
+        spec, facts = data.spec, cell.facts
         ctx = DefenseContext(num_classes=spec.num_classes, input_shape=spec.shape, device=device, seed=int(cfg.seed),
                              precision=precision)
         k = 0 if names["budget"] == ANY else int(cfg.budget)
@@ -386,7 +380,7 @@ def _run_cell(cfg: DictConfig, choices: dict[str, Any], path: Path, models: dict
         synthesis: dict | None = None
         if k == 0 and not facts["data_free"]:
             phase, t = "synthesis", time.perf_counter()
-            clean, synthesis = synthetic_set(cfg, model, attack, cache_info["key"], spec.defense_augment, ctx)
+            clean, synthesis = synthetic_set(cell, model, attack, cache_info["key"], spec.defense_augment, ctx)
             timings["synthesis"] = time.perf_counter() - t
 
         shared, shared_info = {}, {}
@@ -424,7 +418,7 @@ def _run_cell(cfg: DictConfig, choices: dict[str, Any], path: Path, models: dict
 
         phase, t = "eval", time.perf_counter()
         metrics = evaluate(repaired, data.test, RememberedTrigger(attack, cache_info["key"]),
-                           cfg.recipe.eval_batch_size, precision)
+                           cell.recipe.eval_batch_size, precision)
         metrics["der"] = der(undefended, metrics)
         timings["eval"] = time.perf_counter() - t
     except ConfigError:
@@ -436,14 +430,14 @@ def _run_cell(cfg: DictConfig, choices: dict[str, Any], path: Path, models: dict
                           defense=getattr(exc, "report", None) or (defense.report() if defense else {}),
                           timings=timings,
                           env=records.environment(device))
-            record.update(judged(record, cfg))
+            record.update(judged(record, cell.rule))
             if write:
                 records.write_record(path, record)
             log.warning("defense diverged (%s); record written: %s", exc, path)
             return record
         record.update(status="failed", phase=phase, error=traceback.format_exc(limit=8), timings=timings,
                       env=records.environment(device))
-        record.update(judged(record, cfg))
+        record.update(judged(record, cell.rule))
         if write:
             records.write_record(path, record)
         log.error("cell failed in phase %s (%s: %s); record written: %s", phase, type(exc).__name__, exc, path)
@@ -459,24 +453,23 @@ def _run_cell(cfg: DictConfig, choices: dict[str, Any], path: Path, models: dict
                      "cuda_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None},
         env=records.environment(device),
     )
-    record.update(judged(record, cfg))
+    record.update(judged(record, cell.rule))
     if write:
         records.write_record(path, record)
         log.info("record written: %s", path)
     return record
 
 
-def judged(record: dict, cfg: DictConfig) -> dict:
-    """The record's outcome under the configured rule, and the rule itself (bench.outcome)."""
-    rule = outcome.Rule(**OmegaConf.to_container(cfg.outcome))
+def judged(record: dict, rule: outcome.Rule) -> dict:
+    """The record's outcome under the cell's rule, and the rule itself (bench.outcome)."""
     return {"outcome": outcome.of_record(record, rule), "outcome_rule": dataclasses.asdict(rule)}
 
 
-def synthetic_set(cfg: DictConfig, model, attack, model_key: str, augment: Augment, ctx: DefenseContext
+def synthetic_set(cell: Cell, model, attack, model_key: str, augment: Augment, ctx: DefenseContext
                   ) -> tuple[CleanData, dict]:
     """The budget-0 set of a poisoned model: synthesized once per (model, synthesis config, seed) and
     shared by every defense of that model, like the model itself."""
-    synthesizer = build(cfg.synthesis)
+    cfg, synthesizer = cell.cfg, cell.synthesis
     key = sha256_json({"model": model_key, "synthesis": strip_descriptive(cfg.synthesis), "seed": int(cfg.seed),
                        "precision": ctx.precision, "code": code_version(synthesizer)})[:32]
     cache = ModelCache(cfg.paths.cache)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import functools
 import math
@@ -23,8 +24,11 @@ import torch
 
 from bench.device import resolve_device
 from bench.errors import ConfigError
+from bench.fsutil import sha256_json
 from bench.isolation import resolve_isolation
+from bench.outcome import Rule
 from bench.schema import Range
+from bench.seeding import derive
 
 # bdbench's config tree is package data (the folder conf/, installed as bench.conf): a wheel composes from
 # any working directory, an editable install reads the checkout.
@@ -266,8 +270,58 @@ def check_model_fits(needs: dict[str, int], model: torch.nn.Module, choices: dic
                               f"(docs/models.md)")
 
 
-def validate(cfg: DictConfig, choices: dict[str, Any], check_data: bool = True) -> None:
-    """Raise ConfigError for the first bad value of a composed cell config (its group names exist: it composed).
+@dataclasses.dataclass(frozen=True)
+class Cell:
+    """A cell's components, built from its config once, by ``validate``, and checked there before any compute: the
+    runner, the gallery and the API run these. The model is the exception: validation checks its architecture on
+    the meta device (no weights, no random numbers), and ``new_model`` builds it with weights, once, where the
+    poisoned model is trained or loaded."""
+
+    cfg: DictConfig
+    choices: dict[str, Any]
+    dataset: Any
+    attack: Any
+    recipe: Any
+    synthesis: Any
+    rule: Any
+    facts: dict  # the defense's own description (bench.isolation.describe): data-free, shared steps, needs
+    device: torch.device
+    precision: str  # the recipe's precision on CUDA, fp32 elsewhere
+
+    def new_model(self) -> torch.nn.Module:
+        """The cell's model, initialised from its seed (what the cache key of its poisoned model assumes)."""
+        torch.manual_seed(derive(self.cfg.seed, "init"))
+        return model_of(self.cfg, self.dataset)
+
+
+def model_of(cfg: DictConfig, dataset: Any) -> torch.nn.Module:
+    return build(cfg.model, num_classes=dataset.num_classes, shape=dataset.shape, mean=dataset.mean, std=dataset.std)
+
+
+_CHECKED: dict[str, Cell] = {}  # cells a sweep validated before its first job, until their job runs here
+
+
+def _job_key(cfg: DictConfig) -> str:
+    """A composed config without Hydra's own node: the same job composed again (by the launcher) has the same key."""
+    return sha256_json({k: OmegaConf.to_container(cfg[k], resolve=False) if OmegaConf.is_config(cfg[k]) else cfg[k]
+                        for k in cfg if k != "hydra"})
+
+
+def keep_checked(cells: list[Cell]) -> None:
+    """Keep a sweep's validated cells for its jobs in this process (Hydra's basic launcher, the API), which then
+    run them instead of validating and building them again; a launcher's jobs elsewhere validate their own."""
+    _CHECKED.clear()
+    _CHECKED.update({_job_key(c.cfg): c for c in cells})
+
+
+def checked(cfg: DictConfig, choices: dict[str, Any]) -> Cell:
+    """The cell of a job: the one validated for it before the sweep began (each is run once), else validated now."""
+    return _CHECKED.pop(_job_key(cfg), None) or validate(cfg, choices)
+
+
+def validate(cfg: DictConfig, choices: dict[str, Any], check_data: bool = True) -> Cell:
+    """The cell of a composed config, built and checked; ConfigError for its first bad value (its group names exist:
+    it composed).
 
     Each component checks its own keys: types, ranges and choices from its constructor's hints (``check_types``),
     the rest in its constructor (which does no compute), the trigger against the image shape (``check_shape``)
@@ -288,7 +342,7 @@ def validate(cfg: DictConfig, choices: dict[str, Any], check_data: bool = True) 
     if "target" in cfg.attack and not (isinstance(cfg.attack.target, int) and 0 <= cfg.attack.target < num_classes):
         raise ConfigError(f"attack.target={cfg.attack.target}: out of range for {num_classes} classes; "
                           f"valid: 0..{num_classes - 1}")
-    resolve_device(cfg.device)
+    device = resolve_device(cfg.device)
     resolve_isolation(cfg.worker.isolation)
     if cfg.stage not in ("cell", "model"):
         raise ConfigError(f"stage={cfg.stage!r}: invalid; valid: cell, model")
@@ -299,15 +353,14 @@ def validate(cfg: DictConfig, choices: dict[str, Any], check_data: bool = True) 
         check_types(group, cfg[group])
     try:  # constructors check the rest of their own values and do no compute
         dataset = build(cfg.dataset)
-        model = build(cfg.model, num_classes=num_classes, shape=dataset.shape, mean=dataset.mean, std=dataset.std)
+        with torch.device("meta"):
+            model = model_of(cfg, dataset)
         recipe = build(cfg.recipe)
         recipe.optimizer([torch.nn.Parameter(torch.zeros(1))])  # torch's own checks of lr, momentum, ...
-        build(cfg.synthesis)
+        synthesis = build(cfg.synthesis)
         attack = build(cfg.attack)
         attack.check_shape(dataset.shape)
-        from bench.outcome import Rule
-
-        Rule(**OmegaConf.to_container(cfg.outcome))
+        rule = Rule(**OmegaConf.to_container(cfg.outcome))
     except Exception as exc:
         raise one_line(exc) from None
     from bench.runner import defense_facts  # the defense's own checks, run where its code may run
@@ -317,9 +370,9 @@ def validate(cfg: DictConfig, choices: dict[str, Any], check_data: bool = True) 
         raise ConfigError(facts["error"])
     check_model_fits(facts["needs"], model, choices)
     if attack.checkpoint:  # the file fits the model (keys and shapes), or one line names its first misfit
-        from bench.checkpoints import load_checkpoint
+        from bench.checkpoints import fitting
 
-        load_checkpoint(model, attack.checkpoint)
+        fitting(model, attack.checkpoint)
     for split in ("train", "test"):  # fewer images than classes leaves ACC, ASR or the pool undefined
         n = OmegaConf.select(cfg, f"dataset.subset.{split}")
         if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < num_classes):
@@ -327,6 +380,8 @@ def validate(cfg: DictConfig, choices: dict[str, Any], check_data: bool = True) 
                               f"(all) or an integer >= {num_classes}")
     dataset.check_data(cfg.paths.data, cfg.paths.cache, verify_files=check_data)
     check_poisoned_count(attack, dataset, Path(cfg.paths.data))
+    return Cell(cfg=cfg, choices=dict(choices), dataset=dataset, attack=attack, recipe=recipe, synthesis=synthesis,
+                rule=rule, facts=facts, device=device, precision=recipe.precision if device.type == "cuda" else "fp32")
 
 
 def check_poisoned_count(attack: Any, dataset: Any, root: Path) -> None:

@@ -43,3 +43,39 @@ def test_bad_input_is_refused_before_any_cell_runs(tmp_path):
         api.sweep([*TINY, f"paths.records={tmp_path / 'records'}", "dataset=fashion_mnist", f"paths.data={DATA}",
                    "budget=1,500"])
     assert not (tmp_path / "records").exists()
+
+
+def test_a_cell_is_validated_once_and_each_component_built_once_from_its_config_to_its_record(tmp_path, monkeypatch):
+    """Before, validation built all six components, the poisoned model's key built four again, the runner the data
+    set once more, and a job was validated twice (before the sweep and in the runner). Now validation's cell is what
+    runs: one build per component, the model's architecture checked on the meta device and built with weights once."""
+    from collections import Counter
+
+    import bench.cli
+    import bench.runner
+    import bench.validate
+
+    built, validations = Counter(), []
+    real_build, real_validate = bench.validate.build, bench.validate.validate
+
+    def counting_build(node, **kwargs):
+        made = real_build(node, **kwargs)
+        params = list(made.parameters()) if hasattr(made, "parameters") else []
+        built[(str(node["_target_"]).rsplit(".", 1)[-1], params[0].device.type if params else "")] += 1
+        return made
+
+    def counting_validate(*args, **kwargs):
+        validations.append(1)
+        return real_validate(*args, **kwargs)
+
+    for module in (bench.validate, bench.runner):
+        monkeypatch.setattr(module, "build", counting_build)
+    for module in (bench.validate, bench.cli):
+        monkeypatch.setattr(module, "validate", counting_validate)
+    paths = [f"paths.data={DATA}", f"paths.cache={tmp_path / 'cache'}", f"paths.records={tmp_path / 'records'}",
+             f"paths.output={tmp_path / 'out'}", "device=cpu", "worker.isolation=none"]
+    record = api.run([*TINY, *paths, "attack=badnets", "defense=ft", "budget=1", "defense.schedule.min_steps=2",
+                      "defense.schedule.epochs=1"])
+    assert record["status"] == "ok" and len(validations) == 1
+    assert built == Counter({("Synthetic", ""): 1, ("BadNets", ""): 1, ("Recipe", ""): 1, ("DeepInversion", ""): 1,
+                             ("FmnistCNN", "meta"): 1, ("FmnistCNN", "cpu"): 1, ("FineTuning", ""): 1}), built

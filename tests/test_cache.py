@@ -10,6 +10,7 @@ import torch
 
 from bench import runner
 from bench.runner import run_cell
+from bench.validate import Cell, build
 
 
 def count_trainings(monkeypatch) -> list:
@@ -161,15 +162,20 @@ def test_a_data_set_outside_bench_data_keys_its_models_by_its_own_code(tiny_cfg,
     real = runner.source_file
     monkeypatch.setattr(runner, "source_file", lambda module: gtsrb if module == "bench.datasets.gtsrb" else real(module))
     runner.source_text.cache_clear()
+    def key(*overrides: str) -> runner.ModelKey:  # no files of these data sets here: the parts the key reads
+        cfg = tiny_cfg(*overrides, "model=cifar_cnn")
+        return runner.model_key(Cell(cfg=cfg, choices={}, dataset=build(cfg.dataset), attack=build(cfg.attack),
+                                     recipe=None, synthesis=None, rule=None, facts={}, device=cpu, precision="fp32"))
+
     cpu = torch.device("cpu")
-    spec = runner.poisoned_spec(tiny_cfg("dataset=gtsrb", "model=cifar_cnn"), cpu)
+    spec = key("dataset=gtsrb")
     plain = runner.code_version(modules=("attacks.badnets", "bench.models.cifar_cnn"))
     assert spec.key_spec["code"] == runner.code_version(modules=("attacks.badnets", "bench.models.cifar_cnn",
                                                                   "bench.datasets.gtsrb")) != plain
     gtsrb.write_text(gtsrb.read_text() + "\nEDITED = 1\n")
     runner.source_text.cache_clear()
-    assert runner.poisoned_spec(tiny_cfg("dataset=gtsrb", "model=cifar_cnn"), cpu).key != spec.key
-    cifar = runner.poisoned_spec(tiny_cfg("dataset=cifar10", "model=cifar_cnn"), cpu)
+    assert key("dataset=gtsrb").key != spec.key
+    cifar = key("dataset=cifar10")
     assert cifar.key_spec["code"] == plain
     runner.source_text.cache_clear()
 

@@ -34,7 +34,7 @@ def bdbench(tmp_path: Path, *args: str, timeout: int = 2400) -> subprocess.Compl
         (["defense=shap"], "defense=shap: no such defense; valid: anp, ar_purification, ar_purification_code, argd, clp, fp, ft, "
                            "ft_ar_control, ft_nad_teacher, linf_pruning, nad, nc, none, shap_pruning, suspiciousness"),
         (["defense=shap_pruning", "defense.value=asr"], "defense.value='asr': invalid; valid: soft_asr, asr_minus_acc"),
-        (["dataset=mnist"], "dataset=mnist: no such dataset; valid: cifar10, cifar10_jpeg, fashion_mnist, synthetic, tiny_imagenet"),
+        (["dataset=mnist"], "dataset=mnist: no such dataset; valid: cifar10, cifar100, cifar10_jpeg, fashion_mnist, gtsrb, synthetic, tiny_imagenet"),
         (["budget=101"], "budget=101 is larger than the defender pool"),
         (["budget=-1"], "budget=-1: clean images per class must be an integer >= 0"),
         (["attack.poison_rate=1.5"], "attack.poison_rate=1.5: invalid; valid: float > 0 and < 1"),

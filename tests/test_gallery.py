@@ -2,27 +2,30 @@
 
 from __future__ import annotations
 
-import torch
 from PIL import Image
 
 from bench.cli import gallery_plan
 from bench.gallery import gallery, pick_images
-from bench.validate import build
+from bench.validate import build, validate
 
 
 def test_gallery_png_has_a_row_pair_per_attack(tiny_cfg):
     names = ("badnets", "blended", "wanet", "input_aware")
-    cfgs = {}
-    for name in names:
-        cfg = tiny_cfg(f"attack={name}", "recipe.epochs=1")
-        if name == "input_aware":
-            cfg.attack.mask_epochs, cfg.attack.mask_steps_per_epoch = 1, 2
-        cfgs[name] = cfg
-    plan = gallery_plan(cfgs, torch.device("cpu"))  # said before anything trains
+
+    def cells() -> dict:  # a cell runs once: the plan and the gallery each get their own
+        made = {}
+        for name in names:
+            cfg = tiny_cfg(f"attack={name}", "recipe.epochs=1")
+            if name == "input_aware":
+                cfg.attack.mask_epochs, cfg.attack.mask_steps_per_epoch = 1, 2
+            made[name] = validate(cfg, cfg.hydra.runtime.choices)
+        return made
+
+    plan = gallery_plan(cells())  # said before anything trains
     assert all("trains first: 1 epochs, time unknown" in line for line in plan), plan
-    path = gallery(cfgs, torch.device("cpu"))
+    path = gallery(cells())
     assert path.name == "synthetic.png" and path.is_file()
-    assert all(" cached (" in line for line in gallery_plan(cfgs, torch.device("cpu")))  # the keys it trained under
+    assert all(" cached (" in line for line in gallery_plan(cells()))  # the keys it trained under
     width, height = Image.open(path).size
     assert height > width  # 1 clean + 2 rows per attack = 9 rows of 6 images
 

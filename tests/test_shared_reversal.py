@@ -7,7 +7,7 @@ import torch
 
 from bench import runner
 from bench.runner import run_cell
-from bench.validate import build
+from bench.validate import build, validate
 from defenses.base import CleanData, DefenseContext
 
 SHORT = ["nc_reversal.steps=40", "defense.schedule.min_steps=5"]
@@ -28,7 +28,7 @@ def test_one_reversal_per_model_and_budget_and_the_same_numbers(tiny_cfg, choice
     # The same reversal as a defense computes alone (numbers unchanged by sharing).
     cfg = tiny_cfg("defense=nc", "budget=2", "nc_reversal.steps=40", "defense.schedule.min_steps=5")
     data = build(cfg.dataset).load(cfg.paths.data, "cpu", cfg.paths.cache)
-    model, _, _ = runner.poisoned_model(cfg, data, torch.device("cpu"))
+    model, _, _ = runner.poisoned_model(validate(cfg, cfg.hydra.runtime.choices), data)
     real = data.budget(2, int(cfg.seed))
     clean = CleanData(real.x.float().div(255), real.y.clone(), "real")
     ctx = DefenseContext(num_classes=10, input_shape=tuple(data.spec.shape), device=torch.device("cpu"), seed=0,

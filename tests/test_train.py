@@ -18,7 +18,7 @@ from bench.augment import Augment
 from bench.data import ImageSet
 from bench.runner import poisoned_model
 from bench.train import train
-from bench.validate import build
+from bench.validate import build, validate
 from conftest import configured
 
 
@@ -67,7 +67,7 @@ def test_watching_test_accuracy_while_training_changes_no_weight(tiny_cfg, attac
         with open_dict(cfg):
             cfg.paths.cache += f"-{every}"  # two caches: the second model is trained, not loaded
         data = build(cfg.dataset).load(cfg.paths.data, "cpu", cfg.paths.cache)
-        runs[every] = poisoned_model(cfg, data, torch.device("cpu"))
+        runs[every] = poisoned_model(validate(cfg, cfg.hydra.runtime.choices), data)
     (plain, _, plain_info), (watched, _, info) = runs[None], runs[2]
     for key, value in plain.state_dict().items():
         assert torch.equal(value, watched.state_dict()[key]), key
@@ -102,10 +102,10 @@ def test_a_killed_training_resumes_where_it_stopped_and_ends_with_the_same_weigh
                         raise Killed
                 m.setattr("bench.runner.EpochMonitor.__call__", kill)
                 with pytest.raises(Killed):
-                    poisoned_model(cfg, data, torch.device("cpu"))
+                    poisoned_model(validate(cfg, cfg.hydra.runtime.choices), data)
             saved = list((Path(cfg.paths.cache) / "training").iterdir())
             assert len(saved) == 1 and json.loads((saved[0] / "manifest.json").read_text())["epochs"] == 1
-        runs[name] = poisoned_model(cfg, data, torch.device("cpu"))
+        runs[name] = poisoned_model(validate(cfg, cfg.hydra.runtime.choices), data)
     (plain, _, plain_info), (resumed, _, info) = runs["straight"], runs["killed"]
     for key, value in plain.state_dict().items():
         assert torch.equal(value, resumed.state_dict()[key]), key
