@@ -465,12 +465,12 @@ def judged(record: dict, rule: outcome.Rule) -> dict:
     return {"outcome": outcome.of_record(record, rule), "outcome_rule": dataclasses.asdict(rule)}
 
 
-def synthetic_set(cell: Cell, model, attack, model_key: str, augment: Augment, ctx: DefenseContext
+def synthetic_set(cell: Cell, model, attack, poisoned_key: str, augment: Augment, ctx: DefenseContext
                   ) -> tuple[CleanData, dict]:
     """The budget-0 set of a poisoned model: synthesized once per (model, synthesis config, seed) and
     shared by every defense of that model, like the model itself."""
     cfg, synthesizer = cell.cfg, cell.synthesis
-    key = sha256_json({"model": model_key, "synthesis": strip_descriptive(cfg.synthesis), "seed": int(cfg.seed),
+    key = sha256_json({"model": poisoned_key, "synthesis": strip_descriptive(cfg.synthesis), "seed": int(cfg.seed),
                        "precision": ctx.precision, "code": code_version(synthesizer)})[:32]
     cache = ModelCache(cfg.paths.cache)
     with cache.lock(f"synthetic-{key}"):
@@ -486,7 +486,7 @@ def synthetic_set(cell: Cell, model, attack, model_key: str, augment: Augment, c
             {**entry["stats"], "cache_hit": True})
 
 
-def shared_result(cfg: DictConfig, name: str, model, clean: CleanData, model_key: str, ctx: DefenseContext):
+def shared_result(cfg: DictConfig, name: str, model, clean: CleanData, poisoned_key: str, ctx: DefenseContext):
     """The result of the shared step ``cfg.defense[name]`` on a poisoned model and a cell's clean images, computed
     once and kept in the verified cache: NC, ℓ∞ and ShapPruning at one budget share one trigger reversal (each used
     to reverse every label again). Returns (result, {key, reused, seconds})."""
@@ -494,7 +494,7 @@ def shared_result(cfg: DictConfig, name: str, model, clean: CleanData, model_key
     how = shared_step(type(step))
     augment = cfg.defense.get("augment")
     digest = hashlib.sha256(clean.x.detach().cpu().numpy().tobytes() + clean.y.cpu().numpy().tobytes()).hexdigest()
-    key = sha256_json({"model": model_key, "clean": digest, "source": clean.source,
+    key = sha256_json({"model": poisoned_key, "clean": digest, "source": clean.source,
                        name: strip_descriptive(cfg.defense[name]),
                        "augment": strip_descriptive(augment) if augment is not None else None,
                        "seed": int(cfg.seed), "precision": ctx.precision, "code": code_version(step)})[:32]
