@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bench.data import CIFAR10, DataNotFoundError
+from bench.data import CIFAR10
+from bench.datasets import find_or_download
 
 
 class CIFAR100(CIFAR10):
@@ -18,17 +19,5 @@ class CIFAR100(CIFAR10):
         return torchvision.datasets.CIFAR100(str(root), train=train, download=download)
 
     def check(self, root: Path) -> None:
-        try:
-            self._torchvision(root, True, False)
-            return
-        except RuntimeError:  # missing, or a file whose MD5 is not the original's
-            pass
-        error = "download disabled (dataset.download=false)"
-        if self.download:
-            try:
-                self._torchvision(root, True, True)
-                return
-            except Exception as exc:  # offline: any network or file error ends in the one message
-                error = f"download failed: {type(exc).__name__}"
-        raise DataNotFoundError(f"CIFAR-100 not found under paths.data={root} ({error}); put torchvision's "
-                                f"cifar-100-python folder (train, test, meta) there or set paths.data=DIR")
+        find_or_download(lambda download: self._torchvision(root, True, download), self.download, root, "CIFAR-100",
+                         "put torchvision's cifar-100-python folder (train, test, meta) there or set paths.data=DIR")

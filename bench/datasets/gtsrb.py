@@ -8,7 +8,8 @@ from pathlib import Path
 
 import torch
 
-from bench.data import DataNotFoundError, ImageDataset, ImageSet
+from bench.data import ImageDataset, ImageSet
+from bench.datasets import find_or_download
 
 log = logging.getLogger(__name__)
 
@@ -30,24 +31,12 @@ class GTSRB(ImageDataset):
         return torchvision.datasets.GTSRB(str(root), split=split, download=download)
 
     def check(self, root: Path) -> None:
-        try:
-            for split in self.SPLITS:
-                self._torchvision(root, split, False)
-            return
-        except (RuntimeError, OSError):  # a missing folder, or the test split's missing CSV
-            pass
-        error = "download disabled (dataset.download=false)"
-        if self.download:
-            try:
-                for split in self.SPLITS:
-                    self._torchvision(root, split, True)
-                return
-            except Exception as exc:  # offline: any network or file error ends in the one message
-                error = f"download failed: {type(exc).__name__}"
-        raise DataNotFoundError(
-            f"GTSRB not found under paths.data={root} ({error}); put torchvision's layout there: "
-            f"{root / 'gtsrb'}/GTSRB/Training/<class>/*.ppm, {root / 'gtsrb'}/GTSRB/Final_Test/Images/*.ppm and "
-            f"{root / 'gtsrb'}/GT-final_test.csv (the official archives unpacked), or set paths.data=DIR")
+        base = root / "gtsrb"
+        find_or_download(lambda download: [self._torchvision(root, split, download) for split in self.SPLITS],
+                         self.download, root, "GTSRB",
+                         f"put torchvision's layout there: {base}/GTSRB/Training/<class>/*.ppm, "
+                         f"{base}/GTSRB/Final_Test/Images/*.ppm and {base}/GT-final_test.csv (the official archives "
+                         f"unpacked), or set paths.data=DIR")
 
     def _content_key(self, base: Path) -> str:
         digest = hashlib.sha256(f"{list(self.shape)}\n".encode())
