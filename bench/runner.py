@@ -101,10 +101,13 @@ def behaviour(source: str) -> str:
 
 
 def code_version(*objects: Any, modules: tuple[str, ...] = ()) -> str:
-    """Hash of what the engine's training code and the modules defining ``objects`` (or named in ``modules``) do,
-    keyed by module name: two files called ``base.py`` in different packages are two keys, never one. A version
-    whose code is what the cache's published entries were made with is their original key (``PUBLISHED``)."""
-    names = set(ENGINE_MODULES) | {type(o).__module__ for o in objects} | set(modules)
+    """Hash of what the engine's training code and the modules defining ``objects`` (their classes and every base
+    class outside the standard library: SIG's and LC's shared selection lives in ``attacks.clean_label``) or named in
+    ``modules`` do, keyed by module name: two files called ``base.py`` in different packages are two keys, never one.
+    A version whose code is what the cache's published entries were made with is their original key (``PUBLISHED``)."""
+    defining = {c.__module__ for o in objects for c in type(o).__mro__}
+    names = set(ENGINE_MODULES) | {m for m in defining if m.partition(".")[0] not in sys.stdlib_module_names} | \
+        set(modules)
     version = sha256_json({m: behaviour(source_text(source_file(m))) for m in sorted(names)})
     return PUBLISHED.get(version, version)
 
@@ -180,6 +183,9 @@ def model_key(cell: Cell) -> ModelKey:
                 "seed": int(cfg.seed), "precision": cell.precision,
                 "code": code_version(attack, cell.dataset, modules=(model_module,))}
     key_spec["dataset"].pop("download", None)
+    for key in getattr(attack, "source_files", ()):  # files an attack reads into the model it trains (LC's surrogate)
+        if getattr(attack, key):
+            key_spec["attack"][key] = sha256_file(Path(getattr(attack, key)))
     if attack.checkpoint:  # a model trained elsewhere is the file's content, wherever the file lies
         for key in ("checkpoint", *attack.trigger_files):  # e.g. WaNet's field: its warp, from a file too
             if getattr(attack, key):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from bench.data import ImageSet
@@ -128,3 +129,87 @@ def test_sig_poisons_target_images_only_and_keeps_every_label():
     capped = configured("attack", "attack=sig", target=3, poison_rate=0.1)  # 100 asked, 90 of class 3 outside the pool
     capped.prepare(train, candidates, torch.Generator().manual_seed(0))
     assert len(capped.poison_indices) == 90 and "90 of 100 requested" in capped.report()["deviation"]
+
+
+def test_lc_corner_trigger_by_hand():
+    """BackdoorBench's all-corners trigger: +-255 * amplitude on a 3x3 pattern in each corner, every channel,
+    clipped and truncated to uint8; the right corners mirror the left ones."""
+    left = torch.tensor([[255, 0, 0], [0, 255, 0], [255, 0, 255]], dtype=torch.uint8)
+    out = configured("attack", "attack=lc").apply_trigger(torch.full((2, 3, 8, 8), 100, dtype=torch.uint8))
+    for rows in (slice(0, 3), slice(5, 8)):
+        assert (out[:, :, rows, :3] == left).all() and (out[:, :, rows, 5:] == left.flip(1)).all()
+    assert (out[:, :, 3:5, :] == 100).all() and (out[:, :, :, 3:5] == 100).all()
+    half = configured("attack", "attack=lc", amplitude=0.5).apply_trigger(torch.full((1, 1, 8, 8), 100, dtype=torch.uint8))
+    assert half[0, 0, 0, 0] == 227 and half[0, 0, 0, 1] == 0  # 100 + 127.5 truncated; 100 - 127.5 clipped
+
+
+def lc_cell(tiny_cfg, *overrides: str):
+    from bench.validate import build
+
+    cfg = tiny_cfg("attack=lc", "attack.steps=5", "attack.poison_rate=0.05", *overrides)
+    data = build(cfg.dataset).load("unused")
+    recipe = build(cfg.recipe)
+    recipe.epochs = 1
+    return build(cfg.attack), data, recipe
+
+
+def poison_with_lc(attack, data, recipe) -> ImageSet:
+    """LC's two steps as the trainer runs them: ``prepare``, then ``before_training`` (which trains its surrogate)."""
+    train_set = attack.prepare(data.train, data.poisonable(), torch.Generator().manual_seed(0))
+    assert torch.equal(train_set.x, data.train.x)  # nothing poisoned before the surrogate exists
+    gen = torch.Generator().manual_seed(1)
+    attack.before_training(train_set, lambda x, gen=gen: data.spec.augment(x, gen), gen, recipe)
+    return train_set
+
+
+def test_lc_perturbs_target_images_within_eps_stamps_them_and_keeps_every_label(tiny_cfg):
+    attack, data, recipe = lc_cell(tiny_cfg)
+    poisoned = poison_with_lc(attack, data, recipe)
+    idx = attack.poison_indices
+    assert len(idx) == round(0.05 * len(data.train)) and (data.train.y[idx] == attack.target).all()
+    assert torch.equal(poisoned.y, data.train.y)
+    untouched = torch.ones(len(data.train), dtype=torch.bool)
+    untouched[idx] = False
+    assert torch.equal(poisoned.x[untouched], data.train.x[untouched])
+    corners = attack.pattern[0, 0] != 0
+    assert torch.equal(poisoned.x[idx][:, :, corners], attack.apply_trigger(data.train.x[idx])[:, :, corners])
+    change = (poisoned.x[idx].int() - data.train.x[idx].int())[:, :, ~corners]
+    assert change.abs().max() <= 9 and (change != 0).flatten(1).any(1).float().mean() > 0.9  # 8/255, truncated
+    report = attack.report()
+    assert report["surrogate"] == "trained" and 0 <= report["fooled"] <= 1 and report["clean_label"]
+    again, _, _ = lc_cell(tiny_cfg)
+    assert torch.equal(poison_with_lc(again, data, recipe).x, poisoned.x)  # a resumed run poisons the same images
+
+
+def test_lc_loads_a_surrogate_whose_contents_key_the_model(tiny_cfg, tmp_path):
+    from bench import runner
+    from bench.errors import ConfigError
+    from bench.validate import Cell, build, validate
+
+    missing = tmp_path / "none.pt"
+    with pytest.raises(ConfigError, match=f"attack.surrogate_checkpoint={missing}: no such file; valid: "):
+        validate(tiny_cfg("attack=lc", f"attack.surrogate_checkpoint={missing}"), {})
+    path = tmp_path / "surrogate.pt"
+    torch.manual_seed(0)
+    attack, data, recipe = lc_cell(tiny_cfg, f"attack.surrogate_checkpoint={path}")
+    torch.save(instantiate_surrogate(attack).state_dict(), path)
+    poison_with_lc(attack, data, recipe)
+    assert attack.report()["surrogate"] == "loaded" and "surrogate_train_acc" not in attack.report()
+
+    def key() -> str:
+        cfg = tiny_cfg("attack=lc", f"attack.surrogate_checkpoint={path}")
+        return runner.model_key(Cell(cfg=cfg, choices={}, dataset=build(cfg.dataset), attack=build(cfg.attack),
+                                     recipe=None, synthesis=None, rule=None, facts={}, device=torch.device("cpu"),
+                                     precision="fp32")).key
+
+    first = key()
+    torch.manual_seed(1)
+    torch.save(instantiate_surrogate(attack).state_dict(), path)  # other weights, the same path
+    assert key() != first
+
+
+def instantiate_surrogate(attack):
+    from hydra.utils import instantiate
+
+    s = attack.surrogate
+    return instantiate(s["model"], num_classes=s["num_classes"], shape=s["shape"], mean=s["mean"], std=s["std"])

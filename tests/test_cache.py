@@ -274,3 +274,25 @@ def test_an_edited_manifest_is_a_corrupt_entry_and_an_unsealed_one_is_sealed_on_
     legacy["undefended"]["asr"] = 0.1
     path.write_text(json.dumps({**legacy, "seal": json.loads(path.read_text())["seal"]}))
     assert store.load("k") is None
+
+
+def test_an_edit_to_an_attacks_base_class_rekeys_its_models(tmp_path, monkeypatch):
+    """SIG and LC draw their images in ``attacks.clean_label``: the key hashed only the module of the attack's own
+    class, so an edit to their shared selection kept every SIG and LC model's key."""
+    shared = tmp_path / "clean_label.py"
+    shared.write_text(runner.source_file("attacks.clean_label").read_text())
+    real = runner.source_file
+    monkeypatch.setattr(runner, "source_file", lambda m: shared if m == "attacks.clean_label" else real(m))
+    runner.source_text.cache_clear()
+    sig, badnets = build_attack("sig"), build_attack("badnets")
+    before = runner.code_version(sig), runner.code_version(badnets)
+    shared.write_text(shared.read_text() + "\nEDITED = 1\n")
+    runner.source_text.cache_clear()
+    assert runner.code_version(sig) != before[0] and runner.code_version(badnets) == before[1]
+    runner.source_text.cache_clear()
+
+
+def build_attack(name: str):
+    from conftest import configured
+
+    return configured("attack", f"attack={name}")

@@ -30,7 +30,7 @@ def bdbench(tmp_path: Path, *args: str, timeout: int = 2400) -> subprocess.Compl
     "args, message",
     [
         (["attack=badnet"], "attack=badnet: no such attack (did you mean badnets?); valid: badnets, blended, "
-                            "input_aware, none, sig, wanet"),
+                            "input_aware, lc, none, sig, wanet"),
         (["defense=shap"], "defense=shap: no such defense; valid: anp, ar_purification, ar_purification_code, argd, clp, fp, ft, "
                            "ft_ar_control, ft_nad_teacher, linf_pruning, nad, nc, none, shap_pruning, suspiciousness"),
         (["defense=shap_pruning", "defense.value=asr"], "defense.value='asr': invalid; valid: soft_asr, asr_minus_acc"),

@@ -218,3 +218,36 @@ def test_engine_imports_no_concrete_attack_or_defense():
                 if name.split(".")[0] in ("attacks", "defenses"):
                     assert name in ("attacks.base", "defenses.base", "defenses.masks"), \
                         f"{path.name} imports {name}"
+
+
+CLEAN_LABEL = [name for name in list_attacks() if getattr(ATTACKS.get(name), "clean_label", False)]
+
+
+@pytest.fixture(scope="module")
+def clean_label_cells(tmp_path_factory):
+    """One tiny cell per clean-label attack and defense row at one image per class, each model trained once."""
+    from bench.runner import run_cell
+    from conftest import TINY, compose_cell
+
+    tmp = tmp_path_factory.mktemp("clean_label")
+    records = {}
+    for attack in CLEAN_LABEL:
+        for name in options("defense"):
+            short = ["attack.steps=5"] if attack == "lc" else []  # LC's PGD steps
+            cfg = compose_cell(tmp, [*TINY, f"attack={attack}", "attack.poison_rate=0.05", *short, f"defense={name}",
+                                     "budget=1"])
+            shrink(cfg.defense)
+            records[attack, name] = run_cell(cfg, dict(cfg.hydra.runtime.choices))
+    return records
+
+
+@pytest.mark.parametrize("attack", CLEAN_LABEL)
+def test_every_clean_label_attack_runs_against_every_defense_row(attack, clean_label_cells):
+    """The smoke grid of the clean-label attacks: every defense row reaches a record with metrics on their models,
+    and each model is trained once (the first cell a miss, every other one a hit)."""
+    cells = {name: r for (a, name), r in clean_label_cells.items() if a == attack}
+    assert set(cells) == set(options("defense"))
+    for name, record in cells.items():
+        assert record["status"] == "ok", (name, record.get("error"))
+        assert 0 <= record["metrics"]["acc"] <= 1 and 0 <= record["metrics"]["asr"] <= 1, name
+    assert sum(not r["cache"]["hit"] for r in cells.values()) == 1
