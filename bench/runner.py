@@ -29,7 +29,7 @@ from omegaconf import DictConfig
 
 from bench import outcome, records
 from bench.records import identity
-from bench.code_versions import PUBLISHED
+from bench.code_versions import ADMITTED, NEUTRAL, PUBLISHED
 from bench.augment import Augment
 from bench.cache import ModelCache, Store
 from bench.checkpoints import load_checkpoint
@@ -108,8 +108,18 @@ def code_version(*objects: Any, modules: tuple[str, ...] = ()) -> str:
     defining = {c.__module__ for o in objects for c in type(o).__mro__}
     names = set(ENGINE_MODULES) | {m for m in defining if m.partition(".")[0] not in sys.stdlib_module_names} | \
         set(modules)
-    version = sha256_json({m: behaviour(source_text(source_file(m))) for m in sorted(names)})
+    version = sha256_json({m: module_version(m) for m in sorted(names)})
     return PUBLISHED.get(version, version)
+
+
+def module_version(module: str) -> str:
+    """The digest of what one module does; after an admitted edit (``bench.code_versions.ADMITTED``), the digest of
+    the code it stands for."""
+    digest = hashlib.sha256(behaviour(source_text(source_file(module))).encode()).hexdigest()
+    admitted = ADMITTED.get(module, {})
+    while digest in admitted:
+        digest = admitted[digest]
+    return digest
 
 
 def cell_budget(cfg: DictConfig) -> int | str:
@@ -183,6 +193,10 @@ def model_key(cell: Cell) -> ModelKey:
                 "seed": int(cfg.seed), "precision": cell.precision,
                 "code": code_version(attack, cell.dataset, modules=(model_module,))}
     key_spec["dataset"].pop("download", None)
+    for group, later in NEUTRAL.items():
+        for key, value in later.items():
+            if key in key_spec[group] and key_spec[group][key] == value:
+                del key_spec[group][key]
     for key in getattr(attack, "source_files", ()):  # files an attack reads into the model it trains (LC's surrogate)
         if getattr(attack, key):
             key_spec["attack"][key] = sha256_file(Path(getattr(attack, key)))

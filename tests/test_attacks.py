@@ -213,3 +213,35 @@ def instantiate_surrogate(attack):
 
     s = attack.surrogate
     return instantiate(s["model"], num_classes=s["num_classes"], shape=s["shape"], mean=s["mean"], std=s["std"])
+
+
+def test_blended_with_an_image_file_blends_it_resized_and_its_contents_key_the_model(tiny_cfg, tmp_path):
+    """``attack.image``: BackdoorBench's own trigger is a picture. A solid red picture of another size, resized to the
+    images' size, is red everywhere: round(0.8 x + 0.2 (255, 0, 0)); on one channel its luma, 76 (0.299 * 255)."""
+    from PIL import Image
+
+    from bench import runner
+    from bench.errors import ConfigError
+    from bench.validate import Cell, build, validate
+
+    path = tmp_path / "red.png"
+    Image.new("RGB", (13, 7), (255, 0, 0)).save(path)
+    out = configured("attack", "attack=blended", image=str(path), alpha=0.2).apply_trigger(
+        torch.full((2, 3, 4, 5), 100, dtype=torch.uint8))
+    assert (out[:, 0] == 131).all() and (out[:, 1] == 80).all() and (out[:, 2] == 80).all()
+    grey = configured("attack", "attack=blended", image=str(path), alpha=0.5).apply_trigger(
+        torch.full((1, 1, 4, 4), 100, dtype=torch.uint8))
+    assert (grey == 88).all()  # round(0.5 * 100 + 0.5 * 76)
+
+    def key() -> str:
+        cfg = tiny_cfg("attack=blended", f"attack.image={path}")
+        return runner.model_key(Cell(cfg=cfg, choices={}, dataset=build(cfg.dataset), attack=build(cfg.attack),
+                                     recipe=None, synthesis=None, rule=None, facts={}, device=torch.device("cpu"),
+                                     precision="fp32")).key
+
+    first = key()
+    Image.new("RGB", (13, 7), (0, 0, 255)).save(path)  # another picture under the same name
+    assert key() != first
+    path.write_text("not a picture")
+    with pytest.raises(ConfigError, match=f"attack.image={path}: not an image file .*; valid: a file PIL reads"):
+        validate(tiny_cfg("attack=blended", f"attack.image={path}"), {})

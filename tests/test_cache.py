@@ -296,3 +296,49 @@ def build_attack(name: str):
     from conftest import configured
 
     return configured("attack", f"attack={name}")
+
+
+def test_an_admitted_edit_keeps_the_published_keys_and_only_an_admissible_module_is_admitted(tmp_path, monkeypatch):
+    """``bench.code_versions.ADMITTED``: a module's digest after an edit that leaves the published models alone stands
+    for the digest before it; any other edit still re-keys, and a module that shapes training is never admitted."""
+    from bench import code_versions
+
+    assert set(code_versions.ADMITTED) <= set(code_versions.ADMISSIBLE)
+    assert not {"bench.train", "bench.data", "bench.augment", "bench.device", "bench.models.base"} & \
+        set(code_versions.ADMISSIBLE)
+    copy = tmp_path / "blended.py"
+    copy.write_text(runner.source_file("attacks.blended").read_text())
+    real = runner.source_file
+    monkeypatch.setattr(runner, "source_file", lambda m: copy if m == "attacks.blended" else real(m))
+    runner.source_text.cache_clear()
+    modules = ("attacks.blended", "bench.models.wrn16_1")
+    published, before = runner.code_version(modules=modules), runner.module_version("attacks.blended")
+    assert published in code_versions.PUBLISHED.values()
+    copy.write_text(copy.read_text() + "\nEDITED = 1\n")
+    runner.source_text.cache_clear()
+    edited = runner.module_version("attacks.blended")
+    assert runner.code_version(modules=modules) != published
+    monkeypatch.setitem(code_versions.ADMITTED, "attacks.blended", {edited: before})
+    assert runner.code_version(modules=modules) == published
+    copy.write_text(copy.read_text() + "\nEDITED_AGAIN = 1\n")  # a second edit, not admitted: a new key
+    runner.source_text.cache_clear()
+    assert runner.code_version(modules=modules) != published
+    runner.source_text.cache_clear()
+
+
+PUBLISHED_GRIDS = [("cifar10_jpeg", "cifar10_grid", seed, attack) for seed in (0, 1) for attack in ("badnets", "blended")] + \
+    [("cifar10_jpeg", "cifar10_grid", 0, attack) for attack in ("wanet", "input_aware")] + \
+    [("fashion_mnist", "paper_grid", seed, attack) for seed in (0, 1, 2)
+     for attack in ("badnets", "blended", "wanet", "input_aware")]
+
+
+@pytest.mark.parametrize("sweep, experiment, seed, attack", PUBLISHED_GRIDS)
+def test_the_published_grids_composed_today_find_their_models(sweep, experiment, seed, attack, tmp_path):
+    """A config key added since (``attack.image: null``) or an admitted edit must not re-key a published model: the
+    grid's cell, composed from conf/ as its documented command composes it, keys to a model in its sweep's cache."""
+    from conftest import compose_cell
+
+    cfg = compose_cell(tmp_path, [f"experiment={experiment}", f"seed={seed}", f"attack={attack}", "defense=none"])
+    cell = Cell(cfg=cfg, choices={}, dataset=build(cfg.dataset), attack=build(cfg.attack), recipe=None,
+                synthesis=None, rule=None, facts={}, device=torch.device("cpu"), precision="fp32")
+    assert (RESULTS / sweep / "cache" / "models" / runner.model_key(cell).key / "manifest.json").is_file()
