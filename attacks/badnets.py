@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import torch
+from PIL import Image, UnidentifiedImageError
 
 from attacks.base import StaticPoisonAttack, register_attack
 from bench.schema import Count, Pixel, PositiveInt, Rate
@@ -19,12 +22,15 @@ class BadNets(StaticPoisonAttack):
 
     The default patch is BackdoorBench's: a ``size`` x ``size`` square of ``value`` flush with the bottom-right
     corner (on 28x28 images at rows/cols 25-27, our choice, docs/attack_methods.md §2.1). ``pattern`` gives any patch as a nested
-    list of uint8 values, H x W (the same on every channel) or H x W x C (NAD's 3x3 grid trigger is one);
-    ``position`` puts its top-left pixel at ``[row, col]`` instead of ``margin`` px from ``corner``.
+    list of uint8 values, H x W (the same on every channel) or H x W x C (NAD's 3x3 grid trigger is one), or as an
+    image file read at its own size (greyscale: H x W; colour: H x W x 3); ``position`` puts its top-left pixel at
+    ``[row, col]`` instead of ``margin`` px from ``corner``.
     """
 
+    source_files = ("pattern",)  # a pattern file is read into the poisoned model: its contents key it
+
     def __init__(self, *, target: Count, poison_rate: Rate, size: PositiveInt, margin: Count,
-                 corner: Literal[CORNERS], value: Pixel, pattern: list | None, position: list[int] | None,
+                 corner: Literal[CORNERS], value: Pixel, pattern: list | str | None, position: list[int] | None,
                  checkpoint: str | None) -> None:
         super().__init__(target=target, poison_rate=poison_rate)
         self.checkpoint = checkpoint
@@ -37,8 +43,18 @@ class BadNets(StaticPoisonAttack):
         self.stamp: torch.Tensor | None = None
 
     @staticmethod
-    def _pattern(pattern: list) -> torch.Tensor:
-        """[C or 1, h, w] uint8 from a nested list H x W or H x W x C of integers in 0..255."""
+    def _pattern(pattern: list | str) -> torch.Tensor:
+        """[C or 1, h, w] uint8 from a nested list H x W or H x W x C of integers in 0..255, or from an image file."""
+        if isinstance(pattern, str):
+            try:
+                with Image.open(Path(pattern)) as img:
+                    pixels = np.array(img if img.mode == "L" else img.convert("RGB"), dtype=np.uint8)
+            except (OSError, UnidentifiedImageError) as exc:
+                raise ValueError(f"attack.pattern={pattern}: not an image file ({type(exc).__name__}); valid: a file "
+                                 f"PIL reads, a nested list of 0..255, or null") from None
+            values = torch.from_numpy(pixels)
+            return values[None] if values.dim() == 2 else values.permute(2, 0, 1).contiguous()
+
         def plain(v):  # a ListConfig from Hydra, or a list
             return [plain(i) for i in v] if isinstance(v, Sequence) and not isinstance(v, str) else v
 

@@ -19,6 +19,9 @@ ADMISSIBLE = ("attacks.base", "attacks.badnets", "attacks.blended", "bench.metri
 
 # module -> {its behaviour digest after an admitted edit: the digest it stands for}; a chain of edits is followed.
 ADMITTED: dict[str, dict[str, str]] = {
+    "attacks.badnets": {  # attack.pattern may name an image file; a list or null stamps as before
+        "dcdf835d23dec602b5bac13e3071e1d2834552b6c76472df07b44507d7244dc6":
+            "d8c40c365a01530eeb0fe6c5a4f59911e9e42adc2af8b2b7112c1b3f20f64ad4"},
     "attacks.blended": {  # attack.image: null blends the seeded noise, as before
         "53e84a83e5bd2b9c19d152de038f30385e30df1a53f54bc4475881b10dab76d7":
             "5cb4286eb97e7459ec161aa369656226f67afee3d5f1abca43e2eb4ea75b887b"},

@@ -197,9 +197,9 @@ def model_key(cell: Cell) -> ModelKey:
         for key, value in later.items():
             if key in key_spec[group] and key_spec[group][key] == value:
                 del key_spec[group][key]
-    for key in getattr(attack, "source_files", ()):  # files an attack reads into the model it trains (LC's surrogate)
-        if getattr(attack, key):
-            key_spec["attack"][key] = sha256_file(Path(getattr(attack, key)))
+    for key in getattr(attack, "source_files", ()):  # files an attack reads into the model it trains: their contents
+        if isinstance(key_spec["attack"].get(key), str):
+            key_spec["attack"][key] = sha256_file(Path(key_spec["attack"][key]))
     if attack.checkpoint:  # a model trained elsewhere is the file's content, wherever the file lies
         for key in ("checkpoint", *attack.trigger_files):  # e.g. WaNet's field: its warp, from a file too
             if getattr(attack, key):

@@ -245,3 +245,36 @@ def test_blended_with_an_image_file_blends_it_resized_and_its_contents_key_the_m
     path.write_text("not a picture")
     with pytest.raises(ConfigError, match=f"attack.image={path}: not an image file .*; valid: a file PIL reads"):
         validate(tiny_cfg("attack=blended", f"attack.image={path}"), {})
+
+
+def test_badnets_reads_its_pattern_from_an_image_file_and_its_contents_key_the_model(tiny_cfg, tmp_path):
+    """NAD's 3x3 grid saved as a greyscale PNG stamps what the nested list stamps; a colour file is H x W x 3."""
+    from PIL import Image
+
+    from bench import runner
+    from bench.errors import ConfigError
+    from bench.validate import Cell, build, validate
+
+    grid = [[0, 0, 255], [0, 255, 0], [255, 0, 255]]
+    path = tmp_path / "grid.png"
+    Image.fromarray(np.array(grid, dtype=np.uint8), mode="L").save(path)
+    x = torch.full((2, 3, 8, 8), 100, dtype=torch.uint8)
+    from_file = configured("attack", "attack=badnets", pattern=str(path)).apply_trigger(x)
+    assert torch.equal(from_file, configured("attack", "attack=badnets", pattern=grid).apply_trigger(x))
+    colour = tmp_path / "colour.png"
+    Image.fromarray(np.array([[[255, 0, 0], [0, 0, 255]]], dtype=np.uint8), mode="RGB").save(colour)
+    stamped = configured("attack", "attack=badnets", pattern=str(colour)).apply_trigger(x)
+    assert stamped[0, :, 7, 6].tolist() == [255, 0, 0] and stamped[0, :, 7, 7].tolist() == [0, 0, 255]
+
+    def key() -> str:
+        cfg = tiny_cfg("attack=badnets", f"attack.pattern={path}")
+        return runner.model_key(Cell(cfg=cfg, choices={}, dataset=build(cfg.dataset), attack=build(cfg.attack),
+                                     recipe=None, synthesis=None, rule=None, facts={}, device=torch.device("cpu"),
+                                     precision="fp32")).key
+
+    first = key()
+    Image.fromarray(255 - np.array(grid, dtype=np.uint8), mode="L").save(path)  # another grid under the same name
+    assert key() != first
+    missing = tmp_path / "none.png"
+    with pytest.raises(ConfigError, match=f"attack.pattern={missing}: not an image file .*; valid: a file PIL reads"):
+        validate(tiny_cfg("attack=badnets", f"attack.pattern={missing}"), {})
