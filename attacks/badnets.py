@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from attacks.base import StaticPoisonAttack, register_attack
+from attacks.base import LABEL_MODES, StaticPoisonAttack, register_attack
 from bench.schema import Count, Pixel, PositiveInt, Rate
 
 CORNERS = ("bottom_right", "bottom_left", "top_right", "top_left")
@@ -31,8 +31,9 @@ class BadNets(StaticPoisonAttack):
 
     def __init__(self, *, target: Count, poison_rate: Rate, size: PositiveInt, margin: Count,
                  corner: Literal[CORNERS], value: Pixel, pattern: list | str | None, position: list[int] | None,
-                 checkpoint: str | None) -> None:
+                 label_mode: Literal[LABEL_MODES], checkpoint: str | None) -> None:
         super().__init__(target=target, poison_rate=poison_rate)
+        self.label_mode = label_mode
         self.checkpoint = checkpoint
         self.size, self.margin, self.corner, self.value = size, margin, corner, value
         self.pattern = None if pattern is None else self._pattern(pattern)

@@ -20,6 +20,8 @@ from bench.data import ImageSet
 from bench.schema import Count, Rate
 from bench.registry import Registry
 
+LABEL_MODES = ("all_to_one", "all_to_all")
+
 ATTACKS: Registry["Attack"] = Registry("attack", group="bdbench.attacks", builtins="attacks")
 register_attack = ATTACKS.register
 
@@ -41,6 +43,7 @@ class Attack(ABC):
     name: str = "attack"
     target: int | None = None
     poison_rate: float = 0.0
+    label_mode: str = "all_to_one"  # or "all_to_all" (StaticPoisonAttack's): y -> (y + 1) mod C
     checkpoint: str | None = None  # a poisoned model trained elsewhere, for attacks whose trigger the config fixes
     trigger_files: tuple[str, ...] = ()  # keys naming files a defended checkpoint's trigger is read from
 
@@ -76,6 +79,10 @@ class Attack(ABC):
     def apply_trigger(self, x: torch.Tensor) -> torch.Tensor:
         """The test-time trigger on uint8 images [N, C, H, W] -> uint8 images."""
 
+    def backdoor_labels(self, y: torch.Tensor) -> torch.Tensor:
+        """The label the backdoor gives a triggered image of true label ``y``: the target (all-to-one)."""
+        return torch.full_like(y, self.target)
+
     def extra_metrics(self, model, test: ImageSet, batch_size: int = 1024, precision: str = "fp32") -> dict[str, float]:
         """Attack-specific metrics of the undefended model (WaNet's noise accuracy, ...)."""
         return {}
@@ -104,11 +111,20 @@ class Attack(ABC):
 
 
 class StaticPoisonAttack(Attack):
-    """An all-to-one attack that poisons a fixed seeded index set once, before augmentation.
+    """An attack that poisons a fixed seeded index set once, before augmentation.
 
     BackdoorBench's rule (docs/attack_methods.md §1.5): ``round(poison_rate * N)`` indices, drawn over every
-    class (target class included), triggered on uint8 and relabelled to the target.
+    class (target class included), triggered on uint8 and relabelled to the target; all-to-all (``label_mode``, set
+    by an attack that offers it) relabels each to the next class, ``(y + 1) mod C``, with C the training set's classes,
+    and ignores the target, as BackdoorBench's all2all.
     """
+
+    num_classes: int | None = None  # all-to-all's C, from the training labels
+
+    def backdoor_labels(self, y: torch.Tensor) -> torch.Tensor:
+        if self.label_mode == "all_to_all":
+            return (y + 1) % self.num_classes
+        return super().backdoor_labels(y)
 
     def __init__(self, *, target: Count, poison_rate: Rate) -> None:
         super().__init__()
@@ -120,10 +136,20 @@ class StaticPoisonAttack(Attack):
         order = torch.randperm(len(candidates), generator=gen).to(candidates.device)
         self.poison_indices = candidates[order[:n]].sort().values
         self.build(tuple(train.x.shape[1:]))
+        if self.label_mode == "all_to_all":
+            self.num_classes = int(train.y.max()) + 1
         x, y = train.x.clone(), train.y.clone()
         x[self.poison_indices] = self.poison(x[self.poison_indices])
-        y[self.poison_indices] = self.target
+        y[self.poison_indices] = self.backdoor_labels(y[self.poison_indices])
         return ImageSet(x, y)
+
+    def state_dict(self):
+        state = super().state_dict()
+        return {**state, "num_classes": self.num_classes} if self.label_mode == "all_to_all" else state
+
+    def load_state_dict(self, state):
+        super().load_state_dict(state)
+        self.num_classes = state.get("num_classes")
 
     def poison(self, x: torch.Tensor) -> torch.Tensor:
         """The trigger as stamped on training images (uint8); the test trigger unless overridden."""

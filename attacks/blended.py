@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from attacks.base import StaticPoisonAttack, register_attack
+from attacks.base import LABEL_MODES, StaticPoisonAttack, register_attack
 from bench.schema import Count, Range, Rate
 
 
@@ -27,8 +27,9 @@ class Blended(StaticPoisonAttack):
 
     def __init__(self, *, target: Count, poison_rate: Rate, alpha: Annotated[float, Range(gt=0, le=1)],
                  alpha_test: Annotated[float, Range(gt=0, le=1)] | None, seed_K: Count, image: str | None,
-                 checkpoint: str | None) -> None:
+                 label_mode: Literal[LABEL_MODES], checkpoint: str | None) -> None:
         super().__init__(target=target, poison_rate=poison_rate)
+        self.label_mode = label_mode
         self.checkpoint, self.image = checkpoint, image
         self.alpha, self.seed_K = alpha, seed_K
         self.alpha_test = alpha if alpha_test is None else alpha_test

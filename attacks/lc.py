@@ -20,6 +20,8 @@ from bench.schema import Count, NonNegative, Positive, PositiveInt, Range, Rate
 # BackdoorBench's "all-corners" trigger (utils/bd_img_transform/lc.py): a 3x3 pattern of +1 / -1 in each corner,
 # this one in the two left corners and mirrored left to right in the two right ones.
 CORNER = ((1, -1, -1), (-1, 1, -1), (1, -1, 1))
+
+
 class CleanTraining(Attack):
     """The surrogate's training: the engine's hooks with nothing poisoned (here, not ``attacks.none``, so that this
     module's code is all the code a poisoned model's key needs beyond the engine's)."""

@@ -47,7 +47,8 @@ def write_gallery(data: DataBundle, attacks: dict[str, object], path: Path, n_im
         gain = 255.0 / max(float(residual.max()), 1.0)
         model = (models or {}).get(name)
         pred = predict(model.eval(), triggered).tolist() if model is not None else [None] * len(clean)
-        notes = [f"target {attack.target}" + ("" if p is None else f", pred {p}") for p in pred]
+        wanted = attack.backdoor_labels(torch.arange(len(clean))).tolist()  # one image per class, in class order
+        notes = [f"target {t}" + ("" if p is None else f", pred {p}") for t, p in zip(wanted, pred)]
         rows += [(name, triggered, notes),
                  (f"|residual| x{gain:.0f}", (residual * gain).round().to(torch.uint8), [""] * len(clean))]
     fig, axes = plt.subplots(len(rows), len(clean), figsize=(1.4 * len(clean), 1.55 * len(rows)), squeeze=False)

@@ -16,12 +16,14 @@ from bench.data import ImageSet
 from bench.device import autocast
 
 
-def backdoor_test_set(test: ImageSet, target: int) -> ImageSet:
-    """The images ASR and RA are measured on: every test image whose true label is not the target.
+def backdoor_test_set(test: ImageSet, target: int | torch.Tensor) -> ImageSet:
+    """The images ASR and RA are measured on: every test image whose true label is not the target (or, given one
+    backdoor label per image, ``attack.backdoor_labels``, not its own: all-to-all keeps them all).
 
     The one place that builds it (BackdoorBox #90 counted 10,000 where 9,000 were due).
     """
-    return test.subset((test.y != target).nonzero().squeeze(1))
+    wanted = torch.as_tensor(target, device=test.y.device).expand_as(test.y)
+    return test.subset((test.y != wanted).nonzero().squeeze(1))
 
 
 @torch.no_grad()
@@ -54,7 +56,8 @@ def collapsed(acc: float, top_class_share: float, num_classes: int) -> bool:
 
 
 def evaluate(model: nn.Module, test: ImageSet, attack, batch_size: int = 1024, precision: str = "fp32") -> dict:
-    """ACC over the whole test set; ASR and RA over triggered non-target images (None without a target);
+    """ACC over the whole test set; ASR and RA over the triggered images whose backdoor label is not their own (the
+    non-target images; all-to-all: every image), ASR as the share given the backdoor label (None without a target);
     the largest share of clean predictions one class takes, and whether the model collapsed."""
     kw = {"batch_size": batch_size, "precision": precision}
     pred = predict(model, test.x, **kw)
@@ -64,9 +67,9 @@ def evaluate(model: nn.Module, test: ImageSet, attack, batch_size: int = 1024, p
     result = {"acc": acc, "asr": None, "ra": None, "top_class_share": share,
               "collapsed": collapsed(acc, share, num_classes)}
     if attack.target is not None:
-        bd = backdoor_test_set(test, attack.target)
+        bd = backdoor_test_set(test, attack.backdoor_labels(test.y))
         pred = predict(model, bd.x, transform=attack.apply_trigger, **kw)
-        result["asr"] = (pred == attack.target).float().mean().item()
+        result["asr"] = (pred == attack.backdoor_labels(bd.y)).float().mean().item()
         result["ra"] = (pred == bd.y).float().mean().item()
     return result
 

@@ -297,7 +297,7 @@ class RememberedTrigger:
     _seen: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def __init__(self, attack: Any, key: str) -> None:
-        self.attack, self.target = attack, attack.target
+        self.attack, self.target, self.backdoor_labels = attack, attack.target, attack.backdoor_labels
         if RememberedTrigger._key != key:
             RememberedTrigger._key, RememberedTrigger._seen = key, []
 
@@ -536,10 +536,11 @@ def _synthesis_diagnostics(model, clean, attack, augment: Augment, ctx) -> dict:
     trigger: non-target syntheses that the backdoored model puts in the target class after a crop."""
     if attack.target is None:
         return {"syn_to_target": None}
-    keep = clean.y != attack.target
+    wanted = attack.backdoor_labels(clean.y)
+    keep = clean.y != wanted
     x = Augment(crop_padding=augment.crop_padding, hflip=False)(clean.x[keep], ctx.generator("syn_to_target"))
     pred = predict(model, (x * 255).round().to(torch.uint8))
-    rate = (pred == attack.target).float().mean().item()
+    rate = (pred == wanted[keep]).float().mean().item()
     if rate > 0.2:
         log.warning("syn_to_target = %.2f > 0.2: the synthetic set may carry the trigger", rate)
     return {"syn_to_target": rate}

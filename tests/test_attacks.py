@@ -278,3 +278,22 @@ def test_badnets_reads_its_pattern_from_an_image_file_and_its_contents_key_the_m
     missing = tmp_path / "none.png"
     with pytest.raises(ConfigError, match=f"attack.pattern={missing}: not an image file .*; valid: a file PIL reads"):
         validate(tiny_cfg("attack=badnets", f"attack.pattern={missing}"), {})
+
+
+@pytest.mark.parametrize("name", ["badnets", "blended"])
+def test_all_to_all_relabels_each_poisoned_image_to_the_next_class_and_keeps_its_count(name):
+    train = ImageSet(torch.full((200, 1, 8, 8), 100, dtype=torch.uint8), torch.arange(200) % 10)
+    attack = configured("attack", f"attack={name}", label_mode="all_to_all", poison_rate=0.1, target=3)
+    poisoned = attack.prepare(train, torch.arange(200), torch.Generator().manual_seed(0))
+    idx = attack.poison_indices
+    assert len(idx) == 20 and attack.num_classes == 10
+    assert torch.equal(poisoned.y[idx], (train.y[idx] + 1) % 10)  # not the target: every class moves on by one
+    rest = torch.ones(200, dtype=torch.bool)
+    rest[idx] = False
+    assert torch.equal(poisoned.y[rest], train.y[rest])
+    again = configured("attack", f"attack={name}", label_mode="all_to_all", target=3)
+    again.load_state_dict(attack.state_dict())  # what a cached model's attack comes back with
+    assert torch.equal(again.backdoor_labels(torch.tensor([0, 9, 3])), torch.tensor([1, 0, 4]))
+    one = configured("attack", f"attack={name}", target=3)
+    one.prepare(train, torch.arange(200), torch.Generator().manual_seed(0))
+    assert "num_classes" not in one.state_dict()  # all-to-one states are as they were

@@ -4,6 +4,7 @@ import pytest
 import torch
 from torch import nn
 
+from attacks.base import Attack, StaticPoisonAttack
 from bench.data import ImageSet
 from bench.metrics import backdoor_test_set, der, evaluate
 
@@ -16,7 +17,7 @@ class LookupModel(nn.Module):
         return nn.functional.one_hot(value.clamp(0, 9), 10).float()
 
 
-class StampAttack:
+class StampAttack(Attack):
     """Trigger: first pixel := 0 (so the lookup model predicts class 0, the target)."""
 
     target = 0
@@ -70,6 +71,34 @@ def test_asr_denominator_excludes_target_class():
     result = evaluate(LookupModel(), test, HalfAttack())
     assert result["asr"] == pytest.approx(2 / 4)
     assert result["ra"] == pytest.approx(2 / 4)  # the two untriggered ones keep their true label
+
+
+class ShiftAttack(StaticPoisonAttack):
+    """All-to-all on the lookup model: the trigger adds 1 to the first pixel, mod 10."""
+
+    label_mode, num_classes = "all_to_all", 10
+
+    def __init__(self) -> None:
+        super().__init__(target=0, poison_rate=0.1)
+
+    def build(self, shape):
+        pass
+
+    def apply_trigger(self, x):
+        x = x.clone()
+        x[:, 0, 0, 0] = (x[:, 0, 0, 0].long() + 1) % 10
+        return x
+
+
+def test_all_to_all_asr_by_hand():
+    """BackdoorBench's all2all: every test image counts (the target class too), each wanted as (y + 1) mod 10. The
+    fourth image's first pixel is wrong (7 for label 3), so its triggered prediction is 8, not 4: ASR 4/5."""
+    test = make_test_set([0, 1, 9, 7, 4], [0, 1, 9, 3, 4])
+    assert len(backdoor_test_set(test, ShiftAttack().backdoor_labels(test.y))) == 5
+    result = evaluate(LookupModel(), test, ShiftAttack())
+    assert result["acc"] == pytest.approx(4 / 5)
+    assert result["asr"] == pytest.approx(4 / 5)  # 0 -> 1, 1 -> 2, 9 -> 0, 4 -> 5 right; 3 -> 8, not 4
+    assert result["ra"] == pytest.approx(0.0)
 
 
 def test_no_target_gives_null_asr():
