@@ -376,16 +376,20 @@ def one_setting(df: pd.DataFrame) -> tuple[pd.DataFrame, list[dict]]:
 
 
 def current(node: dict) -> dict:
-    """A component config from an older record, completed with the optional keys a later version added: a
-    keyword the constructor requires and the record lacks is null, as the cell's identity treats it."""
+    """A component config from an older record, completed with the keys a later version added: a keyword the
+    constructor requires and the record lacks is its published value (``bench.code_versions.NEUTRAL``), else null,
+    as the cell's identity treats it."""
     import inspect
 
     from hydra.utils import get_class
 
+    from bench.code_versions import NEUTRAL
+
+    published = {k: v for later in NEUTRAL.values() for k, v in later.items()}
     cls = get_class(node["_target_"])
     params = inspect.signature(cls.__init__).parameters.values()
-    return {**{p.name: None for p in params if p.kind == p.KEYWORD_ONLY and p.default is p.empty and p.name not in node},
-            **node}
+    return {**{p.name: published.get(p.name) for p in params
+               if p.kind == p.KEYWORD_ONLY and p.default is p.empty and p.name not in node}, **node}
 
 
 def gallery_source(attacks: dict) -> pd.DataFrame:

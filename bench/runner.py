@@ -137,11 +137,23 @@ def cell_names(cfg: DictConfig, choices: dict[str, Any]) -> dict[str, Any]:
 NOT_IDENTITY = ("paths", "device", "hydra", "worker", "monitor", "outcome", "stage")  # where and how it runs, how it is judged
 
 
+def without_neutral(config: dict) -> dict:
+    """A config without the keys added after models and records were published, where they hold the value those
+    were made with (``bench.code_versions.NEUTRAL``): the published cells and models keep their names and keys."""
+    config = copy.deepcopy(config)
+    for group, later in NEUTRAL.items():
+        node = config.get(group)
+        for key, value in later.items():
+            if isinstance(node, dict) and key in node and node[key] == value:
+                del node[key]
+    return config
+
+
 def cell_config(cfg: DictConfig) -> dict:
-    """The resolved config of a cell, without where files live, which device runs it or how it is judged; a
-    data-free defense's budget is ``ANY``."""
+    """The resolved config of a cell, without where files live, which device runs it or how it is judged, or a
+    later key at its published value; a data-free defense's budget is ``ANY``."""
     config = {key: strip_descriptive(cfg[key]) for key in cfg if key not in NOT_IDENTITY}
-    return {**config, "budget": cell_budget(cfg)}
+    return without_neutral({**config, "budget": cell_budget(cfg)})
 
 
 def cell_setting(cfg: DictConfig) -> str:
@@ -192,11 +204,8 @@ def model_key(cell: Cell) -> ModelKey:
     key_spec = {**{g: strip_descriptive(cfg[g]) for g in ("dataset", "model", "attack", "recipe")},
                 "seed": int(cfg.seed), "precision": cell.precision,
                 "code": code_version(attack, cell.dataset, modules=(model_module,))}
+    key_spec = without_neutral(key_spec)
     key_spec["dataset"].pop("download", None)
-    for group, later in NEUTRAL.items():
-        for key, value in later.items():
-            if key in key_spec[group] and key_spec[group][key] == value:
-                del key_spec[group][key]
     for key in getattr(attack, "source_files", ()):  # files an attack reads into the model it trains: their contents
         if isinstance(key_spec["attack"].get(key), str):
             key_spec["attack"][key] = sha256_file(Path(key_spec["attack"][key]))

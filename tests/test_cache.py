@@ -337,11 +337,15 @@ PUBLISHED_GRIDS = [("cifar10_jpeg", "cifar10_grid", seed, attack) for seed in (0
 
 @pytest.mark.parametrize("sweep, experiment, seed, attack", PUBLISHED_GRIDS)
 def test_the_published_grids_composed_today_find_their_models(sweep, experiment, seed, attack, tmp_path):
-    """A config key added since (``attack.image: null``) or an admitted edit must not re-key a published model: the
-    grid's cell, composed from conf/ as its documented command composes it, keys to a model in its sweep's cache."""
+    """A config key added since (``attack.image: null``, ``attack.label_mode: all_to_one``) or an admitted edit must
+    not re-key a published model or rename a published cell: the grid's cell, composed from conf/ as its documented
+    command composes it, keys to a model in its sweep's cache, and its CLP cell (the grids' first defense) to its
+    committed record (with a new key left in, every published cell ran again)."""
     from conftest import compose_cell
 
-    cfg = compose_cell(tmp_path, [f"experiment={experiment}", f"seed={seed}", f"attack={attack}", "defense=none"])
+    cfg = compose_cell(tmp_path, [f"experiment={experiment}", f"seed={seed}", f"attack={attack}", "defense=clp"])
     cell = Cell(cfg=cfg, choices={}, dataset=build(cfg.dataset), attack=build(cfg.attack), recipe=None,
                 synthesis=None, rule=None, facts={}, device=torch.device("cpu"), precision="fp32")
     assert (RESULTS / sweep / "cache" / "models" / runner.model_key(cell).key / "manifest.json").is_file()
+    cfg.paths.records = str(RESULTS / sweep / "records")
+    assert runner.cell_path(cfg, dict(cfg.hydra.runtime.choices)).is_file()
