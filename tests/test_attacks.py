@@ -143,6 +143,16 @@ def test_lc_corner_trigger_by_hand():
     assert half[0, 0, 0, 0] == 227 and half[0, 0, 0, 1] == 0  # 100 + 127.5 truncated; 100 - 127.5 clipped
 
 
+def model_key(cfg) -> str:
+    """The key of a cell's poisoned model, read from its config (no model built, no data read)."""
+    from bench import runner
+    from bench.validate import Cell, build
+
+    return runner.model_key(Cell(cfg=cfg, choices={}, dataset=build(cfg.dataset), attack=build(cfg.attack),
+                                 recipe=None, synthesis=None, rule=None, facts={}, device=torch.device("cpu"),
+                                 precision="fp32")).key
+
+
 def lc_cell(tiny_cfg, *overrides: str):
     from bench.validate import build
 
@@ -182,9 +192,8 @@ def test_lc_perturbs_target_images_within_eps_stamps_them_and_keeps_every_label(
 
 
 def test_lc_loads_a_surrogate_whose_contents_key_the_model(tiny_cfg, tmp_path):
-    from bench import runner
     from bench.errors import ConfigError
-    from bench.validate import Cell, build, validate
+    from bench.validate import validate
 
     missing = tmp_path / "none.pt"
     with pytest.raises(ConfigError, match=f"attack.surrogate_checkpoint={missing}: no such file; valid: "):
@@ -196,16 +205,10 @@ def test_lc_loads_a_surrogate_whose_contents_key_the_model(tiny_cfg, tmp_path):
     poison_with_lc(attack, data, recipe)
     assert attack.report()["surrogate"] == "loaded" and "surrogate_train_acc" not in attack.report()
 
-    def key() -> str:
-        cfg = tiny_cfg("attack=lc", f"attack.surrogate_checkpoint={path}")
-        return runner.model_key(Cell(cfg=cfg, choices={}, dataset=build(cfg.dataset), attack=build(cfg.attack),
-                                     recipe=None, synthesis=None, rule=None, facts={}, device=torch.device("cpu"),
-                                     precision="fp32")).key
-
-    first = key()
+    first = model_key(tiny_cfg("attack=lc", f"attack.surrogate_checkpoint={path}"))
     torch.manual_seed(1)
     torch.save(instantiate_surrogate(attack).state_dict(), path)  # other weights, the same path
-    assert key() != first
+    assert model_key(tiny_cfg("attack=lc", f"attack.surrogate_checkpoint={path}")) != first
 
 
 def instantiate_surrogate(attack):
@@ -220,9 +223,8 @@ def test_blended_with_an_image_file_blends_it_resized_and_its_contents_key_the_m
     images' size, is red everywhere: round(0.8 x + 0.2 (255, 0, 0)); on one channel its luma, 76 (0.299 * 255)."""
     from PIL import Image
 
-    from bench import runner
     from bench.errors import ConfigError
-    from bench.validate import Cell, build, validate
+    from bench.validate import validate
 
     path = tmp_path / "red.png"
     Image.new("RGB", (13, 7), (255, 0, 0)).save(path)
@@ -233,15 +235,9 @@ def test_blended_with_an_image_file_blends_it_resized_and_its_contents_key_the_m
         torch.full((1, 1, 4, 4), 100, dtype=torch.uint8))
     assert (grey == 88).all()  # round(0.5 * 100 + 0.5 * 76)
 
-    def key() -> str:
-        cfg = tiny_cfg("attack=blended", f"attack.image={path}")
-        return runner.model_key(Cell(cfg=cfg, choices={}, dataset=build(cfg.dataset), attack=build(cfg.attack),
-                                     recipe=None, synthesis=None, rule=None, facts={}, device=torch.device("cpu"),
-                                     precision="fp32")).key
-
-    first = key()
+    first = model_key(tiny_cfg("attack=blended", f"attack.image={path}"))
     Image.new("RGB", (13, 7), (0, 0, 255)).save(path)  # another picture under the same name
-    assert key() != first
+    assert model_key(tiny_cfg("attack=blended", f"attack.image={path}")) != first
     path.write_text("not a picture")
     with pytest.raises(ConfigError, match=f"attack.image={path}: not an image file .*; valid: a file PIL reads"):
         validate(tiny_cfg("attack=blended", f"attack.image={path}"), {})
@@ -251,9 +247,8 @@ def test_badnets_reads_its_pattern_from_an_image_file_and_its_contents_key_the_m
     """NAD's 3x3 grid saved as a greyscale PNG stamps what the nested list stamps; a colour file is H x W x 3."""
     from PIL import Image
 
-    from bench import runner
     from bench.errors import ConfigError
-    from bench.validate import Cell, build, validate
+    from bench.validate import validate
 
     grid = [[0, 0, 255], [0, 255, 0], [255, 0, 255]]
     path = tmp_path / "grid.png"
@@ -266,15 +261,9 @@ def test_badnets_reads_its_pattern_from_an_image_file_and_its_contents_key_the_m
     stamped = configured("attack", "attack=badnets", pattern=str(colour)).apply_trigger(x)
     assert stamped[0, :, 7, 6].tolist() == [255, 0, 0] and stamped[0, :, 7, 7].tolist() == [0, 0, 255]
 
-    def key() -> str:
-        cfg = tiny_cfg("attack=badnets", f"attack.pattern={path}")
-        return runner.model_key(Cell(cfg=cfg, choices={}, dataset=build(cfg.dataset), attack=build(cfg.attack),
-                                     recipe=None, synthesis=None, rule=None, facts={}, device=torch.device("cpu"),
-                                     precision="fp32")).key
-
-    first = key()
+    first = model_key(tiny_cfg("attack=badnets", f"attack.pattern={path}"))
     Image.fromarray(255 - np.array(grid, dtype=np.uint8), mode="L").save(path)  # another grid under the same name
-    assert key() != first
+    assert model_key(tiny_cfg("attack=badnets", f"attack.pattern={path}")) != first
     missing = tmp_path / "none.png"
     with pytest.raises(ConfigError, match=f"attack.pattern={missing}: not an image file .*; valid: a file PIL reads"):
         validate(tiny_cfg("attack=badnets", f"attack.pattern={missing}"), {})
