@@ -9,14 +9,16 @@ to the text digest the published cache entries carry, so those entries keep thei
 the old behaviour), admitted by name: the module's new behaviour digest stands for the one it replaces, so the
 published keys hold. Only modules whose part in a published model the slow tier recomputes from that model's cache
 entry may be admitted (``ADMISSIBLE``: the static attacks' poisoning and triggers, the metrics; in ``attacks.base``,
-only its static poisoning, since the slow tier does not retrain a dynamic attack through its training hooks):
-``tests/test_published.py`` draws each published model's poisoned indices again, compares its trigger with the
-cached one and recomputes its undefended metrics from its weights, all with the current code. A module that shapes
-training itself (the loop, the augmentation, the data, the models) is never admitted: only retraining would show that
-an edit left it alone. ``bench.runner.code_version`` reads both tables.
+only its static poisoning, since the slow tier does not retrain a dynamic attack through its training hooks; in
+``bench.data``, what it hands a model: the decoded images and labels, the defender pool and the budgets, whose
+digests as the publishing code read them are ``PUBLISHED_DATA``): ``tests/test_published.py`` draws each published
+model's poisoned indices again, compares its trigger with the cached one and recomputes its undefended metrics from
+its weights, and reads each published data set again and compares it with its digest, all with the current code. A
+module that shapes training itself (the loop, the augmentation, the models, the device) is never admitted: only
+retraining would show that an edit left it alone. ``bench.runner.code_version`` reads both tables.
 """
 
-ADMISSIBLE = ("attacks.base", "attacks.badnets", "attacks.blended", "bench.metrics")
+ADMISSIBLE = ("attacks.base", "attacks.badnets", "attacks.blended", "bench.data", "bench.metrics")
 
 # module -> {its behaviour digest after an admitted edit: the digest it stands for}; a chain of edits is followed.
 ADMITTED: dict[str, dict[str, str]] = {
@@ -37,9 +39,20 @@ ADMITTED: dict[str, dict[str, str]] = {
         # attack.label_mode, all_to_one as before
         "e518a4f83b5d0b68fbf23a2105b7cc3eb8df68fd722245ae990e336c3b3a6c9d":
             "53e84a83e5bd2b9c19d152de038f30385e30df1a53f54bc4475881b10dab76d7"},
+    "bench.data": {  # ImageFolder's decoded cache keyed by the files' contents, not names and sizes; same tensors
+        "ee4c202bac1a3d3c312cbd2ae93986e930f4cb9598a36dc6552d55e6568197fe":
+            "0078d38774a22102292ed42d98a7ffde5988526651346eb4983e090d7dc6eab3"},
     "bench.metrics": {  # ASR over backdoor labels per image: all-to-one's set and rate as before
         "20c60f0ce6bdad0a4e3646752af7ff2587ca997e8e57f4756058378cca8a444a":
             "473457c85a4f4455a4eaf0d361b1f7d026531eb4eb956faa5ed5210b29abd9c7"},
+}
+
+# Each published data set as the code that made its models read it (``tests/test_published.py`` ``data_digest``):
+# train and test images and labels, the defender pool, the poisonable indices, the budgets k = 1, 10 and the whole
+# pool for seeds 0-2. Computed with bench.data at 0078d387 (the published code), before its first admitted edit.
+PUBLISHED_DATA: dict[str, str] = {
+    "cifar10_jpeg": "294a74be773a851c78a64f2a61a0de1494896b0b7e48333f15998cce013091c7",
+    "fashion_mnist": "f579af285057228c1a79df0778e9b424e6ef82dd96bfadac7228863e413e4328",
 }
 
 # Keys added to a component's config after models were published, at the value those models were made with: left

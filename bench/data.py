@@ -308,7 +308,8 @@ class CIFAR10(ImageDataset):
 class ImageFolder(ImageDataset):
     """Any ``{train,test}/<class>/<image>`` folder; classes in sorted name order.
 
-    Decoded once with torchvision.io (no PIL) and cached as uint8 tensors under ``cache_dir``.
+    Decoded once with torchvision.io (no PIL) and cached as uint8 tensors under ``cache_dir``, keyed by the files'
+    contents: a folder whose files were replaced by others of the same names and sizes decodes again.
     """
 
     def __init__(self, *, folder: str, **kwargs) -> None:
@@ -333,10 +334,11 @@ class ImageFolder(ImageDataset):
     def _read(self, root: Path, cache_dir: Path) -> tuple[ImageSet, ImageSet]:
         base = root / self.folder
         listing = {s: sorted(p for p in (base / s).rglob("*") if p.is_file()) for s in ("train", "test")}
-        digest = hashlib.sha256()
+        digest = hashlib.sha256(f"{list(self.shape)}\n".encode())  # the files' contents, not their names and sizes
         for split, files in listing.items():
             for p in files:
-                digest.update(f"{split}/{p.relative_to(base / split)}:{p.stat().st_size}\n".encode())
+                digest.update(f"{split}/{p.relative_to(base / split)}\n".encode())
+                digest.update(hashlib.sha256(p.read_bytes()).digest())
         from bench.cache import ModelCache  # the one verified cache mechanism
 
         cache, key = ModelCache(cache_dir), f"{self.name}-{digest.hexdigest()[:16]}"

@@ -223,6 +223,25 @@ def write_gtsrb(root, sizes=lambda c, i: (20 + c, 30 + i)) -> None:
     (base / "GT-final_test.csv").write_text("\n".join(rows) + "\n")
 
 
+def test_image_folder_decodes_again_when_files_swap_contents_under_the_same_names_and_sizes(tmp_path):
+    """The decoded cache is keyed by the files' contents: a key of names and sizes reused the old decoding after two
+    files of equal size swapped contents (a data folder edited in place reads as the folder it was)."""
+    from bench import data as data_module
+
+    root, ds = image_folder(tmp_path)
+    ant, cat = (root / "imgs" / "train" / name / "0.png" for name in ("ant", "cat"))
+    for path, value in ((ant, 0), (cat, 40)):  # uncompressed, so equal sizes
+        path.write_bytes(encode_png(torch.full((3, 8, 8), value, dtype=torch.uint8), compression_level=0).numpy().tobytes())
+    first = ds.load(root, cache_dir=tmp_path / "cache")
+    a, c = ant.read_bytes(), cat.read_bytes()
+    assert len(a) == len(c)  # the same names and sizes: only the contents tell the two folders apart
+    ant.write_bytes(c), cat.write_bytes(a)
+    data_module._READ_CACHE.clear()  # a new process
+    again = ds.load(root, cache_dir=tmp_path / "cache")
+    assert int(first.train.x[0, 0, 0, 0]) == 0 and int(again.train.x[0, 0, 0, 0]) == 40  # ant's first is cat's now
+    assert len(list((tmp_path / "cache" / "datasets").glob("tiny_folder-*"))) == 2
+
+
 def test_gtsrb_reads_torchvisions_layout_resized_to_the_configured_size(tmp_path, tiny_cfg):
     """``dataset=gtsrb`` on files in the archives' layout: photos of any size come out 3 x 32 x 32 uint8, labelled
     by their class folder (training) and by the CSV (test), with the defender pool out of the poisonable indices."""

@@ -1,10 +1,12 @@
 """The published models against the current code (slow tier, real data): what ``bench.code_versions.ADMITTED`` rests
 on. For every poisoned model in results/, from its cache entry and with the code as it is now: a static attack draws
 the same poisoned indices and makes the same trigger, the cached trigger gives the same test images, and the weights
-give the undefended metrics the entry recorded. An admitted edit that changed any of these fails here."""
+give the undefended metrics the entry recorded; and every published data set reads as the publishing code read it.
+An admitted edit that changed any of these fails here."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -13,6 +15,8 @@ import torch
 
 from attacks.base import StaticPoisonAttack
 from bench.cache import ModelCache
+from bench.code_versions import PUBLISHED_DATA
+from bench.data import DataBundle, ImageDataset
 from bench.metrics import evaluate
 from bench.report import current
 from bench.seeding import generator
@@ -63,3 +67,28 @@ def test_the_current_code_reproduces_each_published_models_poisoning_trigger_and
             assert metrics.get(name) is None, name
         else:
             assert abs(metrics[name] - recorded[name]) <= CLOSE, (name, metrics[name], recorded[name])
+
+
+def data_digest(dataset: ImageDataset, data: DataBundle) -> str:
+    """Everything the data module hands a model and its cells: images, labels, pool, poisonable set, budgets."""
+    parts = [data.train.x, data.train.y, data.test.x, data.test.y, data.pool, data.poisonable()]
+    parts += [data.budget_indices(k, seed) for k in (1, 10, dataset.pool_per_class) for seed in (0, 1, 2)]
+    digest = hashlib.sha256()
+    for t in parts:
+        t = t.contiguous().cpu()
+        digest.update(f"{t.dtype}{list(t.shape)}".encode())
+        digest.update(t.numpy().tobytes())
+    return digest.hexdigest()
+
+
+DATASET_SPECS = {json.loads(m.read_text())["spec"]["dataset"]["name"]: json.loads(m.read_text())["spec"]["dataset"]
+                 for m in MANIFESTS}
+
+
+@pytest.mark.parametrize("name", sorted(DATASET_SPECS))
+def test_the_current_code_reads_each_published_data_set_as_the_publishing_code_did(name, tmp_path):
+    if not (DATA / FOLDERS[name]).exists():
+        pytest.skip(f"the files of {name} are not under {DATA}")
+    dataset = build({**DATASET_SPECS[name], "download": False})
+    data = dataset.load(DATA, "cpu", tmp_path)  # decoded afresh, not from a cache an earlier reader made
+    assert data_digest(dataset, data) == PUBLISHED_DATA[name]
