@@ -233,10 +233,11 @@ def test_the_poisoned_model_comes_in_the_recipes_memory_format_trained_or_cached
         return real(model, *args, **kwargs)
 
     monkeypatch.setattr(runner, "evaluate", spy)
+    monkeypatch.setattr(runner, "_UNDEFENDED", {})  # a new process: no model measured yet
     trained = run_cell(cfg := tiny_cfg("defense=none", f"recipe.channels_last={channels_last}"), choices(cfg))
     cached = run_cell(cfg := tiny_cfg("defense=clp", "budget=0", f"recipe.channels_last={channels_last}"), choices(cfg))
     assert trained["cache"]["hit"] is False and cached["cache"]["hit"] is True
-    assert seen == [channels_last] * 3  # undefended after training, then after each defense
+    assert seen == [channels_last] * 4  # undefended after training and from the cache, then after each defense
 
 
 def test_a_second_cell_of_the_model_triggers_no_test_image_again(tiny_cfg, choices, monkeypatch):
@@ -277,6 +278,27 @@ def test_an_edited_manifest_is_a_corrupt_entry_and_an_unsealed_one_is_sealed_on_
     legacy["undefended"]["asr"] = 0.1
     path.write_text(json.dumps({**legacy, "seal": json.loads(path.read_text())["seal"]}))
     assert store.load("k") is None
+
+
+def test_a_records_undefended_metrics_are_measured_from_the_weights_not_read_from_the_manifest(
+        tiny_cfg, choices, tmp_path, caplog, monkeypatch):
+    """A manifest edited and sealed again (its seal is a digest anyone can recompute) put its undefended metrics into
+    every later record of the model, and into its DER."""
+    from bench.cache import seal
+    from bench.fsutil import atomic_write_json
+
+    first = run_cell(cfg := tiny_cfg("attack=badnets", "defense=none"), choices(cfg))
+    path = tmp_path / "cache" / "models" / first["cache"]["key"] / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["undefended"] = {**manifest["undefended"], "acc": 0.5, "asr": 0.0}
+    manifest["seal"] = seal(manifest)
+    atomic_write_json(path, manifest)
+    monkeypatch.setattr(runner, "_UNDEFENDED", {})  # a new process
+    second = run_cell(cfg := tiny_cfg("attack=badnets", "defense=clp", "budget=0"), choices(cfg))
+    assert second["cache"]["hit"] is True
+    assert second["undefended"]["acc"] == pytest.approx(first["undefended"]["acc"], abs=runner.DISAGREE)
+    assert second["undefended"]["asr"] == pytest.approx(first["undefended"]["asr"], abs=runner.DISAGREE)
+    assert "its manifest says" in caplog.text and "'acc': 0.5" in caplog.text
 
 
 def test_an_edit_to_an_attacks_base_class_rekeys_its_models(tmp_path, monkeypatch):
