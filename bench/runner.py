@@ -34,7 +34,7 @@ from bench.augment import Augment
 from bench.cache import ModelCache, Store
 from bench.checkpoints import load_checkpoint
 from bench.columns import ANY
-from bench.data import DataBundle
+from bench.data import DataBundle, ImageSet
 from bench.device import memory_format
 from bench.errors import ConfigError
 from bench.weights import load_weights
@@ -300,7 +300,7 @@ _UNDEFENDED: dict[tuple[str, str], dict] = {}
 DISAGREE = 0.002  # of a metric (20 of 10,000 test images): more than another CPU's float path moves it
 
 
-def measured_undefended(key: str, manifest: dict, model: torch.nn.Module, attack: Any, test: Any, batch_size: int,
+def measured_undefended(key: str, manifest: dict, model: torch.nn.Module, attack: Any, test: ImageSet, batch_size: int,
                         precision: str) -> dict:
     """A cached model's own ACC, ASR and RA, measured from its weights (once a process), not copied from its
     manifest: a record's numbers before and after a defense then come from one evaluation path, and a manifest

@@ -231,7 +231,8 @@ def test_image_folder_decodes_again_when_files_swap_contents_under_the_same_name
     root, ds = image_folder(tmp_path)
     ant, cat = (root / "imgs" / "train" / name / "0.png" for name in ("ant", "cat"))
     for path, value in ((ant, 0), (cat, 40)):  # uncompressed, so equal sizes
-        path.write_bytes(encode_png(torch.full((3, 8, 8), value, dtype=torch.uint8), compression_level=0).numpy().tobytes())
+        image = torch.full((3, 8, 8), value, dtype=torch.uint8)
+        path.write_bytes(encode_png(image, compression_level=0).numpy().tobytes())
     first = ds.load(root, cache_dir=tmp_path / "cache")
     a, c = ant.read_bytes(), cat.read_bytes()
     assert len(a) == len(c)  # the same names and sizes: only the contents tell the two folders apart
