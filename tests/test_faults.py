@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import subprocess
 import sys
@@ -50,8 +51,11 @@ def test_two_processes_on_one_cell_run_its_defense_once(tiny_cfg, choices):
     cfg.worker.isolation = "none"  # counted in this process
     Slow.runs.clear()
     results = []
-    workers = [threading.Thread(target=lambda: results.append(run_cell(cfg, {**choices(cfg), "defense": "slow"})))
-               for _ in range(2)]
+    # each with its own config, as two processes have: OmegaConf is not thread-safe, and one config resolved by
+    # two threads at once failed one of them (CI, once) before any lock was reached
+    configs = [copy.deepcopy(cfg) for _ in range(2)]
+    workers = [threading.Thread(target=lambda c=c: results.append(run_cell(c, {**choices(c), "defense": "slow"})))
+               for c in configs]
     for w in workers:
         w.start()
     for w in workers:
