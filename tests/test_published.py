@@ -81,8 +81,7 @@ def data_digest(dataset: ImageDataset, data: DataBundle) -> str:
     return digest.hexdigest()
 
 
-DATASET_SPECS = {json.loads(m.read_text())["spec"]["dataset"]["name"]: json.loads(m.read_text())["spec"]["dataset"]
-                 for m in MANIFESTS}
+DATASET_SPECS = {spec["name"]: spec for spec in (json.loads(m.read_text())["spec"]["dataset"] for m in MANIFESTS)}
 
 
 @pytest.mark.parametrize("name", sorted(DATASET_SPECS))
