@@ -10,6 +10,7 @@ error that names the first key that does not fit.
 
 from __future__ import annotations
 
+import argparse
 import re
 from pathlib import Path
 
@@ -29,17 +30,25 @@ LAYOUTS: dict[str, list[tuple[str, str]]] = {
 OWN = ("mean", "std")  # the model's normalization buffers come from its config, never from a file
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """The tensors of a checkpoint file, unwrapped from ``state_dict`` / ``model`` and DataParallel's prefix."""
+def read_file(path: str | Path, key: str) -> object:
+    """A checkpoint file's contents, tensors and plain data only (``weights_only=True``). ``argparse.Namespace`` is
+    let through: the official IAD code and BackdoorBench save their run's arguments in one (``opt``, ``args``)."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"attack.checkpoint={path}: no such file; valid: a torch.save file of a state_dict")
+        raise ConfigError(f"{key}={path}: no such file; valid: a torch.save file of state_dicts")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # a text file, a truncated zip, a foreign pickle: each one line, never a traceback
         first = str(exc).strip().splitlines()[0]
-        raise ConfigError(f"attack.checkpoint={path}: not readable as tensors only ({first}); save the state_dict "
-                          f"alone: torch.save(torch.load(F, weights_only=False)['model'], 'model.pt')") from None
+        raise ConfigError(f"{key}={path}: not readable as tensors only ({first}); save the state_dicts alone: "
+                          f"torch.save(torch.load(F, weights_only=False)['model'], 'model.pt')") from None
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a checkpoint file, unwrapped from ``state_dict`` / ``model`` / ``netC`` and DataParallel's
+    prefix."""
+    obj = read_file(path, "attack.checkpoint")
     for key in ("state_dict", "model", "netC"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]

@@ -324,7 +324,7 @@ def gallery_command(args: list[str]) -> None:
     import argparse
 
     from bench.gallery import gallery
-    from bench.validate import options
+    from bench.validate import missing_values, options
 
     parser = argparse.ArgumentParser(
         prog="bdbench gallery", description="Draw one data set's test images, clean and under every attack's "
@@ -338,10 +338,14 @@ def gallery_command(args: list[str]) -> None:
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         try:
             cfgs = {a: compose("config", overrides=[*overrides, f"attack={a}"], return_hydra_config=True) for a in names}
-            cells = {a: validate(cfg, cfg.hydra.runtime.choices) for a, cfg in cfgs.items()}
+            # An attack whose config needs the user's files (input_aware_file: ???) has no trigger to draw without them.
+            needs = {a: [k for k in missing_values(cfg) if k.startswith("attack.")] for a, cfg in cfgs.items()}
+            cells = {a: validate(cfg, cfg.hydra.runtime.choices) for a, cfg in cfgs.items() if not needs[a]}
         except HydraException as exc:
             raise explain(exc, overrides) from None
-    print("bdbench gallery: " + ", ".join(cells) + "\n" + "\n".join(gallery_plan(cells)), flush=True)
+    left_out = [f"{a} (needs {', '.join(keys)})" for a, keys in needs.items() if keys]
+    print("bdbench gallery: " + ", ".join(cells) + (f"; left out: {'; '.join(left_out)}" if left_out else "") + "\n"
+          + "\n".join(gallery_plan(cells)), flush=True)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
     print(gallery(cells))
 

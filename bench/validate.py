@@ -56,9 +56,10 @@ def configured(node: str, *overrides: str, **values: Any) -> Any:
             return configured(node, *overrides, **values)
     target = OmegaConf.select(compose("config", overrides=list(overrides)), node)
     kwargs = {}
-    for key, value in target.items():
+    for key in target:  # a value given here is never read from the config (it may be mandatory there: ???)
         if key.startswith("_") or key in values or key in DESCRIPTIVE:
             continue
+        value = target[key]
         if OmegaConf.is_dict(value) and "_target_" in value:
             kwargs[key] = build(value)
         else:
@@ -319,6 +320,16 @@ def checked(cfg: DictConfig, choices: dict[str, Any]) -> Cell:
     return _CHECKED.pop(_job_key(cfg), None) or validate(cfg, choices)
 
 
+def missing_values(cfg: DictConfig) -> list[str]:
+    """The keys a config leaves to the user (``???``), found without resolving any interpolation."""
+    def walk(node: Any, prefix: str) -> list[str]:
+        if isinstance(node, dict):
+            return [k for key, value in node.items() for k in walk(value, f"{prefix}{key}.")]
+        return [prefix[:-1]] if node == "???" else []
+
+    return walk(OmegaConf.to_container(cfg, resolve=False), "")
+
+
 def validate(cfg: DictConfig, choices: dict[str, Any], check_data: bool = True) -> Cell:
     """The cell of a composed config, built and checked; ConfigError for its first bad value (its group names exist:
     it composed).
@@ -328,6 +339,10 @@ def validate(cfg: DictConfig, choices: dict[str, Any], check_data: bool = True) 
     and the data set against its files (``check_data``; ``check_data=False`` skips re-reading files a sweep's
     earlier job already verified, the pool is checked for every job).
     """
+    missing = [k for k in missing_values(cfg) if not k.startswith("hydra.")]
+    if missing:  # a value the config leaves to the user (???): named here, not a traceback from the first read
+        raise ConfigError(f"{', '.join(missing)}: no value given, and the config has no default; valid: "
+                          + " ".join(f"{k}=VALUE" for k in missing) + " (its YAML in conf/ says what each takes)")
     check_settings(cfg)
     num_classes = int(cfg.dataset.num_classes)
     pool = int(cfg.dataset.pool_per_class)
@@ -373,6 +388,7 @@ def validate(cfg: DictConfig, choices: dict[str, Any], check_data: bool = True) 
         from bench.checkpoints import fitting
 
         fitting(model, attack.checkpoint)
+        attack.build(dataset.shape)  # and the trigger's own files (WaNet's field, Input-aware's generators)
     for split in ("train", "test"):  # fewer images than classes leaves ACC, ASR or the pool undefined
         n = OmegaConf.select(cfg, f"dataset.subset.{split}")
         if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < num_classes):

@@ -230,3 +230,140 @@ def test_wanet_checkpoint_without_its_warp_or_with_a_wrong_one_is_one_error(tmp_
     attack = configured("attack", "attack=wanet", checkpoint=None, field=str(tmp_path / "field.pt"))
     with pytest.raises(ConfigError, match=r"noise_grid, each of shape \(1, 16, 16, 2\)"):
         attack.build((1, 16, 16))
+
+
+class IadBlock(nn.Module):
+    """The IAD code's Conv2dBlock: keys ``conv2d.weight``, ``batch_norm.running_mean``, ..."""
+
+    def __init__(self, c_in: int, c_out: int, relu: bool = True) -> None:
+        super().__init__()
+        self.conv2d, self.batch_norm = nn.Conv2d(c_in, c_out, 3, 1, 1), nn.BatchNorm2d(c_out, momentum=0.05)
+        if relu:
+            self.relu = nn.ReLU()
+
+    def forward(self, x):
+        for module in self.children():
+            x = module(x)
+        return x
+
+
+class IadGenerator(nn.Sequential):
+    """The IAD code's Generator (and BackdoorBench's copy) as it names its modules: convblock_down_0, ...,
+    downsample_0, ..., convblock_middle, upsample_0, convblock_up_0, ...; output squashed into (0, 1)."""
+
+    def __init__(self, c_in: int, c_out: int, channel_init: int, steps: int) -> None:
+        super().__init__()
+        current, following = c_in, channel_init
+        for step in range(steps):
+            self.add_module(f"convblock_down_{2 * step}", IadBlock(current, following))
+            self.add_module(f"convblock_down_{2 * step + 1}", IadBlock(following, following))
+            self.add_module(f"downsample_{step}", nn.MaxPool2d(2))
+            if step < steps - 1:
+                current, following = following, following * 2
+        self.add_module("convblock_middle", IadBlock(following, following))
+        current, following = following, following // 2
+        for step in range(steps):
+            self.add_module(f"upsample_{step}", nn.Upsample(scale_factor=2, mode="bilinear"))
+            self.add_module(f"convblock_up_{2 * step}", IadBlock(current, current))
+            self.add_module(f"convblock_up_{2 * step + 1}", IadBlock(current, following, relu=step < steps - 1))
+            current, following = following, following // 2
+            if step == steps - 2:
+                following = c_out
+
+    def forward(self, x):
+        return torch.tanh(super().forward(x)) / (2 + 1e-7) + 0.5
+
+
+def iad_trigger(x: torch.Tensor, netG: nn.Module, netM: nn.Module, mean: float, std: float) -> torch.Tensor:
+    """The IAD code's backdoor image, by hand: computed on normalized images, denormalized, saved as uint8."""
+    inputs = (x.float() / 255 - mean) / std
+    patterns = (netG(inputs) - mean) / std  # normalize_pattern
+    masks = torch.tanh(netM(inputs) * 20 - 10) / (2 + 1e-7) + 0.5  # threshold
+    bd = inputs + (patterns - inputs) * masks
+    return ((bd * std + mean) * 255).round().clamp(0, 255).to(torch.uint8)
+
+
+def iad_networks() -> tuple[nn.Module, nn.Module, nn.Module]:
+    torch.manual_seed(5)
+    classifier = create_model("fmnist_cnn", num_classes=10, shape=(1, 16, 16), mean=[0.5], std=[0.5]).eval()
+    netG, netM = IadGenerator(1, 1, 32, 3), IadGenerator(1, 1, 32, 3)  # 32 channels, 3 stages: not 28x28
+    return classifier, trained_like(netG), trained_like(netM)
+
+
+@pytest.mark.parametrize("layout", ["official", "backdoorbench"])
+def test_input_aware_defends_a_saved_classifier_and_generators(layout, tiny_cfg, choices, tmp_path):
+    """One file as the IAD code saves it (netC, netG, netM and its argparse options) or as BackdoorBench's netCGM.pt
+    (the same under DataParallel's ``module.`` prefix, with ``args``): the trigger is the file's generators on
+    normalized images, equal to the reference computation by hand; the cell defends the file's classifier and the
+    cache keys the generators by content."""
+    import argparse
+
+    from bench.runner import run_cell
+
+    classifier, netG, netM = iad_networks()
+    prefix, options = ("", "opt") if layout == "official" else ("module.", "args")
+    wrap = lambda net: {prefix + k: v for k, v in net.state_dict().items()}
+    path = tmp_path / "ckpt.pth.tar"
+    torch.save({"netC": wrap(classifier), "netG": wrap(netG), "netM": wrap(netM), "epoch": 3,
+                options: argparse.Namespace(dataset="mnist", lr_G=0.01, schedulerC_milestones=[100, 200])}, path)
+    attack = configured("attack", "attack=input_aware_file", checkpoint=str(path), generators=str(path))
+    attack.build((1, 16, 16))
+    x = torch.randint(0, 256, (16, 1, 16, 16), dtype=torch.uint8)
+    with torch.no_grad():
+        expected = iad_trigger(x, netG, netM, mean=0.5, std=0.5)
+    ours = attack.apply_trigger(x)
+    assert (ours != x).any() and (ours.int() - expected.int()).abs().max() <= 1  # one level: float rounding
+    assert (ours == expected).float().mean() > 0.99
+
+    overrides = ["attack=input_aware_file", f"attack.checkpoint={path}", f"attack.generators={path}",
+                 "defense=none", "budget=0"]
+    record = run_cell(cfg := tiny_cfg(*overrides), choices(cfg))
+    assert record["status"] == "ok", record.get("error")
+    source = record["cache"]["source"]
+    assert source["source"] == "checkpoint" and source["generators"]["sha256"] == source["sha256"]
+    assert 0 <= record["undefended"]["cross_acc"] <= 1
+    torch.manual_seed(6)
+    torch.save({"netG": wrap(netG), "netM": wrap(trained_like(IadGenerator(1, 1, 32, 3)))}, tmp_path / "other.pt")
+    other = run_cell(cfg := tiny_cfg(*overrides[:2], f"attack.generators={tmp_path / 'other.pt'}", *overrides[3:]),
+                     choices(cfg))
+    assert other["status"] == "ok" and other["cache"]["key"] != record["cache"]["key"] and not other["cache"]["hit"]
+
+
+def test_input_aware_generators_of_this_project_load_back_unchanged(tmp_path):
+    """A cached Input-aware attack state (pattern_generator, mask_generator) read as generator files, with
+    generator_mean/std null (this project's generators read pixels): the same trigger, image for image."""
+    torch.manual_seed(7)
+    trained = configured("attack", "attack=input_aware")
+    trained.build((1, 16, 16))
+    trained_like(trained.pattern_gen), trained_like(trained.mask_gen)
+    torch.save(trained.state_dict(), tmp_path / "attack.pt")
+    loaded = configured("attack", "attack=input_aware_file", checkpoint="unused.pt", generators=str(tmp_path / "attack.pt"),
+                        generator_mean=None, generator_std=None)
+    loaded.build((1, 16, 16))
+    x = torch.randint(0, 256, (16, 1, 16, 16), dtype=torch.uint8)
+    assert torch.equal(loaded.apply_trigger(x), trained.apply_trigger(x))
+
+
+def test_input_aware_generators_that_do_not_fit_are_one_error(tiny_cfg, tmp_path):
+    from bench.validate import validate
+
+    classifier, netG, netM = iad_networks()
+    torch.save({"netC": classifier.state_dict()}, tmp_path / "model_only.pt")
+    cfg = tiny_cfg("attack=input_aware_file", f"attack.checkpoint={tmp_path / 'model_only.pt'}",
+                   f"attack.generators={tmp_path / 'model_only.pt'}")
+    with pytest.raises(ConfigError, match=r"attack.generators=.*model_only.pt: holds \['netC'\]"):
+        validate(cfg, cfg.hydra.runtime.choices)  # before any compute: the validation pass reads it
+    attack = configured("attack", "attack=input_aware_file", checkpoint="c.pt", generators=str(tmp_path / "model_only.pt"))
+    with pytest.raises(ConfigError, match=r"holds \['netC'\]; valid: a torch.save file with netG and netM"):
+        attack.build((1, 16, 16))
+    torch.save({"netG": IadGenerator(1, 1, 16, 2).state_dict(), "netM": IadGenerator(1, 1, 16, 2).state_dict()},
+               tmp_path / "mnist.pt")  # the IAD code's 28x28 generators (16 channels, 2 stages)
+    attack = configured("attack", "attack=input_aware_file", checkpoint="c.pt", generators=str(tmp_path / "mnist.pt"))
+    with pytest.raises(ConfigError, match=r"netG does not fit the generator for 16x16 images with 1 channel\(s\) at key"):
+        attack.build((1, 16, 16))
+    with pytest.raises(ValueError, match=r"attack.generator_mean=\[0.5\], attack.generator_std=None: valid: both null"):
+        configured("attack", "attack=input_aware_file", checkpoint="c.pt", generators="g.pt", generator_std=None)
+    attack = configured("attack", "attack=input_aware_file", checkpoint="c.pt", generators="g.pt",
+                        generator_mean=[0.5, 0.5, 0.5], generator_std=[0.2, 0.2, 0.2])
+    with pytest.raises(ValueError, match=r"attack.generator_mean=\[0.5, 0.5, 0.5\]: 3 values for images of 1 channel"):
+        attack.check_shape((1, 16, 16))

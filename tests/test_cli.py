@@ -30,7 +30,7 @@ def bdbench(tmp_path: Path, *args: str, timeout: int = 2400) -> subprocess.Compl
     "args, message",
     [
         (["attack=badnet"], "attack=badnet: no such attack (did you mean badnets?); valid: badnets, blended, "
-                            "input_aware, lc, none, sig, wanet"),
+                            "input_aware, input_aware_file, lc, none, sig, wanet"),
         (["defense=shap"], "defense=shap: no such defense; valid: anp, ar_purification, ar_purification_code, argd, clp, fp, ft, "
                            "ft_ar_control, ft_nad_teacher, linf_pruning, nad, nc, none, shap_pruning, suspiciousness"),
         (["defense=shap_pruning", "defense.value=asr"], "defense.value='asr': invalid; valid: soft_asr, asr_minus_acc"),
@@ -308,6 +308,10 @@ def test_records_folder_from_the_environment_like_data_and_cache(monkeypatch):
     (["recipe.optimizer.lr=inf"], "recipe.optimizer.lr=inf: invalid; valid: a finite number"),
     (["seed=true"], "seed=True: must be an integer >= 0"),
     (["+foo=bar"], "foo: no such setting"),
+    (["attack=input_aware_file"], "attack.checkpoint, attack.generators: no value given, and the config has no "
+                                  "default; valid: attack.checkpoint=VALUE attack.generators=VALUE"),  # was a traceback
+    (["attack=input_aware_file", "attack.checkpoint=model.pt", "attack.generators=model.pt"],
+     "attack.checkpoint=model.pt: no such file"),
     (["-m", "hydra.sweeper.params.defense=ft,clp"],  # refused by Hydra only at launch, after a bogus count
      "hydra.sweeper.params.defense=ft,clp: Hydra cannot sweep its own config; valid: defense=ft,clp"),
     (["defense=ft", "+defense.leak=${attack}"], "defense.leak=${attack}: a defense may not interpolate that; "

@@ -118,7 +118,8 @@ def configured_nodes() -> list[tuple[str, DictConfig]]:
                     where, node = stack.pop()
                     if "_target_" in node:
                         nodes.append((where, node))
-                    stack += [(f"{where}.{k}", v) for k, v in node.items() if isinstance(v, DictConfig)]
+                    stack += [(f"{where}.{k}", node[k]) for k in node.keys()  # ???: a value the user gives
+                              if not OmegaConf.is_missing(node, k) and isinstance(node[k], DictConfig)]
     return nodes
 
 
