@@ -17,9 +17,13 @@ from conftest import DATA, TINY, fashion_mnist_available
 needs_fmnist = pytest.mark.skipif(not fashion_mnist_available(), reason=f"Fashion-MNIST IDX files not under {DATA}")
 
 
-def bdbench(tmp_path: Path, *args: str, timeout: int = 2400) -> subprocess.CompletedProcess:
-    """The CLI in a subprocess. The limit only catches a hang: the smoke sweep takes ~2 min alone and went past
-    600 s on a busy machine, so a limit near the run time failed on load, not on behaviour."""
+# A subprocess's limit only catches a hang: limits near a command's own run time (the smoke sweep on a busy machine,
+# the perf benchmarks beside a sweep) failed on load, not on behaviour.
+HANG = 2400
+
+
+def bdbench(tmp_path: Path, *args: str, timeout: int = HANG) -> subprocess.CompletedProcess:
+    """The CLI in a subprocess, with the data, cache, records and outputs under ``tmp_path``."""
     paths = [f"paths.data={DATA}", f"paths.cache={tmp_path / 'cache'}", f"paths.records={tmp_path / 'records'}",
              f"paths.output={tmp_path / 'outputs'}"]
     return subprocess.run([sys.executable, "-m", "bench.cli", *args, *paths], cwd=tmp_path,
@@ -145,7 +149,7 @@ def test_smoke_sweep_writes_5_records_and_resumes_without_work(tmp_path):
 def test_perf_coalitions_writes_its_tables(tmp_path):
     run = subprocess.run([sys.executable, "-m", "bench.cli", "perf", "coalitions", f"out={tmp_path}", "carriers=[4]",
                           "passes=[16]", "n_coalitions=8", "repeats=1", "device=cpu"],
-                         capture_output=True, text=True, timeout=300)
+                         capture_output=True, text=True, timeout=HANG)
     assert run.returncode == 0, run.stderr[-2000:]
     import pandas as pd
 
@@ -161,7 +165,7 @@ def test_perf_walks_times_full_and_resumed_passes_and_cells_both_ways(tmp_path):
                                        f"paths.cache={tmp_path / 'cache'}"])
     run = subprocess.run([sys.executable, "-m", "bench.cli", "perf", "walks", f"out={tmp_path}", "carriers=[4]",
                           "models=[wrn16_1]", "n_walks=2", "steps=5", "repeats=1", "device=cpu", f"cells=[[{cell}]]"],
-                         capture_output=True, text=True, timeout=300)
+                         capture_output=True, text=True, timeout=HANG)
     assert run.returncode == 0, run.stderr[-2000:]
     import pandas as pd
 
@@ -175,7 +179,7 @@ def test_perf_walks_times_full_and_resumed_passes_and_cells_both_ways(tmp_path):
 def test_perf_pipeline_times_engine_and_reference(tmp_path):
     run = subprocess.run([sys.executable, "-m", "bench.cli", "perf", "pipeline", f"out={tmp_path}",
                           "overrides=[dataset=synthetic,model=fmnist_cnn,attack=badnets]", "train_images=512",
-                          "workers=[0]", "repeats=1", "device=cpu"], capture_output=True, text=True, timeout=300)
+                          "workers=[0]", "repeats=1", "device=cpu"], capture_output=True, text=True, timeout=HANG)
     assert run.returncode == 0, run.stderr[-2000:]
     import pandas as pd
 
@@ -190,7 +194,7 @@ def test_perf_pipeline_times_engine_and_reference(tmp_path):
 def test_perf_datapath_divides_engine_by_the_models_own_time(tmp_path):
     run = subprocess.run([sys.executable, "-m", "bench.cli", "perf", "datapath", f"out={tmp_path}", "repeats=1",
                           "cases=[{overrides: [dataset=synthetic, model=fmnist_cnn, attack=badnets], train_images: 300}]",
-                          "device=cpu"], capture_output=True, text=True, timeout=300)
+                          "device=cpu"], capture_output=True, text=True, timeout=HANG)
     assert run.returncode == 0, run.stderr[-2000:]
     import pandas as pd
 
@@ -207,7 +211,7 @@ def test_perf_allocator_compares_fresh_processes_with_and_without_retained_memor
     MNIST CNN (51 MB) is above glibc's mmap threshold, so the default process faults its pages in on every step."""
     run = subprocess.run([sys.executable, "-m", "bench.cli", "perf", "allocator", f"out={tmp_path}", "repeats=1",
                           "images=8192", "cases=[{model: fmnist_cnn, dataset: fashion_mnist, batch: 512}]"],
-                         capture_output=True, text=True, timeout=300)
+                         capture_output=True, text=True, timeout=HANG)
     assert run.returncode == 0, run.stderr[-2000:]
     import pandas as pd
 
@@ -221,7 +225,7 @@ def test_perf_tta_stops_each_pipeline_at_the_target_or_the_epoch_cap(tmp_path):
     run = subprocess.run([sys.executable, "-m", "bench.cli", "perf", "tta", f"out={tmp_path}", "device=cpu",
                           "overrides=[dataset=synthetic,model=fmnist_cnn,attack=badnets]", "engine_recipe=reference",
                           "targets=[0.5,0.3]", "max_epochs=4", "workers=0", "train_images=1000"],
-                         capture_output=True, text=True, timeout=300)
+                         capture_output=True, text=True, timeout=HANG)
     assert run.returncode == 0, run.stderr[-2000:]
     import pandas as pd
 
