@@ -34,3 +34,18 @@ def test_gallery_uses_one_image_per_class(tiny_cfg):
     data = build(tiny_cfg().dataset).load("unused")
     images = pick_images(data, 6)
     assert images.shape == (6, 1, 16, 16)
+
+
+def test_gallery_leaves_out_an_attack_that_needs_the_users_files(tmp_path, monkeypatch, capsys):
+    """input_aware_file has no trigger without its files (attack.checkpoint and attack.generators are ???): the gallery
+    says so and draws the others; it composed every attack and died on the first mandatory value before."""
+    import bench.gallery
+    from bench.cli import gallery_command
+
+    drawn = {}
+    monkeypatch.setattr(bench.gallery, "gallery", lambda cells: drawn.update(cells) or tmp_path / "g.png")
+    gallery_command(["dataset=synthetic", f"paths.cache={tmp_path / 'cache'}", f"paths.output={tmp_path / 'out'}",
+                     f"paths.records={tmp_path / 'records'}"])
+    said = capsys.readouterr().out
+    assert "left out: input_aware_file (needs attack.checkpoint, attack.generators)" in said
+    assert "input_aware_file" not in drawn and {"badnets", "input_aware", "wanet", "sig", "lc"} <= set(drawn)
