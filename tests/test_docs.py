@@ -8,9 +8,9 @@ import subprocess
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-# The reference folder beside a checkout, written as a pattern ([/]) so this file does not itself read as a
+# The reference files beside a checkout, written as patterns ([/], [.]) so this file does not itself read as a
 # reference to it.
-OUTSIDE = re.compile(r"DESIGN\.md|shared[/]spec|(?<![\w/])(?:defenses|attacks)\.md|\bspec §")
+OUTSIDE = re.compile(r"DESIGN[.]md|shared[/]spec|(?<![\w/])(?:defenses|attacks)\.md|\bspec §")
 CITED = re.compile(r"docs/(\w+)\.md ((?:§[\d.]+(?:, | and )?)+)")
 
 
