@@ -15,7 +15,7 @@ import torch
 
 from attacks.base import Attack, register_attack
 from attacks.input_aware import InputAware
-from bench.checkpoints import read_file
+from bench.checkpoints import non_finite, read_file
 from bench.errors import ConfigError
 from bench.schema import Count
 
@@ -80,7 +80,7 @@ class InputAwareFile(InputAware):
                 raise ConfigError(f"attack.generators={self.generators}: {name} does not fit the generator for "
                                   f"{shape[1]}x{shape[2]} images with {shape[0]} channel(s) at key {misfit}; valid: "
                                   f"generators trained on images of this shape")
-            broken = next((k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+            broken = non_finite(state)
             if broken:
                 raise ConfigError(f"attack.generators={self.generators}: {name}'s {broken} holds NaN or infinite "
                                   f"values; valid: finite weights")

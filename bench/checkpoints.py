@@ -45,6 +45,11 @@ def read_file(path: str | Path, key: str) -> object:
                           f"torch.save(torch.load(F, weights_only=False)['model'], 'model.pt')") from None
 
 
+def non_finite(state: dict[str, torch.Tensor]) -> str | None:
+    """The first key whose tensor holds NaN or infinite values, or None."""
+    return next((k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """The tensors of a checkpoint file, unwrapped from ``state_dict`` / ``model`` / ``netC`` and DataParallel's
     prefix."""
@@ -57,7 +62,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         raise ConfigError(f"attack.checkpoint={path}: holds no state_dict (a dict of tensors, or one under "
                           f"'state_dict', 'model' or 'netC')")
     state = {k.removeprefix("module."): v for k, v in obj.items()}
-    broken = next((k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    broken = non_finite(state)
     if broken:  # a model with NaN weights evaluated to an 'ok' record
         raise ConfigError(f"attack.checkpoint={path}: {broken} holds NaN or infinite values; valid: finite weights")
     return {k: v for k, v in state.items() if k not in OWN}  # normalization is the model config's, not the file's

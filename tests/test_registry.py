@@ -18,8 +18,14 @@ from bench.train import train
 from bench.models import MODELS, create_model, list_models
 from bench.plugins import plugin_conf_dirs
 from conftest import configured
-from bench.validate import CONF_DIR, build, options
+from bench.validate import CONF_DIR, build, missing_values, options
 from defenses.base import DEFENSES, CleanData, DefenseContext
+
+
+def config_file(group: str, name: str) -> Path:
+    """The YAML of a config option, built-in or from an installed plugin package's conf/."""
+    folders = [CONF_DIR, *(folder for _, folder in plugin_conf_dirs())]
+    return next(f / group / f"{name}.yaml" for f in folders if (f / group / f"{name}.yaml").is_file())
 
 
 @pytest.mark.parametrize("group, registry", [("attack", ATTACKS), ("defense", DEFENSES)])
@@ -28,18 +34,15 @@ def test_config_names_are_registry_names(group, registry, tiny_cfg):
     _target_ is the registered class; any other config is a named variant ``<name>_<variant>`` that composes
     onto its registered config."""
     assert set(registry.names()) <= set(options(group))
-    folders = [CONF_DIR, *(folder for _, folder in plugin_conf_dirs())]
     for name in registry.names():
-        path = next(f / group / f"{name}.yaml" for f in folders if (f / group / f"{name}.yaml").is_file())
-        target = OmegaConf.load(path)["_target_"]
+        target = OmegaConf.load(config_file(group, name))["_target_"]
         assert get_class(target) is registry.get(name)
         assert target.split(".")[-2] == name  # one module per attack/defense, named as the config
     for variant in set(options(group)) - set(registry.names()):
         cfg = tiny_cfg(f"{group}={variant}")[group]
         base = cfg["_target_"].split(".")[-2]
         assert base in registry.names() and variant.startswith(base + "_")
-        path = next(f / group / f"{variant}.yaml" for f in folders if (f / group / f"{variant}.yaml").is_file())
-        assert OmegaConf.load(path)["defaults"][0] == base
+        assert OmegaConf.load(config_file(group, variant))["defaults"][0] == base
 
 
 @pytest.mark.parametrize("name", list_models())
@@ -67,11 +70,9 @@ def tiny_model():
 
 
 def trains(name: str) -> bool:
-    """An attack that trains its model (input_aware_file only reads the user's files: tests/test_checkpoints.py)."""
-    folders = [CONF_DIR, *(folder for _, folder in plugin_conf_dirs())]
-    path = next(f / "attack" / f"{name}.yaml" for f in folders if (f / "attack" / f"{name}.yaml").is_file())
-    cfg = OmegaConf.load(path)
-    return "checkpoint" not in cfg.keys() or not OmegaConf.is_missing(cfg, "checkpoint")
+    """An attack that trains its model: its config leaves nothing to the user, by the gallery's rule
+    (input_aware_file needs the user's files: tests/test_checkpoints.py)."""
+    return not missing_values(OmegaConf.load(config_file("attack", name)))
 
 
 @pytest.mark.parametrize("name", [name for name in list_attacks() if trains(name)])
