@@ -55,10 +55,11 @@ PUBLISHED_DATA: dict[str, str] = {
     "fashion_mnist": "f579af285057228c1a79df0778e9b424e6ef82dd96bfadac7228863e413e4328",
 }
 
-# Keys added to a component's config after models were published, at the value those models were made with: left
-# out of a poisoned model's cache key, so the published ones keep theirs (a cell's identity leaves out every null
-# already, ``bench.records.identity``).
-NEUTRAL: dict[str, dict[str, object]] = {"attack": {"image": None, "label_mode": "all_to_one"}}
+# Keys added to a component's config after models and records were published, at the value those were made with (a
+# defense's ``candidates`` only adds to its report): left out of a poisoned model's cache key and a cell's identity,
+# so the published ones keep theirs (a cell's identity leaves out every null already, ``bench.records.identity``).
+NEUTRAL: dict[str, dict[str, object]] = {"attack": {"image": None, "label_mode": "all_to_one"},
+                                         "defense": {"candidates": [0.0, 0.9, 0.05]}}
 
 PUBLISHED: dict[str, str] = {
     "fa0828f6955c0cdfdf2730d4981cc958c6c5fea30d858f31ac00cb2e9f941b30": "e74aa9dfbf961368c1c79209fb83a20fd5795ca86412715764c6bcd0ea225180",  # attacks.badnets + bench.models.fmnist_cnn

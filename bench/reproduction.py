@@ -48,7 +48,9 @@ def _mean(values: pd.Series) -> str:
 
 
 def source_table(block: dict, cells: pd.DataFrame) -> pd.DataFrame:
-    """One row per published row of ``block``: published before/after, bdbench's, n, and the verdict."""
+    """One row per published row of ``block``: published before/after, bdbench's, n, and the verdict. A row with
+    ``oracle: true`` reads what the reference code would have chosen with the test set (bench.oracle) instead of
+    the cell's own result; the damaged status is then the cell's, not the choice's."""
     match = cells
     for key, value in block["match"].items():
         match = match[match[key].astype(str) == str(value)] if len(match) else match
@@ -56,19 +58,23 @@ def source_table(block: dict, cells: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for row in block["rows"]:
         published = f"{row['acc']:.2f} / {row['asr']:.2f}"
+        label = row["defense"] + (" (oracle: threshold on test ASR)" if row.get("oracle") else "")
         if row["defense"] == "none":
             ours = match[match["undefended_acc"].notna()].drop_duplicates("model_key") if len(match) else match
             done, acc, asr = ours, ours.get("undefended_acc"), ours.get("undefended_asr")
         else:
             mine = match[match["defense"] == row["defense"]] if len(match) else match
+            if row.get("oracle"):  # the reference code's test-set choice (bench.oracle), where the cell measured it
+                mine = mine[mine["oracle_acc"].notna()] if "oracle_acc" in mine else mine.iloc[0:0]
             # a damaged cell is compared too: the published row may have lost accuracy as well; n says it was
             done = mine[mine["status"].isin((OK, DAMAGED))] if len(mine) else mine
-            acc, asr = done.get("acc"), done.get("asr")
+            prefix = "oracle_" if row.get("oracle") else ""
+            acc, asr = done.get(prefix + "acc"), done.get(prefix + "asr")
         if not len(done):
             tried = match[match["defense"] == row["defense"]] if len(match) and row["defense"] != "none" else done
             outcome = ", ".join(f"{s} {n}" for s, n in tried["status"].value_counts().sort_index().items()) \
                 if len(tried) else "not run"  # cells that ran and did not finish say what became of them
-            rows.append({"defense": row["defense"], "published ACC / ASR": published, "bdbench ACC / ASR": outcome,
+            rows.append({"defense": label, "published ACC / ASR": published, "bdbench ACC / ASR": outcome,
                          "n": f"0/{len(tried)}" if len(tried) else 0, "verdict": "–"})
             continue
         if row["defense"] == "none":
@@ -81,10 +87,10 @@ def source_table(block: dict, cells: pd.DataFrame) -> pd.DataFrame:
             ours = {"acc": 100 * (acc - done["undefended_acc"]).mean(), "asr": 100 * (asr - done["undefended_asr"]).mean()}
             result = verdict(ours, {"acc": row["acc"] - base["acc"], "asr": row["asr"] - base["asr"]})
         ran = len(match[match["defense"] == row["defense"]]) if row["defense"] != "none" else len(done)
-        rows.append({"defense": row["defense"], "published ACC / ASR": published,
+        rows.append({"defense": label, "published ACC / ASR": published,
                      "bdbench ACC / ASR": f"{_mean(acc)} / {_mean(asr)}",
-                     "n": f"{len(done)}/{ran}" + (f" ({damaged} {DAMAGED})" if row["defense"] != "none" and (
-                         damaged := int((done["status"] == DAMAGED).sum())) else ""),
+                     "n": f"{len(done)}/{ran}" + (f" ({damaged} {DAMAGED})" if row["defense"] != "none" and not row.get(
+                         "oracle") and (damaged := int((done["status"] == DAMAGED).sum())) else ""),
                      "verdict": result})
     return pd.DataFrame(rows)
 

@@ -27,7 +27,7 @@ import torch
 from hydra.utils import get_class
 from omegaconf import DictConfig
 
-from bench import outcome, records
+from bench import oracle, outcome, records
 from bench.records import identity
 from bench.code_versions import ADMITTED, NEUTRAL, PUBLISHED
 from bench.augment import Augment
@@ -134,7 +134,8 @@ def cell_names(cfg: DictConfig, choices: dict[str, Any]) -> dict[str, Any]:
             "seed": int(cfg.seed)}
 
 
-NOT_IDENTITY = ("paths", "device", "hydra", "worker", "monitor", "outcome", "stage")  # where and how it runs, how it is judged
+# where and how it runs, how it is judged, what else is measured beside it
+NOT_IDENTITY = ("paths", "device", "hydra", "worker", "monitor", "outcome", "stage", "oracle")
 
 
 def without_neutral(config: dict) -> dict:
@@ -477,6 +478,14 @@ def _run_cell(cell: Cell, path: Path, models: dict | None = None, write: bool = 
                            cell.recipe.eval_batch_size, precision)
         metrics["der"] = der(undefended, metrics)
         timings["eval"] = time.perf_counter() - t
+        candidates = report.pop("candidates", None)
+        if cfg.oracle.acc_ratio is not None:
+            phase, t = "oracle", time.perf_counter()
+            record["oracle"] = oracle.select(
+                model, candidates, undefended, float(cfg.oracle.acc_ratio),
+                lambda m: evaluate(m, data.test, RememberedTrigger(attack, cache_info["key"]),
+                                   cell.recipe.eval_batch_size, precision)) if candidates else None
+            timings["oracle"] = time.perf_counter() - t
     except ConfigError:
         raise  # bad input: one line and exit code 2, no record
     except Exception as exc:

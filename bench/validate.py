@@ -158,7 +158,8 @@ def check_types(group: str, node: DictConfig) -> None:
 # The engine's own settings, checked like a component's: (key, integer?, lowest valid value, null allowed).
 SETTINGS = (("dataset.num_classes", True, 2, False), ("dataset.pool_per_class", True, 0, False),
             ("worker.timeout", False, 1e-9, True), ("worker.memory_gb", False, 1e-9, True),
-            ("worker.threads", True, 1, True), ("monitor.test_every", True, 1, True))
+            ("worker.threads", True, 1, True), ("monitor.test_every", True, 1, True),
+            ("oracle.acc_ratio", False, 1e-9, True))
 COMPONENTS = ("dataset", "model", "attack", "defense", "recipe", "synthesis", "nc_reversal", "outcome", "worker")
 
 

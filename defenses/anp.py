@@ -61,11 +61,14 @@ class ANP(Defense):
     def __init__(self, *, augment: Augment, eps: NonNegative, alpha: Fraction, steps: PositiveInt,
                  batch_size: PositiveInt, anp_steps: PositiveInt, mask_lr: Positive, momentum: Fraction,
                  threshold: Fraction, select: Literal[SELECT], sweep_thresholds: list[float], sweep_delta_acc: Fraction,
-                 copies: PositiveInt, batchnorm: Literal[BATCHNORM]) -> None:
+                 copies: PositiveInt, batchnorm: Literal[BATCHNORM], candidates: list[float]) -> None:
         self.augment, self.eps, self.alpha, self.steps, self.batch_size = augment, eps, alpha, steps, batch_size
         self.anp_steps, self.mask_lr, self.momentum, self.threshold = anp_steps, mask_lr, momentum, threshold
         self.select, self.sweep_thresholds, self.sweep_delta_acc = select, tuple(sweep_thresholds), sweep_delta_acc
-        self.copies, self.batchnorm = copies, batchnorm
+        self.copies, self.batchnorm, self.candidates = copies, batchnorm, tuple(candidates)
+        if len(candidates) != 3 or not 0 <= candidates[0] <= candidates[1] <= 1 or candidates[2] <= 0:
+            raise ValueError(f"defense.candidates={list(candidates)}: invalid; valid: [lowest, highest, step] with "
+                             f"0 <= lowest <= highest <= 1 and step > 0")
 
     def needs(self) -> dict[str, int]:
         return {"batchnorms": 1}
@@ -82,7 +85,8 @@ class ANP(Defense):
                 "pruned": int((flat < threshold).sum()), "pruned_fraction": float((flat < threshold).float().mean()),
                 "mask_quantiles": [round(float(q), 3) for q in
                                    flat.quantile(torch.tensor([0.0, 0.01, 0.05, 0.5], device=flat.device))],
-                "steps": self.steps, "batch_size": min(self.batch_size, len(clean)), "batchnorm": self.batchnorm}
+                "steps": self.steps, "batch_size": min(self.batch_size, len(clean)), "batchnorm": self.batchnorm,
+                "candidates": self.ladder(masks)}
 
     def _optimize(self, model: nn.Module, clean: CleanData, ctx) -> dict[str, torch.Tensor]:
         """The reference loop: random noise, one signed ascent step, a mask step on the mixed loss."""
@@ -143,6 +147,22 @@ class ANP(Defense):
         for name, bn in batchnorms(model):
             bn.weight[masks[name] < threshold] = 0
         return model.eval()
+
+    def ladder(self, masks: dict[str, torch.Tensor]) -> list[dict]:
+        """BackdoorBench's threshold ladder (bench.oracle): at each threshold the channels whose mask, written with
+        four decimals as its mask_values.txt, is at most the threshold; each step names only the channels it adds."""
+        lo, hi, step = self.candidates
+        written = {name: (m.double() * 1e4).round() / 1e4 for name, m in masks.items()}
+        done = {name: torch.zeros_like(m, dtype=torch.bool) for name, m in masks.items()}
+        ladder = []
+        for t in (round(lo + i * step, 10) for i in range(round((hi - lo) / step) + 1)):
+            zero = {}
+            for name, m in written.items():
+                now = m <= t
+                zero[f"{name}.weight"] = (now & ~done[name]).nonzero().flatten().tolist()
+                done[name] |= now
+            ladder.append({"setting": {"threshold": round(t, 3)}, "zero": {k: v for k, v in zero.items() if v}})
+        return ladder
 
     @torch.no_grad()
     def _sweep(self, model, masks, clean, ctx) -> tuple[float, list]:

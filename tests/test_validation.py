@@ -54,6 +54,8 @@ def refused(tmp_path: Path, overrides: list[str], data: Path | None = None) -> s
     (["defense=shap_pruning", "defense.k_max_frac=2"], "defense.k_max_frac=2: invalid; valid: float >= 0 and <= 1"),
     (["dataset.pool_per_class=100000", "budget=1"], "dataset.pool_per_class=100000 is larger than the smallest class (6000"),
     (["dataset.augment.crop_padding=-1"], "dataset.augment.crop_padding=-1: invalid; valid: int >= 0"),
+    (["oracle.acc_ratio=0"], "oracle.acc_ratio=0: invalid; valid: a number > 0 or null"),
+    (["defense=anp", "defense.candidates=[0.1]"], "defense.candidates=[0.1]"),
 ])
 def test_bad_values_are_refused_by_the_component_that_declares_them(tmp_path, overrides, message):
     assert message in refused(tmp_path, overrides)
