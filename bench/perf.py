@@ -27,6 +27,7 @@ engine adds around the model (gather, uint8 scaling, poisoning, augmentation, bo
 from __future__ import annotations
 
 import copy
+import json
 import subprocess
 import sys
 import time
@@ -393,6 +394,40 @@ def _reference_accuracy(model: torch.nn.Module, loader: DataLoader, device: torc
     return correct / len(loader.dataset)
 
 
+def own_compute(model: torch.nn.Module, spec, recipe, device: torch.device, steps: int, test_images: int
+                ) -> tuple[Callable[[], None], Callable[[], None]]:
+    """The model's own training steps and test pass on pre-made float tensors, with the recipe's batch sizes,
+    optimizer, precision and memory format: what the model itself costs, with nothing of the engine around it."""
+    fmt = memory_format(recipe.channels_last)
+    model.to(device=device, memory_format=fmt)
+    gen = torch.Generator(device=device).manual_seed(0)
+    batches = [(torch.rand(recipe.batch_size, *spec.shape, generator=gen, device=device).contiguous(memory_format=fmt),
+                torch.randint(spec.num_classes, (recipe.batch_size,), generator=gen, device=device))
+               for _ in range(steps)]
+    test_batches = [torch.rand(min(recipe.eval_batch_size, test_images - start), *spec.shape, generator=gen,
+                               device=device).contiguous(memory_format=fmt)
+                    for start in range(0, test_images, recipe.eval_batch_size)]
+
+    def train_steps() -> None:
+        own = copy.deepcopy(model).train()
+        optimizer = recipe.optimizer(own.parameters())
+        for x, y in batches:
+            with autocast(device, recipe.precision):
+                loss = F.cross_entropy(own(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+    @torch.no_grad()
+    def test_pass() -> None:
+        model.eval()
+        for x in test_batches:
+            with autocast(device, recipe.precision):
+                model(x).argmax(1)
+
+    return train_steps, test_pass
+
+
 def datapath(device: torch.device, cases: list[dict], repeats: int = 2) -> Result:
     """Per case (config overrides, training and test images): engine seconds / the model's own seconds."""
     rows = []
@@ -408,38 +443,14 @@ def datapath(device: torch.device, cases: list[dict], repeats: int = 2) -> Resul
         recipe = replace(build(cfg.recipe), epochs=1)
         torch.manual_seed(0)
         model = build(cfg.model, num_classes=spec.num_classes, shape=spec.shape, mean=spec.mean, std=spec.std)
-        fmt = memory_format(recipe.channels_last)
-        model.to(device=device, memory_format=fmt)
         steps = len(train_set) // recipe.batch_size if recipe.drop_last else -(-len(train_set) // recipe.batch_size)
-        gen = torch.Generator(device=device).manual_seed(0)
-        batches = [(torch.rand(recipe.batch_size, *spec.shape, generator=gen, device=device).contiguous(memory_format=fmt),
-                    torch.randint(spec.num_classes, (recipe.batch_size,), generator=gen, device=device))
-                   for _ in range(steps)]
-        test_batches = [torch.rand(len(chunk), *spec.shape, generator=gen, device=device).contiguous(memory_format=fmt)
-                        for chunk in test_x.split(recipe.eval_batch_size)]
+        own_train, own_eval = own_compute(model, spec, recipe, device, steps, len(test_x))
 
         def engine_train() -> None:
             train(copy.deepcopy(model), train_set, attack, recipe, spec.augment, generator(0, "train", device), "perf")
 
-        def own_train() -> None:
-            own = copy.deepcopy(model).train()
-            optimizer = recipe.optimizer(own.parameters())
-            for x, y in batches:
-                with autocast(device, recipe.precision):
-                    loss = F.cross_entropy(own(x), y)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-
         def engine_eval() -> None:
             predict(model, test_x, batch_size=recipe.eval_batch_size, precision=recipe.precision)
-
-        @torch.no_grad()
-        def own_eval() -> None:
-            model.eval()
-            for x in test_batches:
-                with autocast(device, recipe.precision):
-                    model(x).argmax(1)
 
         name = cfg.model._target_.rsplit(".", 1)[-1]
         for phase, engine, own, images, batch in [
@@ -461,6 +472,73 @@ def datapath(device: torch.device, cases: list[dict], repeats: int = 2) -> Resul
                f"({worst['model']}, {worst['phase']}).")
     shown = df.assign(**{c: df[c].map(lambda v: float(f"{v:.4g}")) for c in ("engine_s", "model_s", "ratio")})
     return Result("Engine data path against the model's own compute", shown, summary)
+
+
+def defense_seconds(folder: Path, cpu: str, threads: int) -> tuple[pd.DataFrame, int]:
+    """(one row per finished cell of ``folder``'s records timed on this CPU model with this many threads: defense,
+    budget, defense seconds; how many finished cells were timed elsewhere and left out)."""
+    rows, elsewhere = [], 0
+    for path in sorted(Path(folder).glob("*.json")):
+        rec = json.loads(path.read_text())
+        if rec.get("status") != "ok":
+            continue
+        where = rec["env"]["device"]
+        if where.get("cpu") != cpu or where.get("threads") != threads or where.get("type") != "cpu":
+            elsewhere += 1
+            continue
+        rows.append({"defense": rec["display"]["defense"], "budget": str(rec["cell"]["budget"]),
+                     "seconds": rec["timings"]["defense"]})
+    return pd.DataFrame(rows), elsewhere
+
+
+def costs(device: torch.device, cases: list[dict], repeats: int = 2) -> Result:
+    """Per case (config overrides, a records folder): each defense's median seconds per cell at each budget, from
+    the records timed on this machine's CPU model, as a multiple of one epoch of the model's own training (forward,
+    backward and optimizer step over the training set, on pre-made tensors) measured here in this run."""
+    if device.type != "cpu":
+        raise ValueError("bdbench perf costs reads CPU-timed records: device=cpu")
+    from bench.columns import budget_key
+
+    tables, notes = [], []
+    for case in cases:
+        with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+            cfg = compose("config", overrides=list(case["overrides"]))
+        data = build(cfg.dataset).load(cfg.paths.data, device, cfg.paths.cache)
+        spec, recipe = data.spec, build(cfg.recipe)
+        torch.manual_seed(0)
+        model = build(cfg.model, num_classes=spec.num_classes, shape=spec.shape, mean=spec.mean, std=spec.std)
+        steps = case["steps"]
+        own_train, own_eval = own_compute(model, spec, recipe, device, steps, len(data.test))
+        epoch = _time(own_train, device, repeats) * len(data.train) / (steps * recipe.batch_size)
+        test_pass = _time(own_eval, device, repeats)
+        cells, elsewhere = defense_seconds(Path(case["records"]), cpu_name(), torch.get_num_threads())
+        if cells.empty:
+            notes.append(f"{case['records']}: no finished cell timed on this CPU ({elsewhere} elsewhere)")
+            continue
+        name = cfg.model._target_.rsplit(".", 1)[-1]
+        table = (cells.groupby(["defense", "budget"])["seconds"].agg(["count", "median", "min", "max"])
+                 .reset_index().rename(columns={"count": "cells", "median": "median_s", "min": "min_s", "max": "max_s"}))
+        table["epochs"] = table["median_s"] / epoch
+        table["test_passes"] = table["median_s"] / test_pass
+        table.insert(0, "records", str(case["records"]))
+        table.insert(1, "model", name)
+        table = table.sort_values(["defense", "budget"], key=lambda c: c.map(budget_key) if c.name == "budget" else c)
+        tables.append(table)
+        notes.append(f"{case['records']} ({name}, {spec.name}): one epoch of the model's own training = "
+                     f"**{epoch:.4g} s** ({len(data.train)} images, batch {recipe.batch_size}, {recipe.precision}, "
+                     f"timed on {steps} steps), one test pass = **{test_pass:.4g} s** ({len(data.test)} images); "
+                     f"{len(cells)} finished cells timed on this CPU, {elsewhere} elsewhere (left out)")
+    df = _device_columns(pd.concat(tables, ignore_index=True), device) if tables else _device_columns(
+        pd.DataFrame(columns=["records"]), device)
+    summary = ("A defense's seconds per cell (the record's `timings.defense`: the defense alone, after the shared "
+               "reversal and synthesis it reads, before evaluation), median over the cells of each defense and "
+               "budget that ran on this CPU model with this many threads, divided by the model's own costs measured "
+               "in this run on pre-made tensors (best of " f"{repeats}): `epochs` = median / one training epoch, "
+               "`test_passes` = median / one pass over the test set. The records and the model timing are separate "
+               "runs on the same CPU model, not one run side by side.\n\n" + "\n".join(f"- {n}" for n in notes))
+    shown = df.assign(**{c: df[c].map(lambda v: float(f"{v:.3g}")) for c in df.columns
+                         if c.endswith("_s") or c in ("epochs", "test_passes")})
+    return Result("Defense cost per cell against the model's own training and test pass", shown, summary)
 
 
 ALLOCATOR_STEPS = """

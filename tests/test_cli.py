@@ -206,6 +206,32 @@ def test_perf_datapath_divides_engine_by_the_models_own_time(tmp_path):
     assert "the goal is <= 1.10" in (tmp_path / "datapath-cpu.md").read_text()
 
 
+def test_perf_costs_divides_each_defenses_median_by_the_models_own_epoch(tmp_path):
+    """Two FT cells at k = 10 timed on this CPU (10 and 30 s: median 20), one on another CPU and a failed one left
+    out; the epoch the table divides by is the one its page states."""
+    import pandas as pd
+
+    from bench.records import cpu_name
+
+    records = tmp_path / "records"
+    records.mkdir()
+    for i, (cpu, status, seconds) in enumerate([(cpu_name(), "ok", 10.0), (cpu_name(), "ok", 30.0),
+                                                ("Another CPU", "ok", 500.0), (cpu_name(), "failed", 900.0)]):
+        (records / f"{i}.json").write_text(json.dumps({
+            "status": status, "env": {"device": {"cpu": cpu, "threads": 1, "type": "cpu"}},
+            "display": {"defense": "FT"}, "cell": {"budget": 10}, "timings": {"defense": seconds}}))
+    run = subprocess.run([sys.executable, "-m", "bench.cli", "perf", "costs", f"out={tmp_path}", "repeats=1",
+                          f"cases=[{{overrides: [dataset=synthetic, model=fmnist_cnn], records: {records}, steps: 2}}]"],
+                         capture_output=True, text=True, timeout=HANG, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-2000:]
+    row = pd.read_csv(tmp_path / "costs-cpu.csv").iloc[0]
+    assert (row["defense"], row["budget"], row["cells"], row["median_s"]) == ("FT", 10, 2, 20.0)
+    page = (tmp_path / "costs-cpu.md").read_text()
+    epoch = float(re.search(r"one epoch of the model's own training = \*\*([0-9.]+) s", page).group(1))
+    assert row["epochs"] == pytest.approx(20.0 / epoch, rel=0.01)  # both rounded to the digits shown
+    assert "2 finished cells timed on this CPU, 1 elsewhere" in page
+
+
 def test_perf_allocator_compares_fresh_processes_with_and_without_retained_memory(tmp_path):
     """Timings are not asserted (benchmarks report them); the mechanism is: at batch 512 an activation of the Fashion-
     MNIST CNN (51 MB) is above glibc's mmap threshold, so the default process faults its pages in on every step."""
