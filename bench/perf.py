@@ -474,6 +474,9 @@ def datapath(device: torch.device, cases: list[dict], repeats: int = 2) -> Resul
     return Result("Engine data path against the model's own compute", shown, summary)
 
 
+OWN_PHASES = ("data", "train", "defense", "eval", "oracle", "total")  # a record's timings that are not defense inputs
+
+
 def defense_seconds(folder: Path, cpu: str, threads: int) -> tuple[pd.DataFrame, int]:
     """(one row per finished cell of ``folder``'s records timed on this CPU model with this many threads: defense,
     budget, defense seconds; how many finished cells were timed elsewhere and left out)."""
@@ -487,14 +490,19 @@ def defense_seconds(folder: Path, cpu: str, threads: int) -> tuple[pd.DataFrame,
             elsewhere += 1
             continue
         rows.append({"defense": rec["display"]["defense"], "budget": str(rec["cell"]["budget"]),
-                     "seconds": rec["timings"]["defense"]})
+                     "seconds": rec["timings"]["defense"],
+                     "per_eval": rec["timings"]["defense"] / rec["timings"]["eval"],
+                     # steps the runner does for the defense: synthesis at k = 0, shared steps such as the trigger
+                     # reversal (paid by the first cell of a model and budget, read from the cache by the others)
+                     "before_s": sum(v for k, v in rec["timings"].items() if k not in OWN_PHASES)})
     return pd.DataFrame(rows), elsewhere
+
 
 
 def costs(device: torch.device, cases: list[dict], repeats: int = 2) -> Result:
     """Per case (config overrides, a records folder): each defense's median seconds per cell at each budget, from
-    the records timed on this machine's CPU model, as a multiple of one epoch of the model's own training (forward,
-    backward and optimizer step over the training set, on pre-made tensors) measured here in this run."""
+    the records timed on this machine's CPU model, as a multiple of the same cells' own test passes and of one epoch
+    of the model's own training (forward, backward and optimizer step over the training set) timed in this run."""
     if device.type != "cpu":
         raise ValueError("bdbench perf costs reads CPU-timed records: device=cpu")
     from bench.columns import budget_key
@@ -508,37 +516,46 @@ def costs(device: torch.device, cases: list[dict], repeats: int = 2) -> Result:
         torch.manual_seed(0)
         model = build(cfg.model, num_classes=spec.num_classes, shape=spec.shape, mean=spec.mean, std=spec.std)
         steps = case["steps"]
-        own_train, own_eval = own_compute(model, spec, recipe, device, steps, len(data.test))
+        own_train, _ = own_compute(model, spec, recipe, device, steps, test_images=0)  # training steps only
         epoch = _time(own_train, device, repeats) * len(data.train) / (steps * recipe.batch_size)
-        test_pass = _time(own_eval, device, repeats)
         cells, elsewhere = defense_seconds(Path(case["records"]), cpu_name(), torch.get_num_threads())
         if cells.empty:
             notes.append(f"{case['records']}: no finished cell timed on this CPU ({elsewhere} elsewhere)")
             continue
         name = cfg.model._target_.rsplit(".", 1)[-1]
-        table = (cells.groupby(["defense", "budget"])["seconds"].agg(["count", "median", "min", "max"])
-                 .reset_index().rename(columns={"count": "cells", "median": "median_s", "min": "min_s", "max": "max_s"}))
+        groups = cells.groupby(["defense", "budget"])
+        table = (groups["seconds"].agg(["count", "median", "min", "max", "sum"]).reset_index()
+                 .rename(columns={"count": "cells", "median": "median_s", "min": "min_s", "max": "max_s",
+                                  "sum": "total_min"}))
+        table["total_min"] /= 60
+        table["inputs_min"] = groups["before_s"].sum().to_numpy() / 60
+        table["eval_passes"] = groups["per_eval"].median().to_numpy()
         table["epochs"] = table["median_s"] / epoch
-        table["test_passes"] = table["median_s"] / test_pass
         table.insert(0, "records", str(case["records"]))
         table.insert(1, "model", name)
         table = table.sort_values(["defense", "budget"], key=lambda c: c.map(budget_key) if c.name == "budget" else c)
         tables.append(table)
         notes.append(f"{case['records']} ({name}, {spec.name}): one epoch of the model's own training = "
-                     f"**{epoch:.4g} s** ({len(data.train)} images, batch {recipe.batch_size}, {recipe.precision}, "
-                     f"timed on {steps} steps), one test pass = **{test_pass:.4g} s** ({len(data.test)} images); "
+                     f"**{epoch:.4g} s** ({len(data.train)} images, batch {recipe.batch_size}, fp32 on the CPU, "
+                     f"timed on {steps} steps); "
                      f"{len(cells)} finished cells timed on this CPU, {elsewhere} elsewhere (left out)")
     df = _device_columns(pd.concat(tables, ignore_index=True), device) if tables else _device_columns(
         pd.DataFrame(columns=["records"]), device)
-    summary = ("A defense's seconds per cell (the record's `timings.defense`: the defense alone, after the shared "
-               "reversal and synthesis it reads, before evaluation), median over the cells of each defense and "
-               "budget that ran on this CPU model with this many threads, divided by the model's own costs measured "
-               "in this run on pre-made tensors (best of " f"{repeats}): `epochs` = median / one training epoch, "
-               "`test_passes` = median / one pass over the test set. The records and the model timing are separate "
-               "runs on the same CPU model, not one run side by side.\n\n" + "\n".join(f"- {n}" for n in notes))
+    summary = ("A defense's seconds per cell (the record's `timings.defense`: the defense alone, after the inputs the "
+               "runner made for it, before evaluation), median over the cells of each defense and budget that ran on "
+               "this CPU model with this many threads. `eval_passes` = the median over cells of the defense's "
+               "seconds / the same cell's evaluation seconds (the runner's clean and triggered test passes, same "
+               "process and machine, right after the defense): the cost in forward passes over the test set, a "
+               "ratio measured side by side. `epochs` = median_s / one epoch of the model's own training (forward, "
+               "backward, optimizer step on pre-made tensors) timed in this run: a CPU model name covers machines "
+               "of different speed, so it is an estimate across runs. `total_min` = all its cells' defense "
+               "minutes; `inputs_min` = the minutes the runner spent on those cells' inputs before the defense "
+               "(budget-0 synthesis; the shared trigger reversal, paid by the first cell of a model and budget and "
+               f"read from the cache by the others). Model timings: best of {repeats}.\n\n"
+               + "\n".join(f"- {n}" for n in notes))
     shown = df.assign(**{c: df[c].map(lambda v: float(f"{v:.3g}")) for c in df.columns
-                         if c.endswith("_s") or c in ("epochs", "test_passes")})
-    return Result("Defense cost per cell against the model's own training and test pass", shown, summary)
+                         if c.endswith(("_s", "_min")) or c in ("epochs", "eval_passes")})
+    return Result("Defense cost per cell against the model's own test passes and training", shown, summary)
 
 
 ALLOCATOR_STEPS = """

@@ -208,7 +208,7 @@ def test_perf_datapath_divides_engine_by_the_models_own_time(tmp_path):
 
 def test_perf_costs_divides_each_defenses_median_by_the_models_own_epoch(tmp_path):
     """Two FT cells at k = 10 timed on this CPU (10 and 30 s: median 20), one on another CPU and a failed one left
-    out; the epoch the table divides by is the one its page states."""
+    out; the epoch the table divides by is the one its page states, the test passes each cell's own."""
     import pandas as pd
 
     from bench.records import cpu_name
@@ -219,13 +219,16 @@ def test_perf_costs_divides_each_defenses_median_by_the_models_own_epoch(tmp_pat
                                                 ("Another CPU", "ok", 500.0), (cpu_name(), "failed", 900.0)]):
         (records / f"{i}.json").write_text(json.dumps({
             "status": status, "env": {"device": {"cpu": cpu, "threads": 1, "type": "cpu"}},
-            "display": {"defense": "FT"}, "cell": {"budget": 10}, "timings": {"defense": seconds}}))
+            "display": {"defense": "FT"}, "cell": {"budget": 10},
+            "timings": {"data": 1.0, "reversal": 30.0 * (i == 0), "defense": seconds, "eval": 2.0, "total": 99.0}}))
     run = subprocess.run([sys.executable, "-m", "bench.cli", "perf", "costs", f"out={tmp_path}", "repeats=1",
                           f"cases=[{{overrides: [dataset=synthetic, model=fmnist_cnn], records: {records}, steps: 2}}]"],
                          capture_output=True, text=True, timeout=HANG, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert run.returncode == 0, run.stderr[-2000:]
     row = pd.read_csv(tmp_path / "costs-cpu.csv").iloc[0]
     assert (row["defense"], row["budget"], row["cells"], row["median_s"]) == ("FT", 10, 2, 20.0)
+    assert (row["total_min"], row["inputs_min"]) == (0.667, 0.5)  # (10 + 30) / 60; the first cell's reversal
+    assert row["eval_passes"] == 10.0  # each cell's defense over its own 2 s evaluation: 5 and 15
     page = (tmp_path / "costs-cpu.md").read_text()
     epoch = float(re.search(r"one epoch of the model's own training = \*\*([0-9.]+) s", page).group(1))
     assert row["epochs"] == pytest.approx(20.0 / epoch, rel=0.01)  # both rounded to the digits shown
