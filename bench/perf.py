@@ -22,6 +22,10 @@ against one that calls ``bench.device.retain_freed_memory`` first (as every ``bd
 ``datapath``: the engine's training epoch and test pass divided by the model's own forward/backward (and
 forward) time on pre-made float tensors of the same batch size, precision and memory format: what the
 engine adds around the model (gather, uint8 scaling, poisoning, augmentation, bookkeeping), as a ratio.
+
+``costs``: each defense's seconds per cell in a published grid's records, against the same cells' evaluation pass
+(timed side by side in the runner) and an epoch of the model's own training timed in the run; only records from
+this machine's CPU model and thread count count.
 """
 
 from __future__ import annotations
