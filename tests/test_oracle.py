@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pandas as pd
 import pytest
 import torch
@@ -119,3 +122,21 @@ def test_a_reproduction_row_marked_oracle_reads_the_oracles_choice():
     oracle = table.loc["anp (oracle: threshold on test ASR)"]
     assert oracle["bdbench ACC / ASR"] == "81.0 ± 1.4 / 5.0 ± 0.0" and oracle["n"] == "2/2"
     assert oracle["verdict"] == "agrees"  # ACC 81 - 86 = -5.0 vs -7.15, ASR 5 - 95 = -90.0 vs -94.3
+
+
+PUBLISHED = sorted((Path(__file__).resolve().parent.parent / "results").glob("*/anp_oracle/records/*.json"))
+
+
+@pytest.mark.parametrize("path", PUBLISHED, ids=[p.stem for p in PUBLISHED])
+def test_each_published_oracle_is_its_rule_applied_to_its_ladder(path):
+    """A reader can recompute every published oracle choice from its own record: the ladder has BackdoorBench's 19
+    thresholds, its 0.2 step is the cell's own result (the same pruning), and the choice is the rule's."""
+    record = json.loads(path.read_text())
+    oracle, u = record["oracle"], record["undefended"]
+    ladder = {row["threshold"]: row for row in oracle["ladder"]}
+    assert list(ladder) == [round(0.05 * i, 2) for i in range(19)] and oracle["acc_ratio"] == 0.1
+    assert ladder[0.2]["asr"] == pytest.approx(record["metrics"]["asr"], abs=2e-4)  # masks below 0.2 vs at most 0.2
+    within = [row for row in oracle["ladder"] if abs(row["acc"] - u["acc"]) / u["acc"] < 0.1 and row["asr"] < u["asr"]]
+    best = min(within, key=lambda row: row["asr"])  # the first of equals, as the code's strict < keeps
+    assert oracle["chosen"] == {"threshold": best["threshold"]}
+    assert (oracle["metrics"]["acc"], oracle["metrics"]["asr"]) == (best["acc"], best["asr"])
