@@ -271,7 +271,7 @@ def test_perf_tta_stops_each_pipeline_at_the_target_or_the_epoch_cap(tmp_path):
 def test_perf_unknown_benchmark_is_one_line(tmp_path):
     run = subprocess.run([sys.executable, "-m", "bench.cli", "perf", "strolls"], capture_output=True, text=True)
     assert run.returncode == 2 and run.stderr.strip() == (
-        "bdbench: error: usage: bdbench perf NAME [key=value ...]; valid names: allocator, coalitions, datapath, "
+        "bdbench: error: usage: bdbench perf NAME [key=value ...]; valid names: allocator, coalitions, costs, datapath, "
         "pipeline, tta, walks")
 
 
