@@ -10,8 +10,8 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from attacks.base import LABEL_MODES, StaticPoisonAttack, register_attack
-from bench.schema import Count, Pixel, PositiveInt, Rate
+from bdbench.attacks.base import LABEL_MODES, StaticPoisonAttack, register_attack
+from bdbench.schema import Count, Pixel, PositiveInt, Rate
 
 CORNERS = ("bottom_right", "bottom_left", "top_right", "top_left")
 

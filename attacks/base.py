@@ -16,13 +16,13 @@ from typing import Any, Callable
 
 import torch
 
-from bench.data import ImageSet
-from bench.schema import Count, Rate
-from bench.registry import Registry
+from bdbench.data import ImageSet
+from bdbench.schema import Count, Rate
+from bdbench.registry import Registry
 
 LABEL_MODES = ("all_to_one", "all_to_all")
 
-ATTACKS: Registry["Attack"] = Registry("attack", group="bdbench.attacks", builtins="attacks")
+ATTACKS: Registry["Attack"] = Registry("attack", group="bdbench.attacks", builtins="bdbench.attacks")
 register_attack = ATTACKS.register
 
 

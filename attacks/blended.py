@@ -9,8 +9,8 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from attacks.base import LABEL_MODES, StaticPoisonAttack, register_attack
-from bench.schema import Count, Range, Rate
+from bdbench.attacks.base import LABEL_MODES, StaticPoisonAttack, register_attack
+from bdbench.schema import Count, Range, Rate
 
 
 @register_attack("blended")

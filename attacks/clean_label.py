@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from attacks.base import StaticPoisonAttack
-from bench.data import ImageSet
+from bdbench.attacks.base import StaticPoisonAttack
+from bdbench.data import ImageSet
 
 
 class CleanLabelAttack(StaticPoisonAttack):

@@ -18,11 +18,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attacks.base import Attack, register_attack
-from bench.data import ImageSet
-from bench.metrics import predict
-from bench.schema import Count, Fraction, NonNegative, Positive, PositiveInt, Rate
-from bench.train import BatchStream
+from bdbench.attacks.base import Attack, register_attack
+from bdbench.data import ImageSet
+from bdbench.metrics import predict
+from bdbench.schema import Count, Fraction, NonNegative, Positive, PositiveInt, Rate
+from bdbench.train import BatchStream
 
 EPS = 1e-7
 log = logging.getLogger(__name__)

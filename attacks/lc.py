@@ -12,10 +12,10 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from attacks.base import Attack, register_attack
-from attacks.clean_label import CleanLabelAttack
-from bench.data import ImageSet
-from bench.schema import Count, NonNegative, Positive, PositiveInt, Range, Rate
+from bdbench.attacks.base import Attack, register_attack
+from bdbench.attacks.clean_label import CleanLabelAttack
+from bdbench.data import ImageSet
+from bdbench.schema import Count, NonNegative, Positive, PositiveInt, Range, Rate
 
 # BackdoorBench's "all-corners" trigger (utils/bd_img_transform/lc.py): a 3x3 pattern of +1 / -1 in each corner,
 # this one in the two left corners and mirrored left to right in the two right ones.
@@ -23,7 +23,7 @@ CORNER = ((1, -1, -1), (-1, 1, -1), (1, -1, 1))
 
 
 class CleanTraining(Attack):
-    """The surrogate's training: the engine's hooks with nothing poisoned (here, not ``attacks.none``, so that this
+    """The surrogate's training: the engine's hooks with nothing poisoned (here, not ``bdbench.attacks.none``, so that this
     module's code is all the code a poisoned model's key needs beyond the engine's)."""
 
     def apply_trigger(self, x: torch.Tensor) -> torch.Tensor:
@@ -107,7 +107,7 @@ class LabelConsistent(CleanLabelAttack):
     def trained_surrogate(self, train: ImageSet, augment, gen: torch.Generator, recipe) -> torch.nn.Module:
         """The model the perturbation is made against: loaded, or trained on the clean training set (before any
         image is poisoned) with the cell's recipe."""
-        from bench.train import train as fit  # the engine's loop, imported where it runs
+        from bdbench.train import train as fit  # the engine's loop, imported where it runs
 
         model = instantiate(self.surrogate["model"], **{k: self.surrogate[k] for k in SURROGATE[1:]})
         if self.surrogate_checkpoint:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from attacks.base import Attack, register_attack
+from bdbench.attacks.base import Attack, register_attack
 
 
 @register_attack("none")

@@ -7,9 +7,9 @@ import math
 
 import torch
 
-from attacks.base import register_attack
-from attacks.clean_label import CleanLabelAttack
-from bench.schema import Count, NonNegative, Positive, Rate
+from bdbench.attacks.base import register_attack
+from bdbench.attacks.clean_label import CleanLabelAttack
+from bdbench.schema import Count, NonNegative, Positive, Rate
 
 
 @register_attack("sig")

@@ -15,12 +15,12 @@ from typing import Annotated
 import torch
 import torch.nn.functional as F
 
-from attacks.base import Attack, register_attack
-from bench.errors import ConfigError
-from bench.augment import random_crop, random_hflip
-from bench.data import ImageSet
-from bench.metrics import backdoor_test_set, predict
-from bench.schema import Count, Fraction, NonNegative, Positive, Range, Rate
+from bdbench.attacks.base import Attack, register_attack
+from bdbench.errors import ConfigError
+from bdbench.augment import random_crop, random_hflip
+from bdbench.data import ImageSet
+from bdbench.metrics import backdoor_test_set, predict
+from bdbench.schema import Count, Fraction, NonNegative, Positive, Range, Rate
 
 
 def random_rotation(x: torch.Tensor, degrees: float, gen: torch.Generator) -> torch.Tensor:

@@ -5,7 +5,7 @@ The engine knows the Attack and Defense interfaces and their registries, never a
 
 from omegaconf import OmegaConf
 
-from bench.seeding import target_of_seed
+from bdbench.seeding import target_of_seed
 
 __version__ = "0.1.0"
 

@@ -1,6 +1,6 @@
 """bdbench from Python (notebooks, scripts): the same overrides as the command line, records back.
 
-    from bench.api import run, sweep, load_records
+    from bdbench.api import run, sweep, load_records
     record = run(["attack=blended", "defense=clp", "budget=0", "paths.data=../shared/data"])
     records = sweep(["attack=badnets,blended", "defense=ft,clp", "paths.data=../shared/data"])
     df = load_records("records")          # one row per finished cell: ACC, ASR, RA, DER, ...
@@ -19,12 +19,12 @@ import pandas as pd
 from torch import nn
 from hydra import compose, initialize_config_dir
 
-from bench.runner import run_cell
-from bench.validate import CONF_DIR
+from bdbench.runner import run_cell
+from bdbench.validate import CONF_DIR
 
 
 def _jobs(overrides: Sequence[str], multirun: bool) -> list[list[str]]:
-    from bench.cli import expand_jobs, validate_jobs
+    from bdbench.cli import expand_jobs, validate_jobs
 
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         jobs = expand_jobs(list(overrides), multirun)
@@ -57,6 +57,6 @@ def sweep(overrides: Sequence[str] = ()) -> list[dict]:
 
 def load_records(folder: str | Path) -> pd.DataFrame:
     """The records under ``folder`` as one row per cell (the long table ``bdbench report`` builds on)."""
-    from bench.report import load
+    from bdbench.report import load
 
     return load(Path(folder))[0]

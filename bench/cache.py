@@ -32,8 +32,8 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from bench.errors import ConfigError
-from bench.fsutil import atomic_write_json, sha256_file, sha256_json, umask_mode
+from bdbench.errors import ConfigError
+from bdbench.fsutil import atomic_write_json, sha256_file, sha256_json, umask_mode
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +171,7 @@ def spec_digests_to_key(key: str, manifest: dict) -> bool:
 
 @dataclass
 class TrainingCheckpoint:
-    """``train``'s checkpoint for one poisoned model (``bench.train.Checkpoint``), a verified cache entry."""
+    """``train``'s checkpoint for one poisoned model (``bdbench.train.Checkpoint``), a verified cache entry."""
 
     store: Store
     key: str
@@ -242,7 +242,7 @@ class ModelCache:
 
     def salt(self, key: str) -> bytes:
         """The model's secret: 32 random bytes drawn on first use and kept beside the model, so a defense's seed
-        (``bench.seeding.defense_seed``) is reproducible from the cache and computable from nothing a defense sees."""
+        (``bdbench.seeding.defense_seed``) is reproducible from the cache and computable from nothing a defense sees."""
         with self.lock(f"salt-{key}"):
             entry = self.salts.load(key)
             if entry is None:

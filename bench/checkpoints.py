@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from bench.errors import ConfigError
-from bench.fsutil import sha256_file
+from bdbench.errors import ConfigError
+from bdbench.fsutil import sha256_file
 
 # name -> [(pattern, replacement)], applied in order to every key of the file
 LAYOUTS: dict[str, list[tuple[str, str]]] = {

@@ -36,11 +36,12 @@ from hydra.errors import HydraException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from bench import records
-from bench.device import resolve_device, retain_freed_memory
-from bench.errors import ConfigError
-from bench.runner import cell_path, fail, model_stage, run_cell, summary
-from bench.validate import CONF_DIR, GROUPS, Cell, check_choice, checked, keep_checked, validate
+from bdbench import records
+from bdbench.code_versions import published_name
+from bdbench.device import resolve_device, retain_freed_memory
+from bdbench.errors import ConfigError
+from bdbench.runner import cell_path, fail, model_stage, run_cell, summary
+from bdbench.validate import CONF_DIR, GROUPS, Cell, check_choice, checked, keep_checked, validate
 
 log = logging.getLogger("bdbench")
 
@@ -88,7 +89,7 @@ def explain(exc: HydraException, overrides: list[str]) -> ConfigError:
 
 def validate_jobs(jobs: list[list[str]], cells: list[Cell] | None = None) -> list[Path]:
     """Compose and validate every job (inside an initialized Hydra); their record paths (and their cells, into
-    ``cells`` when given). The cells are kept for the jobs that run in this process (``bench.validate.checked``).
+    ``cells`` when given). The cells are kept for the jobs that run in this process (``bdbench.validate.checked``).
     Raises ConfigError."""
     try:
         checked_data: set[tuple] = set()
@@ -129,7 +130,7 @@ def prevalidate(argv: list[str]) -> list[Path] | None:
         paths = validate_jobs(jobs, cells)
     configs = [cell.cfg for cell in cells]
     if all(cfg.stage == "model" for cfg in configs):  # models into the cache (each once): no record to read back
-        from bench.runner import model_identity
+        from bdbench.runner import model_identity
 
         records.NOT_LAUNCHED.clear()
         seen_models: set[str] = set()
@@ -160,8 +161,8 @@ def model_jobs(launched: list[tuple[list[str], Cell]]) -> list[list[str]]:
     """One ``stage=model`` job per poisoned model that two or more launched cells share and the cache lacks.
     The cache is looked up with this machine's device: a login node without the GPU its jobs run on computes
     another precision's key, and the model job then finds the model in seconds instead of skipping."""
-    from bench.cache import ModelCache
-    from bench.runner import model_identity, model_key
+    from bdbench.cache import ModelCache
+    from bdbench.runner import model_identity, model_key
 
     groups: dict[str, list[tuple[list[str], Cell]]] = {}
     for job, cell in launched:
@@ -178,11 +179,11 @@ def model_jobs(launched: list[tuple[list[str], Cell]]) -> list[list[str]]:
 
 
 def closing(paths: list[Path], seconds: float) -> tuple[str, bool]:
-    """The closing line of a sweep, read from its records (any launcher) and judged by ``bench.outcome``, and
+    """The closing line of a sweep, read from its records (any launcher) and judged by ``bdbench.outcome``, and
     whether every cell ran to the end. A data-free cell that several jobs share counts once."""
     import json
 
-    from bench.outcome import FAILED, NOT_OK, OK, of_record
+    from bdbench.outcome import FAILED, NOT_OK, OK, of_record
 
     counts: dict[str, int] = {}
     failed: list[Path] = []
@@ -291,8 +292,8 @@ def gallery_plan(cells: dict[str, Cell]) -> list[str]:
     train, and for how long, estimated from the cache's models of the same data set and model."""
     import json
 
-    from bench.cache import ModelCache
-    from bench.runner import model_key
+    from bdbench.cache import ModelCache
+    from bdbench.runner import model_key
 
     lines = []
     for name, cell in cells.items():
@@ -306,7 +307,7 @@ def gallery_plan(cells: dict[str, Cell]) -> list[str]:
             try:
                 other = json.loads(manifest.read_text())
                 same = (other["spec"]["dataset"]["name"] == cfg.dataset.name
-                        and other["spec"]["model"]["_target_"] == cfg.model._target_)
+                        and published_name(other["spec"]["model"]["_target_"]) == published_name(cfg.model._target_))
                 if same and other.get("history"):
                     per_epoch.append(other["train_seconds"] / len(other["history"]))
             except (OSError, ValueError, KeyError, TypeError):
@@ -323,8 +324,8 @@ def gallery_command(args: list[str]) -> None:
     """``bdbench gallery [overrides]``: one PNG of clean and triggered test images for every configured attack."""
     import argparse
 
-    from bench.gallery import gallery
-    from bench.validate import missing_values, options
+    from bdbench.gallery import gallery
+    from bdbench.validate import missing_values, options
 
     parser = argparse.ArgumentParser(
         prog="bdbench gallery", description="Draw one data set's test images, clean and under every attack's "
@@ -352,7 +353,7 @@ def gallery_command(args: list[str]) -> None:
 
 def help_text() -> str:
     """``bdbench --help``: the subcommands, then the config groups and their options."""
-    from bench.validate import options
+    from bdbench.validate import options
 
     lines = [__doc__.strip(), "", "Config groups (bdbench GROUP=NAME; bdbench list describes each):"]
     lines += [f"  {group:<11} {', '.join(options(group))}" for group in GROUPS]
@@ -371,7 +372,7 @@ def perf_command(args: list[str]) -> None:
     if not args or args[0] not in benchmarks:
         raise ConfigError(f"usage: bdbench perf NAME [key=value ...]; valid names: {', '.join(benchmarks)}")
     cfg = OmegaConf.merge(OmegaConf.load(CONF_DIR / "perf" / f"{args[0]}.yaml"), OmegaConf.from_dotlist(args[1:]))
-    from bench import perf
+    from bdbench import perf
 
     device = resolve_device(cfg.device)
     benchmark = OmegaConf.masked_copy(cfg, [k for k in cfg if k not in ("device", "out")])
@@ -384,7 +385,7 @@ LISTED = ("attack", "defense", "model", "dataset", "experiment")
 
 def describe(group: str, name: str) -> tuple[str, str]:
     """(where the config comes from, its first comment line) for ``conf/<group>/<name>.yaml``."""
-    from bench.plugins import plugin_conf_dirs
+    from bdbench.plugins import plugin_conf_dirs
 
     for source, folder in [("bdbench", CONF_DIR), *plugin_conf_dirs()]:
         path = folder / group / f"{name}.yaml"
@@ -397,7 +398,7 @@ def describe(group: str, name: str) -> tuple[str, str]:
 
 def list_command(overrides: list[str]) -> str:
     """``bdbench list``: what can be composed, group by group, with its package and description."""
-    from bench.validate import options
+    from bdbench.validate import options
 
     if overrides[:1] in (["-h"], ["--help"]):
         return ("usage: bdbench list [override ...]\n\nEvery attack, defense, model, data set and experiment that "
@@ -432,8 +433,8 @@ def report_command(args: list[str]) -> None:
         if value and "=" in value:
             raise ConfigError(f"bdbench report {value}: not a folder (report takes no overrides); valid: "
                               f"bdbench report DIR [--out DIR] [--data DIR] [--cache DIR]")
-    from bench.figures import FORMATS, PAPER_FORMATS
-    from bench.report import report
+    from bdbench.figures import FORMATS, PAPER_FORMATS
+    from bdbench.report import report
 
     formats = [f.strip() for f in parsed.formats.split(",") if f.strip()]
     if not formats or set(formats) - {*FORMATS, *PAPER_FORMATS}:
@@ -446,7 +447,7 @@ def report_command(args: list[str]) -> None:
     except FileNotFoundError as exc:
         raise ConfigError(str(exc)) from None
     if parsed.index:
-        from bench.leaderboard import write_index
+        from bdbench.leaderboard import write_index
 
         print(write_index(Path(parsed.records).resolve().parent))
 
@@ -464,7 +465,7 @@ def reproduction_command(args: list[str]) -> None:
     if not Path(parsed.published).is_file():
         raise ConfigError(f"--published {parsed.published}: no such file; valid: a YAML list of sources "
                           f"(results/reproduction.yaml in the repository)")
-    from bench.reproduction import build
+    from bdbench.reproduction import build
 
     print(build(parsed.published, parsed.out))
 
@@ -492,7 +493,7 @@ def main() -> None:
             print(help_text())
             return
         if argv[:1] == ["--version"]:
-            from bench import __version__
+            from bdbench import __version__
 
             print(f"bdbench {__version__}")
             return

@@ -21,8 +21,10 @@ def data_free(target: str) -> bool:
     installed) and for a plugin's, which is never imported outside a defense worker (its records say ``any``)."""
     from hydra.utils import get_class
 
-    from bench.isolation import builtin
+    from bdbench.code_versions import current_name
+    from bdbench.isolation import builtin
 
+    target = current_name(target)  # a record written before the namespace
     if not builtin({"_target_": target}):
         return False
     try:

@@ -13,9 +13,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from bench.models import create_model
-from bench.weights import load_weights
-from defenses.base import CleanData, Defense, DefenseContext
+from bdbench.models import create_model
+from bdbench.weights import load_weights
+from bdbench.defenses.base import CleanData, Defense, DefenseContext
 
 
 def _tiny(model: str, num_classes: int, shape: tuple[int, int, int], seed: int) -> nn.Module:

@@ -20,10 +20,10 @@ from typing import Annotated, Sequence
 import numpy as np
 import torch
 
-from bench.augment import Augment
-from bench.errors import ConfigError, DataNotFoundError
-from bench.schema import Count, NonNegative, PositiveInt, Range
-from bench.seeding import generator
+from bdbench.augment import Augment
+from bdbench.errors import ConfigError, DataNotFoundError
+from bdbench.schema import Count, NonNegative, PositiveInt, Range
+from bdbench.seeding import generator
 
 log = logging.getLogger(__name__)
 
@@ -339,7 +339,7 @@ class ImageFolder(ImageDataset):
             for p in files:
                 digest.update(f"{split}/{p.relative_to(base / split)}\n".encode())
                 digest.update(hashlib.sha256(p.read_bytes()).digest())
-        from bench.cache import ModelCache  # the one verified cache mechanism
+        from bdbench.cache import ModelCache  # the one verified cache mechanism
 
         cache, key = ModelCache(cache_dir), f"{self.name}-{digest.hexdigest()[:16]}"
         with cache.lock(f"dataset-{key}"):  # two cold runs: one decodes, the other waits and reads

@@ -8,7 +8,7 @@ import logging
 
 import torch
 
-from bench.errors import ConfigError
+from bdbench.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

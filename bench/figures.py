@@ -1,8 +1,8 @@
 """The report's figures, each saved as PNG, PDF and SVG: ASR and ACC heatmaps with the undefended model beside
 the defenses, ACC against ASR, ASR and ACC against the clean budget, and where a sweep's time went.
 
-One figure shows one setting (data set, model, recipe, experiment: ``bench.columns.SETTING``); the report has
-already refused any cell that would mix configurations (``bench.report.one_setting``). A value is drawn in colour
+One figure shows one setting (data set, model, recipe, experiment: ``bdbench.columns.SETTING``); the report has
+already refused any cell that would mix configurations (``bdbench.report.one_setting``). A value is drawn in colour
 only where seeds finished (outcome ``ok``): a cell that never ran, failed, diverged or collapsed is grey, hatched
 and labelled with what became of it, never a colour of the scale; a damaged cell (its clean accuracy gone) is grey
 and hatched too, its number printed beside the word "damaged", and a hollow marker in the line and scatter plots.
@@ -28,8 +28,8 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
-from bench.columns import ANY, SETTING, budgets, named, setting_slug, setting_title  # noqa: E402
-from bench.outcome import DAMAGED, OK, RAN, Rule  # noqa: E402
+from bdbench.columns import ANY, SETTING, budgets, named, setting_slug, setting_title  # noqa: E402
+from bdbench.outcome import DAMAGED, OK, RAN, Rule  # noqa: E402
 
 FORMATS = ("png",)  # what a report writes and the repository keeps (docs/artifacts.md)
 PAPER_FORMATS = ("pdf", "svg")  # on request: bdbench report --formats png,pdf,svg

@@ -9,6 +9,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from bdbench.code_versions import renamed
+
 
 def umask_mode(path: Path) -> None:
     """Give a temp file (0600) or temp folder (0700) the mode a plain ``open`` / ``mkdir`` would have had
@@ -47,4 +49,6 @@ def sha256_file(path: Path) -> str:
 
 
 def sha256_json(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+    """The digest of JSON data; a config's ``_target_`` reads as its published name (``bdbench.code_versions``), so
+    cache keys and cell names hold across the move of bdbench's modules into one namespace."""
+    return hashlib.sha256(json.dumps(renamed(obj), sort_keys=True, default=str).encode()).hexdigest()

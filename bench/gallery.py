@@ -11,8 +11,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from bench.data import DataBundle  # noqa: E402
-from bench.validate import Cell  # noqa: E402
+from bdbench.data import DataBundle  # noqa: E402
+from bdbench.validate import Cell  # noqa: E402
 
 
 def pick_images(data: DataBundle, n: int) -> torch.Tensor:
@@ -35,8 +35,8 @@ def write_gallery(data: DataBundle, attacks: dict[str, object], path: Path, n_im
                   models: dict[str, torch.nn.Module] | None = None, source: str | None = None) -> Path:
     """One PNG: a clean row, then per attack a triggered row and a residual row. Under each triggered image, the
     attack's target label and, when its poisoned model is given, what that model predicts for the image.
-    ``source`` (the digest of what it shows, ``bench.figures.digest``) goes into the PNG's metadata."""
-    from bench.metrics import predict
+    ``source`` (the digest of what it shows, ``bdbench.figures.digest``) goes into the PNG's metadata."""
+    from bdbench.metrics import predict
 
     clean = pick_images(data, n_images)
     rows: list[tuple[str, torch.Tensor, list[str]]] = [("clean", clean, [f"label {int(y)}" for y in
@@ -67,7 +67,7 @@ def write_gallery(data: DataBundle, attacks: dict[str, object], path: Path, n_im
 
 def gallery(cells: dict[str, Cell]) -> Path:
     """Load (or train, if not cached) every attack's poisoned model for one data set and draw the gallery."""
-    from bench.runner import poisoned_model
+    from bdbench.runner import poisoned_model
 
     first = next(iter(cells.values()))
     paths = first.cfg.paths

@@ -48,12 +48,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from bench.errors import ConfigError
+from bdbench.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 ISOLATIONS = ("auto", "sandbox", "process", "none")  # none: the runner's own process (a debugger)
-CODE_PACKAGES = ("bench", "attacks", "defenses", "hydra_plugins")
+CODE_PACKAGES = ("bdbench", "hydra_plugins")
 KEPT_ENV = ("PATH", "LANG", "LC_ALL", "TZ", "LD_LIBRARY_PATH", "CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER",
             "NVIDIA_VISIBLE_DEVICES", "NVIDIA_DRIVER_CAPABILITIES")
 ETC_FILES = ("/etc/ld.so.cache", "/etc/ld.so.conf", "/etc/ld.so.conf.d", "/etc/localtime", "/etc/passwd",
@@ -136,7 +136,7 @@ def _kill_strays() -> None:
 
 def serve(fd: int, threads: int, memory_bytes: int | None, sandboxed: bool) -> None:
     """The worker's loop: (defense config, model, clean, context, seed) in, (weights, report, peak memory) out."""
-    from bench.device import retain_freed_memory
+    from bdbench.device import retain_freed_memory
 
     threading.Thread(target=_end_when_orphaned, daemon=True, name="orphan-watch").start()
     conn = Connection(fd)
@@ -185,13 +185,13 @@ def describe(node: dict) -> dict:
     """What the runner needs to know of a defense before its cell runs, computed where the defense's code may run:
     its settings' first error as one line (its schema, then its constructor), whether it is data-free, what it needs
     a model to declare (``Defense.needs``), and which of its nested components are steps the runner computes once
-    and shares (``defenses.base.register_shared``; only
+    and shares (``bdbench.defenses.base.register_shared``; only
     bdbench's own classes: a plugin's step runs inside its defense)."""
     from hydra.utils import get_class, instantiate
     from omegaconf import OmegaConf
 
-    from bench.validate import check_types, one_line
-    from defenses.base import shared_step
+    from bdbench.validate import check_types, one_line
+    from bdbench.defenses.base import shared_step
 
     try:
         check_types("defense", OmegaConf.create(node))
@@ -208,12 +208,12 @@ def describe(node: dict) -> dict:
 
 
 def builtin(node: Any) -> bool:
-    """Whether every ``_target_`` in a config node names bdbench's own code (a module of the ``bench`` or ``defenses``
-    package, judged by name, without importing a module: a plugin's code never runs to answer). Anything else is a
-    plugin's, and runs only in a worker."""
+    """Whether every ``_target_`` in a config node names bdbench's own code (a module of the ``bdbench`` package,
+    judged by name, without importing a module: a plugin's code never runs to answer). Anything else is a plugin's,
+    and runs only in a worker."""
     if isinstance(node, dict):
         target = node.get("_target_")
-        if target is not None and str(target).split(".")[0] not in ("bench", "defenses"):
+        if target is not None and str(target).split(".")[0] != "bdbench":
             return False
         return all(builtin(v) for v in node.values())
     if isinstance(node, list):
@@ -230,13 +230,14 @@ def _is_related(path: Path, others: list[Path]) -> bool:
 CODE_ROOT = "/opt/bdbench"  # where the sandbox mounts the runner's own packages, first on the worker's import path
 # Subpackages an editable install maps apart from their parent: mounted beside it (a mount point inside the
 # parent's read-only mount cannot be made) and found through the parent's __path__ (hydra_plugins is a namespace).
-MAPPED = {"hydra_plugins.bdbench": f"{CODE_ROOT}/hydra_plugins/bdbench", "bench.conf": f"{CODE_ROOT}/.bench/conf"}
+MAPPED = {"hydra_plugins.bdbench": f"{CODE_ROOT}/hydra_plugins/bdbench",
+          **{f"bdbench.{sub}": f"{CODE_ROOT}/.bdbench/{sub}" for sub in ("attacks", "defenses", "conf")}}
 
 
 def packages() -> dict[str, Path]:
     """The folders of the packages a defense's code comes from, as the runner imports them (an editable install, a
     checkout, a wheel): bdbench's, its Hydra plugin's and each plugin package's, by dotted name."""
-    from bench.plugins import plugin_packages
+    from bdbench.plugins import plugin_packages
 
     found = {}
     for name in (*CODE_PACKAGES, *MAPPED, *plugin_packages()):
@@ -348,8 +349,8 @@ class DefenseWorker:
         imports = [e for e in sys.path if e and Path(e).resolve() in paths]
         first = [CODE_ROOT] if sandboxed else sorted({str(p.parent) for n, p in code.items() if "." not in n})
         boot = (f"import sys; sys.path[:0] = {first + imports!r}; "
-                + (f"import bench; bench.__path__.append('{CODE_ROOT}/.bench'); " if sandboxed else "")
-                + f"from bench.isolation import serve; serve({theirs.fileno()}, {self.threads}, {self.memory!r}, "
+                + (f"import bdbench; bdbench.__path__.append('{CODE_ROOT}/.bdbench'); " if sandboxed else "")
+                + f"from bdbench.isolation import serve; serve({theirs.fileno()}, {self.threads}, {self.memory!r}, "
                   f"{sandboxed})")
         argv = [sys.executable, "-I", "-c", boot]
         if sandboxed:

@@ -5,7 +5,7 @@ few lines of inline JavaScript, figures are files beside the page. Each row link
 the config it ran under. The state (sort key, filters) lives in the URL's fragment, so a view can be linked
 to, e.g. ``index.html#sort=-asr&budget=1``.
 
-Rows are ranked by outcome before any column (``bench.outcome.RANK``, a row's worst seed): whatever a reader sorts
+Rows are ranked by outcome before any column (``bdbench.outcome.RANK``, a row's worst seed): whatever a reader sorts
 by, a row whose every seed finished comes before one with a seed that damaged, collapsed or never finished, so no
 view puts a destroyed model above a working defense. The default order is DER, highest first: a low ASR and a kept
 accuracy together.
@@ -20,8 +20,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from bench.columns import budget_key
-from bench.outcome import DAMAGED, OK, RAN, RANK, Rule
+from bdbench.code_versions import current_name, renamed
+from bdbench.columns import budget_key
+from bdbench.outcome import DAMAGED, OK, RAN, RANK, Rule
 
 COLUMNS = [  # (key, header, kind): what each row shows; numbers sort numerically, text alphabetically
     ("dataset", "data set", "text"), ("model", "model", "text"), ("recipe", "recipe", "text"),
@@ -161,7 +162,7 @@ def rows(cells: pd.DataFrame, names: dict, records_root: Path, page_dir: Path) -
         outcome = ("finished" if worst == OK else worst) + ("" if hit == len(group) else f" ({hit}/{len(group)} seeds)")
         others = group.loc[group["status"] != OK, "status"].value_counts().sort_index()
         record_files = sorted(group["record"])
-        config = json.loads((records_root / record_files[0]).read_text()).get("config")
+        config = renamed(json.loads((records_root / record_files[0]).read_text()).get("config"), current_name)
         poisoned = group[group["status"].isin(RAN)]
         budget = cell["budget"]
         out.append({

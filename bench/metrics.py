@@ -12,8 +12,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from bench.data import ImageSet
-from bench.device import autocast
+from bdbench.data import ImageSet
+from bdbench.device import autocast
 
 
 def backdoor_test_set(test: ImageSet, target: int | torch.Tensor) -> ImageSet:

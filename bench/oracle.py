@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import torch
 
-from bench.metrics import der
+from bdbench.metrics import der
 
 Metrics = dict[str, Any]
 

@@ -7,7 +7,7 @@ In order of precedence:
 - ``failed``: the cell stopped with an error (a failed record); run again on the next sweep.
 - ``diverged``: the defense's loss went non-finite; a result, not a crash.
 - ``no backdoor``: the poisoned model's own ASR is below ``no_backdoor_asr``: there was nothing to remove.
-- ``collapsed``: the defended model is at chance or gives one class most predictions (``bench.metrics.collapsed``).
+- ``collapsed``: the defended model is at chance or gives one class most predictions (``bdbench.metrics.collapsed``).
 - ``damaged``: its clean ACC fell more than ``max_acc_drop`` points below the undefended model's.
 - ``ok`` (shown as "finished"): none of the above; the only outcome whose numbers are averaged and ranked first.
 
@@ -49,14 +49,14 @@ class Rule:
 @cache
 def configured() -> Rule:
     """The rule in ``conf/config.yaml`` (what a report applies to every record it reads)."""
-    from bench.validate import CONF_DIR
+    from bdbench.validate import CONF_DIR
 
     return Rule(**OmegaConf.to_container(OmegaConf.load(CONF_DIR / "config.yaml").outcome))
 
 
 def judge(status: str, metrics: dict | None, undefended: dict | None, num_classes: int, rule: Rule) -> str:
     """The outcome of one cell from its record's status, metrics and undefended metrics (fractions)."""
-    from bench.metrics import COLLAPSE_CHANCE_FACTOR
+    from bdbench.metrics import COLLAPSE_CHANCE_FACTOR
 
     if status != OK:
         return DIVERGED if status == DIVERGED else FAILED

@@ -17,7 +17,7 @@ with BackdoorBench's recipe, on the same poisoned data and initial weights; test
 epoch, off the clock.
 
 ``allocator``: training steps on pre-made tensors in a fresh process with glibc's default allocator settings
-against one that calls ``bench.device.retain_freed_memory`` first (as every ``bdbench`` process does), alternating.
+against one that calls ``bdbench.device.retain_freed_memory`` first (as every ``bdbench`` process does), alternating.
 
 ``datapath``: the engine's training epoch and test pass divided by the model's own forward/backward (and
 forward) time on pre-made float tensors of the same batch size, precision and memory format: what the
@@ -49,16 +49,16 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
-from bench.device import autocast, memory_format
-from bench.figures import tta_curves
-from bench.metrics import accuracy, predict
-from bench.models import create_model
-from bench.records import cpu_name
-from bench.report import markdown
-from bench.seeding import generator
-from bench.train import train
-from bench.validate import CONF_DIR, build
-from defenses.masks import (ResumedForward, coalition_logits, conv_neurons,  # shared machinery, not a defense
+from bdbench.device import autocast, memory_format
+from bdbench.figures import tta_curves
+from bdbench.metrics import accuracy, predict
+from bdbench.models import create_model
+from bdbench.records import cpu_name
+from bdbench.report import markdown
+from bdbench.seeding import generator
+from bdbench.train import train
+from bdbench.validate import CONF_DIR, build
+from bdbench.defenses.masks import (ResumedForward, coalition_logits, conv_neurons,  # shared machinery, not a defense
                             prefix_masks)
 
 MODEL_SHAPES = {"fmnist_cnn": ((1, 28, 28), [0.5], [0.5]), "cifar_cnn": ((3, 32, 32), [0.5] * 3, [0.25] * 3),
@@ -140,8 +140,8 @@ def _cell_both_ways(overrides: list[str]) -> dict:
     import tempfile
     from unittest import mock
 
-    import defenses.masks as masks
-    from bench import api
+    import bdbench.defenses.masks as masks
+    from bdbench import api
 
     reports, seconds = [], []
     for resume_below in (0, masks.RESUME_BELOW):
@@ -509,7 +509,7 @@ def costs(device: torch.device, cases: list[dict], repeats: int = 2) -> Result:
     of the model's own training (forward, backward and optimizer step over the training set) timed in this run."""
     if device.type != "cpu":
         raise ValueError("bdbench perf costs reads CPU-timed records: device=cpu")
-    from bench.columns import budget_key
+    from bdbench.columns import budget_key
 
     tables, notes = [], []
     for case in cases:
@@ -566,8 +566,8 @@ ALLOCATOR_STEPS = """
 import resource, sys, time
 import torch, torch.nn.functional as F
 from hydra import compose, initialize_config_dir
-from bench.device import retain_freed_memory
-from bench.validate import CONF_DIR, build
+from bdbench.device import retain_freed_memory
+from bdbench.validate import CONF_DIR, build
 mode, model, dataset, batch, steps, threads = sys.argv[1:7]
 if mode == "retain":
     assert retain_freed_memory()
@@ -615,7 +615,7 @@ def allocator(device: torch.device, cases: list[dict], images: int, repeats: int
                      "speed-up": best["default"][0] / best["retain"][0]})
     df = _device_columns(pd.DataFrame(rows), device)
     summary = (f"Training steps (SGD, fp32) on pre-made tensors, {images} images per run, each run a fresh process; "
-               "`default_*`: glibc's allocator settings, `retain_*`: after `bench.device.retain_freed_memory()` (every "
+               "`default_*`: glibc's allocator settings, `retain_*`: after `bdbench.device.retain_freed_memory()` (every "
                "bdbench process calls it); `*_sys_s` kernel time, `*_faults` minor page faults; best of "
                f"{repeats} alternating runs. `speed-up` = default seconds / retain seconds.")
     shown = df.assign(**{c: df[c].map(lambda v: float(f"{v:.4g}")) for c in df.columns if c.endswith("_s") or

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from bench.fsutil import atomic_write_json, sha256_json
+from bdbench.fsutil import atomic_write_json, sha256_json
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +140,7 @@ def cpu_name() -> str:
 def plugin_versions() -> dict[str, str]:
     """Each installed distribution that adds attacks or defenses, by its name and version (read from its metadata,
     not by importing it)."""
-    from bench.plugins import GROUPS
+    from bdbench.plugins import GROUPS
 
     return {ep.dist.name: ep.dist.version for group in GROUPS for ep in entry_points(group=group)
             if ep.dist is not None and ep.dist.name != "bdbench"}

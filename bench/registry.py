@@ -56,7 +56,7 @@ class Registry(Generic[T]):
     def create(self, name: str, **values) -> T:
         """An instance with the values of its config (``conf/<kind>/<name>.yaml``, plugins' included), ``values``
         replacing some: defaults live in the configs only. A name without a config takes ``values`` alone."""
-        from bench.validate import configured, options
+        from bdbench.validate import configured, options
 
         cls = self.get(name)
         if name in options(self.kind):

@@ -4,7 +4,7 @@ Reads every record under DIR into pandas and writes, under DIR/report (or --out)
   tables/<metric>.{md,tex}      ACC, ASR, RA, DER as mean ± std over seeds, per attack x defense (rows) and
                                 budget (columns), display names, the columns that hold one value on every
                                 row in the caption line; every cell says how many seeds finished of how
-                                many ran, and what became of the others (bench.outcome: damaged, collapsed, no
+                                many ran, and what became of the others (bdbench.outcome: damaged, collapsed, no
                                 backdoor, diverged, failed): none is averaged in; a cell whose every seed was
                                 damaged shows its number marked "damaged". Data-free defenses have one column,
                                 "any k". LaTeX: booktabs through pandas' Styler, escaped
@@ -17,19 +17,19 @@ Reads every record under DIR into pandas and writes, under DIR/report (or --out)
                                 and, where ``monitor.test_every`` measured them, clean test ACC and ASR
   tables/cells.csv              one row per record (the long format everything above is built from);
                                 failed cells appear in the tables as "failed" / "diverged" with their count
-  index.html                    the HTML leaderboard (bench.leaderboard): a sortable, filterable table of
+  index.html                    the HTML leaderboard (bdbench.leaderboard): a sortable, filterable table of
                                 every cell with links to its records and config, the figures and galleries
   problems.md                   records that are failed, unreadable or of another schema, cells refused because
                                 one row would mix settings, the cells that ran on synthetic data, figures
                                 not drawn
-  figures/                      (bench.figures; PNG, PDF, SVG) ASR and ACC heatmaps per budget with the
+  figures/                      (bdbench.figures; PNG, PDF, SVG) ASR and ACC heatmaps per budget with the
                                 undefended column, ACC-ASR scatter, ASR against budget, where the time went
                                 (training per attack, each defense, synthesis, reversal, evaluation), the
                                 poisoned models' test ACC and ASR against training minutes, and
                                 the trigger gallery of each data set when the records' poisoned models are in
                                 the cache (``--cache``) and the data under ``--data``
 Tables are sorted and formatted deterministically, so the same records give the same bytes. Every figure carries the
-digest of the numbers it draws (``bench.figures.Figure.digest``), so a committed picture is checked against its
+digest of the numbers it draws (``bdbench.figures.Figure.digest``), so a committed picture is checked against its
 records without drawing it.
 """
 
@@ -44,12 +44,13 @@ from typing import Callable, Sequence
 
 import pandas as pd
 
-from bench import figures as draw
-from bench.columns import ANY, KEYS, NAMED, SETTING, budget_key, budget_label, data_free, named
-from bench.fsutil import sha256_json
-from bench.leaderboard import write_page
-from bench.outcome import DAMAGED, NOT_OK, OK, RAN, Rule, configured, of_record
-from bench.records import READABLE_SCHEMAS, misplaced
+from bdbench import figures as draw
+from bdbench.columns import ANY, KEYS, NAMED, SETTING, budget_key, budget_label, data_free, named
+from bdbench.code_versions import current_name, renamed
+from bdbench.fsutil import sha256_json
+from bdbench.leaderboard import write_page
+from bdbench.outcome import DAMAGED, NOT_OK, OK, RAN, Rule, configured, of_record
+from bdbench.records import READABLE_SCHEMAS, misplaced
 
 METRICS = ["acc", "asr", "ra", "der"]
 LABELS = {"acc": "ACC", "asr": "ASR", "ra": "RA", "der": "DER"}
@@ -76,7 +77,7 @@ def model_setting(rec: dict) -> str | None:
 
 
 def isolation_of(rec: dict) -> str | None:
-    """How the cell's defense ran (bench.isolation); records from before the sandbox say it through
+    """How the cell's defense ran (bdbench.isolation); records from before the sandbox say it through
     ``peak_memory.isolated`` (a worker process, or the runner's own). None for a cell that failed before it."""
     if "isolation" in rec:
         return rec["isolation"]
@@ -94,7 +95,7 @@ def budget_of(rec: dict) -> int | str:
 def load(root: str | Path, triggers: dict | None = None, names: dict | None = None, curves: list | None = None,
          recipes: dict | None = None, rule: Rule | None = None) -> tuple[pd.DataFrame, list[dict]]:
     """(one row per cell that has a record, one entry per record that is not a cell); every cell is judged by
-    ``rule`` (default: the configured one, bench.outcome) into its ``status``. ``triggers`` collects
+    ``rule`` (default: the configured one, bdbench.outcome) into its ``status``. ``triggers`` collects
     one (dataset config, attack config, cache key, model config) per data set and attack, for the gallery;
     ``names`` collects the display names; ``curves`` one row per epoch of each poisoned model's training
     (``training_curves``); ``recipes`` each attack's flattened recipe config per sweep setting (``recipe_note``)."""
@@ -119,6 +120,8 @@ def load(root: str | Path, triggers: dict | None = None, names: dict | None = No
         if wrong:
             problems.append({"record": str(path.relative_to(root)), "problem": f"not this file's cell: {wrong}"})
             continue
+        if "config" in rec:  # a record written before the namespace names its components as today's code does
+            rec["config"] = renamed(rec["config"], current_name)
         recipe = (rec.get("config") or {}).get("recipe")
         if recipes is not None and "cell" in rec and isinstance(recipe, dict):
             key = tuple(rec["cell"][k] for k in (*SETTING, "attack"))
@@ -150,7 +153,7 @@ def load(root: str | Path, triggers: dict | None = None, names: dict | None = No
                      "model_setting": model_setting(rec), "isolation": isolation_of(rec),
                      "data_source": rec["data_source"], **{k: m.get(k) for k in METRICS},
                      **{f"undefended_{k}": u.get(k) for k in ("acc", "asr", "ra")},
-                     # a reference code's test-set choice where a run measured it (bench.oracle): reproduction
+                     # a reference code's test-set choice where a run measured it (bdbench.oracle): reproduction
                      # pages read it; no table, figure or leaderboard does
                      **({f"oracle_{k}": rec["oracle"]["metrics"][k] for k in ("acc", "asr")}
                         if rec.get("oracle") else {}),
@@ -381,13 +384,13 @@ def one_setting(df: pd.DataFrame) -> tuple[pd.DataFrame, list[dict]]:
 
 def current(node: dict) -> dict:
     """A component config from an older record, completed with the keys a later version added: a keyword the
-    constructor requires and the record lacks is its published value (``bench.code_versions.NEUTRAL``), else null,
+    constructor requires and the record lacks is its published value (``bdbench.code_versions.NEUTRAL``), else null,
     as the cell's identity treats it."""
     import inspect
 
     from hydra.utils import get_class
 
-    from bench.code_versions import NEUTRAL
+    from bdbench.code_versions import NEUTRAL
 
     published = {k: v for later in NEUTRAL.values() for k, v in later.items()}
     cls = get_class(node["_target_"])
@@ -406,9 +409,9 @@ def galleries(triggers: dict, folder: Path, data_root: str, cache_root: str) -> 
     training): target label and the poisoned model's prediction under each triggered image, the models' keys in
     its metadata. Returns a problem line for each data set it could not draw, saying whether the picture already
     there shows these very models (then it is kept) or not (then it is removed: a stale picture is worse than none)."""
-    from bench.cache import ModelCache
-    from bench.gallery import write_gallery
-    from bench.validate import build
+    from bdbench.cache import ModelCache
+    from bdbench.gallery import write_gallery
+    from bdbench.validate import build
 
     cache, problems = ModelCache(cache_root), []
     for dataset, attacks in sorted(triggers.items()):

@@ -14,8 +14,8 @@ from pathlib import Path
 import pandas as pd
 from omegaconf import OmegaConf
 
-from bench.outcome import DAMAGED, OK, configured
-from bench.report import load, markdown, time_to, training_frame
+from bdbench.outcome import DAMAGED, OK, configured
+from bdbench.report import load, markdown, time_to, training_frame
 
 # points: below ``flat`` a change is "no change"; within ``size`` of the published change, the size agrees
 TOLERANCE = {"asr": {"flat": 5.0, "size": 15.0}, "acc": {"flat": 2.0, "size": 3.0}}
@@ -49,7 +49,7 @@ def _mean(values: pd.Series) -> str:
 
 def source_table(block: dict, cells: pd.DataFrame) -> pd.DataFrame:
     """One row per published row of ``block``: published before/after, bdbench's, n, and the verdict. A row with
-    ``oracle: true`` reads what the reference code would have chosen with the test set (bench.oracle) instead of
+    ``oracle: true`` reads what the reference code would have chosen with the test set (bdbench.oracle) instead of
     the cell's own result; the damaged status is then the cell's, not the choice's."""
     match = cells
     for key, value in block["match"].items():
@@ -64,7 +64,7 @@ def source_table(block: dict, cells: pd.DataFrame) -> pd.DataFrame:
             done, acc, asr = ours, ours.get("undefended_acc"), ours.get("undefended_asr")
         else:
             mine = match[match["defense"] == row["defense"]] if len(match) else match
-            if row.get("oracle"):  # the reference code's test-set choice (bench.oracle), where the cell measured it
+            if row.get("oracle"):  # the reference code's test-set choice (bdbench.oracle), where the cell measured it
                 mine = mine[mine["oracle_acc"].notna()] if "oracle_acc" in mine else mine.iloc[0:0]
             # a damaged cell is compared too: the published row may have lost accuracy as well; n says it was
             done = mine[mine["status"].isin((OK, DAMAGED))] if len(mine) else mine
@@ -105,7 +105,7 @@ def time_to_accuracy(block: dict, curves: pd.DataFrame, names: dict, out: Path) 
                 curves = curves[curves[key].astype(str) == str(value)]
     if curves.empty or curves["test_acc"].isna().all():
         return [f"Time to {target:g} % clean test ACC: not measured (no matching record has a training curve).", ""]
-    from bench.figures import save, training_curves
+    from bdbench.figures import save, training_curves
 
     folder = out.parent / out.stem
     stems = [save(plan, folder) for plan in training_curves(curves, names, target)]

@@ -27,32 +27,32 @@ import torch
 from hydra.utils import get_class
 from omegaconf import DictConfig
 
-from bench import oracle, outcome, records
-from bench.records import identity
-from bench.code_versions import ADMITTED, NEUTRAL, PUBLISHED
-from bench.augment import Augment
-from bench.cache import ModelCache, Store
-from bench.checkpoints import load_checkpoint
-from bench.columns import ANY
-from bench.data import DataBundle, ImageSet
-from bench.device import memory_format
-from bench.errors import ConfigError
-from bench.weights import load_weights
-from bench.fsutil import sha256_file, sha256_json
-from bench.isolation import DefenseWorker, builtin, describe, resolve_isolation
-from bench.metrics import der, evaluate, predict
-from bench.seeding import defense_seed, derive, generator
-from bench.train import train
-from bench.validate import Cell, build, checked, display_name, strip_descriptive
-from defenses.base import CleanData, DefenseContext, shared_step  # the interface, never a concrete defense
+from bdbench import oracle, outcome, records
+from bdbench.records import identity
+from bdbench.code_versions import ADMITTED, NEUTRAL, PUBLISHED, published_name
+from bdbench.augment import Augment
+from bdbench.cache import ModelCache, Store
+from bdbench.checkpoints import load_checkpoint
+from bdbench.columns import ANY
+from bdbench.data import DataBundle, ImageSet
+from bdbench.device import memory_format
+from bdbench.errors import ConfigError
+from bdbench.weights import load_weights
+from bdbench.fsutil import sha256_file, sha256_json
+from bdbench.isolation import DefenseWorker, builtin, describe, resolve_isolation
+from bdbench.metrics import der, evaluate, predict
+from bdbench.seeding import defense_seed, derive, generator
+from bdbench.train import train
+from bdbench.validate import Cell, build, checked, display_name, strip_descriptive
+from bdbench.defenses.base import CleanData, DefenseContext, shared_step  # the interface, never a concrete defense
 
 log = logging.getLogger(__name__)
 
 # The engine's own modules that shape a trained model; an edit to the code (not the comments) of any invalidates
 # the cache.
-ENGINE_MODULES = ("bench.train", "bench.data", "bench.augment", "bench.models.base", "attacks.base",
-                  "bench.metrics",  # metrics: the cache stores the undefended model's metrics
-                  "bench.device")   # precision and memory format of training
+ENGINE_MODULES = ("bdbench.train", "bdbench.data", "bdbench.augment", "bdbench.models.base", "bdbench.attacks.base",
+                  "bdbench.metrics",  # metrics: the cache stores the undefended model's metrics
+                  "bdbench.device")   # precision and memory format of training
 
 
 def source_file(module: str) -> Path:
@@ -73,7 +73,9 @@ def source_text(path: Path) -> str:
 def behaviour(source: str) -> str:
     """What a module does, without what it says: its text with comments (``tokenize``) and docstrings (``ast``)
     cut out and blank lines dropped, so an edit to a comment or a docstring keeps every cache key and an edit to the
-    code changes it. Text, not an AST dump: the dump's fields change between Python versions, the code does not."""
+    code changes it. Text, not an AST dump: the dump's fields change between Python versions, the code does not.
+    bdbench's own package paths read as published (``published_name``): in dotted names (imports) and in a registry's
+    ``builtins=``, the only places its code names them."""
     lines = source.splitlines(keepends=True)
     starts = [0]
     for line in lines:
@@ -83,18 +85,33 @@ def behaviour(source: str) -> str:
         line = lines[row - 1] if row <= len(lines) else ""
         return starts[row - 1] + (len(line.encode()[:col].decode()) if in_bytes else col)
 
-    cuts = [(at(*t.start), at(*t.end)) for t in tokenize.generate_tokens(io.StringIO(source).readline)
-            if t.type == tokenize.COMMENT]
+    edits = []  # (start, end, what replaces it)
+    tokens = list(tokenize.generate_tokens(io.StringIO(source).readline))
+    for i, t in enumerate(tokens):
+        if t.type == tokenize.COMMENT:
+            edits.append((at(*t.start), at(*t.end), ""))
+        elif t.type == tokenize.NAME and t.string == "bdbench" and not (i and tokens[i - 1].string == "."):
+            end, name = t.end, "bdbench"
+            if i + 2 < len(tokens) and tokens[i + 1].string == "." and tokens[i + 2].type == tokenize.NAME:
+                if published_name(f"bdbench.{tokens[i + 2].string}") != f"bench.{tokens[i + 2].string}":
+                    end, name = tokens[i + 2].end, f"bdbench.{tokens[i + 2].string}"
+            edits.append((at(*t.start), at(*end), published_name(name)))
     for node in ast.walk(ast.parse(source)):
         body = getattr(node, "body", None)
         if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and body and \
                 isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) and \
                 isinstance(body[0].value.value, str):
             doc = body[0]
-            cuts.append((at(doc.lineno, doc.col_offset, True), at(doc.end_lineno, doc.end_col_offset, True)))
+            edits.append((at(doc.lineno, doc.col_offset, True), at(doc.end_lineno, doc.end_col_offset, True), ""))
+        if isinstance(node, ast.keyword) and node.arg == "builtins" and isinstance(node.value, ast.Constant) and \
+                isinstance(node.value.value, str):
+            value = node.value
+            start, end = at(value.lineno, value.col_offset, True), at(value.end_lineno, value.end_col_offset, True)
+            quote = source[start]
+            edits.append((start, end, f"{quote}{published_name(value.value)}{quote}"))
     kept, last = [], 0
-    for start, end in sorted(cuts):
-        kept.append(source[last:max(last, start)])
+    for start, end, replacement in sorted(edits):
+        kept.append(source[last:max(last, start)] + replacement)
         last = max(last, end)
     kept.append(source[last:])
     return "\n".join(line.rstrip() for line in "".join(kept).splitlines() if line.strip())
@@ -102,18 +119,19 @@ def behaviour(source: str) -> str:
 
 def code_version(*objects: Any, modules: tuple[str, ...] = ()) -> str:
     """Hash of what the engine's training code and the modules defining ``objects`` (their classes and every base
-    class outside the standard library: SIG's and LC's shared selection lives in ``attacks.clean_label``) or named in
-    ``modules`` do, keyed by module name: two files called ``base.py`` in different packages are two keys, never one.
-    A version whose code is what the cache's published entries were made with is their original key (``PUBLISHED``)."""
+    class outside the standard library: SIG's and LC's shared selection lives in ``bdbench.attacks.clean_label``) or
+    named in ``modules`` do, keyed by module name (as published): two files called ``base.py`` in different packages
+    are two keys, never one. A version whose code is what the cache's published entries were made with is their
+    original key (``PUBLISHED``)."""
     defining = {c.__module__ for o in objects for c in type(o).__mro__}
     names = set(ENGINE_MODULES) | {m for m in defining if m.partition(".")[0] not in sys.stdlib_module_names} | \
         set(modules)
-    version = sha256_json({m: module_version(m) for m in sorted(names)})
+    version = sha256_json({published_name(m): module_version(m) for m in sorted(names)})
     return PUBLISHED.get(version, version)
 
 
 def module_version(module: str) -> str:
-    """The digest of what one module does; after an admitted edit (``bench.code_versions.ADMITTED``), the digest of
+    """The digest of what one module does; after an admitted edit (``bdbench.code_versions.ADMITTED``), the digest of
     the code it stands for."""
     digest = hashlib.sha256(behaviour(source_text(source_file(module))).encode()).hexdigest()
     admitted = ADMITTED.get(module, {})
@@ -140,7 +158,7 @@ NOT_IDENTITY = ("paths", "device", "hydra", "worker", "monitor", "outcome", "sta
 
 def without_neutral(config: dict) -> dict:
     """A config without the keys added after models and records were published, where they hold the value those
-    were made with (``bench.code_versions.NEUTRAL``): the published cells and models keep their names and keys."""
+    were made with (``bdbench.code_versions.NEUTRAL``): the published cells and models keep their names and keys."""
     config = copy.deepcopy(config)
     for group, later in NEUTRAL.items():
         node = config.get(group)
@@ -198,7 +216,7 @@ class ModelKey(NamedTuple):
 
 def model_key(cell: Cell) -> ModelKey:
     """The cache key of a cell's poisoned model, from its config, code and precision (no model built, no data read).
-    The code is the engine's, the attack's, the model's and the data set's module (one outside bench.data keys by
+    The code is the engine's, the attack's, the model's and the data set's module (one outside bdbench.data keys by
     its own)."""
     cfg, attack = cell.cfg, cell.attack
     model_module = get_class(cfg.model._target_).__module__
@@ -367,7 +385,7 @@ _FACTS: dict[str, dict] = {}
 
 
 def defense_facts(cfg: DictConfig) -> dict:
-    """``bench.isolation.describe`` of the cell's defense (its settings' error, data-free, shared steps), once per
+    """``bdbench.isolation.describe`` of the cell's defense (its settings' error, data-free, shared steps), once per
     config in this process: in the runner for bdbench's own defenses, in the cell's defense worker for a plugin's,
     so a plugin's module is never imported here (unless ``worker.isolation=none``, which runs the defense here too)."""
     node = strip_descriptive(cfg.defense)
@@ -441,7 +459,7 @@ def _run_cell(cell: Cell, path: Path, models: dict | None = None, write: bool = 
             timings["synthesis"] = time.perf_counter() - t
 
         shared, shared_info = {}, {}
-        for name in facts["shared"]:  # steps several defenses share (defenses.base.register_shared)
+        for name in facts["shared"]:  # steps several defenses share (bdbench.defenses.base.register_shared)
             phase, t = name, time.perf_counter()
             shared[name], shared_info[name] = shared_result(cfg, name, model, clean, cache_info["key"], ctx)
             timings[name] = time.perf_counter() - t
@@ -526,7 +544,7 @@ def _run_cell(cell: Cell, path: Path, models: dict | None = None, write: bool = 
 
 
 def judged(record: dict, rule: outcome.Rule) -> dict:
-    """The record's outcome under the cell's rule, and the rule itself (bench.outcome)."""
+    """The record's outcome under the cell's rule, and the rule itself (bdbench.outcome)."""
     return {"outcome": outcome.of_record(record, rule), "outcome_rule": dataclasses.asdict(rule)}
 
 

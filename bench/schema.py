@@ -1,7 +1,7 @@
 """Ranges and choices of configured keys, declared where the key is read: in the constructor's signature.
 
 A component declares ``epochs: Annotated[int, Range(ge=1)]`` or ``corner: Literal["bottom_right", ...]``
-and ``bench.validate`` checks every configured value against it before any compute, so each attack,
+and ``bdbench.validate`` checks every configured value against it before any compute, so each attack,
 defense, recipe and data set is its own schema and no central list can fall out of date. A check that
 needs the data (a patch that must fit the image) is the component's ``check_shape``.
 """

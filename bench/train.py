@@ -25,10 +25,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from bench.augment import Augment
-from bench.data import ImageSet
-from bench.device import PRECISIONS, autocast, memory_format
-from bench.schema import PositiveInt, Range
+from bdbench.augment import Augment
+from bdbench.data import ImageSet
+from bdbench.device import PRECISIONS, autocast, memory_format
+from bdbench.schema import PositiveInt, Range
 
 log = logging.getLogger(__name__)
 

@@ -22,17 +22,17 @@ from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 import torch
 
-from bench.device import resolve_device
-from bench.errors import ConfigError
-from bench.fsutil import sha256_json
-from bench.isolation import resolve_isolation
-from bench.outcome import Rule
-from bench.schema import Range
-from bench.seeding import derive
+from bdbench.device import resolve_device
+from bdbench.errors import ConfigError
+from bdbench.fsutil import sha256_json
+from bdbench.isolation import resolve_isolation
+from bdbench.outcome import Rule
+from bdbench.schema import Range
+from bdbench.seeding import derive
 
-# bdbench's config tree is package data (the folder conf/, installed as bench.conf): a wheel composes from
+# bdbench's config tree is package data (the folder conf/, installed as bdbench.conf): a wheel composes from
 # any working directory, an editable install reads the checkout.
-CONF_DIR = Path(str(files("bench.conf")))
+CONF_DIR = Path(str(files("bdbench.conf")))
 GROUPS = ("dataset", "model", "attack", "defense", "recipe", "synthesis", "paths", "experiment")
 
 
@@ -286,7 +286,7 @@ class Cell:
     recipe: Any
     synthesis: Any
     rule: Any
-    facts: dict  # the defense's own description (bench.isolation.describe): data-free, shared steps, needs
+    facts: dict  # the defense's own description (bdbench.isolation.describe): data-free, shared steps, needs
     device: torch.device
     precision: str  # the recipe's precision on CUDA, fp32 elsewhere
 
@@ -379,14 +379,14 @@ def validate(cfg: DictConfig, choices: dict[str, Any], check_data: bool = True) 
         rule = Rule(**OmegaConf.to_container(cfg.outcome))
     except Exception as exc:
         raise one_line(exc) from None
-    from bench.runner import defense_facts  # the defense's own checks, run where its code may run
+    from bdbench.runner import defense_facts  # the defense's own checks, run where its code may run
 
     facts = defense_facts(cfg)
     if facts["error"]:
         raise ConfigError(facts["error"])
     check_model_fits(facts["needs"], model, choices)
     if attack.checkpoint:  # the file fits the model (keys and shapes), or one line names its first misfit
-        from bench.checkpoints import fitting
+        from bdbench.checkpoints import fitting
 
         fitting(model, attack.checkpoint)
         attack.build(dataset.shape)  # and the trigger's own files (WaNet's field, Input-aware's generators)
@@ -404,8 +404,8 @@ def validate(cfg: DictConfig, choices: dict[str, Any], check_data: bool = True) 
 def check_poisoned_count(attack: Any, dataset: Any, root: Path) -> None:
     """An attack that poisons a share of the training set poisons at least one image: ``poison_rate=1e-9`` trained
     a clean model and recorded its ASR as an outcome."""
-    from attacks.base import StaticPoisonAttack
-    from bench.data import _LABELS
+    from bdbench.attacks.base import StaticPoisonAttack
+    from bdbench.data import _LABELS
 
     if not isinstance(attack, StaticPoisonAttack):
         return

@@ -1,6 +1,6 @@
 """The weights a defense returns, and the channel masks that may travel in them.
 
-Kept apart from the model classes (``bench.models``): those modules are part of every poisoned model's cache key,
+Kept apart from the model classes (``bdbench.models``): those modules are part of every poisoned model's cache key,
 and this is what the runner does with a repaired model, not how a model is trained.
 """
 

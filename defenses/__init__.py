@@ -3,12 +3,12 @@
 (channel masks and batched coalitions), ``guard.py`` (the accuracy guard), ``reversal.py`` (Neural
 Cleanse trigger reversal) and ``attention.py`` (attention maps of the model's feature groups)."""
 
-from defenses.base import (DEFENSES, CleanData, Defense, DefenseContext, create_defense, list_defenses,
+from bdbench.defenses.base import (DEFENSES, CleanData, Defense, DefenseContext, create_defense, list_defenses,
                            register_defense, register_shared)
-from defenses import (  # noqa: F401  (registration)
+from bdbench.defenses import (  # noqa: F401  (registration)
     anp, ar_purification, argd, clp, fp, ft, linf_pruning, nad, nc, none, shap_pruning, suspiciousness,
 )
-from defenses.reversal import Reversal, TriggerReversal
+from bdbench.defenses.reversal import Reversal, TriggerReversal
 
 register_shared(TriggerReversal, kind="reversals", result=Reversal)  # NC, ℓ∞ pruning, ShapPruning: reverse once
 

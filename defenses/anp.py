@@ -18,11 +18,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from bench.augment import Augment
-from bench.schema import Fraction, NonNegative, Positive, PositiveInt
-from defenses.base import CleanData, Defense, DefenseContext, register_defense
-from defenses.finetune import BATCHNORM, set_train_mode
-from defenses.reversal import carriers
+from bdbench.augment import Augment
+from bdbench.schema import Fraction, NonNegative, Positive, PositiveInt
+from bdbench.defenses.base import CleanData, Defense, DefenseContext, register_defense
+from bdbench.defenses.finetune import BATCHNORM, set_train_mode
+from bdbench.defenses.reversal import carriers
 
 SELECT = ("threshold", "sweep")
 
@@ -149,7 +149,7 @@ class ANP(Defense):
         return model.eval()
 
     def ladder(self, masks: dict[str, torch.Tensor]) -> list[dict]:
-        """BackdoorBench's threshold ladder (bench.oracle): at each threshold the channels whose mask, written with
+        """BackdoorBench's threshold ladder (bdbench.oracle): at each threshold the channels whose mask, written with
         four decimals as its mask_values.txt, is at most the threshold; each step names only the channels it adds."""
         lo, hi, step = self.candidates
         written = {name: (m.double() * 1e4).round() / 1e4 for name, m in masks.items()}

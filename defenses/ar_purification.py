@@ -23,12 +23,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench.augment import Augment
-from bench.device import autocast
-from bench.schema import Count, Fraction, NonNegative, PositiveInt, Range
-from defenses.base import CleanData, Defense, DefenseContext, register_defense
-from defenses.finetune import Schedule, finetune
-from defenses.masks import Neurons, conv_neurons, prune_channels
+from bdbench.augment import Augment
+from bdbench.device import autocast
+from bdbench.schema import Count, Fraction, NonNegative, PositiveInt, Range
+from bdbench.defenses.base import CleanData, Defense, DefenseContext, register_defense
+from bdbench.defenses.finetune import Schedule, finetune
+from bdbench.defenses.masks import Neurons, conv_neurons, prune_channels
 
 VARIANTS = ("code", "neuron")
 REGS = ("adaptive", "l1", "adaptive_l2")

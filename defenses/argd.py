@@ -17,13 +17,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench.augment import Augment
-from bench.schema import NonNegative, Positive, PositiveInt
-from defenses.attention import attention, feature_taps, forward_with_features
-from defenses.base import CleanData, Defense, DefenseContext, register_defense
-from defenses.clp import CLP
-from defenses.finetune import Schedule, finetune
-from defenses.nad import teacher_of
+from bdbench.augment import Augment
+from bdbench.schema import NonNegative, Positive, PositiveInt
+from bdbench.defenses.attention import attention, feature_taps, forward_with_features
+from bdbench.defenses.base import CleanData, Defense, DefenseContext, register_defense
+from bdbench.defenses.clp import CLP
+from bdbench.defenses.finetune import Schedule, finetune
+from bdbench.defenses.nad import teacher_of
 
 TEACHERS = ("finetune", "clp")
 

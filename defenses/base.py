@@ -19,10 +19,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from bench.registry import Registry
-from bench.seeding import generator
+from bdbench.registry import Registry
+from bdbench.seeding import generator
 
-DEFENSES: Registry["Defense"] = Registry("defense", group="bdbench.defenses", builtins="defenses")
+DEFENSES: Registry["Defense"] = Registry("defense", group="bdbench.defenses", builtins="bdbench.defenses")
 register_defense = DEFENSES.register
 
 

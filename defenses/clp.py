@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from bench.schema import NonNegative
-from defenses.base import CleanData, Defense, DefenseContext, register_defense
+from bdbench.schema import NonNegative
+from bdbench.defenses.base import CleanData, Defense, DefenseContext, register_defense
 
 
 @register_defense("clp")

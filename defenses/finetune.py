@@ -22,11 +22,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench.augment import Augment
-from bench.device import autocast
-from bench.schema import Count, Fraction, NonNegative, Positive, PositiveInt
-from bench.train import BatchStream
-from defenses.base import CleanData, DefenseContext
+from bdbench.augment import Augment
+from bdbench.device import autocast
+from bdbench.schema import Count, Fraction, NonNegative, Positive, PositiveInt
+from bdbench.train import BatchStream
+from bdbench.defenses.base import CleanData, DefenseContext
 
 
 def step_count(n: int, epochs: int, batch_size: int, min_steps: int) -> tuple[int, int]:

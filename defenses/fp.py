@@ -14,14 +14,14 @@ from typing import Annotated
 
 import torch
 
-from bench.augment import Augment
-from bench.device import autocast
-from bench.schema import Fraction, PositiveInt, Range, Rate
-from defenses.base import CleanData, Defense, DefenseContext, register_defense
-from defenses.finetune import Schedule, finetune
-from defenses.guard import class_coverage, largest_passing_count
-from defenses.masks import coalition_logits, group_neurons, prefix_masks, prune_channels
-from defenses.reversal import carriers
+from bdbench.augment import Augment
+from bdbench.device import autocast
+from bdbench.schema import Fraction, PositiveInt, Range, Rate
+from bdbench.defenses.base import CleanData, Defense, DefenseContext, register_defense
+from bdbench.defenses.finetune import Schedule, finetune
+from bdbench.defenses.guard import class_coverage, largest_passing_count
+from bdbench.defenses.masks import coalition_logits, group_neurons, prefix_masks, prune_channels
+from bdbench.defenses.reversal import carriers
 
 
 @register_defense("fp")

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from bench.augment import Augment
-from defenses.base import CleanData, Defense, DefenseContext, register_defense
-from defenses.finetune import Schedule, finetune
+from bdbench.augment import Augment
+from bdbench.defenses.base import CleanData, Defense, DefenseContext, register_defense
+from bdbench.defenses.finetune import Schedule, finetune
 
 
 @register_defense("ft")

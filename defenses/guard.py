@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from defenses.base import CleanData
-from defenses.masks import Neurons, coalition_logits
+from bdbench.defenses.base import CleanData
+from bdbench.defenses.masks import Neurons, coalition_logits
 
 
 @dataclass

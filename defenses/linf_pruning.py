@@ -16,16 +16,16 @@ from typing import Literal
 
 import torch
 
-from bench.augment import Augment
-from bench.device import autocast
-from bench.schema import Fraction, PositiveInt
-from defenses.base import CleanData, Defense, DefenseContext, register_defense
-from defenses.finetune import Schedule, finetune
-from defenses.guard import Guard, largest_passing_count
-from defenses.masks import (Neurons, coalition_logits, conv_neurons, group_neurons, head_neurons, prefix_masks,
+from bdbench.augment import Augment
+from bdbench.device import autocast
+from bdbench.schema import Fraction, PositiveInt
+from bdbench.defenses.base import CleanData, Defense, DefenseContext, register_defense
+from bdbench.defenses.finetune import Schedule, finetune
+from bdbench.defenses.guard import Guard, largest_passing_count
+from bdbench.defenses.masks import (Neurons, coalition_logits, conv_neurons, group_neurons, head_neurons, prefix_masks,
                             prune_channels)
-from defenses.reversal import TriggerReversal
-from defenses.shap_pruning import pruning_carriers
+from bdbench.defenses.reversal import TriggerReversal
+from bdbench.defenses.shap_pruning import pruning_carriers
 
 NORMS = ("linf", "l1", "l2")
 SCORES = ("diff", "raw")

@@ -22,8 +22,8 @@ from typing import Callable, Iterator, Sequence
 import torch
 from torch import nn
 
-from bench.device import autocast
-from bench.weights import KEEP, channel_keep
+from bdbench.device import autocast
+from bdbench.weights import KEEP, channel_keep
 
 
 @dataclass
@@ -378,7 +378,7 @@ def prefix_masks(order: torch.Tensor, counts: Sequence[int] | torch.Tensor, n: i
 
 
 def prune_channels(neurons: Neurons, indices: Sequence[int] | torch.Tensor) -> None:
-    """Permanently silence neurons: a fixed 0/1 buffer on each mask point (``bench.weights.channel_keep``).
+    """Permanently silence neurons: a fixed 0/1 buffer on each mask point (``bdbench.weights.channel_keep``).
 
     Fine-tuning afterwards cannot regrow a pruned channel, and the mask travels in the weights the defense returns.
     """

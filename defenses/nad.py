@@ -12,11 +12,11 @@ import copy
 
 import torch.nn.functional as F
 
-from bench.augment import Augment
-from bench.schema import Positive
-from defenses.attention import at_loss, feature_taps, forward_with_features
-from defenses.base import CleanData, Defense, DefenseContext, register_defense
-from defenses.finetune import Schedule, finetune
+from bdbench.augment import Augment
+from bdbench.schema import Positive
+from bdbench.defenses.attention import at_loss, feature_taps, forward_with_features
+from bdbench.defenses.base import CleanData, Defense, DefenseContext, register_defense
+from bdbench.defenses.finetune import Schedule, finetune
 
 
 def teacher_of(model, clean: CleanData, ctx: DefenseContext, schedule: Schedule, augment: Augment):

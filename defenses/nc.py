@@ -11,11 +11,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from bench.augment import Augment
-from bench.schema import Fraction
-from defenses.base import CleanData, Defense, DefenseContext, register_defense
-from defenses.finetune import Schedule, finetune
-from defenses.reversal import TriggerReversal
+from bdbench.augment import Augment
+from bdbench.schema import Fraction
+from bdbench.defenses.base import CleanData, Defense, DefenseContext, register_defense
+from bdbench.defenses.finetune import Schedule, finetune
+from bdbench.defenses.reversal import TriggerReversal
 
 
 @register_defense("nc")

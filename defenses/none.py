@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from defenses.base import CleanData, Defense, DefenseContext, register_defense
+from bdbench.defenses.base import CleanData, Defense, DefenseContext, register_defense
 
 
 @register_defense("none")

@@ -19,10 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench.augment import Augment
-from bench.device import autocast
-from bench.schema import Fraction, Positive, PositiveInt, Range
-from defenses.base import CleanData, DefenseContext
+from bdbench.augment import Augment
+from bdbench.device import autocast
+from bdbench.schema import Fraction, Positive, PositiveInt, Range
+from bdbench.defenses.base import CleanData, DefenseContext
 
 
 UNDETECTED = ("skip", "force")

@@ -25,13 +25,13 @@ from typing import Literal
 
 import torch
 
-from bench.augment import Augment
-from bench.schema import Fraction, NonNegative, Positive, PositiveInt
-from defenses.base import CleanData, Defense, DefenseContext, register_defense
-from defenses.guard import Guard, largest_passing_count
-from defenses.masks import (Neurons, coalition_logits, coalition_scorer, conv_neurons, prefix_masks,
+from bdbench.augment import Augment
+from bdbench.schema import Fraction, NonNegative, Positive, PositiveInt
+from bdbench.defenses.base import CleanData, Defense, DefenseContext, register_defense
+from bdbench.defenses.guard import Guard, largest_passing_count
+from bdbench.defenses.masks import (Neurons, coalition_logits, coalition_scorer, conv_neurons, prefix_masks,
                             prune_channels)
-from defenses.reversal import TriggerReversal, carriers
+from bdbench.defenses.reversal import TriggerReversal, carriers
 
 VALUES = ("soft_asr", "asr_minus_acc")
 PLAYERS = ("all", "last_stage")

@@ -21,14 +21,14 @@ from typing import Annotated, Literal
 import torch
 from torch import nn
 
-from bench.augment import Augment
-from bench.device import autocast
-from bench.schema import Fraction, PositiveInt, Range
-from defenses.base import CleanData, Defense, DefenseContext, register_defense
-from defenses.finetune import Schedule, finetune
-from defenses.guard import Guard, largest_passing_count
-from defenses.masks import Neurons, conv_neurons, prefix_masks, prune_channels
-from defenses.reversal import carriers
+from bdbench.augment import Augment
+from bdbench.device import autocast
+from bdbench.schema import Fraction, PositiveInt, Range
+from bdbench.defenses.base import CleanData, Defense, DefenseContext, register_defense
+from bdbench.defenses.finetune import Schedule, finetune
+from bdbench.defenses.guard import Guard, largest_passing_count
+from bdbench.defenses.masks import Neurons, conv_neurons, prefix_masks, prune_channels
+from bdbench.defenses.reversal import carriers
 
 WEIGHTS = ("clp", "in_l2", "out_l2")
 

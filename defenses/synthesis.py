@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench.device import autocast
-from bench.schema import Count, NonNegative, Positive, PositiveInt
-from defenses.base import CleanData, DefenseContext
+from bdbench.device import autocast
+from bdbench.schema import Count, NonNegative, Positive, PositiveInt
+from bdbench.defenses.base import CleanData, DefenseContext
 
 
 def total_variation(x: torch.Tensor) -> torch.Tensor:

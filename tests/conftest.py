@@ -10,8 +10,8 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 
-from bench.validate import CONF_DIR
-from bench.validate import configured as bench_configured
+from bdbench.validate import CONF_DIR
+from bdbench.validate import configured as bench_configured
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = Path(os.environ.get("BDBENCH_DATA", ROOT.parent / "shared" / "data"))
@@ -41,7 +41,7 @@ def compose_cell(tmp_path: Path, overrides: list[str]) -> DictConfig:
 
 
 def configured(node: str, *overrides: str, **values):
-    """A component from its config in conf/ on the synthetic set's shapes (``bench.validate.configured``): tests
+    """A component from its config in conf/ on the synthetic set's shapes (``bdbench.validate.configured``): tests
     state only what they change, every other value is the configured default, never a Python one."""
     return bench_configured(node, "dataset=synthetic", *overrides, **values)
 

@@ -1,4 +1,4 @@
-"""``bench.api``: a cell or a sweep from Python with the command line's overrides; records into pandas."""
+"""``bdbench.api``: a cell or a sweep from Python with the command line's overrides; records into pandas."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from bench import api
-from bench.errors import ConfigError
-from bench.metrics import evaluate
-from bench.validate import build
+from bdbench import api
+from bdbench.errors import ConfigError
+from bdbench.metrics import evaluate
+from bdbench.validate import build
 from conftest import DATA, TINY, compose_cell, fashion_mnist_available
 
 
@@ -51,12 +51,12 @@ def test_a_cell_is_validated_once_and_each_component_built_once_from_its_config_
     runs: one build per component, the model's architecture checked on the meta device and built with weights once."""
     from collections import Counter
 
-    import bench.cli
-    import bench.runner
-    import bench.validate
+    import bdbench.cli
+    import bdbench.runner
+    import bdbench.validate
 
     built, validations = Counter(), []
-    real_build, real_validate = bench.validate.build, bench.validate.validate
+    real_build, real_validate = bdbench.validate.build, bdbench.validate.validate
 
     def counting_build(node, **kwargs):
         made = real_build(node, **kwargs)
@@ -68,9 +68,9 @@ def test_a_cell_is_validated_once_and_each_component_built_once_from_its_config_
         validations.append(1)
         return real_validate(*args, **kwargs)
 
-    for module in (bench.validate, bench.runner):
+    for module in (bdbench.validate, bdbench.runner):
         monkeypatch.setattr(module, "build", counting_build)
-    for module in (bench.validate, bench.cli):
+    for module in (bdbench.validate, bdbench.cli):
         monkeypatch.setattr(module, "validate", counting_validate)
     paths = [f"paths.data={DATA}", f"paths.cache={tmp_path / 'cache'}", f"paths.records={tmp_path / 'records'}",
              f"paths.output={tmp_path / 'out'}", "device=cpu", "worker.isolation=none"]

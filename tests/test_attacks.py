@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from bench.data import ImageSet
+from bdbench.data import ImageSet
 from conftest import configured
 
 
@@ -86,8 +86,8 @@ def test_badnets_patterns_that_cannot_work_are_refused():
 def test_badnets_reads_a_state_saved_before_patterns_and_a_config_without_their_keys():
     """Models cached and records written before attack.pattern existed: the mask-only state and the config
     without the new (null) keys still give the same square."""
-    from bench.report import current
-    from bench.validate import build
+    from bdbench.report import current
+    from bdbench.validate import build
 
     old = configured("attack", "attack=badnets")
     x = torch.zeros(1, 1, 28, 28, dtype=torch.uint8)
@@ -95,7 +95,7 @@ def test_badnets_reads_a_state_saved_before_patterns_and_a_config_without_their_
     again = configured("attack", "attack=badnets")
     again.load_state_dict({"poison_indices": torch.empty(0, dtype=torch.long), "mask": old.mask})
     assert torch.equal(again.apply_trigger(x), expected)
-    record_config = {"_target_": "attacks.badnets.BadNets", "target": 4, "poison_rate": 0.1, "size": 3, "margin": 0,
+    record_config = {"_target_": "bdbench.attacks.badnets.BadNets", "target": 4, "poison_rate": 0.1, "size": 3, "margin": 0,
                      "corner": "bottom_right", "value": 255}  # as a schema-3 record holds it
     assert torch.equal(build(current(record_config)).apply_trigger(x), expected)
 
@@ -145,8 +145,8 @@ def test_lc_corner_trigger_by_hand():
 
 def model_key(cfg) -> str:
     """The key of a cell's poisoned model, read from its config (no model built, no data read)."""
-    from bench import runner
-    from bench.validate import Cell, build
+    from bdbench import runner
+    from bdbench.validate import Cell, build
 
     return runner.model_key(Cell(cfg=cfg, choices={}, dataset=build(cfg.dataset), attack=build(cfg.attack),
                                  recipe=None, synthesis=None, rule=None, facts={}, device=torch.device("cpu"),
@@ -154,7 +154,7 @@ def model_key(cfg) -> str:
 
 
 def lc_cell(tiny_cfg, *overrides: str):
-    from bench.validate import build
+    from bdbench.validate import build
 
     cfg = tiny_cfg("attack=lc", "attack.steps=5", "attack.poison_rate=0.05", *overrides)
     data = build(cfg.dataset).load("unused")
@@ -192,8 +192,8 @@ def test_lc_perturbs_target_images_within_eps_stamps_them_and_keeps_every_label(
 
 
 def test_lc_loads_a_surrogate_whose_contents_key_the_model(tiny_cfg, tmp_path):
-    from bench.errors import ConfigError
-    from bench.validate import validate
+    from bdbench.errors import ConfigError
+    from bdbench.validate import validate
 
     missing = tmp_path / "none.pt"
     with pytest.raises(ConfigError, match=f"attack.surrogate_checkpoint={missing}: no such file; valid: "):
@@ -223,8 +223,8 @@ def test_blended_with_an_image_file_blends_it_resized_and_its_contents_key_the_m
     images' size, is red everywhere: round(0.8 x + 0.2 (255, 0, 0)); on one channel its luma, 76 (0.299 * 255)."""
     from PIL import Image
 
-    from bench.errors import ConfigError
-    from bench.validate import validate
+    from bdbench.errors import ConfigError
+    from bdbench.validate import validate
 
     path = tmp_path / "red.png"
     Image.new("RGB", (13, 7), (255, 0, 0)).save(path)
@@ -247,8 +247,8 @@ def test_badnets_reads_its_pattern_from_an_image_file_and_its_contents_key_the_m
     """NAD's 3x3 grid saved as a greyscale PNG stamps what the nested list stamps; a colour file is H x W x 3."""
     from PIL import Image
 
-    from bench.errors import ConfigError
-    from bench.validate import validate
+    from bdbench.errors import ConfigError
+    from bdbench.validate import validate
 
     grid = [[0, 0, 255], [0, 255, 0], [255, 0, 255]]
     path = tmp_path / "grid.png"

@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench import runner
-from bench.runner import run_cell
-from bench.validate import Cell, build
+from bdbench import runner
+from bdbench.code_versions import current_name, renamed
+from bdbench.runner import run_cell
+from bdbench.validate import Cell, build
 
 
 def count_trainings(monkeypatch) -> list:
@@ -121,26 +122,28 @@ def module_of(node: dict) -> str:
 @pytest.mark.parametrize("manifest", MANIFESTS, ids=[f"{m.parts[-5]}-{m.parent.name[:8]}" for m in MANIFESTS])
 def test_every_published_model_keeps_its_key(manifest):
     """The cache key hashes what the code does, not its text; the models published before that keep the keys they
-    were stored under (bench.code_versions), so nothing is trained again."""
+    were stored under (bdbench.code_versions), so nothing is trained again."""
     from hydra.utils import get_class
 
     spec = json.loads(manifest.read_text())["spec"]
-    bases = [c.__module__ for c in get_class(spec["attack"]["_target_"]).__mro__]  # SIG's and LC's attacks.clean_label
-    modules = tuple(m for m in bases if m.startswith("attacks.")) + tuple(module_of(spec[g]) for g in ("model", "dataset"))
+    now = renamed(spec, current_name)  # a manifest names its components as published
+    bases = [c.__module__ for c in get_class(now["attack"]["_target_"]).__mro__]  # SIG's and LC's clean_label
+    modules = tuple(m for m in bases if m.startswith("bdbench.attacks.")) + \
+        tuple(module_of(now[g]) for g in ("model", "dataset"))
     assert runner.code_version(modules=modules) == spec["code"]
     assert runner.sha256_json(spec)[:32] == manifest.parent.name
 
 
 def test_a_comment_or_docstring_edit_keeps_every_key_and_a_code_edit_changes_it(tmp_path, monkeypatch):
     """Before, editing a comment in bench/data.py changed every key and orphaned every published model."""
-    hashed = [*runner.ENGINE_MODULES, "attacks.badnets", "bench.models.wrn16_1"]
+    hashed = [*runner.ENGINE_MODULES, "bdbench.attacks.badnets", "bdbench.models.wrn16_1"]
     copies = {m: tmp_path / m.replace(".", "/") / "source.py" for m in hashed}
     for module, path in copies.items():
         path.parent.mkdir(parents=True)
         path.write_text(runner.source_file(module).read_text())
     monkeypatch.setattr(runner, "source_file", lambda module: copies[module])
     runner.source_text.cache_clear()
-    modules = ("attacks.badnets", "bench.models.wrn16_1")
+    modules = ("bdbench.attacks.badnets", "bdbench.models.wrn16_1")
     before = runner.code_version(modules=modules)
     assert before in runner.PUBLISHED.values()  # the published keys' version, through the frozen table
     for module, path in copies.items():  # a docstring and a comment in every hashed module
@@ -158,12 +161,12 @@ def test_a_comment_or_docstring_edit_keeps_every_key_and_a_code_edit_changes_it(
 
 
 def test_a_data_set_outside_bench_data_keys_its_models_by_its_own_code(tiny_cfg, tmp_path, monkeypatch):
-    """A data set in its own module (bench.datasets) is part of its models' keys: an edit to its reader re-keys its
-    models, and a data set in bench.data (an engine module already) adds nothing, so the published keys hold."""
+    """A data set in its own module (bdbench.datasets) is part of its models' keys: an edit to its reader re-keys its
+    models, and a data set in bdbench.data (an engine module already) adds nothing, so the published keys hold."""
     gtsrb = tmp_path / "gtsrb.py"
-    gtsrb.write_text(runner.source_file("bench.datasets.gtsrb").read_text())
+    gtsrb.write_text(runner.source_file("bdbench.datasets.gtsrb").read_text())
     real = runner.source_file
-    monkeypatch.setattr(runner, "source_file", lambda module: gtsrb if module == "bench.datasets.gtsrb" else real(module))
+    monkeypatch.setattr(runner, "source_file", lambda module: gtsrb if module == "bdbench.datasets.gtsrb" else real(module))
     runner.source_text.cache_clear()
     def key(*overrides: str) -> runner.ModelKey:  # no files of these data sets here: the parts the key reads
         cfg = tiny_cfg(*overrides, "model=cifar_cnn")
@@ -172,9 +175,9 @@ def test_a_data_set_outside_bench_data_keys_its_models_by_its_own_code(tiny_cfg,
 
     cpu = torch.device("cpu")
     spec = key("dataset=gtsrb")
-    plain = runner.code_version(modules=("attacks.badnets", "bench.models.cifar_cnn"))
-    assert spec.key_spec["code"] == runner.code_version(modules=("attacks.badnets", "bench.models.cifar_cnn",
-                                                                  "bench.datasets.gtsrb")) != plain
+    plain = runner.code_version(modules=("bdbench.attacks.badnets", "bdbench.models.cifar_cnn"))
+    assert spec.key_spec["code"] == runner.code_version(modules=("bdbench.attacks.badnets", "bdbench.models.cifar_cnn",
+                                                                  "bdbench.datasets.gtsrb")) != plain
     gtsrb.write_text(gtsrb.read_text() + "\nEDITED = 1\n")
     runner.source_text.cache_clear()
     assert key("dataset=gtsrb").key != spec.key
@@ -183,8 +186,27 @@ def test_a_data_set_outside_bench_data_keys_its_models_by_its_own_code(tiny_cfg,
     runner.source_text.cache_clear()
 
 
+def test_the_move_into_one_namespace_keeps_every_digest():
+    """The modules were three top-level packages (bench, attacks, defenses) when the published models were made: a
+    module's code under those names and under bdbench hashes alike, while a string that only looks like a package
+    path (an entry-point group) stays what it says, and any other name change is a change."""
+    new = runner.source_file("bdbench.attacks.base").read_text()
+    old = (new.replace("from bdbench.attacks.", "from attacks.").replace("from bdbench.", "from bench.")
+           .replace('builtins="bdbench.attacks"', 'builtins="attacks"'))
+    assert old != new and 'group="bdbench.attacks"' in old
+    assert runner.behaviour(old) == runner.behaviour(new)
+    assert runner.behaviour(new.replace('group="bdbench.attacks"', 'group="attacks"')) != runner.behaviour(new)
+    assert runner.behaviour(new.replace("from bdbench.", "from elsewhere.", 1)) != runner.behaviour(new)
+    assert runner.sha256_json({"a": {"_target_": "bdbench.attacks.badnets.BadNets"}}) == \
+        runner.sha256_json({"a": {"_target_": "attacks.badnets.BadNets"}})
+    assert runner.sha256_json({"_target_": "bdbench.data.CIFAR10"}) == runner.sha256_json({"_target_": "bench.data.CIFAR10"})
+    assert runner.sha256_json({"_target_": "elsewhere.data.CIFAR10"}) != runner.sha256_json({"_target_": "bench.data.CIFAR10"})
+    assert [current_name(n) for n in ("attacks.sig.SIG", "bench.data.CIFAR10", "defenses.ft.FT", "torch.optim.SGD")] == \
+        ["bdbench.attacks.sig.SIG", "bdbench.data.CIFAR10", "bdbench.defenses.ft.FT", "torch.optim.SGD"]
+
+
 def test_engine_modules_include_both_base_files():
-    files = {runner.source_file(m).relative_to(runner.source_file("bench").parent.parent).as_posix()
+    files = {runner.source_file(m).relative_to(runner.source_file("bdbench").parent.parent).as_posix()
              for m in runner.ENGINE_MODULES}
     assert {"attacks/base.py", "bench/models/base.py"} <= files
 
@@ -241,7 +263,7 @@ def test_the_poisoned_model_comes_in_the_recipes_memory_format_trained_or_cached
 
 
 def test_a_second_cell_of_the_model_triggers_no_test_image_again(tiny_cfg, choices, monkeypatch):
-    from attacks.badnets import BadNets
+    from bdbench.attacks.badnets import BadNets
 
     calls = []
     real = BadNets.apply_trigger
@@ -260,7 +282,7 @@ def test_a_second_cell_of_the_model_triggers_no_test_image_again(tiny_cfg, choic
 
 def test_an_edited_manifest_is_a_corrupt_entry_and_an_unsealed_one_is_sealed_on_first_read(tmp_path, caplog):
     """manifest.json was outside every hash: undefended metrics edited there went into every record of the model."""
-    from bench.cache import Store
+    from bdbench.cache import Store
 
     store = Store(tmp_path, "models")
     store.store("k", {"weights": {"w": torch.ones(2)}}, {"undefended": {"acc": 0.9, "asr": 0.99}})
@@ -284,8 +306,8 @@ def test_a_records_undefended_metrics_are_measured_from_the_weights_not_read_fro
         tiny_cfg, choices, tmp_path, caplog, monkeypatch):
     """A manifest edited and sealed again (its seal is a digest anyone can recompute) put its undefended metrics into
     every later record of the model, and into its DER."""
-    from bench.cache import seal
-    from bench.fsutil import atomic_write_json
+    from bdbench.cache import seal
+    from bdbench.fsutil import atomic_write_json
 
     first = run_cell(cfg := tiny_cfg("attack=badnets", "defense=none"), choices(cfg))
     path = tmp_path / "cache" / "models" / first["cache"]["key"] / "manifest.json"
@@ -302,12 +324,12 @@ def test_a_records_undefended_metrics_are_measured_from_the_weights_not_read_fro
 
 
 def test_an_edit_to_an_attacks_base_class_rekeys_its_models(tmp_path, monkeypatch):
-    """SIG and LC draw their images in ``attacks.clean_label``: the key hashed only the module of the attack's own
+    """SIG and LC draw their images in ``bdbench.attacks.clean_label``: the key hashed only the module of the attack's own
     class, so an edit to their shared selection kept every SIG and LC model's key."""
     shared = tmp_path / "clean_label.py"
-    shared.write_text(runner.source_file("attacks.clean_label").read_text())
+    shared.write_text(runner.source_file("bdbench.attacks.clean_label").read_text())
     real = runner.source_file
-    monkeypatch.setattr(runner, "source_file", lambda m: shared if m == "attacks.clean_label" else real(m))
+    monkeypatch.setattr(runner, "source_file", lambda m: shared if m == "bdbench.attacks.clean_label" else real(m))
     runner.source_text.cache_clear()
     sig, badnets = build_attack("sig"), build_attack("badnets")
     before = runner.code_version(sig), runner.code_version(badnets)
@@ -324,29 +346,29 @@ def build_attack(name: str):
 
 
 def test_an_admitted_edit_keeps_the_published_keys_and_only_an_admissible_module_is_admitted(tmp_path, monkeypatch):
-    """``bench.code_versions.ADMITTED``: a module's digest after an edit that leaves the published models alone stands
+    """``bdbench.code_versions.ADMITTED``: a module's digest after an edit that leaves the published models alone stands
     for the digest before it; any other edit still re-keys, and a module that shapes training is never admitted."""
-    from bench import code_versions
+    from bdbench import code_versions
 
     assert set(code_versions.ADMITTED) <= set(code_versions.ADMISSIBLE)
-    assert not {"bench.train", "bench.augment", "bench.device", "bench.models.base"} & set(code_versions.ADMISSIBLE)
+    assert not {"bdbench.train", "bdbench.augment", "bdbench.device", "bdbench.models.base"} & set(code_versions.ADMISSIBLE)
     # the data module only with a digest of every published data set to check its edits against (slow tier)
     names = {json.loads(m.read_text())["spec"]["dataset"]["name"]
              for m in (Path(__file__).parent.parent / "results").glob("*/cache/models/*/manifest.json")}
     assert names and names <= set(code_versions.PUBLISHED_DATA)
     copy = tmp_path / "blended.py"
-    copy.write_text(runner.source_file("attacks.blended").read_text())
+    copy.write_text(runner.source_file("bdbench.attacks.blended").read_text())
     real = runner.source_file
-    monkeypatch.setattr(runner, "source_file", lambda m: copy if m == "attacks.blended" else real(m))
+    monkeypatch.setattr(runner, "source_file", lambda m: copy if m == "bdbench.attacks.blended" else real(m))
     runner.source_text.cache_clear()
-    modules = ("attacks.blended", "bench.models.wrn16_1")
-    published, before = runner.code_version(modules=modules), runner.module_version("attacks.blended")
+    modules = ("bdbench.attacks.blended", "bdbench.models.wrn16_1")
+    published, before = runner.code_version(modules=modules), runner.module_version("bdbench.attacks.blended")
     assert published in code_versions.PUBLISHED.values()
     copy.write_text(copy.read_text() + "\nEDITED = 1\n")
     runner.source_text.cache_clear()
-    edited = runner.module_version("attacks.blended")
+    edited = runner.module_version("bdbench.attacks.blended")
     assert runner.code_version(modules=modules) != published
-    monkeypatch.setitem(code_versions.ADMITTED, "attacks.blended", {edited: before})
+    monkeypatch.setitem(code_versions.ADMITTED, "bdbench.attacks.blended", {edited: before})
     assert runner.code_version(modules=modules) == published
     copy.write_text(copy.read_text() + "\nEDITED_AGAIN = 1\n")  # a second edit, not admitted: a new key
     runner.source_text.cache_clear()

@@ -9,11 +9,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench.checkpoints import load_checkpoint
-from bench.errors import ConfigError
-from bench.models import create_model
+from bdbench.checkpoints import load_checkpoint
+from bdbench.errors import ConfigError
+from bdbench.models import create_model
 from conftest import configured
-from defenses.base import CleanData, DefenseContext
+from bdbench.defenses.base import CleanData, DefenseContext
 
 
 class NadBlock(nn.Module):
@@ -161,9 +161,9 @@ def test_own_layout_dataparallel_prefix_and_a_misfit(tmp_path):
 def test_a_cell_defends_a_checkpoint_instead_of_training(tiny_cfg, choices, tmp_path):
     """attack.checkpoint: the NAD-layout file is the poisoned model (raw pixels: model.normalize=false); the cache
     keys it by content, the record says where it came from, and the undefended metrics are bdbench's own."""
-    from bench.metrics import evaluate
-    from bench.runner import run_cell
-    from bench.validate import build
+    from bdbench.metrics import evaluate
+    from bdbench.runner import run_cell
+    from bdbench.validate import build
 
     theirs = trained_like(NadWideResNet(c=1))
     torch.save({"state_dict": theirs.state_dict()}, tmp_path / "nad.pth")
@@ -196,7 +196,7 @@ def test_wanet_defends_an_official_checkpoint_with_its_own_warp(tiny_cfg, choice
     """attack.checkpoint + attack.field on one official-format state_dict.pt (netC, identity_grid, noise_grid): the
     trigger is the file's warp (s, grid_rescale from the config, the official formula), the cache keys both by
     content, and another field file is another poisoned model."""
-    from bench.runner import run_cell
+    from bdbench.runner import run_cell
 
     torch.manual_seed(3)
     theirs = create_model("fmnist_cnn", num_classes=10, shape=(1, 16, 16), mean=[0.5], std=[0.5]).eval()
@@ -298,7 +298,7 @@ def test_input_aware_defends_a_saved_classifier_and_generators(layout, tiny_cfg,
     cache keys the generators by content."""
     import argparse
 
-    from bench.runner import run_cell
+    from bdbench.runner import run_cell
 
     classifier, netG, netM = iad_networks()
     prefix, options = ("", "opt") if layout == "official" else ("module.", "args")
@@ -345,7 +345,7 @@ def test_input_aware_generators_of_this_project_load_back_unchanged(tmp_path):
 
 
 def test_input_aware_generators_that_do_not_fit_are_one_error(tiny_cfg, tmp_path):
-    from bench.validate import validate
+    from bdbench.validate import validate
 
     classifier, netG, netM = iad_networks()
     torch.save({"netC": classifier.state_dict()}, tmp_path / "model_only.pt")

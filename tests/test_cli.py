@@ -26,7 +26,7 @@ def bdbench(tmp_path: Path, *args: str, timeout: int = HANG) -> subprocess.Compl
     """The CLI in a subprocess, with the data, cache, records and outputs under ``tmp_path``."""
     paths = [f"paths.data={DATA}", f"paths.cache={tmp_path / 'cache'}", f"paths.records={tmp_path / 'records'}",
              f"paths.output={tmp_path / 'outputs'}"]
-    return subprocess.run([sys.executable, "-m", "bench.cli", *args, *paths], cwd=tmp_path,
+    return subprocess.run([sys.executable, "-m", "bdbench.cli", *args, *paths], cwd=tmp_path,
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -61,7 +61,7 @@ def bdbench(tmp_path: Path, *args: str, timeout: int = HANG) -> subprocess.Compl
 )
 def test_bad_input_is_one_line_and_exit_code_2(tmp_path, args, message):
     result = bdbench(tmp_path, *args) if "paths.data=/nonexistent" not in args else subprocess.run(
-        [sys.executable, "-m", "bench.cli", *args], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+        [sys.executable, "-m", "bdbench.cli", *args], cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("bdbench: error: ") and message in lines[0], result.stderr
@@ -78,7 +78,7 @@ def test_unusable_paths_are_refused_before_any_compute(tmp_path):
                           (["paths.records=/sys/bdbench-records"], "cannot write under /sys"),
                           (["-m", f"paths.output={tmp_path / 'a_file'}"], "is a file, not a folder")):  # a traceback
         output = [] if any(a.startswith("paths.output=") for a in args) else [f"paths.output={tmp_path / 'out'}"]
-        result = subprocess.run([sys.executable, "-m", "bench.cli", *args, f"paths.data={DATA}", *output],
+        result = subprocess.run([sys.executable, "-m", "bdbench.cli", *args, f"paths.data={DATA}", *output],
                                 cwd=tmp_path, capture_output=True, text=True, timeout=600)
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 2 and len(lines) == 1 and message in lines[0], result.stderr
@@ -87,7 +87,7 @@ def test_unusable_paths_are_refused_before_any_compute(tmp_path):
 
 def test_cuda_asked_for_but_absent(tmp_path):
     """No GPU visible (on a GPU machine too: CUDA_VISIBLE_DEVICES hides them, where the test used to skip)."""
-    result = subprocess.run([sys.executable, "-m", "bench.cli", "device=cuda", f"paths.data={DATA}",
+    result = subprocess.run([sys.executable, "-m", "bdbench.cli", "device=cuda", f"paths.data={DATA}",
                              f"paths.cache={tmp_path / 'cache'}", f"paths.records={tmp_path / 'records'}"],
                             cwd=tmp_path, capture_output=True, text=True, timeout=600,
                             env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
@@ -95,7 +95,7 @@ def test_cuda_asked_for_but_absent(tmp_path):
 
 
 def test_missing_fashion_mnist_says_where_to_put_it(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "bench.cli", f"paths.data={tmp_path}/nowhere", "dataset.download=false"],
+    result = subprocess.run([sys.executable, "-m", "bdbench.cli", f"paths.data={tmp_path}/nowhere", "dataset.download=false"],
                             cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert result.returncode == 2
     assert "Fashion-MNIST not found under paths.data=" in result.stderr and "fashion-mnist" in result.stderr
@@ -147,7 +147,7 @@ def test_smoke_sweep_writes_5_records_and_resumes_without_work(tmp_path):
 
 
 def test_perf_coalitions_writes_its_tables(tmp_path):
-    run = subprocess.run([sys.executable, "-m", "bench.cli", "perf", "coalitions", f"out={tmp_path}", "carriers=[4]",
+    run = subprocess.run([sys.executable, "-m", "bdbench.cli", "perf", "coalitions", f"out={tmp_path}", "carriers=[4]",
                           "passes=[16]", "n_coalitions=8", "repeats=1", "device=cpu"],
                          capture_output=True, text=True, timeout=HANG)
     assert run.returncode == 0, run.stderr[-2000:]
@@ -163,7 +163,7 @@ def test_perf_walks_times_full_and_resumed_passes_and_cells_both_ways(tmp_path):
     """A cell run both ways must report the same defense decisions: the resumed passes are exact."""
     cell = ",".join(f"'{o}'" for o in [*TINY, "attack=badnets", "defense=fp", "budget=10", "seed=0",
                                        f"paths.cache={tmp_path / 'cache'}"])
-    run = subprocess.run([sys.executable, "-m", "bench.cli", "perf", "walks", f"out={tmp_path}", "carriers=[4]",
+    run = subprocess.run([sys.executable, "-m", "bdbench.cli", "perf", "walks", f"out={tmp_path}", "carriers=[4]",
                           "models=[wrn16_1]", "n_walks=2", "steps=5", "repeats=1", "device=cpu", f"cells=[[{cell}]]"],
                          capture_output=True, text=True, timeout=HANG)
     assert run.returncode == 0, run.stderr[-2000:]
@@ -177,7 +177,7 @@ def test_perf_walks_times_full_and_resumed_passes_and_cells_both_ways(tmp_path):
 
 
 def test_perf_pipeline_times_engine_and_reference(tmp_path):
-    run = subprocess.run([sys.executable, "-m", "bench.cli", "perf", "pipeline", f"out={tmp_path}",
+    run = subprocess.run([sys.executable, "-m", "bdbench.cli", "perf", "pipeline", f"out={tmp_path}",
                           "overrides=[dataset=synthetic,model=fmnist_cnn,attack=badnets]", "train_images=512",
                           "workers=[0]", "repeats=1", "device=cpu"], capture_output=True, text=True, timeout=HANG)
     assert run.returncode == 0, run.stderr[-2000:]
@@ -192,7 +192,7 @@ def test_perf_pipeline_times_engine_and_reference(tmp_path):
 
 
 def test_perf_datapath_divides_engine_by_the_models_own_time(tmp_path):
-    run = subprocess.run([sys.executable, "-m", "bench.cli", "perf", "datapath", f"out={tmp_path}", "repeats=1",
+    run = subprocess.run([sys.executable, "-m", "bdbench.cli", "perf", "datapath", f"out={tmp_path}", "repeats=1",
                           "cases=[{overrides: [dataset=synthetic, model=fmnist_cnn, attack=badnets], train_images: 300}]",
                           "device=cpu"], capture_output=True, text=True, timeout=HANG)
     assert run.returncode == 0, run.stderr[-2000:]
@@ -211,7 +211,7 @@ def test_perf_costs_divides_each_defenses_median_by_the_models_own_epoch(tmp_pat
     out; the epoch the table divides by is the one its page states, the test passes each cell's own."""
     import pandas as pd
 
-    from bench.records import cpu_name
+    from bdbench.records import cpu_name
 
     records = tmp_path / "records"
     records.mkdir()
@@ -221,7 +221,7 @@ def test_perf_costs_divides_each_defenses_median_by_the_models_own_epoch(tmp_pat
             "status": status, "env": {"device": {"cpu": cpu, "threads": 1, "type": "cpu"}},
             "display": {"defense": "FT"}, "cell": {"budget": 10},
             "timings": {"data": 1.0, "reversal": 30.0 * (i == 0), "defense": seconds, "eval": 2.0, "total": 99.0}}))
-    run = subprocess.run([sys.executable, "-m", "bench.cli", "perf", "costs", f"out={tmp_path}", "repeats=1",
+    run = subprocess.run([sys.executable, "-m", "bdbench.cli", "perf", "costs", f"out={tmp_path}", "repeats=1",
                           f"cases=[{{overrides: [dataset=synthetic, model=fmnist_cnn], records: {records}, steps: 2}}]"],
                          capture_output=True, text=True, timeout=HANG, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert run.returncode == 0, run.stderr[-2000:]
@@ -238,7 +238,7 @@ def test_perf_costs_divides_each_defenses_median_by_the_models_own_epoch(tmp_pat
 def test_perf_allocator_compares_fresh_processes_with_and_without_retained_memory(tmp_path):
     """Timings are not asserted (benchmarks report them); the mechanism is: at batch 512 an activation of the Fashion-
     MNIST CNN (51 MB) is above glibc's mmap threshold, so the default process faults its pages in on every step."""
-    run = subprocess.run([sys.executable, "-m", "bench.cli", "perf", "allocator", f"out={tmp_path}", "repeats=1",
+    run = subprocess.run([sys.executable, "-m", "bdbench.cli", "perf", "allocator", f"out={tmp_path}", "repeats=1",
                           "images=8192", "cases=[{model: fmnist_cnn, dataset: fashion_mnist, batch: 512}]"],
                          capture_output=True, text=True, timeout=HANG)
     assert run.returncode == 0, run.stderr[-2000:]
@@ -251,7 +251,7 @@ def test_perf_allocator_compares_fresh_processes_with_and_without_retained_memor
 
 
 def test_perf_tta_stops_each_pipeline_at_the_target_or_the_epoch_cap(tmp_path):
-    run = subprocess.run([sys.executable, "-m", "bench.cli", "perf", "tta", f"out={tmp_path}", "device=cpu",
+    run = subprocess.run([sys.executable, "-m", "bdbench.cli", "perf", "tta", f"out={tmp_path}", "device=cpu",
                           "overrides=[dataset=synthetic,model=fmnist_cnn,attack=badnets]", "engine_recipe=reference",
                           "targets=[0.5,0.3]", "max_epochs=4", "workers=0", "train_images=1000"],
                          capture_output=True, text=True, timeout=HANG)
@@ -269,7 +269,7 @@ def test_perf_tta_stops_each_pipeline_at_the_target_or_the_epoch_cap(tmp_path):
 
 
 def test_perf_unknown_benchmark_is_one_line(tmp_path):
-    run = subprocess.run([sys.executable, "-m", "bench.cli", "perf", "strolls"], capture_output=True, text=True)
+    run = subprocess.run([sys.executable, "-m", "bdbench.cli", "perf", "strolls"], capture_output=True, text=True)
     assert run.returncode == 2 and run.stderr.strip() == (
         "bdbench: error: usage: bdbench perf NAME [key=value ...]; valid names: allocator, coalitions, costs, datapath, "
         "pipeline, tta, walks")
@@ -278,7 +278,7 @@ def test_perf_unknown_benchmark_is_one_line(tmp_path):
 def test_report_and_version_explain_themselves(tmp_path):
     """`report --help` said 'no finished records under --help'; an override-looking argument became a folder
     literally named 'paths.data=...'; --version printed Hydra's."""
-    run = lambda *a: subprocess.run([sys.executable, "-m", "bench.cli", *a], cwd=tmp_path, capture_output=True,
+    run = lambda *a: subprocess.run([sys.executable, "-m", "bdbench.cli", *a], cwd=tmp_path, capture_output=True,
                                     text=True, timeout=600)
     helped = run("report", "--help")
     assert helped.returncode == 0 and "--out" in helped.stdout and "--cache" in helped.stdout
@@ -295,7 +295,7 @@ def test_report_and_version_explain_themselves(tmp_path):
     gallery = run("gallery", "--help")  # was a lexer error: "--help" parsed as an override
     assert gallery.returncode == 0 and "usage: bdbench gallery" in gallery.stdout and "poisoned model" in gallery.stdout
     assert not (tmp_path / "outputs").exists()
-    from bench.report import load
+    from bdbench.report import load
 
     assert load(str(tmp_path))[0].empty  # a string path works
 
@@ -304,13 +304,13 @@ def test_report_and_version_explain_themselves(tmp_path):
                                                (["perf", "--help"], "  tta          time to a clean test accuracy")])
 def test_subcommands_print_help(tmp_path, command, expected):
     """``bdbench list --help`` ended in a Hydra traceback and ``bdbench perf --help`` in an error."""
-    result = subprocess.run([sys.executable, "-m", "bench.cli", *command], cwd=tmp_path, capture_output=True,
+    result = subprocess.run([sys.executable, "-m", "bdbench.cli", *command], cwd=tmp_path, capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 0 and expected in result.stdout, result.stderr[-2000:]
 
 
 def test_list_describes_experiments_by_purpose(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "bench.cli", "list"], cwd=tmp_path, capture_output=True,
+    result = subprocess.run([sys.executable, "-m", "bdbench.cli", "list"], cwd=tmp_path, capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 0 and "@package" not in result.stdout
     assert re.search(r"paper_grid\s+bdbench\s+The Fashion-MNIST grid", result.stdout)
@@ -319,7 +319,7 @@ def test_list_describes_experiments_by_purpose(tmp_path):
 def test_records_folder_from_the_environment_like_data_and_cache(monkeypatch):
     from hydra import compose, initialize_config_dir
 
-    from bench.validate import CONF_DIR
+    from bdbench.validate import CONF_DIR
 
     monkeypatch.setenv("BDBENCH_RECORDS", "/somewhere/records")
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
@@ -354,8 +354,8 @@ def test_records_folder_from_the_environment_like_data_and_cache(monkeypatch):
 ])
 def test_bad_settings_are_refused_by_the_validation_pass(tmp_path, monkeypatch, args, message):
     """The CLI's validation pass in this process (the one-line, exit-code-2 path is the test above's)."""
-    from bench.cli import prevalidate
-    from bench.errors import ConfigError
+    from bdbench.cli import prevalidate
+    from bdbench.errors import ConfigError
 
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ConfigError) as refused:

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench.cache import ModelCache, Store
+from bdbench.cache import ModelCache, Store
 from conftest import TINY
 
 GRID = ["-m", *TINY, "attack=badnets", "defense=none,ft", "budget=1", "seed=0", "device=cpu"]
@@ -27,7 +27,7 @@ GRID = ["-m", *TINY, "attack=badnets", "defense=none,ft", "budget=1", "seed=0", 
 
 def command(root: Path, *extra: str) -> list[str]:
     paths = [f"paths.cache={root / 'cache'}", f"paths.records={root / 'records'}", f"paths.output={root / 'outputs'}"]
-    return [sys.executable, "-m", "bench.cli", *GRID, *extra, *paths]
+    return [sys.executable, "-m", "bdbench.cli", *GRID, *extra, *paths]
 
 
 def records(root: Path) -> dict[tuple, dict]:
@@ -107,7 +107,7 @@ def test_a_cluster_sweep_trains_each_model_once_first_and_resumes_after_a_kill(t
 
 def test_one_model_job_trains_and_writes_no_record(tmp_path):
     """``stage=model`` on its own: the model in the cache, no record; the cell run after it finds the model."""
-    run = subprocess.run([sys.executable, "-m", "bench.cli", *TINY, "attack=badnets", "device=cpu", "stage=model",
+    run = subprocess.run([sys.executable, "-m", "bdbench.cli", *TINY, "attack=badnets", "device=cpu", "stage=model",
                           f"paths.cache={tmp_path / 'cache'}", f"paths.records={tmp_path / 'records'}"],
                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -117,7 +117,7 @@ def test_one_model_job_trains_and_writes_no_record(tmp_path):
 
 HOLD = """
 import sys, time
-from bench.cache import ModelCache
+from bdbench.cache import ModelCache
 with ModelCache(sys.argv[1]).lock("model-x"):
     print("held", flush=True)
     time.sleep(600)
@@ -125,7 +125,7 @@ with ModelCache(sys.argv[1]).lock("model-x"):
 
 TAKE = """
 import logging, sys
-from bench.cache import ModelCache
+from bdbench.cache import ModelCache
 logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
 with ModelCache(sys.argv[1]).lock("model-x"):
     print("taken", flush=True)
@@ -156,7 +156,7 @@ def _share_one_entry(root: str, worker: int, rounds: int, queue) -> None:
     corrupt = []
     handler = logging.Handler()
     handler.emit = lambda record: corrupt.append(record.getMessage())
-    logging.getLogger("bench.cache").addHandler(handler)
+    logging.getLogger("bdbench.cache").addHandler(handler)
     store = Store(root, "models")
     expected = torch.arange(50_000, dtype=torch.float32)
     wrong = 0
@@ -214,7 +214,7 @@ def test_a_file_system_without_locks_is_refused_in_one_line(tmp_path, monkeypatc
     import errno
     import fcntl
 
-    from bench.errors import ConfigError
+    from bdbench.errors import ConfigError
 
     def no_locks(fd, op):
         raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))

@@ -1,4 +1,4 @@
-"""``bench.contract.check_defense``, the check a plugin's own tests call: it passes a defense that keeps the
+"""``bdbench.contract.check_defense``, the check a plugin's own tests call: it passes a defense that keeps the
 contract and names the rule each broken one breaks."""
 
 from __future__ import annotations
@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench.contract import check_defense
-from bench.validate import configured
-from defenses.base import Defense
+from bdbench.contract import check_defense
+from bdbench.validate import configured
+from bdbench.defenses.base import Defense
 
 
 class Tramples(Defense):

@@ -9,9 +9,9 @@ import pytest
 import torch
 from torchvision.io import encode_png
 
-from bench.augment import Augment, random_crop
-from bench.data import FashionMNIST, ImageFolder, Synthetic, read_idx
-from bench.errors import DataNotFoundError
+from bdbench.augment import Augment, random_crop
+from bdbench.data import FashionMNIST, ImageFolder, Synthetic, read_idx
+from bdbench.errors import DataNotFoundError
 
 AUG = Augment(crop_padding=1, hflip=False)
 META = dict(mean=[0.5], std=[0.5], augment=AUG, defense_augment=AUG, pool_seed=0, subset={}, download=False)
@@ -57,7 +57,7 @@ def test_budgets_are_nested_and_seeded(bundle):
 
 
 def test_pool_larger_than_a_class_is_an_error():
-    from bench.errors import ConfigError
+    from bdbench.errors import ConfigError
 
     ds = Synthetic(name="s", num_classes=10, shape=[1, 8, 8], n_train=100, n_test=10, pool_per_class=11, **META, **SYN)
     with pytest.raises(ConfigError, match="pool_per_class=11"):
@@ -121,7 +121,7 @@ def image_folder(tmp_path, classes=("cat", "ant", "dog")):
 
 def test_a_truncated_decoded_cache_is_rebuilt(tmp_path, caplog):
     """Before, a truncated decoded data set made every later run crash and was never rebuilt."""
-    from bench import data as data_module
+    from bdbench import data as data_module
 
     root, ds = image_folder(tmp_path)
     first = ds.load(root, cache_dir=tmp_path / "cache")
@@ -151,7 +151,7 @@ def test_two_cold_runs_share_one_decode(tmp_path):
     import sys
 
     root, _ = image_folder(tmp_path)
-    script = (f"from bench.augment import Augment; from bench.data import ImageFolder; a = Augment(crop_padding=0, "
+    script = (f"from bdbench.augment import Augment; from bdbench.data import ImageFolder; a = Augment(crop_padding=0, "
               f"hflip=False); ds = ImageFolder(folder='imgs', name='tiny_folder', num_classes=3, shape=[3, 8, 8], "
               f"pool_per_class=1, mean=[0.5] * 3, std=[0.5] * 3, augment=a, defense_augment=a, pool_seed=0, "
               f"subset={{}}, download=False); "
@@ -185,7 +185,7 @@ def test_tiny_imagenet_reads_the_official_train_layout_and_sorted_validation_ima
     sorted wnids, and keeps its defender pool out of the poisonable indices. (Three classes of the 200 here.)"""
     from torchvision.io import encode_jpeg
 
-    from bench.validate import build
+    from bdbench.validate import build
 
     root = tmp_path / "data" / "tiny-imagenet"
     wnids = ("n01443537", "n01629819", "n01641577")
@@ -226,7 +226,7 @@ def write_gtsrb(root, sizes=lambda c, i: (20 + c, 30 + i)) -> None:
 def test_image_folder_decodes_again_when_files_swap_contents_under_the_same_names_and_sizes(tmp_path):
     """The decoded cache is keyed by the files' contents: a key of names and sizes reused the old decoding after two
     files of equal size swapped contents (a data folder edited in place reads as the folder it was)."""
-    from bench import data as data_module
+    from bdbench import data as data_module
 
     root, ds = image_folder(tmp_path)
     ant, cat = (root / "imgs" / "train" / name / "0.png" for name in ("ant", "cat"))
@@ -246,7 +246,7 @@ def test_image_folder_decodes_again_when_files_swap_contents_under_the_same_name
 def test_gtsrb_reads_torchvisions_layout_resized_to_the_configured_size(tmp_path, tiny_cfg):
     """``dataset=gtsrb`` on files in the archives' layout: photos of any size come out 3 x 32 x 32 uint8, labelled
     by their class folder (training) and by the CSV (test), with the defender pool out of the poisonable indices."""
-    from bench.validate import build
+    from bdbench.validate import build
 
     write_gtsrb(tmp_path / "data")
     cfg = tiny_cfg("dataset=gtsrb", "dataset.pool_per_class=2", "dataset.download=false")
@@ -262,7 +262,7 @@ def test_gtsrb_reads_torchvisions_layout_resized_to_the_configured_size(tmp_path
 def test_gtsrb_decodes_again_when_a_files_content_changes_under_the_same_name_and_size(tmp_path, tiny_cfg):
     """The decoded cache is keyed by the files' contents: ImageFolder's names-and-sizes key reused an old decoding
     after two files of equal size swapped contents."""
-    from bench.validate import build
+    from bdbench.validate import build
 
     write_gtsrb(tmp_path / "data", sizes=lambda c, i: (24, 24))
     ds = build(tiny_cfg("dataset=gtsrb", "dataset.pool_per_class=2").dataset)
@@ -297,7 +297,7 @@ def test_cifar100_reads_torchvisions_files_with_fine_labels_and_refuses_files_th
     files written here fail it (one line naming where the files go), and pass with that check alone patched."""
     import torchvision.datasets.cifar
 
-    from bench.validate import build
+    from bdbench.validate import build
 
     write_cifar100(tmp_path / "data")
     ds = build(tiny_cfg("dataset=cifar100", "dataset.pool_per_class=2", "dataset.download=false").dataset)
@@ -312,7 +312,7 @@ def test_cifar100_reads_torchvisions_files_with_fine_labels_and_refuses_files_th
 
 
 def test_a_missing_gtsrb_folder_is_one_line_that_says_where_the_files_go(tmp_path, tiny_cfg):
-    from bench.validate import build
+    from bdbench.validate import build
 
     ds = build(tiny_cfg("dataset=gtsrb", "dataset.download=false").dataset)
     with pytest.raises(DataNotFoundError, match=r"GTSRB not found .*download disabled.*GTSRB/Training/<class>/\*\.ppm"):
@@ -323,7 +323,7 @@ def test_a_cell_runs_on_gtsrb_files_from_training_to_its_record(tmp_path, tiny_c
     """The whole path on the new data set: poisoned training on 43 classes, fine-tuning on one image per class."""
     from omegaconf import open_dict
 
-    from bench.runner import run_cell
+    from bdbench.runner import run_cell
 
     write_gtsrb(tmp_path / "data")
     cfg = tiny_cfg("dataset=gtsrb", "model=cifar_cnn", "dataset.pool_per_class=2", "attack=badnets", "defense=ft",
@@ -333,4 +333,4 @@ def test_a_cell_runs_on_gtsrb_files_from_training_to_its_record(tmp_path, tiny_c
     record = run_cell(cfg, choices(cfg))
     assert record["status"] == "ok", record.get("error")
     assert record["defense_images"] == 43 and record["display"]["dataset"] == "GTSRB"
-    assert record["config"]["dataset"]["_target_"] == "bench.datasets.gtsrb.GTSRB"
+    assert record["config"]["dataset"]["_target_"] == "bdbench.datasets.gtsrb.GTSRB"

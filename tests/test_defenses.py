@@ -10,14 +10,14 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from bench.augment import Augment
-from bench.models import create_model
-from bench.validate import CONF_DIR
+from bdbench.augment import Augment
+from bdbench.models import create_model
+from bdbench.validate import CONF_DIR
 from conftest import configured
-from defenses.base import CleanData, DefenseContext
-from defenses.clp import CLP
-from defenses.finetune import cutout, finetune, step_count
-from defenses.synthesis import total_variation
+from bdbench.defenses.base import CleanData, DefenseContext
+from bdbench.defenses.clp import CLP
+from bdbench.defenses.finetune import cutout, finetune, step_count
+from bdbench.defenses.synthesis import total_variation
 
 NO_AUG = Augment(crop_padding=0, hflip=False)
 
@@ -160,7 +160,7 @@ def test_divergence_says_how_batchnorm_ran():
 
 def test_long_phases_report_progress_in_a_log_file(capsys):
     """Off a terminal (a sweep's log), progress is a line every so often with a count and an ETA, not silence."""
-    from defenses.base import log_progress
+    from bdbench.defenses.base import log_progress
 
     assert list(log_progress(range(4), "walks", None, every=0.0)) == [0, 1, 2, 3]
     lines = capsys.readouterr().err.strip().splitlines()

@@ -8,16 +8,16 @@ import weakref
 import pytest
 import torch
 
-from bench.augment import Augment
-from bench.models import create_model
+from bdbench.augment import Augment
+from bdbench.models import create_model
 from conftest import configured
-from bench.validate import configured as bench_configured
-from defenses.ar_purification import ar_penalty
-from defenses.argd import CrossLayerAttention, edge_distances
-from defenses.attention import at_loss, attention
-from defenses.base import CleanData, DefenseContext
-from defenses.finetune import piecewise_lr
-from defenses.masks import conv_neurons
+from bdbench.validate import configured as bench_configured
+from bdbench.defenses.ar_purification import ar_penalty
+from bdbench.defenses.argd import CrossLayerAttention, edge_distances
+from bdbench.defenses.attention import at_loss, attention
+from bdbench.defenses.base import CleanData, DefenseContext
+from bdbench.defenses.finetune import piecewise_lr
+from bdbench.defenses.masks import conv_neurons
 
 NO_AUG = Augment(crop_padding=0, hflip=False)
 CTX = DefenseContext(num_classes=10, input_shape=(1, 16, 16), device=torch.device("cpu"), seed=0,

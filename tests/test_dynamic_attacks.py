@@ -7,11 +7,11 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from attacks.input_aware import Generator
-from bench.augment import Augment
-from bench.data import ImageSet
-from bench.runner import run_cell
-from bench.validate import CONF_DIR
+from bdbench.attacks.input_aware import Generator
+from bdbench.augment import Augment
+from bdbench.data import ImageSet
+from bdbench.runner import run_cell
+from bdbench.validate import CONF_DIR
 from conftest import compose_cell, configured
 
 

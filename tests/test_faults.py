@@ -10,10 +10,10 @@ import threading
 import time
 from pathlib import Path
 
-from bench import runner
-from bench.runner import run_cell
+from bdbench import runner
+from bdbench.runner import run_cell
 from conftest import DATA, TINY
-from defenses.base import Defense
+from bdbench.defenses.base import Defense
 
 
 def test_a_failure_while_training_is_a_record_and_the_sweep_goes_on(tiny_cfg, choices, monkeypatch):
@@ -67,14 +67,14 @@ def test_a_failing_job_does_not_end_the_sweep_and_the_command_says_so(tmp_path):
     """The sweep records the failure, runs the other cells, ends with one summary line and exit code 1."""
     (tmp_path / "mod").mkdir()
     (tmp_path / "mod" / "broken_defense.py").write_text(
-        "from defenses.base import Defense\n\n\nclass Broken(Defense):\n"
+        "from bdbench.defenses.base import Defense\n\n\nclass Broken(Defense):\n"
         "    def repair(self, model, clean, ctx):\n        raise RuntimeError('broken on purpose')\n")
     (tmp_path / "conf" / "defense").mkdir(parents=True)
     (tmp_path / "conf" / "defense" / "broken.yaml").write_text("_target_: broken_defense.Broken\n")
     paths = [f"paths.data={DATA}", f"paths.cache={tmp_path / 'cache'}", f"paths.records={tmp_path / 'records'}",
              f"paths.output={tmp_path / 'outputs'}", f"hydra.searchpath=[file://{tmp_path / 'conf'}]"]
     env = {**__import__("os").environ, "PYTHONPATH": str(tmp_path / "mod")}
-    result = subprocess.run([sys.executable, "-m", "bench.cli", "-m", *TINY, "defense=broken,none", "budget=1",
+    result = subprocess.run([sys.executable, "-m", "bdbench.cli", "-m", *TINY, "defense=broken,none", "budget=1",
                              *paths], cwd=tmp_path, capture_output=True, text=True, timeout=1800, env=env)
     assert result.returncode == 1, result.stderr[-3000:]
     assert ("bdbench: 2 cells: 1 ran to the end (1 finished, 0 damaged, 0 collapsed, 0 no backdoor, 0 diverged), "

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from PIL import Image
 
-from bench.cli import gallery_plan
-from bench.gallery import gallery, pick_images
-from bench.validate import build, validate
+from bdbench.cli import gallery_plan
+from bdbench.gallery import gallery, pick_images
+from bdbench.validate import build, validate
 
 
 def test_gallery_png_has_a_row_pair_per_attack(tiny_cfg):
@@ -39,11 +39,11 @@ def test_gallery_uses_one_image_per_class(tiny_cfg):
 def test_gallery_leaves_out_an_attack_that_needs_the_users_files(tmp_path, monkeypatch, capsys):
     """input_aware_file has no trigger without its files (attack.checkpoint and attack.generators are ???): the gallery
     says so and draws the others; it composed every attack and died on the first mandatory value before."""
-    import bench.gallery
-    from bench.cli import gallery_command
+    import bdbench.gallery
+    from bdbench.cli import gallery_command
 
     drawn = {}
-    monkeypatch.setattr(bench.gallery, "gallery", lambda cells: drawn.update(cells) or tmp_path / "g.png")
+    monkeypatch.setattr(bdbench.gallery, "gallery", lambda cells: drawn.update(cells) or tmp_path / "g.png")
     gallery_command(["dataset=synthetic", f"paths.cache={tmp_path / 'cache'}", f"paths.output={tmp_path / 'out'}",
                      f"paths.records={tmp_path / 'records'}"])
     said = capsys.readouterr().out

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench.isolation import sandbox_unavailable
-from bench.runner import run_cell
-from defenses.base import Defense
+from bdbench.isolation import sandbox_unavailable
+from bdbench.runner import run_cell
+from bdbench.defenses.base import Defense
 
 SANDBOX = pytest.param("sandbox", marks=pytest.mark.skipif(sandbox_unavailable() is not None,
                                                            reason=f"no sandbox here: {sandbox_unavailable()}"))
@@ -29,8 +29,8 @@ class Snoop(Defense):
         self.files, self.runner = files, runner
 
     def repair(self, model, clean, ctx):
-        from attacks.base import Attack
-        from bench.data import DataBundle, ImageSet
+        from bdbench.attacks.base import Attack
+        from bdbench.data import DataBundle, ImageSet
 
         found = {"frames": [f.function for f in inspect.stack()], "argv": sys.argv,
                  "env": sorted(k for k in os.environ if k.startswith("BDBENCH"))}
@@ -42,7 +42,7 @@ class Snoop(Defense):
         found["configs"] = sum(type(o).__name__ == "DictConfig" and isinstance(o.__dict__.get("_content"), dict)
                                and any(k in o.__dict__["_content"] for k in ("attack", "paths", "dataset"))
                                for o in objects)  # the run's config (Hydra's own schemas hold none of these)
-        found["read_cache"] = len(sys.modules["bench.data"]._READ_CACHE) if "bench.data" in sys.modules else 0
+        found["read_cache"] = len(sys.modules["bdbench.data"]._READ_CACHE) if "bdbench.data" in sys.modules else 0
         from hydra.core.global_hydra import GlobalHydra
 
         found["hydra"] = GlobalHydra.instance().is_initialized()
@@ -124,7 +124,7 @@ class Forge(Defense):
 def test_a_detached_process_cannot_forge_the_record(tiny_cfg, choices):
     """A defense's detached child rewrote its record after the runner wrote it (the terminal said ASR 97.8, the
     file 0.0). In the sandbox the records folder does not exist and the child dies with the cell."""
-    from bench.runner import cell_path
+    from bdbench.runner import cell_path
 
     cfg = tiny_cfg("attack=badnets", "budget=1", "worker.isolation=sandbox")
     cfg.defense = {"_target_": "test_isolation.Forge", "records": cfg.paths.records, "delay": 1.0}
@@ -220,7 +220,7 @@ def test_worker_timeout_counts_the_defense_not_the_workers_start(tiny_cfg, choic
 @pytest.mark.parametrize("isolation", [SANDBOX, "process"])
 def test_a_worker_whose_runner_is_gone_exits_quietly(isolation, capfd):
     """A killed sweep closes the worker's socket: the worker ends with exit code 0 and no EOFError traceback."""
-    from bench.isolation import DefenseWorker
+    from bdbench.isolation import DefenseWorker
 
     worker = DefenseWorker(timeout=None, threads=1, memory_gb=None, isolation=isolation)
     worker._start()
@@ -231,7 +231,7 @@ def test_a_worker_whose_runner_is_gone_exits_quietly(isolation, capfd):
 
 RUNNER = """
 import sys, torch
-from bench.isolation import DefenseWorker
+from bdbench.isolation import DefenseWorker
 worker = DefenseWorker(timeout=None, threads=1, memory_gb=None, isolation=sys.argv[1])
 worker._start()
 print(worker.process.pid, flush=True)
@@ -288,11 +288,11 @@ def test_a_worker_ends_when_its_runner_is_killed_mid_cell(isolation):
 
 
 def test_without_a_sandbox_auto_runs_a_process_and_says_so_and_sandbox_is_refused(monkeypatch, caplog):
-    from bench import isolation
-    from bench.errors import ConfigError
+    from bdbench import isolation
+    from bdbench.errors import ConfigError
 
     monkeypatch.setattr(isolation, "sandbox_unavailable", lambda: "bubblewrap (bwrap) is not installed")
-    with caplog.at_level("WARNING", logger="bench.isolation"):
+    with caplog.at_level("WARNING", logger="bdbench.isolation"):
         assert isolation.resolve_isolation("auto") == "process" == isolation.resolve_isolation("auto")
     assert "isolation: process" in caplog.text and "bwrap" in caplog.text
     assert caplog.text.count("isolation: process") == 1  # one line a run, not one a cell
@@ -309,8 +309,8 @@ def test_the_defense_seed_is_one_way_from_the_cells_seed_and_reproducible_from_t
     """ctx.seed was the cell's seed, and the published grids draw the target from it (target_of_seed). Now it is
     derived under a secret salt kept beside the model: the same cache gives the same seed, another cache (another
     salt) another one for the same cell, so it is no function of the cell's seed a defense could invert."""
-    from bench.runner import cell_path
-    from bench.seeding import derive
+    from bdbench.runner import cell_path
+    from bdbench.seeding import derive
 
     cfg = tiny_cfg("attack=badnets", "budget=1", "seed=0", "worker.isolation=auto")
     cfg.defense = {"_target_": "test_isolation.SeedProbe"}
@@ -328,8 +328,8 @@ def test_the_defense_seed_is_one_way_from_the_cells_seed_and_reproducible_from_t
 
 
 SPY = '''
-from bench.schema import Positive
-from defenses.base import Defense
+from bdbench.schema import Positive
+from bdbench.defenses.base import Defense
 
 
 class Spy(Defense):
@@ -351,8 +351,8 @@ def test_a_plugins_module_is_imported_by_its_worker_never_by_the_runner(isolatio
     """Validation checks a plugin defense's settings, and the runner learns it is data-free (its cell's budget is
     ``any``), from the defense worker: the plugin's module is never in the runner's ``sys.modules`` (validation
     used to build the defense in the runner, and the runner asked its class whether it was data-free)."""
-    from bench.errors import ConfigError
-    from bench.validate import validate
+    from bdbench.errors import ConfigError
+    from bdbench.validate import validate
 
     (tmp_path / "plugin").mkdir()
     (tmp_path / "plugin" / "spy_plugin.py").write_text(SPY)

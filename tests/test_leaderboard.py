@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from bench.leaderboard import rows, write_index, write_page
+from bdbench.leaderboard import rows, write_index, write_page
 
 DEFENSES = ["ft", "clp", "linf_pruning"]
 

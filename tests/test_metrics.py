@@ -4,9 +4,9 @@ import pytest
 import torch
 from torch import nn
 
-from attacks.base import Attack, StaticPoisonAttack
-from bench.data import ImageSet
-from bench.metrics import backdoor_test_set, der, evaluate
+from bdbench.attacks.base import Attack, StaticPoisonAttack
+from bdbench.data import ImageSet
+from bdbench.metrics import backdoor_test_set, der, evaluate
 
 
 class LookupModel(nn.Module):
@@ -151,7 +151,7 @@ class CountingStamp(StampAttack):
 def test_a_models_triggered_test_images_are_computed_once_and_give_the_fresh_metrics():
     """Input-aware's trigger (two generator passes) was 13.5 s of a Fashion-MNIST cell's 14.6 s of evaluation,
     repeated in each of a model's 36 cells; the runner now keeps the triggered images per poisoned model."""
-    from bench.runner import RememberedTrigger
+    from bdbench.runner import RememberedTrigger
 
     test = make_test_set([1, 2, 3, 4, 5, 6], [1, 2, 3, 4, 5, 0])
     attack = CountingStamp()

@@ -9,10 +9,10 @@ import inspect
 import torch
 from torch import nn
 
-from attacks.base import Attack
-from bench.data import DataBundle, ImageSet
-from bench.validate import build
-from defenses.base import CleanData, Defense, DefenseContext
+from bdbench.attacks.base import Attack
+from bdbench.data import DataBundle, ImageSet
+from bdbench.validate import build
+from bdbench.defenses.base import CleanData, Defense, DefenseContext
 
 SEEN: dict = {}
 
@@ -33,7 +33,7 @@ def test_apply_takes_only_model_clean_and_context():
 
 
 def test_what_the_defense_receives_reveals_no_secret(tiny_cfg, choices):
-    from bench import runner
+    from bdbench import runner
 
     cfg = tiny_cfg("attack=badnets", "attack.target=3", "budget=5", "worker.isolation=none")  # inspected in-process
     cfg.defense = {"_target_": "test_no_peeking.SpyDefense"}

@@ -10,9 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-from bench.oracle import apply_step, select
-from bench.reproduction import source_table
-from bench.runner import cell_path, run_cell
+from bdbench.oracle import apply_step, select
+from bdbench.reproduction import source_table
+from bdbench.runner import cell_path, run_cell
 from conftest import configured
 
 UNDEFENDED = {"acc": 0.90, "asr": 0.95, "ra": 0.04}

@@ -1,4 +1,4 @@
-"""What became of a cell (bench.outcome), and that every view honours it: a model whose accuracy a defense destroyed
+"""What became of a cell (bdbench.outcome), and that every view honours it: a model whose accuracy a defense destroyed
 is never ranked or coloured as a defense, a figure never averages two settings, a data-free defense runs once."""
 
 from __future__ import annotations
@@ -12,11 +12,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from bench import figures
-from bench.leaderboard import COLUMNS, rows, write_page
-from bench.outcome import Rule, judge, of_record
-from bench.report import pivot, report
-from bench.runner import cell_path, run_cell
+from bdbench import figures
+from bdbench.leaderboard import COLUMNS, rows, write_page
+from bdbench.outcome import Rule, judge, of_record
+from bdbench.report import pivot, report
+from bdbench.runner import cell_path, run_cell
 
 RULE = Rule(max_acc_drop=10.0, no_backdoor_asr=0.5)
 BEFORE = {"acc": 0.85, "asr": 0.95}
@@ -58,7 +58,7 @@ def test_a_cell_records_its_outcome_and_the_rule_is_not_part_of_its_identity(tin
 def bad_input(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
     import sys
 
-    return subprocess.run([sys.executable, "-m", "bench.cli", "dataset=synthetic", f"paths.records={tmp_path}/r",
+    return subprocess.run([sys.executable, "-m", "bdbench.cli", "dataset=synthetic", f"paths.records={tmp_path}/r",
                            f"paths.cache={tmp_path}/c", *overrides], capture_output=True, text=True, timeout=300)
 
 
@@ -185,7 +185,7 @@ def test_a_smoke_record_and_a_full_record_never_share_a_number(tiny_cfg, choices
     heatmaps = sorted((out / "figures").glob("asr_heatmap_*.png"))
     assert [p.stem for p in heatmaps] == ["asr_heatmap_synthetic_fmnist_cnn_reference_k1",
                                           "asr_heatmap_synthetic_fmnist_cnn_reference_smoke_k1"]
-    from bench.report import load
+    from bdbench.report import load
 
     cells = load(records)[0]
     for plan in figures.heatmaps(cells, {}, RULE):  # every number drawn is one record's own

@@ -45,11 +45,14 @@ def venv(tmp_path_factory) -> Path:
     return tmp
 
 
-def test_the_wheel_carries_every_config(venv):
+def test_the_wheel_carries_every_config_under_one_import_name(venv):
+    """Before, the wheel put three generic names (bench, attacks, defenses) into site-packages."""
     import zipfile
 
     names = zipfile.ZipFile(next((venv / "dist").glob("bdbench-*.whl"))).namelist()
-    shipped = {n.split("bench/conf/", 1)[1] for n in names if n.startswith("bench/conf/") and n.endswith(".yaml")}
+    assert {n.split("/")[0] for n in names} == {"bdbench", "hydra_plugins", "bdbench-0.1.0.dist-info"}
+    assert {"bdbench/attacks/badnets.py", "bdbench/defenses/anp.py", "bdbench/models/wrn16_1.py"} <= set(names)
+    shipped = {n.split("bdbench/conf/", 1)[1] for n in names if n.startswith("bdbench/conf/") and n.endswith(".yaml")}
     in_tree = {p.relative_to(ROOT / "conf").as_posix() for p in (ROOT / "conf").rglob("*.yaml")}
     assert shipped == in_tree and {"hydra_plugins/bdbench/__init__.py", "hydra_plugins/bdbench/sweeper.py"} <= set(names)
 
@@ -93,8 +96,8 @@ def test_a_plugin_defense_runs_by_name_from_a_wheel_outside_the_checkout(venv):
                     "cell is validated against them)")
 def test_hydra_searchpath_adds_configs_and_names_are_checked_against_it(tmp_path):
     """A config folder on ``hydra.searchpath`` is composable by name; before, the name check read conf/ only."""
-    from bench import api
-    from bench.errors import ConfigError
+    from bdbench import api
+    from bdbench.errors import ConfigError
 
     (tmp_path / "conf" / "defense").mkdir(parents=True)
     (tmp_path / "conf" / "defense" / "ft_short.yaml").write_text("defaults:\n  - ft\n  - _self_\n\nschedule:\n  min_steps: 7\n")

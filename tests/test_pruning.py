@@ -12,18 +12,18 @@ import pytest
 import torch
 from torch import nn
 
-from bench.augment import Augment
-from bench.models import create_model, list_models
+from bdbench.augment import Augment
+from bdbench.models import create_model, list_models
 from conftest import configured
-from bench.validate import build
-from defenses.base import CleanData, DefenseContext
-from defenses import shap_pruning
-from defenses.guard import Guard, longest_passing_prefix
-from defenses.masks import (ResumedForward, coalition_logits, conv_neurons, group_neurons, head_neurons, masked,
+from bdbench.validate import build
+from bdbench.defenses.base import CleanData, DefenseContext
+from bdbench.defenses import shap_pruning
+from bdbench.defenses.guard import Guard, longest_passing_prefix
+from bdbench.defenses.masks import (ResumedForward, coalition_logits, conv_neurons, group_neurons, head_neurons, masked,
                             prefix_masks, prune_channels, pruned_count)
-from defenses.reversal import carriers, mad_anomaly
-from defenses.shap_pruning import robust_outliers
-from defenses.suspiciousness import activation_signals, channel_weight_bounds
+from bdbench.defenses.reversal import carriers, mad_anomaly
+from bdbench.defenses.shap_pruning import robust_outliers
+from bdbench.defenses.suspiciousness import activation_signals, channel_weight_bounds
 
 NO_AUG = Augment(crop_padding=0, hflip=False)
 CTX = DefenseContext(num_classes=10, input_shape=(1, 16, 16), device=torch.device("cpu"), seed=0,
@@ -481,7 +481,7 @@ def test_reversal_defenses_leave_the_model_alone_when_nothing_is_flagged(name, w
     """BackdoorBench's rule by default; before, all three acted on the argmax label (half the NC cells). Forced, a
     pruning defense prunes the fewest channels that silence the reversed trigger: none where it is silent already
     (ShapPruning pruned one channel whatever the curve said)."""
-    from defenses import reversal as reversal_module
+    from bdbench.defenses import reversal as reversal_module
 
     real = reversal_module.TriggerReversal._reverse
 
@@ -536,7 +536,7 @@ def test_carrier_defenses_hold_to_max_carriers_at_a_large_budget(name, tiny_cfg,
     """At 250 per class BSS built 40,000 carriers (16 copies) and its one forward pass ran out of 24 GiB on
     WRN-16-1; ShapPruning and ℓ∞ would have evaluated 10,000 per coalition. Now at most ``max_carriers``,
     class-balanced."""
-    module = importlib.import_module("defenses.suspiciousness" if name == "suspiciousness" else "defenses.shap_pruning")
+    module = importlib.import_module("bdbench.defenses.suspiciousness" if name == "suspiciousness" else "bdbench.defenses.shap_pruning")
     seen = []
 
     def spy(*args, **kwargs):

@@ -1,4 +1,4 @@
-"""The published models against the current code (slow tier, real data): what ``bench.code_versions.ADMITTED`` rests
+"""The published models against the current code (slow tier, real data): what ``bdbench.code_versions.ADMITTED`` rests
 on. For every poisoned model in results/, from its cache entry and with the code as it is now: a static attack draws
 the same poisoned indices and makes the same trigger, the cached trigger gives the same test images, and the weights
 give the undefended metrics the entry recorded; and every published data set reads as the publishing code read it.
@@ -13,14 +13,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from attacks.base import StaticPoisonAttack
-from bench.cache import ModelCache
-from bench.code_versions import PUBLISHED_DATA
-from bench.data import DataBundle, ImageDataset
-from bench.metrics import evaluate
-from bench.report import current
-from bench.seeding import generator
-from bench.validate import build
+from bdbench.attacks.base import StaticPoisonAttack
+from bdbench.cache import ModelCache
+from bdbench.code_versions import PUBLISHED_DATA
+from bdbench.data import DataBundle, ImageDataset
+from bdbench.metrics import evaluate
+from bdbench.report import current
+from bdbench.seeding import generator
+from bdbench.validate import build
 from conftest import DATA
 
 pytestmark = pytest.mark.slow

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench.records import SCHEMA_VERSION
-from bench.runner import run_cell
+from bdbench.records import SCHEMA_VERSION
+from bdbench.runner import run_cell
 from conftest import compose_cell
 
 
@@ -29,7 +29,7 @@ def test_record_has_the_agreed_fields(tiny_cfg, choices):
     assert set(on_disk["timings"]) >= {"train", "defense", "eval", "total"}
     assert on_disk["peak_memory"]["rss_mb"] > 0
     assert on_disk["env"]["packages"]["torch"] and "git" in on_disk["env"]
-    assert on_disk["config"]["defense"]["_target_"] == "defenses.ft.FineTuning" and "paths" not in on_disk["config"]
+    assert on_disk["config"]["defense"]["_target_"] == "bdbench.defenses.ft.FineTuning" and "paths" not in on_disk["config"]
     assert on_disk["cell"]["attack"] == "badnets" and on_disk["seed"] == 0
     assert not list(Path(cfg.paths.records).glob(".*.tmp"))  # no temp file left behind
 
@@ -67,7 +67,7 @@ class Diverging:
 
 
 def test_a_diverged_defense_is_a_finished_result_not_a_crash(tiny_cfg, choices):
-    from bench import runner
+    from bdbench import runner
 
     cfg = tiny_cfg("attack=badnets", "budget=1", "recipe.epochs=1")
     cfg.defense = {"_target_": "test_records.Diverging"}
@@ -94,7 +94,7 @@ def test_published_grids_draw_the_target_from_the_seed(experiment, tmp_path):
 def test_seeds_of_a_grid_share_a_setting_and_a_changed_key_does_not(tmp_path):
     """The report averages the seeds of a row only when they share a setting. The setting hashed the resolved
     config, so the target label drawn from the seed made every row of paper_grid read as mixed settings."""
-    from bench.runner import cell_setting
+    from bdbench.runner import cell_setting
 
     def setting(*overrides: str) -> str:
         return cell_setting(compose_cell(tmp_path, ["experiment=paper_grid", "attack=badnets", "defense=ft", *overrides]))
@@ -109,7 +109,7 @@ def test_published_grids_run_both_readings_of_ar_purification(experiment, tmp_pa
     """The default row was the code sketch alone, which measures fine-tuning plus an L1 term."""
     from omegaconf import OmegaConf
 
-    from bench.validate import CONF_DIR
+    from bdbench.validate import CONF_DIR
 
     grid = OmegaConf.load(CONF_DIR / "experiment" / f"{experiment}.yaml").hydra.sweeper.params.defense.split(",")
     assert {"ar_purification", "ar_purification_code"} <= set(grid)
@@ -123,7 +123,7 @@ def test_published_grids_run_fine_tuning_on_bs_ar_schedule_as_its_control(experi
     """Without it no row separated what AR adds from the 500 steps of fine-tuning it runs."""
     from omegaconf import OmegaConf
 
-    from bench.validate import CONF_DIR
+    from bdbench.validate import CONF_DIR
 
     grid = OmegaConf.load(CONF_DIR / "experiment" / f"{experiment}.yaml").hydra.sweeper.params.defense.split(",")
     assert "ft_ar_control" in grid
@@ -136,7 +136,7 @@ def test_records_name_the_commit_the_process_started_with(monkeypatch):
     """A sweep runs for hours; a commit made meanwhile must not be named as the code of its later records."""
     import subprocess
 
-    from bench import records
+    from bdbench import records
 
     started = records.environment(__import__("torch").device("cpu"))["git"]
     monkeypatch.setattr(subprocess, "run", lambda *a, **k: (_ for _ in ()).throw(AssertionError("git asked again")))
@@ -146,7 +146,7 @@ def test_records_name_the_commit_the_process_started_with(monkeypatch):
 def test_records_name_the_cpu_their_timings_were_measured_on():
     """Timings from two CPUs are not comparable (a republish spread over sessions ran on more than one):
     the record names the CPU model and the cores the process may use, not just ``x86_64``."""
-    from bench.records import environment
+    from bdbench.records import environment
 
     device = environment(torch.device("cpu"))["device"]
     cpuinfo = Path("/proc/cpuinfo")

@@ -12,14 +12,14 @@ import torch
 from omegaconf import OmegaConf
 from hydra.utils import get_class
 
-from attacks import list_attacks
-from attacks.base import ATTACKS
-from bench.train import train
-from bench.models import MODELS, create_model, list_models
-from bench.plugins import plugin_conf_dirs
+from bdbench.attacks import list_attacks
+from bdbench.attacks.base import ATTACKS
+from bdbench.train import train
+from bdbench.models import MODELS, create_model, list_models
+from bdbench.plugins import plugin_conf_dirs
 from conftest import configured
-from bench.validate import CONF_DIR, build, missing_values, options
-from defenses.base import DEFENSES, CleanData, DefenseContext
+from bdbench.validate import CONF_DIR, build, missing_values, options
+from bdbench.defenses.base import DEFENSES, CleanData, DefenseContext
 
 
 def config_file(group: str, name: str) -> Path:
@@ -215,7 +215,7 @@ def _ctx() -> DefenseContext:
 def test_engine_imports_no_concrete_attack_or_defense():
     """bench/ knows the two interfaces and the registries (and, for ``bdbench perf``, the shared channel
     masks); concrete classes arrive through config, shared steps such as the trigger reversal through
-    ``defenses.base.register_shared`` (the runner named the reversal before)."""
+    ``bdbench.defenses.base.register_shared`` (the runner named the reversal before)."""
     import ast
 
     engine = Path(__file__).resolve().parent.parent / "bench"
@@ -224,8 +224,8 @@ def test_engine_imports_no_concrete_attack_or_defense():
             names = [node.module] if isinstance(node, ast.ImportFrom) and node.module else (
                 [a.name for a in node.names] if isinstance(node, ast.Import) else [])
             for name in names:
-                if name.split(".")[0] in ("attacks", "defenses"):
-                    assert name in ("attacks.base", "defenses.base", "defenses.masks"), \
+                if name.split(".")[:2] in (["bdbench", "attacks"], ["bdbench", "defenses"]):
+                    assert name in ("bdbench.attacks.base", "bdbench.defenses.base", "bdbench.defenses.masks"), \
                         f"{path.name} imports {name}"
 
 
@@ -235,7 +235,7 @@ CLEAN_LABEL = [name for name in list_attacks() if getattr(ATTACKS.get(name), "cl
 @pytest.fixture(scope="module")
 def clean_label_cells(tmp_path_factory):
     """One tiny cell per clean-label attack and defense row at one image per class, each model trained once."""
-    from bench.runner import run_cell
+    from bdbench.runner import run_cell
     from conftest import TINY, compose_cell
 
     tmp = tmp_path_factory.mktemp("clean_label")

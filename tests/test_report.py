@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from bench.fsutil import sha256_json
-from bench.records import identity, read_record
-from bench.report import report
-from bench.runner import run_cell
+from bdbench.fsutil import sha256_json
+from bdbench.records import identity, read_record
+from bdbench.report import report
+from bdbench.runner import run_cell
 
 
 def place(folder: Path, rec: dict, name: str) -> Path:
@@ -146,7 +146,7 @@ def test_every_table_cell_counts_finished_seeds_and_names_the_rest(tiny_cfg, cho
 def test_heatmap_cells_without_a_number_say_why():
     """A cell that never ran was drawn white, like ASR 0; a collapsed one read as a low ASR. Now only finished
     cells get a number (a colour); the others say what became of them, and the undefended column comes first."""
-    from bench.figures import cell_grid
+    from bdbench.figures import cell_grid
 
     cells = pd.DataFrame({"attack": ["a", "a", "b"], "defense": ["x", "y", "x"], "status": ["ok", "collapsed", "ok"],
                           "asr": [0.5, 0.0, 0.9], "undefended_asr": [0.99, 0.99, 0.8]})
@@ -164,7 +164,7 @@ def test_tables_are_numeric_in_csv_and_compile_in_latex(tmp_path):
 
     import pandas as pd
 
-    from bench.report import latex, numeric, present
+    from bdbench.report import latex, numeric, present
 
     df = pd.DataFrame({"dataset": ["d"] * 3, "model": ["m"] * 3, "recipe": ["r"] * 3, "experiment": ["-"] * 3,
                        "attack": ["badnets"] * 3, "defense": ["linf_pruning"] * 3, "budget": [1] * 3, "seed": [0, 1, 2],
@@ -193,7 +193,7 @@ def test_wall_time_counts_each_model_once_and_every_phase_of_its_cells():
     in 120 s), each other phase summed over the cells, the total = training + the cells' time outside training."""
     import pandas as pd
 
-    from bench.report import wall_time
+    from bdbench.report import wall_time
 
     df = pd.DataFrame({"dataset": ["d"] * 4, "model": ["m"] * 4, "recipe": ["r"] * 4, "experiment": ["e"] * 4,
                        "seed": [0, 0, 0, 1], "attack": ["a"] * 4, "model_key": ["m1", "m1", "m1", "m2"],
@@ -209,7 +209,7 @@ def test_wall_time_counts_each_model_once_and_every_phase_of_its_cells():
 def test_time_to_accuracy_is_the_first_measured_epoch_that_reaches_it():
     """Minutes are summed training seconds (test passes excluded); unmeasured epochs never count; a model that never
     reaches the target says so (None), and the final row is the last epoch's."""
-    from bench.report import time_to, training_rows
+    from bdbench.report import time_to, training_rows
 
     def rec(seed: int, accs: list) -> dict:
         return {"cell": {"dataset": "d", "model": "m", "recipe": "r", "experiment": "e", "attack": "a", "seed": seed},

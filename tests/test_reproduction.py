@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 from omegaconf import OmegaConf
 
-from bench.reproduction import source_table, verdict
+from bdbench.reproduction import source_table, verdict
 
 BLOCK = {"match": {"model": "wrn16_1", "attack": "badnets", "budget": 250},
          "rows": [{"defense": "none", "acc": 85.65, "asr": 100.0}, {"defense": "ft", "acc": 82.32, "asr": 18.13},
@@ -18,7 +18,7 @@ BLOCK = {"match": {"model": "wrn16_1", "attack": "badnets", "budget": 250},
 
 
 def cell(defense: str, seed: int, acc: float, asr: float, status: str = "ok", model: str = "wrn16_1") -> dict:
-    """A row as ``bench.report.load`` makes it; a cell that did not finish has no metrics there."""
+    """A row as ``bdbench.report.load`` makes it; a cell that did not finish has no metrics there."""
     row = {"model": model, "attack": "badnets", "budget": 250, "defense": defense, "seed": seed, "status": status}
     if status == "ok":
         row.update(acc=acc, asr=asr, undefended_acc=0.83 + 0.02 * seed, undefended_asr=0.99, model_key=f"m{seed}")
@@ -69,13 +69,13 @@ def test_a_model_without_a_backdoor_says_so_instead_of_a_defense_result():
 
 
 def test_the_command_writes_a_page_with_every_source_and_says_what_did_not_run(tmp_path):
-    run = subprocess.run([sys.executable, "-m", "bench.cli", "reproduction", "--out", str(tmp_path / "r.md")],
+    run = subprocess.run([sys.executable, "-m", "bdbench.cli", "reproduction", "--out", str(tmp_path / "r.md")],
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr[-2000:]
     text = (tmp_path / "r.md").read_text()
     sources = OmegaConf.load(Path(__file__).resolve().parent.parent / "results" / "reproduction.yaml")
     assert [line[3:] for line in text.splitlines() if line.startswith("## ")] == [b.source for b in sources]
     assert "85.65 / 100.00" in text and "defense.lr0: 0.01" in text and "evaluate_by_threshold" in text
-    missing = subprocess.run([sys.executable, "-m", "bench.cli", "reproduction", "--published", "nope.yaml"],
+    missing = subprocess.run([sys.executable, "-m", "bdbench.cli", "reproduction", "--published", "nope.yaml"],
                              capture_output=True, text=True)
     assert missing.returncode == 2 and "--published nope.yaml: no such file" in missing.stderr

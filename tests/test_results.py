@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from bench.figures import FORMATS, read_digest
-from bench.metrics import collapsed
-from bench.report import expected_pictures, report
+from bdbench.figures import FORMATS, read_digest
+from bdbench.metrics import collapsed
+from bdbench.report import expected_pictures, report
 
 RESULTS = Path(__file__).resolve().parent.parent / "results"
 PUBLISHED = sorted(p.parent.parent for p in RESULTS.glob("*/report/tables"))
@@ -19,8 +19,8 @@ PUBLISHED = sorted(p.parent.parent for p in RESULTS.glob("*/report/tables"))
 
 @pytest.mark.parametrize("folder", PUBLISHED, ids=[p.name for p in PUBLISHED])
 def test_report_rebuilds_committed_tables(folder, tmp_path, monkeypatch):
-    monkeypatch.setattr("bench.report.draw.plans", lambda *args: [])  # tables only: fast and exact
-    monkeypatch.setattr("bench.report.galleries", lambda *args: [])  # needs the cache of models
+    monkeypatch.setattr("bdbench.report.draw.plans", lambda *args: [])  # tables only: fast and exact
+    monkeypatch.setattr("bdbench.report.galleries", lambda *args: [])  # needs the cache of models
     out = report(folder, tmp_path / "report")
     committed = {p.name: p.read_bytes() for p in (folder / "report" / "tables").iterdir()}
     rebuilt = {p.name: p.read_bytes() for p in (out / "tables").iterdir()}
@@ -52,7 +52,7 @@ def test_committed_pictures_show_what_the_records_say(folder):
 def test_the_reproduction_figures_show_what_the_records_say(tmp_path, monkeypatch):
     """``bdbench reproduction`` draws its time-to-accuracy figures beside the page: the committed ones carry the
     digests a rebuild from the committed records gives, and no other figure lies there."""
-    from bench.reproduction import build
+    from bdbench.reproduction import build
 
     monkeypatch.chdir(RESULTS.parent)  # results/reproduction.yaml names its records relative to the checkout
     build("results/reproduction.yaml", tmp_path / "reproduction.md")
@@ -67,7 +67,7 @@ def test_a_picture_drawn_from_other_numbers_is_caught(tmp_path):
     """The check above can fail: a figure saved with one table's digest does not match another table's."""
     import pandas as pd
 
-    from bench.figures import Figure, digest, save
+    from bdbench.figures import Figure, digest, save
 
     plan = Figure("f", pd.DataFrame({"asr": [5.0]}), lambda: __import__("matplotlib.pyplot").pyplot.figure())
     save(plan, tmp_path)
@@ -78,7 +78,7 @@ def test_a_picture_drawn_from_other_numbers_is_caught(tmp_path):
 
 def current_records(folder: Path) -> list[dict]:
     """The folder's records written under today's record schema (the CIFAR-10 folders predate it)."""
-    from bench.records import SCHEMA_VERSION
+    from bdbench.records import SCHEMA_VERSION
 
     found = [json.loads(p.read_text()) for p in sorted((folder / "records").glob("*.json"))]
     return [r for r in found if r.get("schema_version") == SCHEMA_VERSION]

@@ -19,7 +19,7 @@ CELLS = {(a, d, k) for a in ("badnets", "blended") for d, ks in (("none", ["any"
 def command(tmp_path: Path) -> list[str]:
     paths = [f"paths.cache={tmp_path / 'cache'}", f"paths.records={tmp_path / 'records'}",
              f"paths.output={tmp_path / 'outputs'}", "device=cpu"]
-    return [sys.executable, "-m", "bench.cli", *GRID, *paths]
+    return [sys.executable, "-m", "bdbench.cli", *GRID, *paths]
 
 
 def finished(tmp_path: Path) -> list[Path]:
@@ -63,7 +63,7 @@ def test_parallel_workers_train_a_shared_model_once(tmp_path):
     its own, and both cells load it (before, both cells started and one waited on the other's training lock)."""
     paths = [f"paths.cache={tmp_path / 'cache'}", f"paths.records={tmp_path / 'records'}",
              f"paths.output={tmp_path / 'outputs'}", "device=cpu"]
-    run = subprocess.run([sys.executable, "-m", "bench.cli", "-m", *TINY, "attack=badnets", "defense=none,clp",
+    run = subprocess.run([sys.executable, "-m", "bdbench.cli", "-m", *TINY, "attack=badnets", "defense=none,clp",
                           "budget=1", "hydra/launcher=parallel", "hydra.launcher.n_jobs=2", *paths],
                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -83,7 +83,7 @@ def test_a_hydra_override_does_not_relaunch_recorded_cells(tmp_path):
     (192 of 192 on the CIFAR-10 grid, each only to find its record)."""
     paths = [f"paths.cache={tmp_path / 'cache'}", f"paths.records={tmp_path / 'records'}",
              f"paths.output={tmp_path / 'outputs'}", "device=cpu"]
-    grid = [sys.executable, "-m", "bench.cli", "-m", *TINY, "attack=badnets", "defense=none,clp", "budget=1",
+    grid = [sys.executable, "-m", "bdbench.cli", "-m", *TINY, "attack=badnets", "defense=none,clp", "budget=1",
             "+hydra.sweeper.params.seed=0", *paths]
     first = subprocess.run(grid, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0 and len(finished(tmp_path)) == 2, first.stderr[-3000:]

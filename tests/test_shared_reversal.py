@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import torch
 
-from bench import runner
-from bench.runner import run_cell
-from bench.validate import build, validate
-from defenses.base import CleanData, DefenseContext
+from bdbench import runner
+from bdbench.runner import run_cell
+from bdbench.validate import build, validate
+from bdbench.defenses.base import CleanData, DefenseContext
 
 SHORT = ["nc_reversal.steps=40", "defense.schedule.min_steps=5"]
 

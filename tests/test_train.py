@@ -14,11 +14,11 @@ from omegaconf import open_dict
 from pathlib import Path
 from torch import nn
 
-from bench.augment import Augment
-from bench.data import ImageSet
-from bench.runner import poisoned_model
-from bench.train import train
-from bench.validate import build, validate
+from bdbench.augment import Augment
+from bdbench.data import ImageSet
+from bdbench.runner import poisoned_model
+from bdbench.train import train
+from bdbench.validate import build, validate
 from conftest import configured
 
 
@@ -100,7 +100,7 @@ def test_a_killed_training_resumes_where_it_stopped_and_ends_with_the_same_weigh
                 def kill(self, row, model):
                     if row["epoch"] == 2:
                         raise Killed
-                m.setattr("bench.runner.EpochMonitor.__call__", kill)
+                m.setattr("bdbench.runner.EpochMonitor.__call__", kill)
                 with pytest.raises(Killed):
                     poisoned_model(validate(cfg, cfg.hydra.runtime.choices), data)
             saved = list((Path(cfg.paths.cache) / "training").iterdir())
@@ -118,7 +118,7 @@ def test_a_killed_training_resumes_where_it_stopped_and_ends_with_the_same_weigh
 
 ALLOCATE_AND_FREE = """
 import resource, sys, torch
-from bench.device import retain_freed_memory
+from bdbench.device import retain_freed_memory
 applied = retain_freed_memory() if sys.argv[1] == "retain" else None
 torch.ones(2**24).sum()  # 64 MB, above glibc's largest mmap threshold: a first allocation faults its pages in
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt

@@ -14,9 +14,9 @@ import torch
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
-from bench.errors import ConfigError
-from bench.models import ImageClassifier
-from bench.validate import CONF_DIR, DESCRIPTIVE, options, validate
+from bdbench.errors import ConfigError
+from bdbench.models import ImageClassifier
+from bdbench.validate import CONF_DIR, DESCRIPTIVE, options, validate
 from conftest import DATA, compose_cell, fashion_mnist_available
 
 needs_fmnist = pytest.mark.skipif(not fashion_mnist_available(), reason=f"Fashion-MNIST IDX files not under {DATA}")
@@ -157,16 +157,16 @@ def test_every_configured_key_is_a_constructor_parameter():
 
 
 def test_the_yaml_schedules_are_one_type():
-    """One fine-tuning schedule type: every schedule node of every defense is a defenses.finetune.Schedule."""
+    """One fine-tuning schedule type: every schedule node of every defense is a bdbench.defenses.finetune.Schedule."""
     kinds = {OmegaConf.select(node, "_target_") for where, node in configured_nodes()
              if where.rsplit(".", 1)[-1] in ("schedule", "teacher", "student", "teacher_schedule", "code_schedule",
                                              "neuron_schedule")}
-    assert kinds == {"defenses.finetune.Schedule"}
+    assert kinds == {"bdbench.defenses.finetune.Schedule"}
 
 
 def test_display_names_name_cells_without_changing_them(tiny_cfg, choices):
     """A component's display_name is what tables print; renaming it neither reruns a cell nor retrains a model."""
-    from bench.runner import cell_path
+    from bdbench.runner import cell_path
 
     cfg = tiny_cfg("attack=badnets", "defense=shap_pruning")
     renamed = tiny_cfg("attack=badnets", "defense=shap_pruning", "defense.display_name=Shapley", "attack.display_name=X")
@@ -180,7 +180,7 @@ def test_a_new_optional_key_renames_no_finished_cell(tiny_cfg, choices):
     non-null value of it is a different cell."""
     from omegaconf import open_dict
 
-    from bench.runner import cell_path
+    from bdbench.runner import cell_path
 
     cfg = tiny_cfg("attack=badnets", "defense=clp")
     before = cell_path(cfg, choices(cfg))

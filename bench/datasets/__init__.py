@@ -1,8 +1,8 @@
 """Data sets added after the first published grids, one per module.
 
-``bench.data`` holds the readers the published models were trained from (its code is part of their cache keys, so
+``bdbench.data`` holds the readers the published models were trained from (its code is part of their cache keys, so
 its CIFAR-10 and Fashion-MNIST checks stay as they are); a data set here keys its own models by its own module
-(``bench.runner.code_version``), so adding one re-keys nothing else.
+(``bdbench.runner.code_version``), so adding one re-keys nothing else.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from bench.data import DataNotFoundError
+from bdbench.data import DataNotFoundError
 
 
 def find_or_download(open_files: Callable[[bool], object], download: bool, root: Path, what: str, hint: str) -> None:

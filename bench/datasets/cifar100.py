@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bench.data import CIFAR10
-from bench.datasets import find_or_download
+from bdbench.data import CIFAR10
+from bdbench.datasets import find_or_download
 
 
 class CIFAR100(CIFAR10):

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import torch
 
-from bench.data import ImageDataset, ImageSet
-from bench.datasets import find_or_download
+from bdbench.data import ImageDataset, ImageSet
+from bdbench.datasets import find_or_download
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ class GTSRB(ImageDataset):
         return ImageSet(torch.stack(images), torch.tensor(labels))
 
     def _read(self, root: Path, cache_dir: Path) -> tuple[ImageSet, ImageSet]:
-        from bench.cache import ModelCache  # the one verified cache mechanism
+        from bdbench.cache import ModelCache  # the one verified cache mechanism
 
         cache, key = ModelCache(cache_dir), self._content_key(root / "gtsrb")
         with cache.lock(f"dataset-{key}"):  # two cold runs: one decodes, the other waits and reads

@@ -16,7 +16,7 @@ from hydra.plugins.search_path_plugin import SearchPathPlugin
 class BdbenchSearchPathPlugin(SearchPathPlugin):
     def manipulate_search_path(self, search_path: ConfigSearchPath) -> None:
         # Imported here: Hydra's plugin scan may import this package before bench, whose __init__ imports it.
-        from bench.plugins import plugin_conf_dirs
+        from bdbench.plugins import plugin_conf_dirs
 
         for package, folder in plugin_conf_dirs():
             search_path.append(provider=f"bdbench-plugin:{package}", path=f"file://{folder}")

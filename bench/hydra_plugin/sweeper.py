@@ -8,7 +8,7 @@ once to launch it) only for the runner to read the record and skip it: 0.5 s a c
 sweep costs the validation pass alone.
 
 On a launcher that runs jobs side by side (joblib, submitit, Ray), it first launches one ``stage=model`` job per
-poisoned model that several cells share (``bench.records.MODEL_JOBS``) and the cells only once that batch has
+poisoned model that several cells share (``bdbench.records.MODEL_JOBS``) and the cells only once that batch has
 returned: no cell job holds a worker (a GPU, a SLURM allocation) while it waits on another job's training lock.
 """
 
@@ -33,7 +33,7 @@ def defense_major(jobs: list) -> list:
 
 
 class SkipRecordedSweeper(Sweeper):
-    """Launches only the jobs not in ``bench.records.NOT_LAUNCHED``; job numbers stay those of the full sweep.
+    """Launches only the jobs not in ``bdbench.records.NOT_LAUNCHED``; job numbers stay those of the full sweep.
 
     It wraps Hydra's basic sweeper instead of subclassing it, and keeps no state of its own: Hydra's plugin scan
     re-executes plugin modules (its own included), so a base class or a set bound when this module was first
@@ -49,7 +49,7 @@ class SkipRecordedSweeper(Sweeper):
 
         from omegaconf import OmegaConf
 
-        from bench.records import NOT_LAUNCHED, SWEEP, job_key
+        from bdbench.records import NOT_LAUNCHED, SWEEP, job_key
 
         self.basic = BasicSweeper(self.max_batch_size, self.params)
         batch = self.basic.get_job_batch
@@ -62,7 +62,7 @@ class SkipRecordedSweeper(Sweeper):
     def sweep(self, arguments: list[str]) -> Any:
         import logging
 
-        from bench.records import MODEL_JOBS
+        from bdbench.records import MODEL_JOBS
 
         if MODEL_JOBS:
             logging.getLogger("bdbench").info("%d poisoned model%s first, one job each; the cells follow",

@@ -8,7 +8,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from bench.registry import Registry
+from bdbench.registry import Registry
 
 
 class ImageClassifier(nn.Module, ABC):
@@ -49,7 +49,7 @@ class ImageClassifier(nn.Module, ABC):
         return [self.get_submodule(name) for name in self.groups]
 
 
-MODELS: Registry[ImageClassifier] = Registry("model", group="bdbench.models", builtins="bench.models")
+MODELS: Registry[ImageClassifier] = Registry("model", group="bdbench.models", builtins="bdbench.models")
 register_model = MODELS.register
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from bench.models.base import ImageClassifier, register_model
-from bench.schema import PositiveInt
+from bdbench.models.base import ImageClassifier, register_model
+from bdbench.schema import PositiveInt
 
 
 def _stage(c_in: int, c_out: int) -> nn.Sequential:

@@ -6,7 +6,7 @@ import math
 
 from torch import nn
 
-from bench.models.base import ImageClassifier, register_model
+from bdbench.models.base import ImageClassifier, register_model
 
 
 @register_model("fmnist_cnn")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import nn
 
-from bench.models.base import ImageClassifier, register_model
+from bdbench.models.base import ImageClassifier, register_model
 
 
 class PreActBlock(nn.Module):

@@ -13,8 +13,8 @@ from typing import Annotated
 import torch.nn.functional as F
 from torch import nn
 
-from bench.models.base import ImageClassifier, register_model
-from bench.schema import PositiveInt, Range
+from bdbench.models.base import ImageClassifier, register_model
+from bdbench.schema import PositiveInt, Range
 
 
 class WideBlock(nn.Module):

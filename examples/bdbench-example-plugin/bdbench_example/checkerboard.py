@@ -6,8 +6,8 @@ from typing import Annotated
 
 import torch
 
-from attacks.base import StaticPoisonAttack
-from bench.schema import Count, Range, Rate
+from bdbench.attacks.base import StaticPoisonAttack
+from bdbench.schema import Count, Range, Rate
 
 
 class Checkerboard(StaticPoisonAttack):

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from bench.augment import Augment
-from defenses.base import CleanData, Defense, DefenseContext
-from defenses.finetune import Schedule, finetune
+from bdbench.augment import Augment
+from bdbench.defenses.base import CleanData, Defense, DefenseContext
+from bdbench.defenses.finetune import Schedule, finetune
 
 
 class HeadFineTuning(Defense):

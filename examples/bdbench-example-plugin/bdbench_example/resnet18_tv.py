@@ -12,7 +12,7 @@ from typing import Sequence
 import torchvision
 from torch import nn
 
-from bench.models import ImageClassifier
+from bdbench.models import ImageClassifier
 
 
 class TorchvisionResNet18(ImageClassifier):

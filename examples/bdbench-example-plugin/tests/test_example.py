@@ -9,10 +9,10 @@ from torch import nn
 
 from bdbench_example.checkerboard import Checkerboard
 from bdbench_example.head_ft import HeadFineTuning
-from bench.augment import Augment
-from bench.models import create_model
-from defenses.base import CleanData, DefenseContext
-from defenses.finetune import Schedule
+from bdbench.augment import Augment
+from bdbench.models import create_model
+from bdbench.defenses.base import CleanData, DefenseContext
+from bdbench.defenses.finetune import Schedule
 
 
 def test_checkerboard_stamps_a_checkerboard_and_round_trips():
@@ -46,7 +46,7 @@ def test_head_fine_tuning_changes_the_last_layer_only():
 def test_head_fine_tuning_keeps_the_defense_contract():
     """bdbench's own contract check: weights that load into the model's class, its input untouched, a JSON report,
     the same weights for the same seed."""
-    from bench.contract import check_defense
+    from bdbench.contract import check_defense
 
     schedule = Schedule(epochs=1, batch_size=10, min_steps=5, lr=0.1, momentum=0.9, weight_decay=0.0, nesterov=False,
                         shape="cosine", piecewise=None, cutout_size=0, batchnorm="frozen", grad_clip=None)
@@ -58,10 +58,10 @@ def test_torchvision_resnet18_through_the_entry_point_takes_a_pruning_and_a_fine
     """bdbench's model contract on a model bdbench does not ship: created by name through the ``bdbench.models``
     entry point, its conv-BN pairs are what its graph says, its groups are real submodules, and CLP (pruning) and FT
     (fine-tuning) each change it and keep the defense contract on tiny inputs."""
-    from bench.contract import check_defense
-    from bench.models import create_model, list_models
-    from defenses.clp import CLP
-    from defenses.ft import FineTuning
+    from bdbench.contract import check_defense
+    from bdbench.models import create_model, list_models
+    from bdbench.defenses.clp import CLP
+    from bdbench.defenses.ft import FineTuning
 
     assert "resnet18_tv" in list_models()
     torch.manual_seed(0)
