@@ -19,6 +19,7 @@ command with one line that names it and the valid ones, exit code 2, no tracebac
 
 from __future__ import annotations
 
+import difflib
 import logging
 import os
 import re
@@ -470,10 +471,41 @@ def reproduction_command(args: list[str]) -> None:
     print(build(parsed.published, parsed.out))
 
 
+COMMANDS = ("list", "gallery", "perf", "report", "reproduction")
+
+
+def check_command(argv: list[str]) -> None:
+    """A first word that is neither a subcommand nor an override (``key=value``, ``+key``, ``~key``, an option) is a
+    misspelt subcommand: one line with the closest, before Hydra reads it as an override it cannot parse."""
+    first = argv[0] if argv else ""
+    if first and first not in COMMANDS and "=" not in first and not first.startswith(("-", "+", "~")):
+        close = difflib.get_close_matches(first, COMMANDS, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise ConfigError(f"no command {first!r}; {hint}commands: {', '.join(COMMANDS)}, or key=value overrides "
+                          f"(bdbench --help)")
+
+
+def command_completions(line: str) -> list[str]:
+    """The subcommands that complete the first word of a command line (``COMP_LINE``); Hydra's shell completion,
+    which ``bdbench -sc install=bash`` installs, adds the overrides after them."""
+    words = line.split()
+    if len(words) == 1 and line.endswith(" "):
+        return list(COMMANDS)
+    if len(words) == 2 and not line.endswith(" "):
+        return [c for c in COMMANDS if c.startswith(words[1])]
+    return []
+
+
 def main() -> None:
     argv = sys.argv[1:]
     retain_freed_memory()  # before any tensor: every command trains, defends or times models
+    if argv[:1] in (["-sc"], ["--shell-completion"]) and any(a.startswith("query=") for a in argv[1:]):
+        line = os.environ.get("COMP_LINE", "")
+        print(" ".join(command_completions(line)), end=" ", flush=True)
+        if line.split()[1:2] and line.split()[1] in COMMANDS:  # a subcommand's arguments are not overrides
+            return
     try:
+        check_command(argv)
         if argv[:1] == ["list"]:
             print(list_command(argv[1:]))
             return

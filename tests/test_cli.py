@@ -56,6 +56,8 @@ def bdbench(tmp_path: Path, *args: str, timeout: int = HANG) -> subprocess.Compl
         (["defense=ft", "+defense.leak=${attack}"], "defense.leak=${attack}: a defense may not interpolate that"),
         (["seed=true"], "seed=True: must be an integer >= 0"),
         (["stage=train"], "stage='train': invalid; valid: cell, model"),
+        (["reprot", "results"], "no command 'reprot'; did you mean 'report'? commands: list, gallery, perf, report, "
+                                "reproduction, or key=value overrides"),  # before, Hydra's "Error parsing override"
         # a defense's config reaches only what a defender has (it resolved ${attack} into a working attack object)
     ],
 )
@@ -307,6 +309,20 @@ def test_subcommands_print_help(tmp_path, command, expected):
     result = subprocess.run([sys.executable, "-m", "bdbench.cli", *command], cwd=tmp_path, capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 0 and expected in result.stdout, result.stderr[-2000:]
+
+
+@pytest.mark.parametrize("line, expected, absent", [
+    ("bdbench re", {"report", "reproduction", "recipe="}, {"list", "defense="}),
+    ("bdbench ", {"list", "gallery", "perf", "report", "reproduction", "defense="}, set()),
+    ("bdbench report re", set(), {"report", "recipe="}),  # a subcommand's arguments are not overrides
+])
+def test_shell_completion_offers_subcommands_beside_overrides(tmp_path, line, expected, absent):
+    """Hydra's completion (``bdbench -sc install=bash``) offered only overrides, and after a subcommand it printed
+    Hydra's parse error as candidates."""
+    result = subprocess.run([sys.executable, "-m", "bdbench.cli", "-sc", "query=bash"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=120, env={**os.environ, "COMP_LINE": line})
+    words = set(result.stdout.split())
+    assert result.returncode == 0 and expected <= words and not absent & words, (result.stdout, result.stderr[-2000:])
 
 
 def test_list_describes_experiments_by_purpose(tmp_path):
