@@ -21,7 +21,8 @@ from bdbench.schema import Count
 
 # The official code's and BackdoorBench's module names, in the order their Generator adds them (``steps`` down
 # stages of two conv blocks and a pool, a middle block, ``steps`` up stages of an upsampling and two conv blocks),
-# mapped to the index of the same block in ``bdbench.attacks.input_aware.Generator``: pools and upsamplings hold no tensors.
+# mapped to the index of the same block in ``bdbench.attacks.input_aware.Generator``: pools and upsamplings hold no
+# tensors.
 BLOCK = re.compile(r"^convblock_(down|middle|up)_?(\d*)\.(conv2d|batch_norm)\.")
 
 

@@ -23,8 +23,8 @@ CORNER = ((1, -1, -1), (-1, 1, -1), (1, -1, 1))
 
 
 class CleanTraining(Attack):
-    """The surrogate's training: the engine's hooks with nothing poisoned (here, not ``bdbench.attacks.none``, so that this
-    module's code is all the code a poisoned model's key needs beyond the engine's)."""
+    """The surrogate's training: the engine's hooks with nothing poisoned (here, not ``bdbench.attacks.none``, so that
+    this module's code is all the code a poisoned model's key needs beyond the engine's)."""
 
     def apply_trigger(self, x: torch.Tensor) -> torch.Tensor:
         return x

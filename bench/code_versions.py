@@ -1,4 +1,4 @@
-"""The two tables that let the code change without orphaning the published models.
+"""The tables that let the code change, and move, without orphaning the published models or renaming a cell.
 
 ``PUBLISHED``: cache keys made before the code version hashed behaviour (``bdbench.runner.behaviour``) hashed source
 text, comments included. Each entry maps the code version of one set of modules, as they were when that changed,
@@ -8,17 +8,19 @@ to the text digest the published cache entries carry, so those entries keep thei
 ``ADMITTED``: an edit to a module's code that leaves every published model as it was (a new option whose default is
 the old behaviour), admitted by name: the module's new behaviour digest stands for the one it replaces, so the
 published keys hold. Only modules whose part in a published model the slow tier recomputes from that model's cache
-entry may be admitted (``ADMISSIBLE``: the static attacks' poisoning and triggers, the metrics; in ``bdbench.attacks.base``,
-only its static poisoning, since the slow tier does not retrain a dynamic attack through its training hooks; in
-``bdbench.data``, what it hands a model: the decoded images and labels, the defender pool and the budgets, whose
-digests as the publishing code read them are ``PUBLISHED_DATA``): ``tests/test_published.py`` draws each published
-model's poisoned indices again, compares its trigger with the cached one and recomputes its undefended metrics from
-its weights, and reads each published data set again and compares it with its digest, all with the current code. A
-module that shapes training itself (the loop, the augmentation, the models, the device) is never admitted: only
-retraining would show that an edit left it alone. ``bdbench.runner.code_version`` reads both tables.
+entry may be admitted (``ADMISSIBLE``: the static attacks' poisoning and triggers, the metrics; in
+``bdbench.attacks.base``, only its static poisoning, since the slow tier does not retrain a dynamic attack through
+its training hooks; in ``bdbench.data``, what it hands a model: the decoded images and labels, the defender pool and
+the budgets, whose digests as the publishing code read them are ``PUBLISHED_DATA``): ``tests/test_published.py``
+draws each published model's poisoned indices again, compares its trigger with the cached one and recomputes its
+undefended metrics from its weights, and reads each published data set again and compares it with its digest, all
+with the current code. A module that shapes training itself (the loop, the augmentation, the models, the device) is
+never admitted: only retraining would show that an edit left it alone. ``bdbench.runner.code_version`` reads both
+tables.
 """
 
-ADMISSIBLE = ("bdbench.attacks.base", "bdbench.attacks.badnets", "bdbench.attacks.blended", "bdbench.data", "bdbench.metrics")
+ADMISSIBLE = ("bdbench.attacks.base", "bdbench.attacks.badnets", "bdbench.attacks.blended", "bdbench.data",
+              "bdbench.metrics")
 
 # module -> {its behaviour digest after an admitted edit: the digest it stands for}; a chain of edits is followed.
 ADMITTED: dict[str, dict[str, str]] = {

@@ -208,12 +208,13 @@ def describe(node: dict) -> dict:
 
 
 def builtin(node: Any) -> bool:
-    """Whether every ``_target_`` in a config node names bdbench's own code (a module of the ``bdbench`` package,
-    judged by name, without importing a module: a plugin's code never runs to answer). Anything else is a plugin's,
-    and runs only in a worker."""
+    """Whether every ``_target_`` in a config node names bdbench's own defense-side code (a module of ``bdbench``
+    outside ``bdbench.attacks``, judged by name, without importing a module: a plugin's code never runs to answer).
+    Anything else is a plugin's, and runs only in a worker."""
     if isinstance(node, dict):
         target = node.get("_target_")
-        if target is not None and str(target).split(".")[0] != "bdbench":
+        name = str(target)
+        if target is not None and (not name.startswith("bdbench.") or name.startswith("bdbench.attacks.")):
             return False
         return all(builtin(v) for v in node.values())
     if isinstance(node, list):

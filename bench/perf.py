@@ -615,8 +615,8 @@ def allocator(device: torch.device, cases: list[dict], images: int, repeats: int
                      "speed-up": best["default"][0] / best["retain"][0]})
     df = _device_columns(pd.DataFrame(rows), device)
     summary = (f"Training steps (SGD, fp32) on pre-made tensors, {images} images per run, each run a fresh process; "
-               "`default_*`: glibc's allocator settings, `retain_*`: after `bdbench.device.retain_freed_memory()` (every "
-               "bdbench process calls it); `*_sys_s` kernel time, `*_faults` minor page faults; best of "
+               "`default_*`: glibc's allocator settings, `retain_*`: after `bdbench.device.retain_freed_memory()` "
+               "(every bdbench process calls it); `*_sys_s` kernel time, `*_faults` minor page faults; best of "
                f"{repeats} alternating runs. `speed-up` = default seconds / retain seconds.")
     shown = df.assign(**{c: df[c].map(lambda v: float(f"{v:.4g}")) for c in df.columns if c.endswith("_s") or
                          c == "speed-up"})

@@ -95,8 +95,8 @@ def test_badnets_reads_a_state_saved_before_patterns_and_a_config_without_their_
     again = configured("attack", "attack=badnets")
     again.load_state_dict({"poison_indices": torch.empty(0, dtype=torch.long), "mask": old.mask})
     assert torch.equal(again.apply_trigger(x), expected)
-    record_config = {"_target_": "bdbench.attacks.badnets.BadNets", "target": 4, "poison_rate": 0.1, "size": 3, "margin": 0,
-                     "corner": "bottom_right", "value": 255}  # as a schema-3 record holds it
+    record_config = {"_target_": "bdbench.attacks.badnets.BadNets", "target": 4, "poison_rate": 0.1, "size": 3,
+                     "margin": 0, "corner": "bottom_right", "value": 255}  # as a schema-3 record holds it
     assert torch.equal(build(current(record_config)).apply_trigger(x), expected)
 
 

@@ -97,8 +97,8 @@ def test_cuda_asked_for_but_absent(tmp_path):
 
 
 def test_missing_fashion_mnist_says_where_to_put_it(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "bdbench.cli", f"paths.data={tmp_path}/nowhere", "dataset.download=false"],
-                            cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    result = subprocess.run([sys.executable, "-m", "bdbench.cli", f"paths.data={tmp_path}/nowhere",
+                             "dataset.download=false"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert result.returncode == 2
     assert "Fashion-MNIST not found under paths.data=" in result.stderr and "fashion-mnist" in result.stderr
 

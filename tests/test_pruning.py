@@ -536,7 +536,7 @@ def test_carrier_defenses_hold_to_max_carriers_at_a_large_budget(name, tiny_cfg,
     """At 250 per class BSS built 40,000 carriers (16 copies) and its one forward pass ran out of 24 GiB on
     WRN-16-1; ShapPruning and ℓ∞ would have evaluated 10,000 per coalition. Now at most ``max_carriers``,
     class-balanced."""
-    module = importlib.import_module("bdbench.defenses.suspiciousness" if name == "suspiciousness" else "bdbench.defenses.shap_pruning")
+    module = importlib.import_module(f"bdbench.defenses.{name if name == 'suspiciousness' else 'shap_pruning'}")
     seen = []
 
     def spy(*args, **kwargs):

@@ -29,7 +29,8 @@ def test_record_has_the_agreed_fields(tiny_cfg, choices):
     assert set(on_disk["timings"]) >= {"train", "defense", "eval", "total"}
     assert on_disk["peak_memory"]["rss_mb"] > 0
     assert on_disk["env"]["packages"]["torch"] and "git" in on_disk["env"]
-    assert on_disk["config"]["defense"]["_target_"] == "bdbench.defenses.ft.FineTuning" and "paths" not in on_disk["config"]
+    assert on_disk["config"]["defense"]["_target_"] == "bdbench.defenses.ft.FineTuning"
+    assert "paths" not in on_disk["config"]
     assert on_disk["cell"]["attack"] == "badnets" and on_disk["seed"] == 0
     assert not list(Path(cfg.paths.records).glob(".*.tmp"))  # no temp file left behind
 
